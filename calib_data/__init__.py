@@ -1,0 +1,1 @@
+"""dsq.calib_data."""

@@ -1,0 +1,226 @@
+"""A Hugging Face checkpoint, opened lazily: config, tokenizer files and a stream of tensors.
+
+Input is a local directory or a hub id (downloaded through ``huggingface_hub``; safetensors only,
+never pickles). DeepSeek's block-FP8 checkpoints (``float8_e4m3fn`` weights with a
+``weight_scale_inv`` per 128x128 block) are dequantized one tensor at a time as they stream.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from .archs import Architecture, TensorRef, get_architecture
+from .errors import CorruptFileError, InputError, UnsupportedError
+from .safetensors_io import TensorInfo, read_header, read_tensor
+
+# Files copied verbatim into every output (tokenizer, generation settings, chat template).
+SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.jinja",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+)
+FP8_SCALE_SUFFIX = "_scale_inv"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve(source: str | Path) -> Path:
+    """A local checkpoint directory for ``source``: the path itself, or a hub snapshot."""
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise InputError(f"{path}: is a file; give the checkpoint directory (with config.json)")
+        return path
+    if _HUB_ID.match(str(source)) and not str(source).startswith((".", "/", "~")):
+        return _download(str(source))
+    raise InputError(f"{source}: no such directory, and not a Hugging Face hub id (org/name)")
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(
+            snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+        )
+    except LocalEntryNotFoundError:
+        raise InputError(
+            f"{repo_id}: not in the local Hugging Face cache and the hub cannot be reached; "
+            "download it where you have network (`hf download ...`) and pass the directory"
+        ) from None
+    except HfHubHTTPError as e:
+        raise InputError(f"{repo_id}: hub download failed: {e}") from None
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    """One logical tensor of the checkpoint (an FP8 weight and its scale count as one)."""
+
+    info: TensorInfo
+    ref: TensorRef | None  # None: not in the architecture table
+    scale_info: TensorInfo | None = None  # the weight_scale_inv of a block-FP8 weight
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.info.shape
+
+    @property
+    def source_dtype(self) -> str:
+        return "F8_E4M3+block_scale" if self.scale_info else self.info.dtype
+
+    @property
+    def float_dtype(self) -> torch.dtype:
+        """dtype this tensor has in the dequantized model."""
+        return torch.bfloat16 if self.scale_info else self.info.torch_dtype
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+class Checkpoint:
+    """A local HF checkpoint directory, read one tensor at a time."""
+
+    def __init__(self, source: str | Path):
+        self.source = str(source)
+        self.path = resolve(source)
+        cfg = self.path / "config.json"
+        if not cfg.is_file():
+            raise InputError(f"{self.path}: no config.json; not a Hugging Face model directory")
+        try:
+            self.config: dict = json.loads(cfg.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CorruptFileError(f"{cfg}: not valid JSON ({e})") from None
+        self.arch: Architecture = get_architecture(self.config, str(cfg))
+        self.files = self._weight_files()
+
+    # -- layout -----------------------------------------------------------------------------------
+    def _weight_files(self) -> list[Path]:
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CorruptFileError(f"{index}: not a safetensors index ({e})") from None
+            files = []
+            for fname in dict.fromkeys(weight_map.values()):
+                p = (self.path / fname).resolve()
+                if self.path.resolve() not in p.parents:
+                    raise CorruptFileError(f"{index}: shard `{fname}` points outside the model directory")
+                if not p.is_file():
+                    raise InputError(f"{index}: lists `{fname}` but it is missing; the download is incomplete")
+                files.append(p)
+            return files
+        files = sorted(self.path.glob("*.safetensors"))
+        if files:
+            return files
+        if any(self.path.glob("*.bin")) or any(self.path.glob("*.pt")):
+            raise UnsupportedError(
+                f"{self.path}: only pickle weights (*.bin/*.pt); dsq reads safetensors only because pickles can run "
+                "code. Convert once in a trusted environment (transformers: `save_pretrained(safe_serialization=True)`)"
+            )
+        raise InputError(f"{self.path}: no *.safetensors weights found")
+
+    @cached_property
+    def headers(self) -> dict[str, TensorInfo]:
+        out: dict[str, TensorInfo] = {}
+        for f in self.files:
+            infos, _ = read_header(f)
+            for name, info in infos.items():
+                if name in out:
+                    raise CorruptFileError(f"{f}: tensor `{name}` is also in {out[name].file.name}")
+                out[name] = info
+        return out
+
+    @property
+    def quantization_config(self) -> dict:
+        return self.config.get("quantization_config") or {}
+
+    @property
+    def is_block_fp8(self) -> bool:
+        q = self.quantization_config
+        return q.get("quant_method") == "fp8" and bool(q.get("weight_block_size"))
+
+    @cached_property
+    def tensors(self) -> list[SourceTensor]:
+        """Every logical tensor in file order (sequential reads), FP8 scales folded into their weight."""
+        headers = self.headers
+        if self.quantization_config and not self.is_block_fp8:
+            method = self.quantization_config.get("quant_method", "?")
+            raise UnsupportedError(
+                f"{self.path}: already quantized with `{method}`; dsq reads bf16/fp16/fp32 and DeepSeek block-FP8 "
+                "checkpoints"
+            )
+        scales = {n for n in headers if n.endswith(FP8_SCALE_SUFFIX)}
+        out = []
+        for info in sorted(headers.values(), key=lambda i: (str(i.file), i.begin)):
+            if info.name in scales:
+                continue
+            scale = headers.get(info.name + FP8_SCALE_SUFFIX)
+            if info.dtype == "F8_E4M3" and scale is None:
+                raise CorruptFileError(f"{info.file}: FP8 tensor `{info.name}` has no `{info.name}{FP8_SCALE_SUFFIX}`")
+            out.append(SourceTensor(info, self.arch.match(info.name), scale))
+        orphans = scales - {t.name + FP8_SCALE_SUFFIX for t in out if t.scale_info}
+        if orphans:
+            raise CorruptFileError(f"{self.path}: scale without weight: {sorted(orphans)[0]}")
+        return out
+
+    @property
+    def block_size(self) -> tuple[int, int]:
+        bs = self.quantization_config.get("weight_block_size") or [128, 128]
+        return int(bs[0]), int(bs[1])
+
+    # -- data -------------------------------------------------------------------------------------
+    def load(self, t: SourceTensor) -> torch.Tensor:
+        """The tensor in its floating dtype (block-FP8 dequantized to float32 here, block by block)."""
+        data = read_tensor(t.info)
+        if t.scale_info is None:
+            return data
+        scale = read_tensor(t.scale_info).to(torch.float32)
+        return dequantize_block_fp8(data, scale, self.block_size, t.name)
+
+    def stream(self) -> Iterator[tuple[SourceTensor, torch.Tensor]]:
+        for t in self.tensors:
+            yield t, self.load(t)
+
+    def side_files(self) -> list[Path]:
+        return [self.path / f for f in SIDE_FILES if (self.path / f).is_file()]
+
+
+def dequantize_block_fp8(
+    w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], name: str = "<tensor>"
+) -> torch.Tensor:
+    """DeepSeek-V3's ``weight_dequant``: w * scale_inv per block (edge blocks partial)."""
+    rows, cols = w.shape
+    br, bc = block
+    want = (math.ceil(rows / br), math.ceil(cols / bc))
+    if tuple(scale_inv.shape) != want:
+        raise CorruptFileError(
+            f"{name}: weight_scale_inv has shape {list(scale_inv.shape)}, expected {list(want)} for "
+            f"{rows}x{cols} in {br}x{bc} blocks"
+        )
+    out = torch.empty(rows, cols, dtype=torch.float32)
+    # Row block by row block: a float32 copy of the whole weight is the only large allocation.
+    for i in range(want[0]):
+        rs = slice(i * br, min((i + 1) * br, rows))
+        s = scale_inv[i].repeat_interleave(bc)[:cols]
+        out[rs] = w[rs].to(torch.float32) * s
+    return out

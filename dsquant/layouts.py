@@ -1,0 +1,208 @@
+"""On-disk layouts of a quantized checkpoint: how a ``QuantizedTensor`` becomes stored tensors and back.
+
+* ``compressed-tensors`` (pack-quantized, as llm-compressor writes it for vLLM and transformers):
+  ``<module>.weight_packed`` int32 (codes offset to unsigned, 32 // bits per word, lowest bits
+  first), ``weight_scale`` [out, in/group], ``weight_zero_point`` packed along dim 0, ``weight_shape``.
+* ``deepseek-fp8`` (DeepSeek-V3's own): ``<module>.weight`` float8_e4m3fn + ``weight_scale_inv``
+  float32 per 128x128 block, ``quantization_config = {quant_method: fp8, weight_block_size: [128, 128]}``.
+
+Each layout says which tensors it will write (from the plan, before any data), encodes, decodes
+and writes ``quantization_config``. Decoding is what exporters use to read a dsq checkpoint back.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+
+from .errors import RecipeError, UnsupportedError
+from .formats import FORMATS, QuantFormat, QuantizedTensor
+from .safetensors_io import PlannedTensor
+
+
+def module_of(weight_name: str) -> str:
+    return weight_name.removesuffix(".weight")
+
+
+def pack_int32(u: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes [rows, cols] -> int32 [rows, ceil(cols * bits / 32)], element j of a word at bits j*bits."""
+    per = 32 // bits
+    rows, cols = u.shape
+    padded = torch.zeros(rows, math.ceil(cols / per) * per, dtype=torch.int64)
+    padded[:, :cols] = u.to(torch.int64)
+    shifts = torch.arange(per, dtype=torch.int64) * bits
+    words = (padded.reshape(rows, -1, per) << shifts).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def unpack_int32(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
+    per = 32 // bits
+    shifts = torch.arange(per, dtype=torch.int64) * bits
+    u = (packed.to(torch.int64).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return u.reshape(packed.shape[0], -1)[:, :cols]
+
+
+class CompressedTensorsLayout:
+    name = "compressed-tensors"
+
+    @staticmethod
+    def offset(fmt: QuantFormat) -> int:
+        """Stored codes are signed (compressed-tensors' int range); +offset makes them unsigned to pack."""
+        return 1 << (fmt.bits - 1)
+
+    def planned(self, name: str, fmt: QuantFormat, shape: tuple[int, int]) -> list[PlannedTensor]:
+        mod = module_of(name)
+        per = 32 // fmt.bits
+        sr, sc = fmt.scale_shape(shape)
+        out = [
+            PlannedTensor(f"{mod}.weight_packed", torch.int32, (shape[0], math.ceil(shape[1] / per))),
+            PlannedTensor(f"{mod}.weight_scale", fmt.scale_dtype, (sr, sc)),
+            PlannedTensor(f"{mod}.weight_shape", torch.int64, (2,)),
+        ]
+        if not fmt.symmetric:
+            out.append(PlannedTensor(f"{mod}.weight_zero_point", torch.int32, (math.ceil(sr / per), sc)))
+        return out
+
+    def encode(self, name: str, qt: QuantizedTensor) -> dict[str, torch.Tensor]:
+        fmt = qt.fmt
+        mod = module_of(name)
+        # dsq's asymmetric codes are unsigned [0, 2^b); symmetric ones are signed. Either way the
+        # stored unsigned value is signed_code + offset, and the stored zero point likewise.
+        unsigned = qt.codes.to(torch.int64) + (0 if qt.zero is not None else self.offset(fmt))
+        out = {
+            f"{mod}.weight_packed": pack_int32(unsigned, fmt.bits),
+            f"{mod}.weight_scale": qt.scale.to(fmt.scale_dtype),
+            f"{mod}.weight_shape": torch.tensor(qt.shape, dtype=torch.int64),
+        }
+        if qt.zero is not None:
+            out[f"{mod}.weight_zero_point"] = pack_int32(qt.zero.to(torch.int64).T, fmt.bits).T.contiguous()
+        return out
+
+    def decode(self, fmt: QuantFormat, tensors: dict[str, torch.Tensor], mod: str) -> QuantizedTensor:
+        shape = tuple(int(x) for x in tensors[f"{mod}.weight_shape"].tolist())
+        u = unpack_int32(tensors[f"{mod}.weight_packed"], fmt.bits, shape[1])
+        scale = tensors[f"{mod}.weight_scale"]
+        zp = tensors.get(f"{mod}.weight_zero_point")
+        if zp is not None:
+            zero = unpack_int32(zp.T.contiguous(), fmt.bits, scale.shape[0]).T.to(torch.uint8)
+            return QuantizedTensor(fmt.name, shape, u.to(torch.uint8), scale, zero.contiguous())
+        return QuantizedTensor(fmt.name, shape, (u - self.offset(fmt)).to(torch.int8), scale)
+
+    @staticmethod
+    def scheme(fmt: QuantFormat) -> dict:
+        return {
+            "num_bits": fmt.bits,
+            "type": "int",
+            "symmetric": fmt.symmetric,
+            "strategy": "group" if fmt.block_cols else "channel",
+            "group_size": fmt.block_cols or None,
+            "block_structure": None,
+            "dynamic": False,
+            "actorder": None,
+            "observer": "minmax",
+            "scale_dtype": str(fmt.scale_dtype).removeprefix("torch."),
+            "zp_dtype": None if fmt.symmetric else "int8",
+        }
+
+    def quantization_config(self, quantized: dict[str, str], ignored: list[str]) -> dict:
+        """``quantized`` maps weight name -> format name; one config group per format, by module name."""
+        groups = {}
+        by_format: dict[str, list[str]] = {}
+        for name, f in quantized.items():
+            by_format.setdefault(f, []).append(module_of(name))
+        for i, (f, modules) in enumerate(sorted(by_format.items())):
+            groups[f"group_{i}"] = {
+                "targets": [f"re:^{re.escape(m)}$" for m in modules],
+                "weights": self.scheme(FORMATS[f]),
+                "input_activations": None,
+                "output_activations": None,
+                "format": "pack-quantized",
+            }
+        return {
+            "quant_method": "compressed-tensors",
+            "format": "pack-quantized",
+            "quantization_status": "compressed",
+            "config_groups": groups,
+            "ignore": ignored,
+            "kv_cache_scheme": None,
+        }
+
+    def format_of(self, qconfig: dict, mod: str) -> QuantFormat:
+        for group in qconfig.get("config_groups", {}).values():
+            for target in group.get("targets", []):
+                if target == mod or (target.startswith("re:") and re.match(target[3:], mod)):
+                    return _format_from_scheme(group["weights"], mod)
+        raise UnsupportedError(f"{mod}: quantized tensors but no config group targets this module")
+
+
+def _format_from_scheme(w: dict, mod: str) -> QuantFormat:
+    for f in FORMATS.values():
+        if (
+            f.bits == w.get("num_bits") and w.get("type", "int") == "int"
+            and f.symmetric == w.get("symmetric", True) and (f.block_cols or None) == w.get("group_size")
+            and f.scale_dtype == torch.float16 and f.block_rows == 1
+        ):
+            return f
+    raise UnsupportedError(f"{mod}: compressed-tensors scheme {w} has no dsq format")
+
+
+class DeepSeekFp8Layout:
+    name = "deepseek-fp8"
+
+    def planned(self, name: str, fmt: QuantFormat, shape: tuple[int, int]) -> list[PlannedTensor]:
+        return [
+            PlannedTensor(name, torch.float8_e4m3fn, shape),
+            PlannedTensor(name + "_scale_inv", torch.float32, fmt.scale_shape(shape)),
+        ]
+
+    def encode(self, name: str, qt: QuantizedTensor) -> dict[str, torch.Tensor]:
+        return {name: qt.codes, name + "_scale_inv": qt.scale.to(torch.float32)}
+
+    def decode(self, fmt: QuantFormat, tensors: dict[str, torch.Tensor], mod: str) -> QuantizedTensor:
+        w = tensors[mod + ".weight"]
+        return QuantizedTensor(fmt.name, tuple(w.shape), w, tensors[mod + ".weight_scale_inv"])
+
+    def quantization_config(self, quantized: dict[str, str], ignored: list[str]) -> dict:
+        return {
+            "quant_method": "fp8",
+            "fmt": "e4m3",
+            "activation_scheme": "dynamic",
+            "weight_block_size": [128, 128],
+            "modules_to_not_convert": ignored,
+        }
+
+    def format_of(self, qconfig: dict, mod: str) -> QuantFormat:
+        bs = qconfig.get("weight_block_size") or [128, 128]
+        name = f"fp8_b{bs[0]}"
+        if bs[0] != bs[1] or name not in FORMATS:
+            raise UnsupportedError(f"{mod}: FP8 block size {bs} is not supported (dsq knows 128x128)")
+        return FORMATS[name]
+
+
+LAYOUTS = {layout.name: layout for layout in (CompressedTensorsLayout(), DeepSeekFp8Layout())}
+
+
+def layout_for_formats(formats: set[str]) -> CompressedTensorsLayout | DeepSeekFp8Layout | None:
+    """The layout that holds every format in a plan: int formats -> compressed-tensors, FP8 -> DeepSeek."""
+    if not formats:
+        return None
+    fp8 = {f for f in formats if f.startswith("fp8")}
+    if fp8 and fp8 != formats:
+        raise RecipeError(
+            "a checkpoint cannot mix FP8 blocks with int formats yet (formats: "
+            f"{', '.join(sorted(formats))}); use one family per recipe"
+        )
+    return LAYOUTS["deepseek-fp8"] if fp8 else LAYOUTS["compressed-tensors"]
+
+
+def layout_for_config(qconfig: dict) -> CompressedTensorsLayout | DeepSeekFp8Layout:
+    method = qconfig.get("quant_method")
+    if method == "compressed-tensors":
+        if qconfig.get("format") not in ("pack-quantized", None):
+            raise UnsupportedError(f"compressed-tensors format {qconfig.get('format')!r} is not supported")
+        return LAYOUTS["compressed-tensors"]
+    if method == "fp8":
+        return LAYOUTS["deepseek-fp8"]
+    raise UnsupportedError(f"quantization method {method!r} is not supported")

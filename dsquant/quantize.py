@@ -1,0 +1,212 @@
+"""``dsq quantize``: stream a checkpoint through its plan into a quantized checkpoint + report.
+
+One tensor at a time: read (FP8 dequantized on the fly) -> quantize -> measure error -> write.
+The output directory appears only when complete (see ``atomic``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from .atomic import atomic_dir
+from .checkpoint import Checkpoint
+from .errors import DsqError
+from .formats import FORMATS
+from .layouts import layout_for_formats, module_of
+from .plan import Plan, PlanEntry, make_plan
+from .recipes import load_recipe
+from .safetensors_io import PlannedTensor, SafetensorsWriter
+
+REPORT_NAME = "dsq-report.json"
+DEFAULT_SHARD_BYTES = 4 * 1024**3
+
+ProgressFn = Callable[[int, int, str], None]  # (done, total, tensor name)
+
+
+@dataclass
+class TensorResult:
+    name: str
+    role: str
+    layer: int | None
+    expert: int | None
+    shape: list[int]
+    source_dtype: str
+    format: str | None
+    bytes_in: int
+    bytes_out: int
+    bits_per_weight: float
+    rel_rmse: float | None
+    max_abs_err: float | None
+    note: str
+
+
+def error_stats(w: torch.Tensor, deq: torch.Tensor) -> tuple[float, float]:
+    """Relative RMSE ||w - deq|| / ||w|| and max |w - deq|, in float64 for stable sums."""
+    diff = (w.to(torch.float64) - deq.to(torch.float64))
+    denom = float(w.to(torch.float64).norm())
+    rel = float(diff.norm()) / denom if denom > 0 else float(diff.norm())
+    return rel, float(diff.abs().max()) if diff.numel() else 0.0
+
+
+def _out_dtype(entry: PlanEntry) -> torch.dtype:
+    return entry.tensor.float_dtype
+
+
+def _planned_outputs(plan: Plan, layout) -> list[tuple[PlanEntry, list[PlannedTensor]]]:
+    out = []
+    for e in plan.entries:
+        if e.format:
+            out.append((e, layout.planned(e.name, FORMATS[e.format], e.shape)))
+        else:
+            out.append((e, [PlannedTensor(e.name, _out_dtype(e), e.shape)]))
+    return out
+
+
+def _shards(items: list[tuple[PlanEntry, list[PlannedTensor]]], max_bytes: int) -> list[list[int]]:
+    """Split entries (in stream order) into shards of at most ``max_bytes`` (a single larger tensor
+    gets a shard of its own)."""
+    shards: list[list[int]] = [[]]
+    size = 0
+    for i, (_, planned) in enumerate(items):
+        n = sum(p.nbytes for p in planned)
+        if shards[-1] and size + n > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(i)
+        size += n
+    return shards
+
+
+def quantize_checkpoint(
+    source: str | Path,
+    output: str | Path,
+    recipe: str = "int4",
+    *,
+    overwrite: bool = False,
+    allow_unmapped: bool = False,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    progress: ProgressFn | None = None,
+) -> dict:
+    """Quantize ``source`` into ``output``; returns the report (also written as dsq-report.json)."""
+    t0 = time.perf_counter()
+    ckpt = Checkpoint(source)
+    plan = make_plan(ckpt, load_recipe(recipe), allow_unmapped)
+    layout = layout_for_formats(plan.formats)
+    items = _planned_outputs(plan, layout)
+    shards = _shards(items, max_shard_bytes)
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    if len(shards) == 1:
+        names = ["model.safetensors"]
+    results: list[TensorResult] = []
+    with atomic_dir(output, overwrite) as tmp:
+        weight_map: dict[str, str] = {}
+        stream = ckpt.stream()
+        for shard_name, idxs in zip(names, shards, strict=True):
+            planned = [p for i in idxs for p in items[i][1]]
+            writer = SafetensorsWriter(tmp / shard_name, planned, {"format": "pt", "producer": f"dsq {__version__}"})
+            for i in idxs:
+                entry = items[i][0]
+                src, data = next(stream)
+                assert src.name == entry.name, (src.name, entry.name)
+                results.append(_process(entry, data, layout, writer))
+                del data
+                if progress:
+                    progress(len(results), len(plan.entries), entry.name)
+            writer.close()
+            weight_map.update({p.name: shard_name for p in planned})
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": sum(p.nbytes for _, ps in items for p in ps)}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        config = dict(ckpt.config)
+        config.pop("quantization_config", None)
+        if layout is not None:
+            quantized = {e.name: e.format for e in plan.entries if e.format}
+            ignored = sorted(
+                module_of(e.name) for e in plan.entries if not e.format and e.tensor.ref and e.tensor.ref.info.kind == "linear"
+            )
+            config["quantization_config"] = layout.quantization_config(quantized, ignored)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        for f in ckpt.side_files():
+            shutil.copy2(f, tmp / f.name)
+        report = _report(ckpt, plan, layout, results, time.perf_counter() - t0)
+        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _process(entry: PlanEntry, data: torch.Tensor, layout, writer: SafetensorsWriter) -> TensorResult:
+    ref = entry.tensor.ref
+    rel = mx = None
+    if entry.format:
+        qt = FORMATS[entry.format].quantize(data, entry.name)
+        rel, mx = error_stats(data, qt.dequantize())
+        for name, t in layout.encode(entry.name, qt).items():
+            writer.write(name, t)
+    else:
+        if not data.is_floating_point() or data.dtype == _out_dtype(entry):
+            writer.write(entry.name, data)
+        else:
+            writer.write(entry.name, data.to(_out_dtype(entry)))
+    return TensorResult(
+        name=entry.name,
+        role=entry.role,
+        layer=ref.layer if ref else None,
+        expert=ref.expert if ref else None,
+        shape=list(entry.shape),
+        source_dtype=entry.tensor.source_dtype,
+        format=entry.format,
+        bytes_in=entry.in_bytes,
+        bytes_out=entry.out_bytes,
+        bits_per_weight=round(entry.bits_per_weight, 4),
+        rel_rmse=rel,
+        max_abs_err=mx,
+        note=entry.note,
+    )
+
+
+def _report(ckpt: Checkpoint, plan: Plan, layout, results: list[TensorResult], seconds: float) -> dict:
+    quantized = [r for r in results if r.format]
+    n_q = sum(math.prod(r.shape) for r in quantized)
+    return {
+        "schema": "dsq-report/1",
+        "dsq_version": __version__,
+        "source": ckpt.source,
+        "architecture": ckpt.arch.model_type,
+        "source_format": "block-fp8" if ckpt.is_block_fp8 else "float",
+        "recipe": {
+            "name": plan.recipe.name,
+            "default": plan.recipe.default,
+            "roles": plan.recipe.roles,
+            "overrides": [list(o) for o in plan.recipe.overrides],
+        },
+        "layout": layout.name if layout else None,
+        "summary": {
+            "tensors": len(results),
+            "quantized_tensors": len(quantized),
+            "bytes_in": sum(r.bytes_in for r in results),
+            "bytes_out": sum(r.bytes_out for r in results),
+            "quantized_bits_per_weight": round(8 * sum(r.bytes_out for r in quantized) / n_q, 4) if n_q else None,
+            "mean_rel_rmse": (sum(r.rel_rmse or 0 for r in quantized) / len(quantized)) if quantized else None,
+            "worst_rel_rmse": max(((r.rel_rmse or 0, r.name) for r in quantized), default=(None, None)),
+            "formats": {f: sum(1 for r in quantized if r.format == f) for f in sorted(plan.formats)},
+            "seconds": round(seconds, 3),
+        },
+        "tensors": [r.__dict__ for r in results],
+    }
+
+
+def load_report(path: str | Path) -> dict:
+    p = Path(path)
+    p = p / REPORT_NAME if p.is_dir() else p
+    try:
+        return json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DsqError(f"{p}: cannot read the dsq report ({e})") from None

@@ -1,0 +1,68 @@
+"""Reading a quantized checkpoint back (dsq's own output, or compressed-tensors / DeepSeek-FP8 ones):
+each weight as the ``QuantizedTensor`` it was written from, so exporters re-pack and never re-round.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import cached_property
+
+import torch
+
+from .checkpoint import Checkpoint
+from .errors import InputError
+from .formats import QuantizedTensor
+from .layouts import layout_for_config, module_of
+from .safetensors_io import read_tensor
+
+# Stored tensors that belong to a quantized module, by suffix (compressed-tensors, DeepSeek-FP8).
+_PARTS = (".weight_packed", ".weight_scale", ".weight_zero_point", ".weight_shape", ".weight_scale_inv")
+
+
+class QuantizedCheckpoint(Checkpoint):
+    def __init__(self, source):
+        super().__init__(source)
+        if not self.quantization_config:
+            raise InputError(f"{self.path}: not a quantized checkpoint (config.json has no quantization_config)")
+        self.layout = layout_for_config(self.quantization_config)
+
+    @cached_property
+    def modules(self) -> dict[str, list[str]]:
+        """Quantized module -> its stored tensor names."""
+        out: dict[str, list[str]] = {}
+        for name in self.headers:
+            for suffix in _PARTS:
+                if name.endswith(suffix):
+                    out.setdefault(name[: -len(suffix)], []).append(name)
+        for mod in out:
+            if self.headers.get(mod + ".weight") is not None and self.headers[mod + ".weight"].dtype == "F8_E4M3":
+                out[mod].append(mod + ".weight")
+        return out
+
+    def iter_weights(self) -> Iterator[tuple[str, QuantizedTensor | torch.Tensor]]:
+        """(weight name, QuantizedTensor) for quantized weights, (name, tensor) for the rest, in file order."""
+        owner = {n: mod for mod, names in self.modules.items() for n in names}
+        seen: set[str] = set()
+        for info in sorted(self.headers.values(), key=lambda i: (str(i.file), i.begin)):
+            mod = owner.get(info.name)
+            if mod is None:
+                yield info.name, read_tensor(info)
+                continue
+            if mod in seen:
+                continue
+            seen.add(mod)
+            parts = {n: read_tensor(self.headers[n]) for n in self.modules[mod]}
+            fmt = self.layout.format_of(self.quantization_config, mod)
+            yield mod + ".weight", self.layout.decode(fmt, parts, mod)
+
+    def dequantized_state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """The whole model dequantized (small models and tests only: this holds every tensor)."""
+        out = {}
+        for name, t in self.iter_weights():
+            out[name] = (t.dequantize() if isinstance(t, QuantizedTensor) else t).to(
+                dtype if (isinstance(t, QuantizedTensor) or t.is_floating_point()) else t.dtype
+            )
+        return out
+
+
+__all__ = ["QuantizedCheckpoint", "module_of"]

@@ -1,0 +1,201 @@
+"""Safetensors, read and written one tensor at a time, with the header checked before any read.
+
+Why not ``safe_open``: it memory-maps whole files, so every page a run touches counts towards RSS
+until the file is closed (a 4 GB shard shows up as 4 GB of RSS). Reading each tensor with
+``os.pread`` into its own buffer keeps peak RSS at about the largest tensor. The format is the
+documented one (https://github.com/huggingface/safetensors#format): an 8-byte little-endian header
+length N, N bytes of JSON ``{name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}``,
+then the data; offsets are relative to the end of the header.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import CorruptFileError, OutputError
+
+# safetensors dtype string <-> torch dtype: one table for reading and writing.
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+# A header larger than this is refused before it is read: real ones are a few MB at most
+# (safetensors' own reader uses the same 100 MB bound).
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str  # safetensors dtype string
+    shape: tuple[int, ...]
+    file: Path
+    begin: int  # absolute byte offset in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and validate a safetensors header: every check a hostile file could fail."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise CorruptFileError(f"{path}: only {size} bytes, not a safetensors file (truncated?)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > MAX_HEADER_BYTES or 8 + n > size:
+                raise CorruptFileError(
+                    f"{path}: header claims {n} bytes but the file has {size}; the file is truncated or not safetensors"
+                )
+            header_bytes = f.read(n)
+    except OSError as e:
+        raise CorruptFileError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        header = json.loads(header_bytes)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptFileError(f"{path}: header is not valid JSON ({e}); the file is damaged") from None
+    if not isinstance(header, dict):
+        raise CorruptFileError(f"{path}: header is not a JSON object; the file is damaged")
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + n
+    infos: dict[str, TensorInfo] = {}
+    spans = []
+    for name, entry in header.items():
+        try:
+            dtype = entry["dtype"]
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, end = (int(o) for o in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CorruptFileError(f"{path}: header entry for `{name}` is malformed") from None
+        if dtype not in DTYPES:
+            raise CorruptFileError(f"{path}: tensor `{name}` has unknown dtype {dtype!r}")
+        if any(d < 0 for d in shape):
+            raise CorruptFileError(f"{path}: tensor `{name}` has a negative dimension {list(shape)}")
+        expected = math.prod(shape) * DTYPES[dtype].itemsize
+        if not 0 <= begin <= end or end - begin != expected:
+            raise CorruptFileError(
+                f"{path}: tensor `{name}` {dtype}{list(shape)} needs {expected} bytes but its offsets "
+                f"[{begin}, {end}] give {end - begin}; the header lies about sizes"
+            )
+        if data_start + end > size:
+            raise CorruptFileError(
+                f"{path}: tensor `{name}` ends at byte {data_start + end} but the file has {size}; the file is truncated"
+            )
+        infos[name] = TensorInfo(name, dtype, shape, path, data_start + begin, data_start + end)
+        spans.append((begin, end, name))
+    spans.sort()
+    for (_, e1, a), (b2, _, b) in zip(spans, spans[1:], strict=False):
+        if b2 < e1:
+            raise CorruptFileError(f"{path}: tensors `{a}` and `{b}` overlap; the header is hostile or damaged")
+    return infos, {str(k): str(v) for k, v in metadata.items()}
+
+
+def read_tensor(info: TensorInfo) -> torch.Tensor:
+    """Read one tensor with pread into a fresh buffer (no mmap, so RSS holds only this tensor)."""
+    buf = bytearray(info.nbytes)
+    with open(info.file, "rb", buffering=0) as f:
+        view = memoryview(buf)
+        pos, fd = 0, f.fileno()
+        while pos < info.nbytes:
+            got = os.preadv(fd, [view[pos:]], info.begin + pos)
+            if got <= 0:
+                raise CorruptFileError(f"{info.file}: unexpected end of file in tensor `{info.name}`")
+            pos += got
+    if info.nbytes == 0:
+        return torch.empty(info.shape, dtype=info.torch_dtype)
+    flat = torch.frombuffer(buf, dtype=torch.uint8)
+    return flat.view(info.torch_dtype).reshape(info.shape)
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """An output tensor whose name, dtype and shape are known before its data exists."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+class SafetensorsWriter:
+    """Writes one safetensors file whose header is written first, from the plan; data follows in order.
+
+    Because dsq decides every output tensor's shape and dtype before quantizing anything, the header
+    can be complete up front and each tensor streamed into place as soon as it is computed.
+    """
+
+    def __init__(self, path: Path, tensors: Iterable[PlannedTensor], metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        self.order = list(tensors)
+        header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
+        offset = 0
+        for t in self.order:
+            header[t.name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+            offset += t.nbytes
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # 8-byte alignment of the data section, as safetensors does
+        self._next = 0
+        try:
+            self._f = open(self.path, "wb")
+            self._f.write(struct.pack("<Q", len(blob)))
+            self._f.write(blob)
+        except OSError as e:
+            raise OutputError(f"{self.path}: cannot write ({e.strerror})") from None
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        expected = self.order[self._next]
+        if name != expected.name or tensor.dtype != expected.dtype or tuple(tensor.shape) != expected.shape:
+            raise AssertionError(
+                f"writer got {name} {tensor.dtype}{list(tensor.shape)}, planned "
+                f"{expected.name} {expected.dtype}{list(expected.shape)}"
+            )
+        self._next += 1
+        data = tensor.contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+        try:
+            self._f.write(data)
+        except OSError as e:
+            raise OutputError(f"{self.path}: cannot write ({e.strerror}); is the disk full?") from None
+
+    def close(self) -> None:
+        if self._next != len(self.order):
+            missing = self.order[self._next].name
+            self._f.close()
+            raise AssertionError(f"{self.path}: closed before `{missing}` was written")
+        try:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+        except OSError as e:
+            raise OutputError(f"{self.path}: cannot write ({e.strerror}); is the disk full?") from None

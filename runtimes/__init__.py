@@ -1,0 +1,1 @@
+"""dsq.runtimes."""
