@@ -168,7 +168,7 @@ class SafetensorsWriter:
         blob += b" " * (-len(blob) % 8)  # 8-byte alignment of the data section, as safetensors does
         self._next = 0
         try:
-            self._f = open(self.path, "wb")
+            self._f = open(self.path, "wb")  # noqa: SIM115 - closed in close()
             self._f.write(struct.pack("<Q", len(blob)))
             self._f.write(blob)
         except OSError as e:
