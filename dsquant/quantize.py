@@ -117,7 +117,7 @@ def quantize_checkpoint(
                 entry = items[i][0]
                 src, data = next(stream)
                 assert src.name == entry.name, (src.name, entry.name)
-                results.append(_process(entry, data, layout, writer))
+                results.append(_process(ckpt, entry, data, layout, writer))
                 del data
                 if progress:
                     progress(len(results), len(plan.entries), entry.name)
@@ -142,11 +142,14 @@ def quantize_checkpoint(
     return report
 
 
-def _process(entry: PlanEntry, data: torch.Tensor, layout, writer: SafetensorsWriter) -> TensorResult:
+def _process(ckpt: Checkpoint, entry: PlanEntry, data: torch.Tensor, layout, writer: SafetensorsWriter) -> TensorResult:
     ref = entry.tensor.ref
     rel = mx = None
     if entry.format:
-        qt = FORMATS[entry.format].quantize(data, entry.name)
+        if entry.tensor.scale_info and entry.format == f"fp8_b{ckpt.block_size[0]}":
+            qt = ckpt.load_block_fp8(entry.tensor)  # already in this format: carry codes and scales over
+        else:
+            qt = FORMATS[entry.format].quantize(data, entry.name)
         rel, mx = error_stats(data, qt.dequantize())
         for name, t in layout.encode(entry.name, qt).items():
             writer.write(name, t)

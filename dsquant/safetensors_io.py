@@ -182,7 +182,8 @@ class SafetensorsWriter:
                 f"{expected.name} {expected.dtype}{list(expected.shape)}"
             )
         self._next += 1
-        data = tensor.contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+        # reshape(-1): a 'contiguous' tensor with a size-1 dim can keep a non-unit stride there
+        data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
         try:
             self._f.write(data)
         except OSError as e:

@@ -123,8 +123,9 @@ def make_checkpoint(arch: str, out: Path, dtype: torch.dtype = torch.bfloat16, s
 def make_fp8_checkpoint(arch: str, out: Path) -> Path:
     """A DeepSeek-style block-FP8 checkpoint: every 2-D linear weight (not embeddings, lm_head, router)
     stored as float8_e4m3fn + weight_scale_inv per 128x128 block, quantization_config quant_method fp8."""
-    from dsq.dsquant.formats import FORMATS
     from safetensors.torch import load_file, save_file
+
+    from dsq.dsquant.formats import FORMATS
 
     make_checkpoint(arch, out)
     index_path = out / "model.safetensors.index.json"
