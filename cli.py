@@ -59,6 +59,7 @@ def plan(
     recipe: Recipe = "int4",
     allow_unmapped: AllowUnmapped = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+    summary: Annotated[bool, typer.Option("--summary", help="Print the totals only, not every tensor.")] = False,
 ) -> None:
     """Show what a recipe will do to every tensor (reads headers only, no weights)."""
     from dsq.dsquant.checkpoint import Checkpoint
@@ -70,7 +71,7 @@ def plan(
         p = make_plan(Checkpoint(model), load_recipe(recipe), allow_unmapped)
     except Exception as e:
         raise _fail(e) from None
-    print_plan(p, as_json=json_out)
+    print_plan(p, as_json=json_out, summary_only=summary)
 
 
 @app.command()
@@ -84,6 +85,127 @@ def inspect(path: Annotated[Path, typer.Argument(help="A safetensors directory o
     except Exception as e:
         raise _fail(e) from None
     print_description(desc)
+
+
+# -- runtimes: dsq runtimes / run / chat / eval / bench (issue 7) ------------------------------------
+RuntimeOpt = Annotated[
+    str, typer.Option("--runtime", help="auto (first that reads the model), a name from `dsq runtimes`, or all.")
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, metal, coreml, dml (see `dsq runtimes`).")]
+ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="CPU threads (default: the runtime's own).")]
+
+
+@app.command()
+def runtimes() -> None:
+    """List runtime backends (built-in and plugins), the devices each can use here, and why not."""
+    from dsq.runtimes.console import list_runtimes
+
+    list_runtimes()
+
+
+@app.command()
+def run(
+    model: Annotated[Path, typer.Argument(help="A .gguf file, an ONNX export, or a HF directory.")],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The prompt.")],
+    runtime: RuntimeOpt = "auto",
+    device: DeviceOpt = "cpu",
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n")] = 256,
+    temperature: Annotated[float, typer.Option(help="0: greedy.")] = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int = 0,
+    raw: Annotated[bool, typer.Option("--raw", help="Send the prompt as is, without the chat template.")] = False,
+    hide_think: Annotated[bool, typer.Option("--hide-think", help="Hide <think> blocks instead of dimming.")] = False,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Generate a reply to one prompt, streamed."""
+    from dsq.runtimes.base import Sampling
+    from dsq.runtimes.console import run_prompt
+
+    try:
+        run_prompt(model, prompt, runtime, device, max_tokens, Sampling(temperature, top_k, top_p, seed), raw,
+                   hide_think, threads)
+    except Exception as e:
+        raise _fail(e) from None
+
+
+@app.command()
+def chat(
+    model: Annotated[Path, typer.Argument(help="A .gguf file, an ONNX export, or a HF directory.")],
+    runtime: RuntimeOpt = "auto",
+    device: DeviceOpt = "cpu",
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n")] = 1024,
+    temperature: Annotated[float, typer.Option(help="0: greedy.")] = 0.6,
+    top_p: float = 0.95,
+    seed: int = 0,
+    system: Annotated[str | None, typer.Option(help="A system message.")] = None,
+    hide_think: Annotated[bool, typer.Option("--hide-think", help="Hide <think> blocks instead of dimming.")] = False,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Chat in the terminal with the model's chat template; R1 reasoning is shown dimmed."""
+    from dsq.runtimes.base import Sampling
+    from dsq.runtimes.console import chat_loop, read_stdin_lines
+
+    try:
+        chat_loop(model, runtime, device, max_tokens, Sampling(temperature, 0, top_p, seed), hide_think, system,
+                  threads, read=None if sys.stdin.isatty() else read_stdin_lines())
+    except Exception as e:
+        raise _fail(e) from None
+
+
+@app.command("eval")
+def eval_(
+    quant: Annotated[list[Path], typer.Argument(help="Model(s) to check: .gguf, ONNX export, HF directory.")],
+    ref: Annotated[Path, typer.Option("--ref", help="The reference model (fp16/bf16 HF directory).")],
+    text: Annotated[Path | None, typer.Option("--text", help="UTF-8 text to score on.")] = None,
+    runtime: RuntimeOpt = "auto",
+    ref_runtime: Annotated[str, typer.Option("--ref-runtime")] = "auto",
+    device: DeviceOpt = "cpu",
+    ctx: Annotated[int, typer.Option(help="Tokens per chunk.")] = 256,
+    chunks: Annotated[int, typer.Option(help="Most chunks to score (from the start of the text).")] = 16,
+    top_k: Annotated[int, typer.Option(help="Reference logits kept per token in the cache.")] = 64,
+    max_kld: Annotated[float | None, typer.Option(help="Fail if mean KL divergence is above this.")] = None,
+    min_top1: Annotated[float | None, typer.Option(help="Fail if top-1 agreement (0..1) is below this.")] = None,
+    max_ppl_ratio: Annotated[float | None, typer.Option(help="Fail if PPL / reference PPL is above.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the report as JSON.")] = None,
+    html_out: Annotated[Path | None, typer.Option("--html", help="Write an HTML report with plots.")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="Reference-logit cache (default ~/.cache/dsq).")] = None,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Accuracy gate: PPL, KL divergence and top-1 agreement of each model/runtime against the reference."""
+    from dsq.dsquant.evaluate import EvalSettings
+    from dsq.runtimes.console import eval_command
+
+    try:
+        settings = EvalSettings(ctx=ctx, chunks=chunks, top_k=top_k, device=device, threads=threads,
+                                ref_runtime=ref_runtime, cache_dir=cache_dir)
+        ok = eval_command(quant, ref, runtime, text, settings,
+                          {"max_kld": max_kld, "min_top1": min_top1, "max_ppl_ratio": max_ppl_ratio}, json_out, html_out)
+    except Exception as e:
+        raise _fail(e) from None
+    if not ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def bench(
+    model: Annotated[list[Path], typer.Argument(help="Model(s): .gguf, ONNX export, HF directory.")],
+    runtime: RuntimeOpt = "auto",
+    device: DeviceOpt = "cpu",
+    threads: ThreadsOpt = None,
+    prompt_tokens: int = 128,
+    new_tokens: int = 64,
+    runs: int = 3,
+    warmup: int = 1,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON.")] = None,
+) -> None:
+    """Prefill and decode tokens/s, time to first token, peak RSS (median of runs, warm-up excluded)."""
+    from dsq.runtimes.console import bench_command
+
+    try:
+        bench_command(model, runtime, device, threads, prompt_tokens, new_tokens, runs, warmup, json_out)
+    except Exception as e:
+        raise _fail(e) from None
 
 
 def main() -> None:  # pragma: no cover

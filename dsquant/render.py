@@ -14,7 +14,7 @@ from .plan import Plan, human_bytes
 console = Console()
 
 
-def print_plan(plan: Plan, as_json: bool = False) -> None:
+def print_plan(plan: Plan, as_json: bool = False, summary_only: bool = False) -> None:
     rows = [
         {
             "name": e.name,
@@ -41,6 +41,8 @@ def print_plan(plan: Plan, as_json: bool = False) -> None:
     if as_json:
         print(json.dumps({"summary": summary, "tensors": rows}, indent=2))
         return
+    if summary_only:
+        rows = []
     table = Table(title=f"dsq plan: {plan.checkpoint.path.name} ({summary['architecture']}) with recipe `{plan.recipe.name}`")
     for col, just in (("tensor", "left"), ("role", "left"), ("shape", "right"), ("source", "left"),
                       ("format", "left"), ("bytes", "right"), ("bits/w", "right"), ("note", "left")):
@@ -48,7 +50,8 @@ def print_plan(plan: Plan, as_json: bool = False) -> None:
     for r in rows:
         table.add_row(r["name"], r["role"], "x".join(map(str, r["shape"])), r["source_dtype"],
                       r["format"], human_bytes(r["bytes"]), f"{r['bits_per_weight']:.2f}", r["note"])
-    console.print(table)
+    if rows:
+        console.print(table)
     console.print(
         f"[bold]{summary['quantized']}[/] of {summary['tensors']} tensors quantized, "
         f"{human_bytes(summary['bytes_in'])} → [bold]{human_bytes(summary['bytes_out'])}[/] "
