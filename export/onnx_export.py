@@ -1,0 +1,215 @@
+"""``dsq export --to onnx``: a dsq quantized checkpoint (or a plain HF directory) -> an ONNX decoder folder.
+
+Output: ``model.onnx`` (+ ``model.onnx.data`` when the weights pass 2 GB, the protobuf limit), the tokenizer
+files and ``genai_config.json`` for onnxruntime-genai. Weights stream in one at a time and are re-packed,
+never re-rounded: dsq's int4/int8 codes and scales go into ``MatMulNBits`` as they are (see onnx_weights).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import onnx
+
+from ..dsquant.atomic import atomic_dir
+from ..dsquant.checkpoint import SIDE_FILES, Checkpoint
+from ..dsquant.errors import CorruptFileError, InputError, UnsupportedError
+from ..dsquant.formats import FORMATS, QuantizedTensor
+from .onnx_genai import genai_config
+from .onnx_graph import arch_spec, build_decoder
+from .onnx_weights import DATA_NAME, InitializerSink, WeightTable
+
+MODEL_NAME = "model.onnx"
+PROTOBUF_LIMIT = 2 * 1024**3
+INT4_BLOCKS = (32, 64, 128)
+
+# Execution provider -> the MatMulNBits bit widths it has kernels for (onnxruntime's contrib op registry:
+# CPU and CUDA register 4 and 8 bits; DirectML 4 bits; CoreML has no com.microsoft kernels, so a
+# quantized graph would fall back to CPU node by node: refused, export with float weights instead).
+EP_NBITS: dict[str, tuple[int, ...]] = {"cpu": (4, 8), "cuda": (4, 8), "dml": (4,), "coreml": ()}
+
+
+def _source_weights(src: Path, cfg: dict, recipe: str | None, int4_block: int | None) -> Iterator[tuple]:
+    """(name, QuantizedTensor | tensor, kind) from a quantized checkpoint as stored, or from an HF checkpoint
+    quantized in memory by ``recipe`` (float when no recipe)."""
+    from ..dsquant.quantized import QuantizedCheckpoint
+
+    if cfg.get("quantization_config"):
+        if recipe:
+            raise InputError(f"{src}: already quantized; --recipe applies to unquantized checkpoints only")
+        q = QuantizedCheckpoint(src)
+        for name, t in q.iter_weights():
+            stored = t.fmt.block_cols if isinstance(t, QuantizedTensor) and t.format.startswith("int4") else None
+            if int4_block and stored and stored != int4_block:
+                raise UnsupportedError(
+                    f"{name}: stored as {t.format}; --int4-block {int4_block} would re-round dsq's values. "
+                    f"Drop the flag, or re-quantize with a g{int4_block} recipe"
+                )
+            yield name, t, _kind(q, name)
+        return
+    ckpt = Checkpoint(src)
+    if recipe is None and int4_block is not None:
+        recipe = "int4"
+    if recipe is None:
+        for t, data in ckpt.stream():
+            yield t.name, data, t.ref.info.kind if t.ref else "unmapped"
+        return
+    from ..dsquant.plan import make_plan
+    from ..dsquant.recipes import load_recipe
+
+    rec = load_recipe(recipe)
+    if int4_block is not None:
+        rec = _with_int4_block(rec, int4_block)
+    plan = make_plan(ckpt, rec)
+    for entry in plan.entries:
+        data = ckpt.load(entry.tensor)
+        kind = entry.tensor.ref.info.kind if entry.tensor.ref else "unmapped"
+        yield entry.name, (FORMATS[entry.format].quantize(data, entry.name) if entry.format else data), kind
+
+
+def _with_int4_block(rec, block: int):
+    def swap(fmt: str) -> str:
+        return fmt.rsplit("_g", 1)[0] + f"_g{block}" if fmt.startswith("int4") else fmt
+
+    return dataclasses.replace(
+        rec,
+        default=swap(rec.default),
+        roles={k: swap(v) for k, v in rec.roles.items()},
+        overrides=tuple((p, swap(f)) for p, f in rec.overrides),
+    )
+
+
+def _kind(ckpt: Checkpoint, name: str) -> str:
+    ref = ckpt.arch.match(name)
+    return ref.info.kind if ref else "unmapped"
+
+
+def _skip(name: str, cfg: dict) -> bool:
+    """DeepSeek-V3's multi-token-prediction layer (index num_hidden_layers) is not part of the decoder."""
+    parts = name.split(".")
+    return len(parts) > 2 and parts[1] == "layers" and int(parts[2]) >= cfg["num_hidden_layers"]
+
+
+def check_ep(ep: str, weights: WeightTable) -> None:
+    if ep not in EP_NBITS:
+        raise UnsupportedError(f"--ep {ep}: unknown execution provider; choose one of {', '.join(EP_NBITS)}")
+    for lin in weights.linears.values():
+        if lin.packed is not None and lin.packed.bits not in EP_NBITS[ep]:
+            have = ", ".join(f"{b}-bit" for b in EP_NBITS[ep]) or "no"
+            raise UnsupportedError(
+                f"--ep {ep}: {lin.name} is {lin.format} (MatMulNBits bits={lin.packed.bits}) and {ep} has {have} "
+                "MatMulNBits kernels; export for another EP or from an unquantized checkpoint"
+            )
+
+
+def export_onnx(
+    src: str | Path,
+    out_dir: str | Path,
+    *,
+    int4_block: int | None = None,
+    ep: str = "cpu",
+    overwrite: bool = False,
+    recipe: str | None = None,
+    accuracy_level: int = 0,
+    external_threshold: int = PROTOBUF_LIMIT,
+) -> dict:
+    """Export ``src`` to an ONNX folder at ``out_dir``; returns the report (also written as onnx-report.json)."""
+    t0 = time.time()
+    if ep not in EP_NBITS:
+        raise UnsupportedError(f"--ep {ep}: unknown execution provider; choose one of {', '.join(EP_NBITS)}")
+    if int4_block is not None and int4_block not in INT4_BLOCKS:
+        raise UnsupportedError(f"--int4-block {int4_block}: choose one of {', '.join(map(str, INT4_BLOCKS))}")
+    src = Path(src)
+    if not (src / "config.json").is_file():
+        raise InputError(f"{src}: no config.json; give a dsq output or Hugging Face model directory")
+    cfg = json.loads((src / "config.json").read_text())
+    arch_spec(cfg)  # unsupported architecture: fail before reading any weight
+
+    with atomic_dir(out_dir, overwrite) as tmp:
+        weights = WeightTable(InitializerSink(tmp), accuracy_level=accuracy_level)
+        formats: Counter[str] = Counter()
+        for name, t, kind in _source_weights(src, cfg, recipe, int4_block):
+            if _skip(name, cfg):
+                continue
+            formats[t.format if isinstance(t, QuantizedTensor) else "float:" + str(t.dtype).removeprefix("torch.")] += 1
+            weights.ingest(name, t, kind)
+            if name == "model.embed_tokens.weight" and cfg.get("tie_word_embeddings"):
+                weights.ingest("lm_head.weight", t, "linear")
+        check_ep(ep, weights)
+        model = build_decoder(cfg, weights)
+        weights.sink.close()
+        _save(model, tmp, weights.sink.external_bytes, external_threshold)
+        onnx.checker.check_model(str(tmp / MODEL_NAME))
+        for name in SIDE_FILES:
+            if (src / name).is_file():
+                shutil.copy2(src / name, tmp / name)
+        (tmp / "genai_config.json").write_text(json.dumps(genai_config(cfg, src, ep), indent=2))
+        report = {
+            "source": str(src),
+            "model_type": cfg["model_type"],
+            "ep": ep,
+            "formats": dict(formats),
+            "matmulnbits": sorted({f"{lin.format}->bits{lin.packed.bits}" for lin in weights.linears.values() if lin.packed}),
+            "notes": sorted(weights.notes),
+            "external_data": (tmp / DATA_NAME).exists(),
+            "bytes": sum(f.stat().st_size for f in tmp.iterdir() if f.name.startswith(MODEL_NAME)),
+            "kv_cache_bytes_per_token_fp32": kv_bytes_per_token(cfg),
+            "seconds": round(time.time() - t0, 2),
+        }
+        (tmp / "onnx-report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _save(model: onnx.ModelProto, out: Path, external_bytes: int, threshold: int) -> None:
+    """Keep external data only when the model would pass the protobuf limit; otherwise inline it."""
+    if external_bytes and external_bytes + model.ByteSize() < threshold:
+        onnx.external_data_helper.load_external_data_for_model(model, str(out))
+        (out / DATA_NAME).unlink()
+    onnx.save_model(model, str(out / MODEL_NAME))
+
+
+def kv_bytes_per_token(cfg: dict) -> int:
+    """KV-cache bytes one token adds across all layers (float32 cache), from the graph's cache shapes."""
+    from .onnx_graph import ATTENTION
+
+    key, value = ATTENTION[arch_spec(cfg).attention][1](cfg)
+    return 4 * cfg["num_hidden_layers"] * (key[1] * key[3] + value[1] * value[3])
+
+
+def check_model_dir(model_dir: str | Path) -> Path:
+    """Refuse an ONNX folder whose external-data locations leave it (a crafted model could read any file)."""
+    model_dir = Path(model_dir).resolve()
+    path = model_dir / MODEL_NAME
+    if not path.is_file():
+        raise InputError(f"{model_dir}: no {MODEL_NAME}")
+    model = onnx.load(str(path), load_external_data=False)
+    for t in onnx.external_data_helper._get_all_tensors(model):
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        loc = next((e.value for e in t.external_data if e.key == "location"), "")
+        target = (model_dir / loc).resolve()
+        if os.path.isabs(loc) or model_dir not in target.parents:
+            raise CorruptFileError(f"{path}: tensor `{t.name}` points its external data outside the folder ({loc})")
+    return path
+
+
+def load_session(model_dir: str | Path, providers: tuple[str, ...] = ("CPUExecutionProvider",), opt_all: bool = True):
+    """An onnxruntime session for an exported folder, after ``check_model_dir``."""
+    import onnxruntime as ort
+
+    path = check_model_dir(model_dir)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if opt_all else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    return ort.InferenceSession(str(path), so, providers=list(providers))
+
+
+__all__ = ["export_onnx", "check_model_dir", "load_session", "kv_bytes_per_token"]

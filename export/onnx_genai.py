@@ -1,0 +1,86 @@
+"""``genai_config.json``: what onnxruntime-genai's ``og.Model(folder)`` reads to drive the decoder.
+
+Field names follow the config onnxruntime-genai's own model builder writes (models/builders/base.py,
+``make_genai_config``). Our graph concatenates past and present K/V (plain ops, no in-place cache), so
+``past_present_share_buffer`` is false.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .onnx_graph import head_dim
+
+# dsq model_type -> onnxruntime-genai model type (its names are the HF class prefix, lower-cased).
+GENAI_TYPES: dict[str, str] = {
+    "llama": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "deepseek_v2": "deepseek_v2",
+    "deepseek_v3": "deepseek_v3",
+}
+EP_OPTIONS: dict[str, list] = {"cpu": [], "cuda": [{"cuda": {}}], "dml": [{"dml": {}}], "coreml": [{"coreml": {}}]}
+
+
+def _token_id(cfg: dict, src: Path, key: str) -> int | list[int] | None:
+    value = cfg.get(key)
+    gen = src / "generation_config.json"
+    if value is None and gen.is_file():
+        value = json.loads(gen.read_text()).get(key)
+    return value
+
+
+def genai_config(cfg: dict, src: Path, ep: str) -> dict:
+    eos = _token_id(cfg, src, "eos_token_id")
+    pad = _token_id(cfg, src, "pad_token_id")
+    if pad is None:
+        pad = eos[0] if isinstance(eos, list) else eos
+    context = cfg.get("max_position_embeddings", 4096)
+    return {
+        "model": {
+            "bos_token_id": _token_id(cfg, src, "bos_token_id"),
+            "context_length": context,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": EP_OPTIONS[ep]},
+                "filename": "model.onnx",
+                "head_size": head_dim(cfg),
+                "hidden_size": cfg["hidden_size"],
+                "inputs": {
+                    "input_ids": "input_ids",
+                    "attention_mask": "attention_mask",
+                    "position_ids": "position_ids",
+                    "past_key_names": "past_key_values.%d.key",
+                    "past_value_names": "past_key_values.%d.value",
+                },
+                "outputs": {
+                    "logits": "logits",
+                    "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value",
+                },
+                "num_attention_heads": cfg["num_attention_heads"],
+                "num_hidden_layers": cfg["num_hidden_layers"],
+                "num_key_value_heads": cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
+            },
+            "eos_token_id": eos,
+            "pad_token_id": pad,
+            "type": GENAI_TYPES[cfg["model_type"]],
+            "vocab_size": cfg["vocab_size"],
+        },
+        "search": {
+            "diversity_penalty": 0.0,
+            "do_sample": False,
+            "early_stopping": True,
+            "length_penalty": 1.0,
+            "max_length": context,
+            "min_length": 0,
+            "no_repeat_ngram_size": 0,
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            "past_present_share_buffer": False,
+            "repetition_penalty": 1.0,
+            "temperature": 1.0,
+            "top_k": 1,
+            "top_p": 1.0,
+        },
+    }

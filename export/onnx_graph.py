@@ -1,0 +1,203 @@
+"""The decoder graph, built node by node from the architecture table (no tracing).
+
+Inputs ``input_ids`` [batch, seq], ``attention_mask`` [batch, past + seq], ``position_ids`` [batch, seq],
+``past_key_values.{i}.key/value``; outputs ``logits`` [batch, seq, vocab] and ``present.{i}.key/value``.
+One graph serves prefill (past length 0) and decode (seq 1): every shape is dynamic.
+
+What varies per architecture is the row in ``ARCH_SPECS``: the attention block (GQA or DeepSeek's MLA),
+q/k/v biases (Qwen2), per-head q/k RMSNorm (Qwen3), the RoPE pair layout, and whether layers past
+``first_k_dense_replace`` are mixture-of-experts.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper
+
+from ..dsquant.errors import UnsupportedError
+from .onnx_ops import (
+    MS_DOMAIN,
+    OPSET,
+    GraphBuilder,
+    Rope,
+    apply_rope,
+    attention_bias,
+    grouped_attention,
+    linear,
+    rms_norm,
+    rope_tables,
+    swiglu_mlp,
+)
+from .onnx_weights import WeightTable
+
+IR_VERSION = 10  # onnxruntime 1.2x loads IR <= 10/11; onnx 1.23 would write 12+ by default
+
+
+@dataclass(frozen=True)
+class Ctx:
+    """What every layer block needs: the config, the shared RoPE tables and the attention bias."""
+
+    cfg: dict
+    spec: ArchSpec
+    rope: Rope
+    bias: str
+    eps: float
+
+
+# An attention block: (graph, ctx, layer, hidden, past key, past value) -> (output, present key, present value).
+AttentionFn = Callable[[GraphBuilder, Ctx, int, str, str, str], tuple[str, str, str]]
+
+
+def head_dim(cfg: dict) -> int:
+    return cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+
+
+def gqa_attention(g: GraphBuilder, ctx: Ctx, i: int, x: str, past_k: str, past_v: str) -> tuple[str, str, str]:
+    """Llama/Qwen2/Qwen3 attention; the cache holds post-RoPE K and V, [B, kv_heads, T, head_dim]."""
+    cfg, p = ctx.cfg, f"model.layers.{i}.self_attn"
+    n_heads, n_kv, d = cfg["num_attention_heads"], cfg["num_key_value_heads"], head_dim(cfg)
+
+    def proj(name: str, heads: int) -> str:
+        bias = f"{p}.{name}_proj.bias" if ctx.spec.qkv_bias else None
+        y = g.reshape(linear(g, x, f"{p}.{name}_proj.weight", bias), [0, 0, heads, d])  # [B, S, h, D]
+        if ctx.spec.qk_norm and name in ("q", "k"):
+            y = rms_norm(g, y, f"{p}.{name}_norm.weight", ctx.eps)
+        return g.op("Transpose", y, perm=[0, 2, 1, 3])
+
+    q = apply_rope(g, proj("q", n_heads), ctx.rope)
+    k = apply_rope(g, proj("k", n_kv), ctx.rope)
+    present_k = g.op("Concat", past_k, k, axis=2)
+    present_v = g.op("Concat", past_v, proj("v", n_kv), axis=2)
+    out = grouped_attention(g, q, present_k, present_v, ctx.bias, (n_heads, n_kv), (d, d), d**-0.5)
+    return linear(g, out, f"{p}.o_proj.weight"), present_k, present_v
+
+
+def gqa_cache(cfg: dict) -> tuple[list, list]:
+    shape = ["batch_size", cfg["num_key_value_heads"], "past_sequence_length", head_dim(cfg)]
+    return shape, shape
+
+
+def _mla():
+    from . import onnx_mla
+
+    return onnx_mla
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    attention: str  # key of ATTENTION
+    rotary_class: str  # transformers' rotary embedding class (the reference for inv_freq and scaling)
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    moe: bool = False
+
+    def rope_interleaved(self, cfg: dict) -> bool:
+        # DeepSeek-V2 always rotates interleaved pairs (complex form); V3 unless rope_interleave is false.
+        return self.attention == "mla" and cfg.get("rope_interleave", True)
+
+
+ARCH_SPECS: dict[str, ArchSpec] = {
+    "llama": ArchSpec("gqa", "LlamaRotaryEmbedding"),
+    "qwen2": ArchSpec("gqa", "Qwen2RotaryEmbedding", qkv_bias=True),
+    "qwen3": ArchSpec("gqa", "Qwen3RotaryEmbedding", qk_norm=True),
+    "deepseek_v2": ArchSpec("mla", "DeepseekV2RotaryEmbedding", moe=True),
+    "deepseek_v3": ArchSpec("mla", "DeepseekV3RotaryEmbedding", moe=True),
+}
+
+# attention kind -> (block, cache shapes (key, value) for a config)
+ATTENTION: dict[str, tuple[Callable[[], AttentionFn], Callable[[dict], tuple[list, list]]]] = {
+    "gqa": (lambda: gqa_attention, gqa_cache),
+    "mla": (lambda: _mla().mla_attention, lambda cfg: _mla().mla_cache(cfg)),
+}
+
+# RoPE types whose frequencies do not depend on the sequence length (one table serves every step).
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+def arch_spec(cfg: dict) -> ArchSpec:
+    mt = cfg.get("model_type")
+    if mt not in ARCH_SPECS:
+        raise UnsupportedError(f"config.json: model_type `{mt}` has no ONNX graph; supported: {', '.join(ARCH_SPECS)}")
+    act = cfg.get("hidden_act", "silu")
+    if act != "silu":
+        raise UnsupportedError(f"config.json: hidden_act `{act}` is not supported by the ONNX export (silu only)")
+    return ARCH_SPECS[mt]
+
+
+def rotary(cfg: dict, spec: ArchSpec) -> tuple[np.ndarray, float]:
+    """inv_freq and attention_scaling from transformers' own rotary class for this config."""
+    import transformers
+
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in STATIC_ROPE_TYPES:
+        raise UnsupportedError(
+            f"config.json: rope_type `{rope_type}` depends on the sequence length; the ONNX export supports "
+            f"{', '.join(STATIC_ROPE_TYPES)}"
+        )
+    mt = cfg["model_type"]
+    config = transformers.AutoConfig.for_model(mt, **{k: v for k, v in cfg.items() if k != "model_type"})
+    module = importlib.import_module(f"transformers.models.{mt}.modeling_{mt}")
+    emb = getattr(module, spec.rotary_class)(config)
+    return emb.inv_freq.to(torch.float32).numpy(), float(emb.attention_scaling)
+
+
+def _dense_or_moe(g: GraphBuilder, ctx: Ctx, i: int, x: str) -> str:
+    if ctx.spec.moe and i >= ctx.cfg.get("first_k_dense_replace", 0):
+        from .onnx_moe import moe_ffn
+
+        return moe_ffn(g, ctx, i, x)
+    return swiglu_mlp(g, x, f"model.layers.{i}.mlp")
+
+
+def build_decoder(cfg: dict, weights: WeightTable) -> onnx.ModelProto:
+    spec = arch_spec(cfg)
+    attn_fn, cache_shapes = ATTENTION[spec.attention][0](), ATTENTION[spec.attention][1]
+    g = GraphBuilder(weights)
+    n_layers, eps = cfg["num_hidden_layers"], cfg.get("rms_norm_eps", 1e-6)
+    key_shape, value_shape = cache_shapes(cfg)
+
+    inputs = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),
+        helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+    ]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", cfg["vocab_size"]])]
+    present_k_shape = [*key_shape[:2], "total_sequence_length", key_shape[3]]
+    present_v_shape = [*value_shape[:2], "total_sequence_length", value_shape[3]]
+    for i in range(n_layers):
+        for kind, shape, pshape in (("key", key_shape, present_k_shape), ("value", value_shape, present_v_shape)):
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT, shape))
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT, pshape))
+
+    inv_freq, scaling = rotary(cfg, spec)
+    rope = rope_tables(g, "position_ids", inv_freq, scaling, spec.rope_interleaved(cfg))
+    bias = attention_bias(g, "attention_mask", g.dim("past_key_values.0.key", 2), g.dim("input_ids", 1))
+    ctx = Ctx(cfg, spec, rope, bias, eps)
+
+    x = g.op("Gather", weights.float("model.embed_tokens.weight"), "input_ids", axis=0)
+    for i in range(n_layers):
+        p = f"model.layers.{i}"
+        h = rms_norm(g, x, f"{p}.input_layernorm.weight", eps)
+        attn, pk, pv = attn_fn(g, ctx, i, h, f"past_key_values.{i}.key", f"past_key_values.{i}.value")
+        g.op("Identity", pk, outputs=[f"present.{i}.key"])
+        g.op("Identity", pv, outputs=[f"present.{i}.value"])
+        x = g.op("Add", x, attn)
+        h = rms_norm(g, x, f"{p}.post_attention_layernorm.weight", eps)
+        x = g.op("Add", x, _dense_or_moe(g, ctx, i, h))
+    x = rms_norm(g, x, "model.norm.weight", eps)
+    g.op("Identity", linear(g, x, "lm_head.weight"), outputs=["logits"])
+
+    graph = helper.make_graph(g.nodes, f"dsq_{cfg['model_type']}", inputs, outputs, weights.sink.protos)
+    return helper.make_model(
+        graph,
+        ir_version=IR_VERSION,
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
+        producer_name="dsq",
+    )

@@ -1,0 +1,165 @@
+"""A small ONNX graph builder and the blocks every decoder shares: RMSNorm, linear layers (MatMulNBits
+or float MatMul), RoPE, the causal/padding mask, SwiGLU MLP and softmax attention over a KV cache.
+
+Everything is built from standard ONNX ops (opset 21) plus ``com.microsoft::MatMulNBits``; onnxruntime's
+optimizer fuses the plain RMSNorm into ``SimplifiedLayerNormalization`` at ORT_ENABLE_ALL. Tensors are
+float32 throughout; hidden states are ``[batch, seq, hidden]``, heads ``[batch, heads, seq, head_dim]``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import numpy as np
+from onnx import NodeProto, helper
+
+from .onnx_weights import WeightTable
+
+OPSET = 21
+MS_DOMAIN = "com.microsoft"
+NEG_INF = float(np.finfo(np.float32).min)  # what transformers' masks use: finite, so no NaN rows
+
+
+@dataclass
+class GraphBuilder:
+    weights: WeightTable
+    nodes: list[NodeProto] = field(default_factory=list)
+    _ids: itertools.count = field(default_factory=itertools.count)
+    _consts: dict[tuple, str] = field(default_factory=dict)
+
+    def op(self, op_type: str, *inputs: str, outputs: int | list[str] = 1, domain: str = "", **attrs) -> str | list[str]:
+        n = next(self._ids)
+        outs = outputs if isinstance(outputs, list) else [f"{op_type}_{n}_out{i}" for i in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=f"{op_type}_{n}", domain=domain, **attrs))
+        return outs[0] if len(outs) == 1 else outs
+
+    def const(self, value, dtype=np.int64) -> str:
+        """A small constant initializer (cached by value)."""
+        arr = np.asarray(value, dtype=dtype)
+        key = (arr.dtype.str, arr.shape, arr.tobytes())
+        if key not in self._consts:
+            self._consts[key] = self.weights.sink.add(f"const_{len(self._consts)}", arr)
+        return self._consts[key]
+
+    # -- shape helpers ------------------------------------------------------------------------------
+    def dim(self, x: str, axis: int) -> str:
+        """Dimension ``axis`` of ``x`` as a 1-element int64 tensor."""
+        return self.op("Shape", x, start=axis, end=axis + 1)
+
+    def reshape(self, x: str, shape: list[int] | str) -> str:
+        return self.op("Reshape", x, shape if isinstance(shape, str) else self.const(shape))
+
+    def unsqueeze(self, x: str, axes: list[int]) -> str:
+        return self.op("Unsqueeze", x, self.const(axes))
+
+    def slice(self, x: str, start: int, end: int, axis: int = -1, step: int = 1) -> str:
+        return self.op("Slice", x, self.const([start]), self.const([end]), self.const([axis]), self.const([step]))
+
+
+# -- layers -----------------------------------------------------------------------------------------
+def rms_norm(g: GraphBuilder, x: str, weight: str, eps: float) -> str:
+    """transformers' RMSNorm: x * rsqrt(mean(x^2) + eps) * weight, over the last axis."""
+    var = g.op("ReduceMean", g.op("Mul", x, x), g.const([-1]), keepdims=1)
+    denom = g.op("Sqrt", g.op("Add", var, g.const(eps, np.float32)))
+    return g.op("Mul", g.op("Div", x, denom), g.weights.float(weight))
+
+
+def linear(g: GraphBuilder, x: str, weight: str, bias: str | None = None) -> str:
+    """x @ W^T (+ b): MatMulNBits for dsq integer formats, MatMul with W^T for float weights."""
+    lin = g.weights.linear(weight)
+    if lin.packed is not None:
+        p = lin.packed
+        inputs = [x, lin.B, lin.scales] + ([lin.zero_points] if lin.zero_points else [])
+        y = g.op(
+            "MatMulNBits", *inputs, domain=MS_DOMAIN, K=p.K, N=p.N, bits=p.bits, block_size=p.block_size,
+            accuracy_level=g.weights.accuracy_level,
+        )
+    else:
+        y = g.op("MatMul", x, lin.WT)
+    return g.op("Add", y, g.weights.float(bias)) if bias else y
+
+
+def swiglu_mlp(g: GraphBuilder, x: str, prefix: str) -> str:
+    """down(silu(gate(x)) * up(x)) for ``{prefix}.gate_proj/up_proj/down_proj``."""
+    gate = linear(g, x, f"{prefix}.gate_proj.weight")
+    up = linear(g, x, f"{prefix}.up_proj.weight")
+    act = g.op("Mul", gate, g.op("Sigmoid", gate))
+    return linear(g, g.op("Mul", act, up), f"{prefix}.down_proj.weight")
+
+
+@dataclass(frozen=True)
+class Rope:
+    """cos/sin of the per-pair angles, [batch, 1, seq, rot_dim / 2], and how pairs are laid out."""
+
+    cos: str
+    sin: str
+    half: int
+    interleaved: bool  # DeepSeek: pairs (x0, x1), (x2, x3)...; others: (x_i, x_{i + d/2})
+
+
+def rope_tables(g: GraphBuilder, position_ids: str, inv_freq: np.ndarray, scaling: float, interleaved: bool) -> Rope:
+    """transformers' rotary embedding: angle = position * inv_freq; cos/sin scaled by attention_scaling."""
+    pos = g.op("Cast", position_ids, to=1)  # FLOAT
+    freqs = g.op("Mul", g.unsqueeze(pos, [-1]), g.const(inv_freq, np.float32))  # [B, S, D/2]
+    freqs = g.unsqueeze(freqs, [1])
+    cos, sin = g.op("Cos", freqs), g.op("Sin", freqs)
+    if scaling != 1.0:
+        s = g.const(scaling, np.float32)
+        cos, sin = g.op("Mul", cos, s), g.op("Mul", sin, s)
+    return Rope(cos, sin, len(inv_freq), interleaved)
+
+
+def apply_rope(g: GraphBuilder, x: str, rope: Rope) -> str:
+    """Rotate x [B, H, S, 2*half] by the pair angles.
+
+    Halves layout (``rotate_half``): x1 = x[..., :d/2], x2 = x[..., d/2:]. Interleaved (DeepSeek): x1 = x[..., 0::2],
+    x2 = x[..., 1::2], output de-interleaved as transformers' ``apply_rotary_pos_emb_interleave``; DeepSeek-V2's
+    complex form differs only by that same permutation on q and k, so q.k (and the logits) are equal.
+    Either way the result is cat(x1*cos - x2*sin, x2*cos + x1*sin).
+    """
+    d = rope.half
+    if rope.interleaved:
+        x1, x2 = g.slice(x, 0, 2 * d, step=2), g.slice(x, 1, 2 * d, step=2)
+    else:
+        x1, x2 = g.slice(x, 0, d), g.slice(x, d, 2 * d)
+    a = g.op("Sub", g.op("Mul", x1, rope.cos), g.op("Mul", x2, rope.sin))
+    b = g.op("Add", g.op("Mul", x2, rope.cos), g.op("Mul", x1, rope.sin))
+    return g.op("Concat", a, b, axis=-1)
+
+
+def attention_bias(g: GraphBuilder, attention_mask: str, past_len: str, seq_len: str) -> str:
+    """Additive mask [B, 1, S, T]: 0 where key j is visible to query i (j <= past + i and not padding)."""
+    total = g.op("Add", past_len, seq_len)
+    scalar = g.const([], np.int64)  # shape [] for Reshape to a scalar
+    past_s, total_s = g.reshape(past_len, scalar), g.reshape(total, scalar)
+    zero, one = g.const(0), g.const(1)
+    q_pos = g.op("Range", past_s, total_s, one)  # [S]
+    k_pos = g.op("Range", zero, total_s, one)  # [T]
+    causal = g.op("LessOrEqual", g.unsqueeze(k_pos, [0]), g.unsqueeze(q_pos, [1]))  # [S, T]
+    pad = g.unsqueeze(g.op("Cast", attention_mask, to=9), [1, 2])  # BOOL, [B, 1, 1, T]
+    allowed = g.op("And", causal, pad)
+    return g.op("Where", allowed, g.const(0.0, np.float32), g.const(NEG_INF, np.float32))
+
+
+def grouped_attention(
+    g: GraphBuilder, q: str, k: str, v: str, bias: str, heads: tuple[int, int], dims: tuple[int, int], scale: float
+) -> str:
+    """softmax(q k^T * scale + bias) v with q [B, H, S, Dk], k [B, Hkv, T, Dk], v [B, Hkv, T, Dv]
+    (head h reads kv head h // (H / Hkv), as transformers' ``repeat_kv``); returns [B, S, H * Dv].
+    ``heads`` is (H, Hkv), ``dims`` (Dk, Dv)."""
+    (n_heads, n_kv), (dk, dv) = heads, dims
+    rep = n_heads // n_kv
+    if rep > 1:
+        qg = g.reshape(q, [0, n_kv, rep, -1, dk])  # [B, Hkv, rep, S, Dk]
+        kt = g.unsqueeze(g.op("Transpose", k, perm=[0, 1, 3, 2]), [2])  # [B, Hkv, 1, Dk, T]
+        vv = g.unsqueeze(v, [2])
+        b = g.unsqueeze(bias, [1])
+    else:
+        qg, kt, vv, b = q, g.op("Transpose", k, perm=[0, 1, 3, 2]), v, bias
+    scores = g.op("Add", g.op("Mul", g.op("MatMul", qg, kt), g.const(scale, np.float32)), b)
+    out = g.op("MatMul", g.op("Softmax", scores, axis=-1), vv)
+    if rep > 1:
+        out = g.reshape(out, [0, n_heads, -1, dv])
+    out = g.op("Transpose", out, perm=[0, 2, 1, 3])  # [B, S, H, Dv]
+    return g.reshape(out, [0, 0, -1])

@@ -1,0 +1,239 @@
+"""Weights for the ONNX export: dsq's QuantizedTensors re-packed for ``com.microsoft::MatMulNBits``,
+float tensors as float32 initializers, all streamed into one external-data file.
+
+MatMulNBits (onnxruntime/docs/ContribOperators.md, ``MatMulNBits``) computes ``A @ W^T`` with
+``W[n, k] = (q[n, k] - zp[n, k // block]) * scale[n, k // block]``:
+
+* ``B``: uint8 ``[N, K / block, block * bits / 8]``; 4-bit values pack two per byte, element ``2j`` in
+  the low nibble and ``2j + 1`` in the high nibble.
+* ``scales``: ``[N * K / block]`` in A's float type (dsq's fp16 scales widen to float32 exactly).
+* ``zero_points``: optional; when omitted the op uses ``2^(bits-1)`` (8 for 4-bit, 128 for 8-bit).
+  4-bit zero points pack like B, per row padded to a whole byte.
+
+So dsq's symmetric codes (int8 in [-8, 7] or [-127, 127]) become ``code + 2^(bits-1)`` with the
+default zero point, and int4 asym codes/zeros go in as they are: no value is re-rounded. Verified
+numerically in tests/test_onnx_weights.py against ``QuantizedTensor.dequantize()``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, numpy_helper
+
+from ..dsquant.errors import UnsupportedError
+from ..dsquant.formats import QuantizedTensor
+
+DATA_NAME = "model.onnx.data"
+# Initializers at or above this size go to the external-data file while streaming.
+_EXTERNAL_MIN_BYTES = 1024
+
+
+@dataclass(frozen=True)
+class Packing:
+    """How one dsq format family reaches ONNX."""
+
+    op: str  # "MatMulNBits" or "float": dequantized to a float32 MatMul weight at export
+    bits: int = 0
+    note: str = ""
+
+
+# Format name prefix -> packing. fp8 has no CPU kernel in onnxruntime (MatMulNBits is integer-only and
+# float8 DequantizeLinear needs opset 19 + an EP with float8 support), so it is dequantized at export.
+PACKINGS: dict[str, Packing] = {
+    "int4_sym": Packing("MatMulNBits", 4),
+    "int4_asym": Packing("MatMulNBits", 4),
+    "int8": Packing("MatMulNBits", 8),
+    "fp8": Packing("float", note="fp8 blocks dequantized to float32 at export (no fp8 MatMul on ORT CPU)"),
+}
+
+
+def packing_for(fmt_name: str) -> Packing:
+    for prefix, p in PACKINGS.items():
+        if fmt_name.startswith(prefix):
+            return p
+    raise UnsupportedError(f"format {fmt_name}: no ONNX packing; known: {', '.join(PACKINGS)}")
+
+
+@dataclass(frozen=True)
+class PackedNBits:
+    """MatMulNBits inputs for one weight."""
+
+    B: np.ndarray
+    scales: np.ndarray
+    zero_points: np.ndarray | None
+    K: int
+    N: int
+    bits: int
+    block_size: int
+
+
+def _pack_nibbles(v: np.ndarray) -> np.ndarray:
+    """[..., 2m] uint8 values in [0, 15] -> [..., m] bytes, even index in the low nibble."""
+    return (v[..., 0::2] | (v[..., 1::2] << 4)).astype(np.uint8)
+
+
+def pack_matmulnbits(qt: QuantizedTensor) -> PackedNBits:
+    """dsq codes/scales/zeros -> MatMulNBits B/scales/zero_points, unchanged in value."""
+    fmt = qt.fmt
+    p = packing_for(qt.format)
+    if p.op != "MatMulNBits":
+        raise UnsupportedError(f"{qt.format}: not a MatMulNBits format")
+    n, k = qt.shape
+    block = fmt.block_cols or k
+    if k % block:
+        raise UnsupportedError(f"{qt.format}: K={k} is not a multiple of the block {block}")
+    nb = k // block
+    offset = 0 if qt.zero is not None else 1 << (p.bits - 1)
+    q = (qt.codes.to(torch.int16) + offset).numpy().astype(np.uint8).reshape(n, nb, block)
+    B = _pack_nibbles(q) if p.bits == 4 else q
+    scales = qt.scale.to(torch.float32).numpy().reshape(-1)
+    zp = None
+    if qt.zero is not None:
+        z = qt.zero.numpy().astype(np.uint8).reshape(n, nb)
+        if p.bits == 4:
+            if nb % 2:
+                z = np.pad(z, ((0, 0), (0, 1)))
+            z = _pack_nibbles(z)
+        zp = np.ascontiguousarray(z).reshape(-1)
+    return PackedNBits(np.ascontiguousarray(B), np.ascontiguousarray(scales), zp, k, n, p.bits, block)
+
+
+def unpack_matmulnbits(p: PackedNBits) -> torch.Tensor:
+    """The float32 weight [N, K] that MatMulNBits computes with (the inverse, for tests and proofs)."""
+    nb = p.K // p.block_size
+    if p.bits == 4:
+        q = np.stack([p.B & 0x0F, p.B >> 4], axis=-1).reshape(p.N, nb, p.block_size)
+    else:
+        q = p.B.reshape(p.N, nb, p.block_size)
+    if p.zero_points is None:
+        z = np.full((p.N, nb), 1 << (p.bits - 1), np.float32)
+    elif p.bits == 4:
+        zr = p.zero_points.reshape(p.N, -1)
+        z = np.stack([zr & 0x0F, zr >> 4], axis=-1).reshape(p.N, -1)[:, :nb].astype(np.float32)
+    else:
+        z = p.zero_points.reshape(p.N, nb).astype(np.float32)
+    w = (q.astype(np.float32) - z[..., None]) * p.scales.reshape(p.N, nb)[..., None]
+    return torch.from_numpy(w.reshape(p.N, p.K))
+
+
+@dataclass
+class InitializerSink:
+    """Collects initializers; large ones are appended to ``DATA_NAME`` in ``out_dir`` as they arrive,
+    so only one weight is in memory at a time. ``finish`` returns the TensorProtos for the graph."""
+
+    out_dir: Path
+    protos: list[TensorProto] = field(default_factory=list)
+    names: set[str] = field(default_factory=set)
+    offset: int = 0
+    _fh: object = None
+
+    def add(self, name: str, array: np.ndarray) -> str:
+        if name in self.names:
+            return name
+        array = np.ascontiguousarray(array)
+        if array.nbytes < _EXTERNAL_MIN_BYTES:
+            self.protos.append(numpy_helper.from_array(array, name))
+        else:
+            if self._fh is None:
+                self._fh = open(self.out_dir / DATA_NAME, "wb")  # noqa: SIM115 (closed in finish)
+            pad = (-self.offset) % 64  # 64-byte alignment lets onnxruntime mmap the data
+            self._fh.write(b"\0" * pad)
+            self.offset += pad
+            self._fh.write(array.tobytes())
+            proto = onnx.TensorProto()
+            proto.name = name
+            proto.data_type = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
+            proto.dims.extend(array.shape)
+            proto.data_location = TensorProto.EXTERNAL
+            for key, value in (("location", DATA_NAME), ("offset", str(self.offset)), ("length", str(array.nbytes))):
+                entry = proto.external_data.add()
+                entry.key, entry.value = key, value
+            self.protos.append(proto)
+            self.offset += array.nbytes
+        self.names.add(name)
+        return name
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+            self._fh = None
+
+    @property
+    def external_bytes(self) -> int:
+        return self.offset
+
+
+@dataclass
+class Linear:
+    """One linear weight as the graph uses it: MatMulNBits inputs, or a float32 W^T for MatMul."""
+
+    name: str
+    format: str  # dsq format, or the source dtype for float weights
+    packed: PackedNBits | None = None
+    B: str = ""
+    scales: str = ""
+    zero_points: str = ""
+    WT: str = ""
+
+
+# Roles whose weights the graph reads as ``x @ W^T``; embeddings are gathered, the rest used as they are.
+_MATMUL_KINDS = ("linear", "router")
+
+
+@dataclass
+class WeightTable:
+    """Every weight of the model, ingested one at a time into ``sink``; the graph asks by HF name."""
+
+    sink: InitializerSink
+    accuracy_level: int = 0
+    linears: dict[str, Linear] = field(default_factory=dict)
+    floats: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    notes: set[str] = field(default_factory=set)
+
+    def ingest(self, name: str, t: QuantizedTensor | torch.Tensor, kind: str) -> None:
+        if isinstance(t, QuantizedTensor):
+            p = packing_for(t.format)
+            if p.note:
+                self.notes.add(p.note)
+            if p.op == "MatMulNBits":
+                packed = pack_matmulnbits(t)
+                lin = Linear(name, t.format, packed)
+                lin.B = self.sink.add(name + ".B", packed.B)
+                lin.scales = self.sink.add(name + ".scales", packed.scales)
+                if packed.zero_points is not None:
+                    lin.zero_points = self.sink.add(name + ".zero_points", packed.zero_points)
+                self.linears[name] = lin
+                return
+            self._add_float_linear(name, t.dequantize(), t.format)
+            return
+        if kind in _MATMUL_KINDS and t.ndim == 2:
+            self._add_float_linear(name, t, str(t.dtype).removeprefix("torch."))
+        else:
+            self.sink.add(name, t.to(torch.float32).numpy())
+            self.floats[name] = tuple(t.shape)
+
+    def _add_float_linear(self, name: str, w: torch.Tensor, fmt: str) -> None:
+        wt = w.to(torch.float32).t().contiguous().numpy()
+        self.linears[name] = Linear(name, fmt, WT=self.sink.add(name + ".T", wt))
+
+    def linear(self, name: str) -> Linear:
+        try:
+            return self.linears[name]
+        except KeyError:
+            raise UnsupportedError(f"{name}: the checkpoint has no such linear weight, which this graph needs") from None
+
+    def float(self, name: str) -> str:
+        if name not in self.floats:
+            raise UnsupportedError(f"{name}: the checkpoint has no such tensor, which this graph needs")
+        return name
+
+    def has(self, name: str) -> bool:
+        return name in self.linears or name in self.floats
