@@ -10,15 +10,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .onnx_graph import head_dim
+from .onnx_graph import ATTENTION, arch_spec
 
 # dsq model_type -> onnxruntime-genai model type (its names are the HF class prefix, lower-cased).
 GENAI_TYPES: dict[str, str] = {
     "llama": "llama",
     "qwen2": "qwen2",
     "qwen3": "qwen3",
-    "deepseek_v2": "deepseek_v2",
-    "deepseek_v3": "deepseek_v3",
+    # genai has no DeepSeek type; its generic decoder ("llama") drives our graph, whose MLA cache is laid out
+    # as one KV head (see onnx_mla), so genai allocates and feeds back exactly the compressed latent.
+    "deepseek_v2": "llama",
+    "deepseek_v3": "llama",
 }
 EP_OPTIONS: dict[str, list] = {"cpu": [], "cuda": [{"cuda": {}}], "dml": [{"dml": {}}], "coreml": [{"coreml": {}}]}
 
@@ -37,6 +39,7 @@ def genai_config(cfg: dict, src: Path, ep: str) -> dict:
     if pad is None:
         pad = eos[0] if isinstance(eos, list) else eos
     context = cfg.get("max_position_embeddings", 4096)
+    key_shape, _ = ATTENTION[arch_spec(cfg).attention][1](cfg)  # [batch, kv_heads, past, head_size]
     return {
         "model": {
             "bos_token_id": _token_id(cfg, src, "bos_token_id"),
@@ -44,7 +47,7 @@ def genai_config(cfg: dict, src: Path, ep: str) -> dict:
             "decoder": {
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": EP_OPTIONS[ep]},
                 "filename": "model.onnx",
-                "head_size": head_dim(cfg),
+                "head_size": key_shape[3],
                 "hidden_size": cfg["hidden_size"],
                 "inputs": {
                     "input_ids": "input_ids",
@@ -60,7 +63,7 @@ def genai_config(cfg: dict, src: Path, ep: str) -> dict:
                 },
                 "num_attention_heads": cfg["num_attention_heads"],
                 "num_hidden_layers": cfg["num_hidden_layers"],
-                "num_key_value_heads": cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
+                "num_key_value_heads": key_shape[1],
             },
             "eos_token_id": eos,
             "pad_token_id": pad,
