@@ -20,7 +20,7 @@ import torch
 from .archs import Architecture, TensorRef, get_architecture
 from .errors import CorruptFileError, InputError, UnsupportedError
 from .formats import FORMATS, QuantizedTensor
-from .safetensors_io import TensorInfo, read_header, read_tensor
+from .safetensors_io import TensorInfo, read_header, read_rows, read_tensor
 
 # Files copied verbatim into every output (tokenizer, generation settings, chat template).
 SIDE_FILES = (
@@ -195,19 +195,30 @@ class Checkpoint:
 
     # -- data -------------------------------------------------------------------------------------
     def load(self, t: SourceTensor) -> torch.Tensor:
-        """The tensor in its floating dtype (block-FP8 dequantized to float32 here, block by block)."""
-        data = read_tensor(t.info)
+        """The whole tensor in its floating dtype (block-FP8 dequantized to float32 here, block by block)."""
+        if t.scale_info is None:
+            return read_tensor(t.info)
+        return self.load_rows(t, 0, t.shape[0])
+
+    def load_rows(self, t: SourceTensor, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) in floating point (block-FP8 rows dequantized; start on a block boundary)."""
+        data = read_rows(t.info, start, stop)
         if t.scale_info is None:
             return data
-        scale = read_tensor(t.scale_info).to(torch.float32)
+        br = self.block_size[0]
+        scale = read_rows(t.scale_info, start // br, math.ceil(stop / br)).to(torch.float32)
         return dequantize_block_fp8(data, scale, self.block_size, t.name)
 
-    def load_block_fp8(self, t: SourceTensor) -> QuantizedTensor:
-        """A block-FP8 source tensor as it is stored (codes + scales), for FP8 -> FP8 without re-rounding."""
+    def load_block_fp8(self, t: SourceTensor, start: int = 0, stop: int | None = None) -> QuantizedTensor:
+        """Block-FP8 rows as stored (codes + scales), for FP8 -> FP8 without re-rounding."""
         name = f"fp8_b{self.block_size[0]}"
         if t.scale_info is None or self.block_size[0] != self.block_size[1] or name not in FORMATS:
             raise UnsupportedError(f"{t.name}: not a square block-FP8 tensor dsq can pass through")
-        return QuantizedTensor(name, tuple(t.shape), read_tensor(t.info), read_tensor(t.scale_info).to(torch.float32))
+        stop = t.shape[0] if stop is None else stop
+        br = self.block_size[0]
+        codes = read_rows(t.info, start, stop)
+        scale = read_rows(t.scale_info, start // br, math.ceil(stop / br)).to(torch.float32)
+        return QuantizedTensor(name, tuple(codes.shape), codes, scale)
 
     def stream(self) -> Iterator[tuple[SourceTensor, torch.Tensor]]:
         for t in self.tensors:

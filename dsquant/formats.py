@@ -57,6 +57,15 @@ class QuantizedTensor:
     def nbytes(self) -> int:
         return self.fmt.nbytes(self.shape)
 
+    def rows(self, start: int, stop: int) -> QuantizedTensor:
+        """Rows [start, stop) with their scales; start must be on a block-row boundary."""
+        br = self.fmt.block_rows
+        if start % br:
+            raise ValueError(f"row slice must start on a multiple of {br}")
+        s0, s1 = start // br, math.ceil(stop / br)
+        zero = None if self.zero is None else self.zero[s0:s1]
+        return QuantizedTensor(self.format, (stop - start, self.shape[1]), self.codes[start:stop], self.scale[s0:s1], zero)
+
 
 class QuantFormat:
     """A block quantization format. Subclasses set the class attributes and the two methods."""

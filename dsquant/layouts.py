@@ -65,7 +65,8 @@ class CompressedTensorsLayout:
             out.append(PlannedTensor(f"{mod}.weight_zero_point", torch.int32, (math.ceil(sr / per), sc)))
         return out
 
-    def encode(self, name: str, qt: QuantizedTensor) -> dict[str, torch.Tensor]:
+    def encode(self, name: str, qt: QuantizedTensor, full_shape: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+        """Stored tensors of ``qt`` (or of a row slice of a weight whose shape is ``full_shape``)."""
         fmt = qt.fmt
         mod = module_of(name)
         # dsq's asymmetric codes are unsigned [0, 2^b); symmetric ones are signed. Either way the
@@ -74,7 +75,7 @@ class CompressedTensorsLayout:
         out = {
             f"{mod}.weight_packed": pack_int32(unsigned, fmt.bits),
             f"{mod}.weight_scale": qt.scale.to(fmt.scale_dtype),
-            f"{mod}.weight_shape": torch.tensor(qt.shape, dtype=torch.int64),
+            f"{mod}.weight_shape": torch.tensor(full_shape or qt.shape, dtype=torch.int64),
         }
         if qt.zero is not None:
             out[f"{mod}.weight_zero_point"] = pack_int32(qt.zero.to(torch.int64).T, fmt.bits).T.contiguous()
@@ -157,7 +158,7 @@ class DeepSeekFp8Layout:
             PlannedTensor(name + "_scale_inv", torch.float32, fmt.scale_shape(shape)),
         ]
 
-    def encode(self, name: str, qt: QuantizedTensor) -> dict[str, torch.Tensor]:
+    def encode(self, name: str, qt: QuantizedTensor, full_shape: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
         return {name: qt.codes, name + "_scale_inv": qt.scale.to(torch.float32)}
 
     def decode(self, fmt: QuantFormat, tensors: dict[str, torch.Tensor], mod: str) -> QuantizedTensor:

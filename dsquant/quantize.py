@@ -28,6 +28,11 @@ from .safetensors_io import PlannedTensor, SafetensorsWriter
 
 REPORT_NAME = "dsq-report.json"
 DEFAULT_SHARD_BYTES = 4 * 1024**3
+# Large tensors are processed in row slices of about this many elements (64 MB as float32), so peak
+# memory does not grow with the largest tensor. Slices are whole multiples of 128 rows: FP8 blocks are
+# 128 rows tall and compressed-tensors packs zero points 8 rows to an int32.
+SLICE_ELEMENTS = 16 * 1024**2
+SLICE_ROW_MULTIPLE = 128
 
 ProgressFn = Callable[[int, int, str], None]  # (done, total, tensor name)
 
@@ -49,16 +54,34 @@ class TensorResult:
     note: str
 
 
-def error_stats(w: torch.Tensor, deq: torch.Tensor) -> tuple[float, float]:
-    """Relative RMSE ||w - deq|| / ||w|| and max |w - deq|, in float64 for stable sums."""
-    diff = (w.to(torch.float64) - deq.to(torch.float64))
-    denom = float(w.to(torch.float64).norm())
-    rel = float(diff.norm()) / denom if denom > 0 else float(diff.norm())
-    return rel, float(diff.abs().max()) if diff.numel() else 0.0
+@dataclass
+class ErrorStats:
+    """Relative RMSE ||w - deq|| / ||w|| and max |w - deq|, accumulated over row slices."""
+
+    sq_err: float = 0.0
+    sq_ref: float = 0.0
+    max_abs: float = 0.0
+
+    def add(self, w: torch.Tensor, deq: torch.Tensor) -> None:
+        w = w.to(torch.float32)
+        diff = w - deq
+        self.sq_err += float(diff.pow(2).sum(dtype=torch.float64))
+        self.sq_ref += float(w.pow(2).sum(dtype=torch.float64))
+        if diff.numel():
+            self.max_abs = max(self.max_abs, float(diff.abs().max()))
+
+    @property
+    def rel_rmse(self) -> float:
+        return math.sqrt(self.sq_err / self.sq_ref) if self.sq_ref > 0 else math.sqrt(self.sq_err)
 
 
-def _out_dtype(entry: PlanEntry) -> torch.dtype:
-    return entry.tensor.float_dtype
+def row_slices(shape: tuple[int, ...]) -> list[tuple[int, int]]:
+    """[start, stop) row ranges covering dim 0 in slices of about SLICE_ELEMENTS."""
+    if len(shape) < 2:
+        return [(0, shape[0] if shape else 1)]
+    per_row = math.prod(shape[1:])
+    step = max(SLICE_ROW_MULTIPLE, SLICE_ELEMENTS // max(per_row, 1) // SLICE_ROW_MULTIPLE * SLICE_ROW_MULTIPLE)
+    return [(r, min(r + step, shape[0])) for r in range(0, shape[0], step)] or [(0, 0)]
 
 
 def _planned_outputs(plan: Plan, layout) -> list[tuple[PlanEntry, list[PlannedTensor]]]:
@@ -67,7 +90,7 @@ def _planned_outputs(plan: Plan, layout) -> list[tuple[PlanEntry, list[PlannedTe
         if e.format:
             out.append((e, layout.planned(e.name, FORMATS[e.format], e.shape)))
         else:
-            out.append((e, [PlannedTensor(e.name, _out_dtype(e), e.shape)]))
+            out.append((e, [PlannedTensor(e.name, e.tensor.float_dtype, e.shape)]))
     return out
 
 
@@ -109,16 +132,12 @@ def quantize_checkpoint(
     results: list[TensorResult] = []
     with atomic_dir(output, overwrite) as tmp:
         weight_map: dict[str, str] = {}
-        stream = ckpt.stream()
         for shard_name, idxs in zip(names, shards, strict=True):
             planned = [p for i in idxs for p in items[i][1]]
             writer = SafetensorsWriter(tmp / shard_name, planned, {"format": "pt", "producer": f"dsq {__version__}"})
             for i in idxs:
-                entry = items[i][0]
-                src, data = next(stream)
-                assert src.name == entry.name, (src.name, entry.name)
-                results.append(_process(ckpt, entry, data, layout, writer))
-                del data
+                entry, outputs = items[i]
+                results.append(_process(ckpt, entry, outputs, layout, writer))
                 if progress:
                     progress(len(results), len(plan.entries), entry.name)
             writer.close()
@@ -142,22 +161,37 @@ def quantize_checkpoint(
     return report
 
 
-def _process(ckpt: Checkpoint, entry: PlanEntry, data: torch.Tensor, layout, writer: SafetensorsWriter) -> TensorResult:
+def _process(
+    ckpt: Checkpoint, entry: PlanEntry, outputs: list[PlannedTensor], layout, writer: SafetensorsWriter
+) -> TensorResult:
+    """Quantize (or copy) one tensor a row slice at a time. The first stored tensor of a quantized weight
+    (its codes) streams to disk slice by slice; the small ones (scales, zero points) are kept until the end."""
     ref = entry.tensor.ref
-    rel = mx = None
-    if entry.format:
-        if entry.tensor.scale_info and entry.format == f"fp8_b{ckpt.block_size[0]}":
-            qt = ckpt.load_block_fp8(entry.tensor)  # already in this format: carry codes and scales over
+    src = entry.tensor
+    stats = ErrorStats() if entry.format else None
+    fp8_passthrough = bool(src.scale_info) and entry.format == f"fp8_b{ckpt.block_size[0]}"
+    small: dict[str, list[torch.Tensor]] = {p.name: [] for p in outputs[1:]}
+    for start, stop in row_slices(entry.shape):
+        data = ckpt.load_rows(src, start, stop)
+        if not entry.format:
+            writer.write_part(entry.name, data if data.dtype == outputs[0].dtype else data.to(outputs[0].dtype))
+            continue
+        if fp8_passthrough:  # already in this format: carry codes and scales over, never re-round
+            qt = ckpt.load_block_fp8(src, start, stop)
         else:
             qt = FORMATS[entry.format].quantize(data, entry.name)
-        rel, mx = error_stats(data, qt.dequantize())
-        for name, t in layout.encode(entry.name, qt).items():
-            writer.write(name, t)
-    else:
-        if not data.is_floating_point() or data.dtype == _out_dtype(entry):
-            writer.write(entry.name, data)
-        else:
-            writer.write(entry.name, data.to(_out_dtype(entry)))
+        stats.add(data, qt.dequantize())
+        parts = layout.encode(entry.name, qt, full_shape=entry.shape)
+        writer.write_part(outputs[0].name, parts[outputs[0].name])
+        for name in small:
+            small[name].append(parts[name])
+        del data, qt, parts
+    for p in outputs[1:]:
+        pieces = small[p.name]
+        # per-slice tensors concatenate along rows; constant ones (weight_shape) repeat whole in each slice
+        writer.write(p.name, pieces[0] if tuple(pieces[0].shape) == p.shape else torch.cat(pieces))
+    rel = stats.rel_rmse if stats else None
+    mx = stats.max_abs if stats else None
     return TensorResult(
         name=entry.name,
         role=entry.role,

@@ -119,21 +119,38 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     return infos, {str(k): str(v) for k, v in metadata.items()}
 
 
-def read_tensor(info: TensorInfo) -> torch.Tensor:
-    """Read one tensor with pread into a fresh buffer (no mmap, so RSS holds only this tensor)."""
-    buf = bytearray(info.nbytes)
+def _pread(info: TensorInfo, offset: int, n: int) -> bytearray:
+    buf = bytearray(n)
     with open(info.file, "rb", buffering=0) as f:
         view = memoryview(buf)
         pos, fd = 0, f.fileno()
-        while pos < info.nbytes:
-            got = os.preadv(fd, [view[pos:]], info.begin + pos)
+        while pos < n:
+            got = os.preadv(fd, [view[pos:]], offset + pos)
             if got <= 0:
                 raise CorruptFileError(f"{info.file}: unexpected end of file in tensor `{info.name}`")
             pos += got
+    return buf
+
+
+def read_tensor(info: TensorInfo) -> torch.Tensor:
+    """Read one tensor with pread into a fresh buffer (no mmap, so RSS holds only this tensor)."""
     if info.nbytes == 0:
         return torch.empty(info.shape, dtype=info.torch_dtype)
-    flat = torch.frombuffer(buf, dtype=torch.uint8)
+    flat = torch.frombuffer(_pread(info, info.begin, info.nbytes), dtype=torch.uint8)
     return flat.view(info.torch_dtype).reshape(info.shape)
+
+
+def read_rows(info: TensorInfo, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of dim 0, read alone: how a large tensor is processed a slice at a time."""
+    rows = info.shape[0] if info.shape else 1
+    if not info.shape or (start, stop) == (0, rows):
+        return read_tensor(info)
+    row_bytes = info.nbytes // rows
+    n = (stop - start) * row_bytes
+    if n == 0:
+        return torch.empty((0, *info.shape[1:]), dtype=info.torch_dtype)
+    flat = torch.frombuffer(_pread(info, info.begin + start * row_bytes, n), dtype=torch.uint8)
+    return flat.view(info.torch_dtype).reshape(stop - start, *info.shape[1:])
 
 
 @dataclass(frozen=True)
@@ -167,6 +184,7 @@ class SafetensorsWriter:
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)  # 8-byte alignment of the data section, as safetensors does
         self._next = 0
+        self._written = 0  # bytes of order[_next] written so far (tensors may arrive in row slices)
         try:
             self._f = open(self.path, "wb")  # noqa: SIM115 - closed in close()
             self._f.write(struct.pack("<Q", len(blob)))
@@ -175,19 +193,33 @@ class SafetensorsWriter:
             raise OutputError(f"{self.path}: cannot write ({e.strerror})") from None
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write a whole planned tensor."""
+        self.write_part(name, tensor)
+        if self._written:
+            raise AssertionError(f"{self.path}: `{name}` got {self._written} of its bytes in one write")
+
+    def write_part(self, name: str, part: torch.Tensor) -> None:
+        """Write the next rows (dim 0) of the current planned tensor; it is done when all its bytes are in."""
+        if self._next >= len(self.order):
+            raise AssertionError(f"{self.path}: `{name}` written but every planned tensor is already complete")
         expected = self.order[self._next]
-        if name != expected.name or tensor.dtype != expected.dtype or tuple(tensor.shape) != expected.shape:
+        if name != expected.name or part.dtype != expected.dtype or tuple(part.shape[1:]) != expected.shape[1:]:
             raise AssertionError(
-                f"writer got {name} {tensor.dtype}{list(tensor.shape)}, planned "
+                f"writer got {name} {part.dtype}{list(part.shape)}, planned "
                 f"{expected.name} {expected.dtype}{list(expected.shape)}"
             )
-        self._next += 1
         # reshape(-1): a 'contiguous' tensor with a size-1 dim can keep a non-unit stride there
-        data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+        data = part.contiguous().reshape(-1).view(torch.uint8).numpy() if part.numel() else b""
+        if self._written + len(data) > expected.nbytes:
+            raise AssertionError(f"{self.path}: `{name}` got more bytes than planned ({expected.nbytes})")
         try:
             self._f.write(data)
         except OSError as e:
             raise OutputError(f"{self.path}: cannot write ({e.strerror}); is the disk full?") from None
+        self._written += len(data)
+        if self._written == expected.nbytes:
+            self._next += 1
+            self._written = 0
 
     def close(self) -> None:
         if self._next != len(self.order):

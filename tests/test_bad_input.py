@@ -176,7 +176,7 @@ def test_disk_full_leaves_nothing(model_dir, tmp_path, monkeypatch):
 
     from dsq.dsquant import safetensors_io
 
-    real_write = safetensors_io.SafetensorsWriter.write
+    real_write = safetensors_io.SafetensorsWriter.write_part
     calls = {"n": 0}
 
     def failing_write(self, name, tensor):
@@ -185,7 +185,7 @@ def test_disk_full_leaves_nothing(model_dir, tmp_path, monkeypatch):
             raise OutputError(f"{self.path}: cannot write ({errno.errorcode[errno.ENOSPC]}); is the disk full?")
         return real_write(self, name, tensor)
 
-    monkeypatch.setattr(safetensors_io.SafetensorsWriter, "write", failing_write)
+    monkeypatch.setattr(safetensors_io.SafetensorsWriter, "write_part", failing_write)
     with pytest.raises(OutputError, match="disk full"):
         quantize_checkpoint(model_dir("llama"), tmp_path / "out", "int4")
     assert not (tmp_path / "out").exists() and no_partial_outputs(tmp_path)
