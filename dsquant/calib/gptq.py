@@ -1,0 +1,117 @@
+"""GPTQ (Frantar et al. 2022, arXiv:2210.17323) on dsq's block formats.
+
+Columns are quantized one at a time; each column's rounding error is spread over the columns not
+yet quantized through the inverse Hessian ``H = X^T X`` of the layer's calibration inputs (Cholesky
+form, lazy batch updates of ``block_size`` columns, as Algorithm 1 of the paper). Groups are the
+format's blocks along the input dim, so the result is a plain :class:`QuantizedTensor` of that format
+(Q4_0/Q8_0/MatMulNBits-exact). A group's scale is taken when its first column is reached, from the
+error-updated weights, by the format's own rule; with ``act_order`` (columns in order of decreasing
+``diag(H)``) the scales are fixed from the original weights first ("static groups"), because
+permuted columns would otherwise visit a group several times.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..formats import QuantFormat, QuantizedTensor
+from .grid import decode, encode, expand
+
+
+@dataclass(frozen=True)
+class GPTQOptions:
+    damp: float = 0.01  # fraction of mean(diag(H)) added to the diagonal
+    act_order: bool = False
+    block_size: int = 128  # columns per lazy-update batch (speed only, not the format's block)
+
+
+def _group_params(fmt: QuantFormat, w_cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-block scale/zero (format dtypes) for one group of columns, by the format's own rule."""
+    qt = fmt.quantize(w_cols)
+    return qt.scale[:, 0], None if qt.zero is None else qt.zero[:, 0]
+
+
+def gptq_quantize(
+    fmt: QuantFormat, weight: torch.Tensor, hessian: torch.Tensor, options: GPTQOptions = GPTQOptions()
+) -> QuantizedTensor:
+    """GPTQ-quantize ``weight`` [out, in] against ``hessian`` [in, in] into ``fmt``."""
+    w = weight.to(torch.float32).clone()
+    rows, cols = w.shape
+    _, group = fmt.block((rows, cols))
+    n_groups = -(-cols // group)
+    h = hessian.to(torch.float32).clone()
+
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+
+    perm = torch.argsort(torch.diagonal(h), descending=True) if options.act_order else torch.arange(cols)
+    scale_grid: list[torch.Tensor | None] = [None] * n_groups
+    zero_grid: list[torch.Tensor | None] = [None] * n_groups
+    if options.act_order:  # static groups from the original weights
+        for g in range(n_groups):
+            scale_grid[g], zero_grid[g] = _group_params(fmt, w[:, g * group : (g + 1) * group])
+    w = w[:, perm]
+    h = h[perm][:, perm]
+
+    damp = options.damp * torch.mean(torch.diagonal(h))
+    h += damp * torch.eye(cols)
+    hinv = _upper_inverse_cholesky(h)
+
+    codes = torch.empty(rows, cols, dtype=_codes_dtype(fmt))
+    # Batches hold whole groups, so a group's columns are all in the batch when its scale is taken.
+    batch = group * max(1, options.block_size // group)
+    for i1 in range(0, cols, batch):
+        i2 = min(i1 + batch, cols)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])
+            g = col // group
+            if scale_grid[g] is None:  # first column of the group (no act_order): take its params now
+                scale_grid[g], zero_grid[g] = _group_params(fmt, w1[:, i : i + min(group, cols - g * group)])
+            s = _rows(fmt, scale_grid[g], rows)
+            z = _rows(fmt, zero_grid[g], rows) if zero_grid[g] is not None else None
+            x = w1[:, i]
+            q = encode(fmt, x, s, z)
+            dq = decode(q, s, z)
+            codes[:, i1 + i] = q
+            e = (x - dq) / hinv1[i, i]
+            w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+
+    inv = torch.argsort(perm)
+    codes = codes[:, inv].contiguous()
+    scale = torch.stack([t for t in scale_grid if t is not None], dim=1)  # type: ignore[misc]
+    zero = torch.stack([t for t in zero_grid if t is not None], dim=1) if zero_grid[0] is not None else None  # type: ignore[misc]
+    return QuantizedTensor(fmt.name, (rows, cols), codes, scale, zero)
+
+
+def _rows(fmt: QuantFormat, per_block: torch.Tensor, rows: int) -> torch.Tensor:
+    """One group's per-row-block values -> one float32 value per row."""
+    return expand(fmt, per_block.unsqueeze(1), (rows, 1))[:, 0]
+
+
+def _codes_dtype(fmt: QuantFormat) -> torch.dtype:
+    from .grid import codec
+
+    return codec(fmt).dtype
+
+
+def _upper_inverse_cholesky(h: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor of H^-1; raises the damping until H is positive definite."""
+    eye = torch.eye(h.shape[0])
+    extra = 0.0
+    mean_diag = float(torch.mean(torch.diagonal(h)))
+    for _ in range(8):
+        try:
+            lower = torch.linalg.cholesky(h + extra * eye)
+            hinv = torch.cholesky_inverse(lower)
+            return torch.linalg.cholesky(hinv, upper=True)
+        except torch.linalg.LinAlgError:
+            extra = max(extra * 10, 1e-4 * mean_diag)
+    raise torch.linalg.LinAlgError("Hessian not positive definite even with extra damping")

@@ -1,0 +1,188 @@
+"""Routed experts: capture their inputs through the router's top-k, count tokens, quantize per expert.
+
+transformers 5.x holds a MoE layer's routed experts as two fused 3-D parameters of one module
+(``mlp.experts.gate_up_proj`` [E, 2I, H], gate rows first, and ``mlp.experts.down_proj`` [E, H, I]),
+not as ``nn.Linear`` modules, so Linear hooks never see them. A forward pre-hook on the experts
+module records its inputs (the post-attention-norm hidden states) and the router's ``top_k_index``;
+expert ``e``'s calibration inputs are then exactly the rows routed to it.
+
+Coverage policy (issue 6): an expert routed fewer than ``expert_min_tokens`` tokens is calibrated
+on its routed tokens *plus all of the layer's tokens* (statistics only; the forward pass keeps the
+real routing), recorded as policy ``routed+all``. ``fail_below_tokens`` (``--min-expert-tokens``)
+fails the run instead, naming the layer and experts. The router itself is never quantized.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from ..errors import InputError, UnsupportedError
+from ..formats import FORMATS, QuantizedTensor
+from .methods import METHODS, CalibOptions, InputStats, Method
+
+_EXPERT_RE = re.compile(r"^mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
+PROJS = ("gate", "up", "down")
+
+
+def expert_name(prefix: str, e: int, proj: str) -> str:
+    return f"{prefix}mlp.experts.{e}.{proj}_proj.weight"
+
+
+def _fused(layer: nn.Module) -> nn.Module | None:
+    experts = getattr(getattr(layer, "mlp", None), "experts", None)
+    return experts if experts is not None and hasattr(experts, "gate_up_proj") else None
+
+
+def fuse_experts(layer: nn.Module, experts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-expert checkpoint tensors (local names ``mlp.experts.{e}.{gate,up,down}_proj.weight``) ->
+    the fused module's ``gate_up_proj`` / ``down_proj`` parameters."""
+    if not experts:
+        return {}
+    mod = _fused(layer)
+    if mod is None:
+        raise UnsupportedError(f"checkpoint has per-expert weights ({next(iter(experts))}) but the layer has no fused experts")
+    n, two_i, h = mod.gate_up_proj.shape
+    if tuple(mod.down_proj.shape) != (n, h, two_i // 2):
+        raise UnsupportedError(f"unexpected fused expert layout gate_up {list(mod.gate_up_proj.shape)}")
+    by: dict[tuple[int, str], torch.Tensor] = {}
+    for local, t in experts.items():
+        m = _EXPERT_RE.match(local)
+        if m is None:
+            raise UnsupportedError(f"unexpected expert tensor `{local}`")
+        by[(int(m.group(1)), m.group(2))] = t
+    missing = [(e, p) for e in range(n) for p in PROJS if (e, p) not in by]
+    if missing:
+        e, p = missing[0]
+        raise UnsupportedError(f"checkpoint lacks `mlp.experts.{e}.{p}_proj.weight` ({len(missing)} expert tensors missing)")
+    gate_up = torch.stack([torch.cat([by[(e, "gate")], by[(e, "up")]], dim=0) for e in range(n)])
+    down = torch.stack([by[(e, "down")] for e in range(n)])
+    return {"mlp.experts.gate_up_proj": gate_up, "mlp.experts.down_proj": down}
+
+
+class ExpertCapture:
+    """Records the experts module's inputs and routing during the calibration forward pass."""
+
+    def __init__(self, experts: nn.Module, prefix: str) -> None:
+        self.experts = experts
+        self.prefix = prefix
+        self.inputs: list[torch.Tensor] = []
+        self.routes: list[torch.Tensor] = []
+        self._hook = experts.register_forward_pre_hook(self._record)
+
+    @classmethod
+    def attach(cls, layer: nn.Module, prefix: str, formats: dict[str, str]) -> ExpertCapture | None:
+        mod = _fused(layer)
+        return cls(mod, prefix) if mod is not None else None
+
+    def _record(self, _module: nn.Module, args: tuple) -> None:
+        hidden, top_k_index = args[0], args[1]
+        self.inputs.append(hidden.reshape(-1, hidden.shape[-1]).to(torch.float32).clone())
+        self.routes.append(top_k_index.reshape(hidden.reshape(-1, hidden.shape[-1]).shape[0], -1).clone())
+
+    def detach(self) -> None:
+        self._hook.remove()
+
+    @property
+    def n_experts(self) -> int:
+        return int(self.experts.gate_up_proj.shape[0])
+
+    def counts(self) -> torch.Tensor:
+        routes = torch.cat(self.routes).flatten()
+        routes = routes[(routes >= 0) & (routes < self.n_experts)]
+        return torch.bincount(routes, minlength=self.n_experts)
+
+    def quantize(
+        self, method: Method, formats: dict[str, str], opts: CalibOptions, layer: int
+    ) -> tuple[dict[str, QuantizedTensor], list[dict]]:
+        """Quantize every routed expert on its own tokens; write the dequantized weights back into
+        the fused parameters; return the tensors and the coverage rows of this layer."""
+        x_all = torch.cat(self.inputs)
+        routes = torch.cat(self.routes)
+        counts = self.counts()
+        self.inputs.clear()
+        self.routes.clear()
+        short = [(e, int(c)) for e, c in enumerate(counts) if c < opts.fail_below_tokens]
+        if short:
+            listed = ", ".join(f"expert {e}: {c}" for e, c in short[:8])
+            raise InputError(
+                f"layer {layer}: {len(short)} routed expert(s) got fewer than --min-expert-tokens "
+                f"{opts.fail_below_tokens} calibration tokens ({listed}); use more --samples, a longer --seqlen "
+                "or broader --calib text, or lower --min-expert-tokens"
+            )
+        mod = self.experts
+        inter = mod.gate_up_proj.shape[1] // 2
+        out: dict[str, QuantizedTensor] = {}
+        rows = []
+        for e in range(self.n_experts):
+            n = int(counts[e])
+            x = x_all[(routes == e).any(dim=-1)]
+            policy = "routed"
+            if n < opts.expert_min_tokens:
+                x = torch.cat([x, x_all])
+                policy = "routed+all"
+            used = method
+            if x.shape[0] == 0 and method.needs_stats:  # nothing to calibrate on: round to nearest
+                used, policy = METHODS["rtn"], "rtn"
+            w = {"gate": mod.gate_up_proj.data[e, :inter], "up": mod.gate_up_proj.data[e, inter:]}
+            st_in = self._stats(used, x, opts)
+            deq = {}
+            for proj in ("gate", "up"):
+                deq[proj] = self._one(used, formats, expert_name(self.prefix, e, proj), w[proj], st_in, opts, out)
+            h = mod.act_fn(x @ deq["gate"].T) * (x @ deq["up"].T)
+            st_down = self._stats(used, h, opts)
+            deq_down = self._one(
+                used, formats, expert_name(self.prefix, e, "down"), mod.down_proj.data[e], st_down, opts, out
+            )
+            mod.gate_up_proj.data[e] = torch.cat([deq["gate"], deq["up"]])
+            mod.down_proj.data[e] = deq_down
+            rows.append({"layer": layer, "expert": e, "tokens": n, "policy": policy})
+        return out, rows
+
+    @staticmethod
+    def _stats(method: Method, x: torch.Tensor, opts: CalibOptions) -> InputStats | None:
+        if not method.needs_stats:
+            return None
+        st = InputStats(x.shape[-1], method.full_hessian, 0)
+        st.add(x)
+        return st
+
+    @staticmethod
+    def _one(
+        method: Method,
+        formats: dict[str, str],
+        name: str,
+        w: torch.Tensor,
+        stats: InputStats | None,
+        opts: CalibOptions,
+        out: dict[str, QuantizedTensor],
+    ) -> torch.Tensor:
+        if name not in formats:
+            return w
+        qt = method.linear(FORMATS[formats[name]], w, stats, opts)
+        out[name] = qt
+        return qt.dequantize()
+
+
+def coverage_summary(rows: list[dict]) -> list[dict]:
+    """Per MoE layer: min / median / max tokens per expert and how many needed the fallback policy."""
+    layers: dict[int, list[dict]] = {}
+    for r in rows:
+        layers.setdefault(r["layer"], []).append(r)
+    out = []
+    for layer, rs in sorted(layers.items()):
+        tokens = sorted(r["tokens"] for r in rs)
+        out.append(
+            {
+                "layer": layer,
+                "experts": len(rs),
+                "min_tokens": tokens[0],
+                "median_tokens": tokens[len(tokens) // 2],
+                "max_tokens": tokens[-1],
+                "unrouted": sum(1 for t in tokens if t == 0),
+                "fallback": sum(1 for r in rs if r["policy"] != "routed"),
+            }
+        )
+    return out
