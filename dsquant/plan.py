@@ -14,6 +14,12 @@ from .errors import UnsupportedError
 from .formats import FORMATS
 from .recipes import KEEP, Recipe
 
+# Large tensors are processed in row slices of about this many elements (64 MB as float32), so peak
+# memory does not grow with the largest tensor. Slices are whole multiples of 128 rows: FP8 blocks are
+# 128 rows tall and compressed-tensors packs zero points 8 rows to an int32.
+SLICE_ELEMENTS = 16 * 1024**2
+SLICE_ROW_MULTIPLE = 128
+
 # Fixed part of the peak-RSS estimate: the Python interpreter with torch imported (measured: ~350 MB
 # on Linux x86-64 with torch 2.13 CPU) plus headroom for the allocator.
 BASE_RSS_BYTES = 450 * 1024**2
@@ -53,11 +59,15 @@ class PlanEntry:
 
     @property
     def work_bytes(self) -> int:
-        """Peak bytes while this tensor is processed: the raw read, a float32 copy, and the
-        quantizer's float32 temporaries (about three more copies)."""
-        n = self.tensor.numel
-        raw = self.tensor.info.nbytes + (self.tensor.scale_info.nbytes if self.tensor.scale_info else 0)
-        return raw + (4 * 4 * n if self.format else 4 * n)
+        """Peak bytes while this tensor is processed, one row slice at a time: the raw slice, its float32
+        copy and the quantizer's temporaries (about five float32 copies), plus the scales kept to the end."""
+        start, stop = row_slices(self.shape)[0]
+        n = self.tensor.numel * (stop - start) // max(self.shape[0] if self.shape else 1, 1)
+        raw = n * self.tensor.info.torch_dtype.itemsize
+        if not self.format:
+            return raw + 4 * n
+        fmt = FORMATS[self.format]
+        return raw + 6 * 4 * n + self.out_bytes - math.ceil(self.tensor.numel * fmt.bits / 8)
 
 
 @dataclass(frozen=True)
@@ -128,6 +138,15 @@ def make_plan(ckpt: Checkpoint, recipe: Recipe, allow_unmapped: bool = False) ->
             fmt, note = _fallback(choice, t.shape, recipe.fallback)
             entries.append(PlanEntry(t, fmt, note))
     return Plan(ckpt, recipe, entries)
+
+
+def row_slices(shape: tuple[int, ...]) -> list[tuple[int, int]]:
+    """[start, stop) row ranges covering dim 0 in slices of about SLICE_ELEMENTS elements."""
+    if len(shape) < 2:
+        return [(0, shape[0] if shape else 1)]
+    per_row = math.prod(shape[1:])
+    step = max(SLICE_ROW_MULTIPLE, SLICE_ELEMENTS // max(per_row, 1) // SLICE_ROW_MULTIPLE * SLICE_ROW_MULTIPLE)
+    return [(r, min(r + step, shape[0])) for r in range(0, shape[0], step)] or [(0, 0)]
 
 
 def human_bytes(n: float) -> str:

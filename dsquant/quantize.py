@@ -22,17 +22,12 @@ from .checkpoint import Checkpoint
 from .errors import DsqError
 from .formats import FORMATS
 from .layouts import layout_for_formats, module_of
-from .plan import Plan, PlanEntry, make_plan
+from .plan import Plan, PlanEntry, make_plan, row_slices
 from .recipes import load_recipe
 from .safetensors_io import PlannedTensor, SafetensorsWriter
 
 REPORT_NAME = "dsq-report.json"
 DEFAULT_SHARD_BYTES = 4 * 1024**3
-# Large tensors are processed in row slices of about this many elements (64 MB as float32), so peak
-# memory does not grow with the largest tensor. Slices are whole multiples of 128 rows: FP8 blocks are
-# 128 rows tall and compressed-tensors packs zero points 8 rows to an int32.
-SLICE_ELEMENTS = 16 * 1024**2
-SLICE_ROW_MULTIPLE = 128
 
 ProgressFn = Callable[[int, int, str], None]  # (done, total, tensor name)
 
@@ -73,15 +68,6 @@ class ErrorStats:
     @property
     def rel_rmse(self) -> float:
         return math.sqrt(self.sq_err / self.sq_ref) if self.sq_ref > 0 else math.sqrt(self.sq_err)
-
-
-def row_slices(shape: tuple[int, ...]) -> list[tuple[int, int]]:
-    """[start, stop) row ranges covering dim 0 in slices of about SLICE_ELEMENTS."""
-    if len(shape) < 2:
-        return [(0, shape[0] if shape else 1)]
-    per_row = math.prod(shape[1:])
-    step = max(SLICE_ROW_MULTIPLE, SLICE_ELEMENTS // max(per_row, 1) // SLICE_ROW_MULTIPLE * SLICE_ROW_MULTIPLE)
-    return [(r, min(r + step, shape[0])) for r in range(0, shape[0], step)] or [(0, 0)]
 
 
 def _planned_outputs(plan: Plan, layout) -> list[tuple[PlanEntry, list[PlannedTensor]]]:
