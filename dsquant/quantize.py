@@ -18,9 +18,10 @@ import torch
 
 from .. import __version__
 from .atomic import atomic_dir
+from .calib.hook import CalibSpec, rows_of, run_calibration
 from .checkpoint import Checkpoint
 from .errors import DsqError
-from .formats import FORMATS
+from .formats import FORMATS, QuantizedTensor
 from .layouts import layout_for_formats, module_of
 from .plan import Plan, PlanEntry, make_plan, row_slices
 from .recipes import load_recipe
@@ -104,11 +105,14 @@ def quantize_checkpoint(
     allow_unmapped: bool = False,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress: ProgressFn | None = None,
+    calibration: CalibSpec | None = None,
 ) -> dict:
     """Quantize ``source`` into ``output``; returns the report (also written as dsq-report.json)."""
     t0 = time.perf_counter()
     ckpt = Checkpoint(source)
     plan = make_plan(ckpt, load_recipe(recipe), allow_unmapped)
+    # calibration (issue 6): GPTQ/AWQ/imatrix results replace RTN for the tensors they cover
+    calibrated, calib_report = run_calibration(ckpt, plan, calibration) if calibration else ({}, None)
     layout = layout_for_formats(plan.formats)
     items = _planned_outputs(plan, layout)
     shards = _shards(items, max_shard_bytes)
@@ -123,7 +127,7 @@ def quantize_checkpoint(
             writer = SafetensorsWriter(tmp / shard_name, planned, {"format": "pt", "producer": f"dsq {__version__}"})
             for i in idxs:
                 entry, outputs = items[i]
-                results.append(_process(ckpt, entry, outputs, layout, writer))
+                results.append(_process(ckpt, entry, outputs, layout, writer, calibrated.get(entry.name)))
                 if progress:
                     progress(len(results), len(plan.entries), entry.name)
             writer.close()
@@ -143,12 +147,19 @@ def quantize_checkpoint(
         for f in ckpt.side_files():
             shutil.copy2(f, tmp / f.name)
         report = _report(ckpt, plan, layout, results, time.perf_counter() - t0)
+        if calib_report is not None:
+            report["calibration"] = calib_report
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2))
     return report
 
 
 def _process(
-    ckpt: Checkpoint, entry: PlanEntry, outputs: list[PlannedTensor], layout, writer: SafetensorsWriter
+    ckpt: Checkpoint,
+    entry: PlanEntry,
+    outputs: list[PlannedTensor],
+    layout,
+    writer: SafetensorsWriter,
+    calibrated: QuantizedTensor | torch.Tensor | None = None,
 ) -> TensorResult:
     """Quantize (or copy) one tensor a row slice at a time. The first stored tensor of a quantized weight
     (its codes) streams to disk slice by slice; the small ones (scales, zero points) are kept until the end."""
@@ -159,11 +170,15 @@ def _process(
     small: dict[str, list[torch.Tensor]] = {p.name: [] for p in outputs[1:]}
     for start, stop in row_slices(entry.shape):
         data = ckpt.load_rows(src, start, stop)
+        if not entry.format and calibrated is not None:  # AWQ-rescaled float tensor
+            data = rows_of(calibrated, start, stop)
         if not entry.format:
             writer.write_part(entry.name, data if data.dtype == outputs[0].dtype else data.to(outputs[0].dtype))
             continue
         if fp8_passthrough:  # already in this format: carry codes and scales over, never re-round
             qt = ckpt.load_block_fp8(src, start, stop)
+        elif isinstance(calibrated, QuantizedTensor):
+            qt = rows_of(calibrated, start, stop)
         else:
             qt = FORMATS[entry.format].quantize(data, entry.name)
         stats.add(data, qt.dequantize())

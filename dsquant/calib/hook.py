@@ -1,0 +1,66 @@
+"""The hook ``quantize_checkpoint`` uses: run a calibration, then hand its tensors to the writer.
+
+``quantize_checkpoint(..., calibration=CalibSpec(method="gptq", ...))`` calls
+:func:`run_calibration` once, before writing; while it streams tensors it takes a calibrated
+weight's rows with :func:`rows_of` instead of rounding them itself, and writes AWQ's rescaled float
+tensors instead of the originals. ``method="rtn"`` needs no data and skips all of this.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..checkpoint import Checkpoint
+from ..formats import QuantizedTensor
+from ..plan import Plan
+from .data import DEFAULT_SOURCE
+from .methods import CalibOptions, get_method
+
+
+@dataclass(frozen=True)
+class CalibSpec:
+    method: str = "rtn"
+    calib: str = DEFAULT_SOURCE
+    samples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+    work_dir: str | None = None
+    options: CalibOptions = field(default_factory=CalibOptions)
+
+    @property
+    def needs_data(self) -> bool:
+        return get_method(self.method).needs_stats
+
+
+def run_calibration(
+    ckpt: Checkpoint, plan: Plan, spec: CalibSpec, progress=None
+) -> tuple[dict[str, QuantizedTensor | torch.Tensor], dict | None]:
+    """(HF name -> calibrated tensor, the report's ``calibration`` section); empty for RTN."""
+    if not spec.needs_data:
+        return {}, None
+    from .pipeline import calibrate
+
+    result = calibrate(
+        ckpt, plan, spec.method, spec.calib, spec.samples, spec.seqlen, spec.seed, spec.options, spec.work_dir, progress
+    )
+    return result.tensors, result.report()
+
+
+def rows_of(value: QuantizedTensor | torch.Tensor, start: int, stop: int) -> QuantizedTensor | torch.Tensor:
+    """Rows ``start:stop`` of a calibrated tensor (row slices start on a block-row boundary)."""
+    if not isinstance(value, QuantizedTensor):
+        return value[start:stop]
+    br, _ = value.fmt.block(value.shape)
+    if start % br:
+        raise ValueError(f"row slice {start}:{stop} does not start on a {br}-row block boundary")
+    r0, r1 = start // br, math.ceil(stop / br)
+    return QuantizedTensor(
+        value.format,
+        (stop - start, value.shape[1]),
+        value.codes[start:stop],
+        value.scale[r0:r1],
+        None if value.zero is None else value.zero[r0:r1],
+    )
