@@ -60,6 +60,11 @@ def packing_for(fmt_name: str) -> Packing:
     raise UnsupportedError(f"format {fmt_name}: no ONNX packing; known: {', '.join(PACKINGS)}")
 
 
+def nbits_block_ok(qt: QuantizedTensor) -> bool:
+    block = qt.fmt.block_cols or qt.shape[1]
+    return block >= 16 and block & (block - 1) == 0 and qt.shape[1] % block == 0
+
+
 @dataclass(frozen=True)
 class PackedNBits:
     """MatMulNBits inputs for one weight."""
@@ -203,7 +208,10 @@ class WeightTable:
             p = packing_for(t.format)
             if p.note:
                 self.notes.add(p.note)
-            if p.op == "MatMulNBits":
+            if p.op == "MatMulNBits" and not nbits_block_ok(t):
+                # MatMulNBits needs a power-of-two block >= 16 (e.g. int8_channel on K=896 is not).
+                self.notes.add(f"{t.format} with K={t.shape[1]}: no MatMulNBits block; dequantized to float32")
+            elif p.op == "MatMulNBits":
                 packed = pack_matmulnbits(t)
                 lin = Linear(name, t.format, packed)
                 lin.B = self.sink.add(name + ".B", packed.B)
