@@ -1,0 +1,160 @@
+"""GGUF tensor types and dsq's bit-exact packers for them.
+
+Block layouts (ggml-common.h, and gguf-py's ``gguf.quants`` which the tests check against):
+
+* ``Q4_0``: 32 weights in 18 bytes: fp16 ``d``, then 16 bytes where byte j holds nibble j (low 4 bits)
+  and nibble j+16 (high 4 bits); w = (nibble - 8) * d. dsq's ``int4_sym_g32`` codes + 8 are the nibbles
+  and its fp16 scale is ``d``: carried over bit for bit.
+* ``Q4_1``: 32 weights in 20 bytes: fp16 ``d``, fp16 ``m``, 16 nibble bytes as Q4_0; w = nibble * d + m.
+  dsq's ``int4_asym_g32`` is w = (q - z) * s, so d = s (already fp16) and m = -z * s rounded to fp16.
+  z * s needs up to 4 more mantissa bits than fp16 holds, so m moves by at most half an fp16 ulp:
+  |m - (-z*s)| <= max(2**-11 * z * s, 2**-25) per block (``q4_1_offset_bound``), added to every weight.
+* ``Q8_0``: 32 weights in 34 bytes: fp16 ``d`` then 32 int8; dsq's ``int8_g32`` is the same thing.
+
+A float tensor (or a dsq format without a GGUF twin) is quantized with the twin dsq format, which
+follows ggml's reference rounding (see dsquant/formats.py), then packed the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as GT
+from gguf import LlamaFileType
+
+from dsq.dsquant.errors import UnsupportedError
+from dsq.dsquant.formats import FORMATS, QuantizedTensor
+
+BLOCK = 32
+
+
+@dataclass(frozen=True)
+class GGUFType:
+    name: str  # the --type spelling
+    gtype: GT
+    twin: str | None = None  # dsq format that is bit-exact with it (quantized types)
+    torch_dtype: torch.dtype | None = None  # float types
+    file_type: LlamaFileType = LlamaFileType.ALL_F32
+
+    @property
+    def quantized(self) -> bool:
+        return self.twin is not None
+
+    def fits(self, shape: tuple[int, ...]) -> bool:
+        """Quantized types need the row (last dim) to be whole blocks."""
+        return not self.quantized or shape[-1] % BLOCK == 0
+
+
+#: Every GGUF type dsq writes, by its --type name.
+GGUF_TYPES: dict[str, GGUFType] = {
+    t.name: t
+    for t in (
+        GGUFType("q4_0", GT.Q4_0, twin="int4_sym_g32", file_type=LlamaFileType.MOSTLY_Q4_0),
+        GGUFType("q4_1", GT.Q4_1, twin="int4_asym_g32", file_type=LlamaFileType.MOSTLY_Q4_1),
+        GGUFType("q8_0", GT.Q8_0, twin="int8_g32", file_type=LlamaFileType.MOSTLY_Q8_0),
+        GGUFType("f16", GT.F16, torch_dtype=torch.float16, file_type=LlamaFileType.MOSTLY_F16),
+        GGUFType("bf16", GT.BF16, torch_dtype=torch.bfloat16, file_type=LlamaFileType.MOSTLY_BF16),
+        GGUFType("f32", GT.F32, torch_dtype=torch.float32, file_type=LlamaFileType.ALL_F32),
+    )
+}
+
+#: dsq format -> the GGUF type that holds it exactly (block 32) or most nearly (other blocks, FP8).
+NEAREST: dict[str, str] = {
+    "int4_sym_g32": "q4_0",
+    "int4_sym_g64": "q4_0",
+    "int4_sym_g128": "q4_0",
+    "int4_asym_g32": "q4_1",
+    "int4_asym_g64": "q4_1",
+    "int4_asym_g128": "q4_1",
+    "int8_g32": "q8_0",
+    "int8_g128": "q8_0",
+    "int8_channel": "q8_0",
+    "fp8_b128": "q8_0",
+}
+assert set(NEAREST) == set(FORMATS), "every dsq format needs a nearest GGUF type"
+
+FLOAT_OF: dict[torch.dtype, str] = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}
+
+
+def get_type(name: str) -> GGUFType:
+    try:
+        return GGUF_TYPES[name.lower()]
+    except KeyError:
+        raise UnsupportedError(
+            f"--type {name}: not a GGUF type dsq writes; choose auto or one of: {', '.join(GGUF_TYPES)}"
+        ) from None
+
+
+def is_exact(qt: QuantizedTensor, t: GGUFType) -> bool:
+    return t.twin == qt.format
+
+
+def _fp16_bytes(x: torch.Tensor) -> torch.Tensor:
+    """fp16 values [..., n] -> their little-endian bytes [..., 2n] as uint8."""
+    return x.to(torch.float16).contiguous().view(torch.uint8)
+
+
+def _nibbles(u: torch.Tensor) -> torch.Tensor:
+    """Unsigned 4-bit codes [rows, nb, 32] -> [rows, nb, 16] bytes: j low, j+16 high (ggml's order)."""
+    u = u.to(torch.uint8)
+    return u[..., :16] | (u[..., 16:] << 4)
+
+
+def q4_1_offset(qt: QuantizedTensor) -> torch.Tensor:
+    """Q4_1's m for dsq's asymmetric codes: -z * s, computed exactly in float32 then rounded to fp16."""
+    return (-(qt.zero.to(torch.float32) * qt.scale.to(torch.float32))).to(torch.float16)
+
+
+def q4_1_offset_bound(qt: QuantizedTensor) -> torch.Tensor:
+    """Per-block bound on |fp16(m) - (-z*s)|: half an fp16 ulp (relative 2**-11, subnormal floor 2**-25)."""
+    exact = (qt.zero.to(torch.float32) * qt.scale.to(torch.float32)).abs()
+    return torch.maximum(exact * 2.0**-11, torch.full_like(exact, 2.0**-25))
+
+
+def pack_exact(qt: QuantizedTensor, t: GGUFType) -> np.ndarray:
+    """Re-pack dsq's codes and scales into GGUF blocks without re-rounding the codes. -> uint8 bytes."""
+    rows, cols = qt.shape
+    nb = cols // BLOCK
+    if t.gtype == GT.Q4_0:
+        body = _nibbles((qt.codes.to(torch.int16) + 8).reshape(rows, nb, BLOCK))
+        head = _fp16_bytes(qt.scale.reshape(rows, nb, 1))
+    elif t.gtype == GT.Q4_1:
+        body = _nibbles(qt.codes.reshape(rows, nb, BLOCK))
+        d_m = torch.stack([qt.scale.to(torch.float16), q4_1_offset(qt)], dim=-1)  # d first, then m
+        head = _fp16_bytes(d_m.reshape(rows, nb, 2))
+    elif t.gtype == GT.Q8_0:
+        body = qt.codes.to(torch.int8).reshape(rows, nb, BLOCK).contiguous().view(torch.uint8)
+        head = _fp16_bytes(qt.scale.reshape(rows, nb, 1))
+    else:  # pragma: no cover - guarded by is_exact
+        raise AssertionError(t.name)
+    return torch.cat([head, body], dim=-1).reshape(-1).numpy()
+
+
+def encode(value: QuantizedTensor | torch.Tensor, t: GGUFType, name: str) -> np.ndarray:
+    """Bytes of one tensor (or one row-block of a stacked tensor) in GGUF type ``t``.
+
+    A QuantizedTensor in ``t``'s twin format is packed exactly; anything else is dequantized and
+    quantized with the twin format (ggml's reference rounding) or cast to the float type.
+    """
+    if isinstance(value, QuantizedTensor) and is_exact(value, t):
+        return pack_exact(value, t)
+    w = value.dequantize() if isinstance(value, QuantizedTensor) else value
+    if t.quantized:
+        shape = tuple(w.shape)
+        if not t.fits(shape):
+            raise UnsupportedError(
+                f"{name}: rows of {shape[-1]} are not a multiple of {BLOCK}, which {t.name.upper()} needs"
+            )
+        qt = FORMATS[t.twin].quantize(w.reshape(-1, shape[-1]), name)
+        return pack_exact(qt, t)
+    return w.to(t.torch_dtype).contiguous().view(torch.uint8).reshape(-1).numpy()
+
+
+def nbytes(t: GGUFType, shape: tuple[int, ...]) -> int:
+    from gguf import GGML_QUANT_SIZES
+
+    block, size = GGML_QUANT_SIZES[t.gtype]
+    n = int(np.prod(shape))
+    return n // block * size

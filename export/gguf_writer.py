@@ -1,0 +1,200 @@
+"""``dsq export --to gguf``: a checkpoint -> one GGUF file llama.cpp runs, written tensor by tensor.
+
+Choosing a GGUF type per tensor (``choose_type``):
+
+* norms, biases, the MoE router and its bias: F32 (what llama.cpp's converter writes for them);
+* a dsq-quantized weight: its exact twin (int4_sym_g32 -> Q4_0, int4_asym_g32 -> Q4_1, int8_g32 ->
+  Q8_0), codes and scales carried over; other layouts (block 64/128, per-channel, FP8) go to the
+  nearest type (``NEAREST``) and are re-quantized, with the added error in the report;
+* a float weight: its own float type, or what ``recipe`` asks for (quantized straight into the
+  GGUF type, from the float values, with ggml's reference rounding);
+* ``type`` (``--type``) forces one type on every linear weight (embeddings stay 16-bit unless a float
+  type is forced); a row length that is not whole blocks falls back to F16, noted per tensor.
+
+The header (metadata + tensor table) is computed from shapes alone, then each tensor is loaded,
+packed, written and dropped: peak memory is about the largest tensor (a layer's stacked experts).
+The file appears atomically: written under a temporary name, renamed when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFWriter
+from gguf.quants import dequantize
+
+from dsq.dsquant.archs import ROLE_INFO
+from dsq.dsquant.atomic import check_output
+from dsq.dsquant.errors import InputError
+from dsq.dsquant.formats import QuantizedTensor
+from dsq.dsquant.recipes import KEEP, load_recipe
+
+from .gguf_meta import add_hparams
+from .gguf_quants import FLOAT_OF, GGUF_TYPES, NEAREST, GGUFType, encode, get_type, is_exact, nbytes
+from .gguf_source import GGUFSource
+from .gguf_tensors import OutTensor, build_value, plan_tensors
+from .gguf_tokenizer import add_tokenizer
+
+F32_KINDS = ("norm", "bias", "router")
+# Among mixed formats in one stacked tensor, the type that loses least.
+_PRECISION = ("q8_0", "q4_1", "q4_0")
+
+
+def choose_type(t: OutTensor, forced: GGUFType | None, recipe) -> tuple[GGUFType, list[str]]:
+    """The GGUF type of one output tensor, and notes on any fallback."""
+    kind = ROLE_INFO[t.role].kind
+    notes: list[str] = []
+    if kind in F32_KINDS or len(t.shape) == 1:
+        return GGUF_TYPES["f32"], notes
+    own = GGUF_TYPES[FLOAT_OF.get(t.float_dtype, "f16")]
+    formats = t.formats
+    if forced is not None:
+        chosen = own if (kind == "embedding" and forced.quantized) else forced
+    elif None not in formats:
+        nearest = {NEAREST[f] for f in formats}
+        chosen = GGUF_TYPES[next(n for n in _PRECISION if n in nearest)]
+        if t.transform == "k_b" and chosen.name != "q8_0":
+            chosen = GGUF_TYPES["q8_0"]
+            notes.append("kv_b transposed into k_b: blocks run along a new axis, re-quantized to Q8_0")
+    elif recipe is not None and kind == "linear":
+        ref = t.sources[0].ref
+        fmt = recipe.format_for(ref)
+        chosen = own if fmt == KEEP else GGUF_TYPES[NEAREST[fmt]]
+        if fmt != KEEP and GGUF_TYPES[NEAREST[fmt]].twin != fmt:
+            notes.append(f"recipe format {fmt} has no GGUF twin: quantized directly to {chosen.name.upper()}")
+    else:
+        chosen = own
+    if chosen.quantized and not chosen.fits(t.shape):
+        notes.append(f"rows of {t.shape[-1]} are not whole blocks of 32: {chosen.name.upper()} -> F16")
+        chosen = GGUF_TYPES["f16"]
+    return chosen, notes
+
+
+def _status(values: list, t: GGUFType) -> str:
+    if all(isinstance(v, QuantizedTensor) for v in values):
+        return "exact" if all(is_exact(v, t) for v in values) else "requantized"
+    return "quantized" if t.quantized else "cast"
+
+
+def _rel_error(values: list, data: np.ndarray, t: GGUFType, shape: tuple[int, ...]) -> float:
+    """Relative RMS difference between the source values and what the GGUF holds."""
+    ref = torch.cat([(v.dequantize() if isinstance(v, QuantizedTensor) else v.float()).reshape(-1) for v in values])
+    rows = data.reshape(-1, nbytes(t, (shape[-1],)))
+    got = torch.from_numpy(dequantize(rows, t.gtype).reshape(-1).astype(np.float32))
+    denom = float(ref.pow(2).mean().sqrt()) or 1.0
+    return float((got - ref).pow(2).mean().sqrt()) / denom
+
+
+def export_gguf(
+    src_dir: str | Path,
+    out_path: str | Path,
+    type: str = "auto",  # noqa: A002 - the CLI flag's name
+    recipe: str | None = None,
+    overwrite: bool = False,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> dict:
+    """Write ``src_dir`` as a GGUF file at ``out_path``; returns a report dict."""
+    t0 = time.perf_counter()
+    out_path = Path(out_path)
+    src = GGUFSource(src_dir)
+    if recipe is not None and src.quantized:
+        raise InputError(
+            f"{src.path}: already quantized; --recipe applies to float checkpoints (use --type to force a GGUF type)"
+        )
+    rec = load_recipe(recipe) if recipe else None
+    forced = None if type == "auto" else get_type(type)
+    outs, notes = plan_tensors(src)
+    chosen = {t.name: choose_type(t, forced, rec) for t in outs}
+    check_output(out_path, overwrite)
+
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".partial", dir=out_path.resolve().parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    rows: list[dict] = []
+    try:
+        w = GGUFWriter(tmp, src.arch.gguf_arch)
+        w.add_name(src.path.name)
+        w.add_quantization_version(GGML_QUANT_VERSION)
+        extra = add_hparams(w, src.config, src.arch.gguf_arch)
+        tok = add_tokenizer(w, src.path, int(src.config["vocab_size"]))
+        w.add_file_type(_file_type(outs, chosen))
+        for name, arr in extra:
+            w.add_tensor_info(name, arr.shape, np.dtype(np.float32), arr.nbytes, raw_dtype=GGMLQuantizationType.F32)
+        for t in outs:
+            gt = chosen[t.name][0]
+            w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), nbytes(gt, t.shape), raw_dtype=gt.gtype)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for _, arr in extra:
+            w.write_tensor_data(arr)
+        for i, t in enumerate(outs):
+            gt, tnotes = chosen[t.name]
+            values = build_value(t, src)
+            data = np.concatenate([encode(v, gt, t.name) for v in values])
+            status = _status(values, gt)
+            err = _rel_error(values, data, gt, t.shape) if status in ("requantized", "quantized") else 0.0
+            w.write_tensor_data(data)
+            rows.append({"name": t.name, "type": gt.name, "shape": list(t.shape), "status": status,
+                         "rel_error": err, "bytes": int(data.nbytes), "notes": tnotes,
+                         "sources": [s.name for s in t.sources][:1] + ([f"+{len(t.sources) - 1}"] if len(t.sources) > 1 else [])})
+            del values, data
+            if progress:
+                progress(i + 1, len(outs), t.name)
+        w.close()
+        os.replace(tmp, out_path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    return _report(src, out_path, type, recipe, rows, notes, tok, time.perf_counter() - t0)
+
+
+def _file_type(outs: list[OutTensor], chosen: dict) -> int:
+    """general.file_type: the type holding most weights among the linear ones (llama.cpp's 'mostly X')."""
+    weight: dict[str, int] = {}
+    for t in outs:
+        if ROLE_INFO[t.role].kind == "linear":
+            gt = chosen[t.name][0]
+            weight[gt.name] = weight.get(gt.name, 0) + int(np.prod(t.shape))
+    return int(GGUF_TYPES[max(weight, key=weight.get)].file_type) if weight else int(GGUF_TYPES["f32"].file_type)
+
+
+def _report(src: GGUFSource, out: Path, type_: str, recipe, rows, notes, tok, seconds: float) -> dict:
+    total = out.stat().st_size
+    params = sum(int(np.prod(r["shape"])) for r in rows)
+    requant = [r for r in rows if r["status"] == "requantized"]
+    by_type: dict[str, int] = {}
+    for r in rows:
+        by_type[r["type"]] = by_type.get(r["type"], 0) + 1
+    if requant:
+        worst = max(requant, key=lambda r: r["rel_error"])
+        notes = [*notes, f"{len(requant)} tensor(s) had no exact GGUF twin and were re-quantized; "
+                         f"largest added relative RMS error {worst['rel_error']:.3g} ({worst['name']})"]
+    if not src.quantized and not any(r["status"] == "quantized" for r in rows):
+        notes = [*notes, "source is not quantized and no recipe/--type asked for quantization: weights kept as floats"]
+    return {
+        "source": str(src.path),
+        "output": str(out),
+        "architecture": src.arch.gguf_arch,
+        "model_type": src.arch.model_type,
+        "type": type_,
+        "recipe": recipe,
+        "bytes": total,
+        "bits_per_weight": 8 * total / params if params else 0.0,
+        "types": by_type,
+        "exact": sum(r["status"] == "exact" for r in rows),
+        "requantized": len(requant),
+        "tokenizer": tok,
+        "notes": notes,
+        "seconds": seconds,
+        "tensors": rows,
+    }
+
