@@ -39,6 +39,10 @@ KEEP = "keep"
 # Kinds that stay in their source dtype whatever a recipe says.
 NEVER_QUANTIZED_KINDS = ("norm", "bias", "router", "embedding")
 _GROUPS = sorted({i.group for i in ROLE_INFO.values()})
+# Roles and groups a recipe may not quantize (every member is of a never-quantized kind).
+_NEVER_QUANTIZED_KEYS = {r.value for r, i in ROLE_INFO.items() if i.kind in NEVER_QUANTIZED_KINDS} | {
+    g for g in _GROUPS if all(i.kind in NEVER_QUANTIZED_KINDS for i in ROLE_INFO.values() if i.group == g)
+}
 
 
 @dataclass(frozen=True)
@@ -130,6 +134,11 @@ def load_recipe(spec: str) -> Recipe:
                 f"{path}: [roles] key `{key}` is neither a role nor a group; groups: {', '.join(_GROUPS)}"
             )
         roles[key] = _check_format(str(value), f"{path}: [roles] {key}")
+        if roles[key] != KEEP and key in _NEVER_QUANTIZED_KEYS:
+            raise RecipeError(
+                f"{path}: [roles] {key} = {value!r}: {key} stays 16-bit in a dsq checkpoint (transformers and "
+                "vLLM load norms, biases, routers and embeddings unquantized); GGUF export picks token_embd's type"
+            )
     overrides = []
     for i, item in enumerate(data.get("override") or []):
         if not isinstance(item, dict) or set(item) != {"pattern", "format"}:

@@ -157,6 +157,10 @@ def test_unsupported_recipe_key(model_dir, tmp_path):
     recipe.write_text('default = "int4_sym_g32"\n[roles]\nattn_x = "keep"\n')
     assert_clean_failure(dsq("plan", model_dir("llama"), "-r", recipe), "attn_x")
     assert_clean_failure(dsq("plan", model_dir("llama"), "-r", "int5"), "int5", "not a preset")
+    recipe.write_text('default = "int4_sym_g32"\n[roles]\nembed = "int8_g32"\n')
+    assert_clean_failure(dsq("plan", model_dir("llama"), "-r", recipe), "embed", "stays 16-bit")
+    recipe.write_text('default = "int4_sym_g32"\n[roles]\nnorm = "int8_g32"\n')
+    assert_clean_failure(dsq("plan", model_dir("llama"), "-r", recipe), "norm")
     recipe.write_text("default = [unclosed\n")
     assert_clean_failure(dsq("plan", model_dir("llama"), "-r", recipe), "not valid TOML")
 
