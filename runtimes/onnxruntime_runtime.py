@@ -1,0 +1,143 @@
+"""onnxruntime backend: the decoder graph dsq's ONNX exporter writes, on the execution providers present.
+
+The graph's contract (the same as Hugging Face Optimum / onnxruntime-genai decoders):
+inputs ``input_ids`` [batch, seq], ``attention_mask`` [batch, past+seq], ``position_ids`` [batch, seq],
+``past_key_values.N.key|value`` [batch, kv_heads, past, head_dim]; outputs ``logits`` [batch, seq, vocab]
+and ``present.N.key|value`` [batch, kv_heads, past+seq, head_dim]. A first call passes a zero-length past.
+Tokenizer and generation settings come from the files next to ``model.onnx``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from dsq.dsquant.errors import CorruptFileError, InputError
+
+from .base import Availability, Runtime, wrong_kind
+from .hf_tokenizer import HFTokenizer
+
+# dsq device name -> onnxruntime execution provider
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+    "dml": "DmlExecutionProvider",
+}
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+
+
+class OnnxRuntime(Runtime):
+    name = "onnxruntime"
+    pip_extra = "onnx"
+    model_kind = "model.onnx (or its directory)"
+
+    @classmethod
+    def available(cls) -> Availability:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            return Availability(False, "onnxruntime is not installed: pip install 'dsq[onnx]'")
+        present = set(ort.get_available_providers())
+        devices = tuple(d for d, p in PROVIDERS.items() if p in present)
+        return Availability(True, "", devices, f"onnxruntime {ort.__version__}")
+
+    @classmethod
+    def accepts(cls, path: Path) -> str | None:
+        return wrong_kind(path, cls.name, "onnx")
+
+    @classmethod
+    def load(cls, path: Path, device: str = "cpu", *, threads: int | None = None, n_ctx: int | None = None,
+             dtype: str | None = None) -> OnnxRuntime:
+        import onnxruntime as ort
+
+        path = Path(path)
+        model = path / "model.onnx" if path.is_dir() else path
+        self = cls()
+        self.path, self.device = path, device
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.threads = threads or 0  # 0: onnxruntime's default (physical cores)
+        providers = [PROVIDERS[device]] + (["CPUExecutionProvider"] if device != "cpu" else [])
+        try:
+            self.sess = ort.InferenceSession(str(model), sess_options=opts, providers=providers)
+        except Exception as e:
+            raise CorruptFileError(f"{model}: onnxruntime cannot load it ({str(e).splitlines()[0]})") from None
+        self._layout()
+        self.tok = HFTokenizer(model.parent)
+        self.tok.apply_to(self)
+        return self
+
+    def _layout(self) -> None:
+        """Read the past-KV inputs (count, shapes, dtype) and the vocabulary size from the graph."""
+        ins = {i.name: i for i in self.sess.get_inputs()}
+        outs = {o.name: o for o in self.sess.get_outputs()}
+        for need in ("input_ids", "attention_mask"):
+            if need not in ins:
+                raise CorruptFileError(f"{self.path}: ONNX graph has no `{need}` input; not a dsq/Optimum decoder export")
+        if "logits" not in outs:
+            raise CorruptFileError(f"{self.path}: ONNX graph has no `logits` output")
+        self._past: list[tuple[str, str, tuple[int, int], type]] = []  # (input, output, (heads, dim), dtype)
+        for name, arg in ins.items():
+            m = _PAST.match(name)
+            if m:
+                heads, dim = arg.shape[1], arg.shape[3]
+                if not (isinstance(heads, int) and isinstance(dim, int)):
+                    raise CorruptFileError(f"{self.path}: input {name} needs fixed heads/head_dim, has {arg.shape}")
+                out = f"present.{m.group(1)}.{m.group(2)}"
+                if out not in outs:
+                    raise CorruptFileError(f"{self.path}: input {name} has no matching output {out}")
+                self._past.append((name, out, (heads, dim), _ORT_TYPES.get(arg.type, np.float32)))
+        self._has_pos = "position_ids" in ins
+        v = outs["logits"].shape[-1]
+        self._out_names = ["logits"] + [p[1] for p in self._past]
+        self._cache: dict[str, np.ndarray] | None = None
+        self._pos = 0
+        self.vocab_size = v if isinstance(v, int) else self.logits([0]).shape[-1]  # symbolic: run one token
+
+    def tokenize(self, text: str, special: bool = False) -> list[int]:
+        return self.tok.tokenize(text, special)
+
+    def detokenize(self, ids: Iterable[int]) -> str:
+        return self.tok.detokenize(ids)
+
+    def _run(self, ids: list[int], past: dict[str, np.ndarray] | None, start: int) -> np.ndarray:
+        n = len(ids)
+        feed = {
+            "input_ids": np.asarray([ids], dtype=np.int64),
+            "attention_mask": np.ones((1, start + n), dtype=np.int64),
+        }
+        if self._has_pos:
+            feed["position_ids"] = np.arange(start, start + n, dtype=np.int64)[None]
+        for name, _, (heads, dim), dt in self._past:
+            feed[name] = past[name] if past else np.zeros((1, heads, 0, dim), dtype=dt)
+        out = self.sess.run(self._out_names, feed)
+        self._cache = {p[0]: o for p, o in zip(self._past, out[1:], strict=True)}
+        logits = out[0][0].astype(np.float32, copy=False)
+        self.vocab_size = logits.shape[-1]
+        return logits
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        out = self._run(ids, None, 0)
+        self._cache = None  # not a generation: do not hold the KV arrays
+        return out
+
+    def prefill(self, ids: list[int]) -> np.ndarray:
+        self._pos = len(ids)
+        return self._run(ids, None, 0)[-1]
+
+    def decode(self, token: int) -> np.ndarray:
+        if self._cache is None:
+            raise InputError("decode() before prefill()")
+        row = self._run([token], self._cache, self._pos)[-1]
+        self._pos += 1
+        return row
+
+    def close(self) -> None:
+        self.sess = None
+        self._cache = None

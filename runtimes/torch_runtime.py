@@ -1,0 +1,138 @@
+"""Reference backend: transformers on torch, fp32/bf16/fp16 on CPU, CUDA or Apple (mps).
+
+Reads a Hugging Face directory. dsq's own quantized output (compressed-tensors int4/int8, block FP8)
+is loaded as its dequantized model: every weight is ``QuantizedTensor.dequantize()`` of the stored
+codes, so the model computes with exactly the values dsq wrote, without needing a quantization kernel.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from .base import Availability, Runtime, wrong_kind
+from .hf_tokenizer import HFTokenizer
+
+# dsq device name -> torch device type
+_DEVICES = {"cpu": "cpu", "cuda": "cuda", "metal": "mps"}
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+class TorchRuntime(Runtime):
+    name = "torch"
+    pip_extra = None  # torch and transformers are core dependencies
+    model_kind = "a Hugging Face directory"
+    _caching = False
+
+    @classmethod
+    def available(cls) -> Availability:
+        try:
+            import torch
+            import transformers
+        except ImportError as e:
+            return Availability(False, f"{e.name} is not installed (pip install 'dsq' installs torch + transformers)")
+        devices = ["cpu"]
+        if torch.cuda.is_available():
+            devices.append("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            devices.append("metal")
+        return Availability(True, "", tuple(devices), f"torch {torch.__version__}, transformers {transformers.__version__}")
+
+    @classmethod
+    def accepts(cls, path: Path) -> str | None:
+        return wrong_kind(path, cls.name, "hf")
+
+    @classmethod
+    def load(cls, path: Path, device: str = "cpu", *, threads: int | None = None, n_ctx: int | None = None,
+             dtype: str | None = None) -> TorchRuntime:
+        import torch
+
+        self = cls()
+        self.path, self.device = Path(path), device
+        if threads:
+            torch.set_num_threads(threads)
+        self.threads = torch.get_num_threads()
+        dtype = dtype or ("float32" if device == "cpu" else "bfloat16")
+        if dtype not in _DTYPES:
+            from dsq.dsquant.errors import InputError
+
+            raise InputError(f"--dtype {dtype}: torch runtime computes in one of {', '.join(_DTYPES)}")
+        self.dtype = dtype
+        self._dev = torch.device(_DEVICES[device])
+        self.model = _load_model(self.path, getattr(torch, dtype)).to(self._dev).eval()
+        self.tok = HFTokenizer(self.path)
+        self.tok.apply_to(self)
+        self.vocab_size = int(self.model.config.get_text_config().vocab_size)
+        self._past = None
+        return self
+
+    @property
+    def description(self) -> str:
+        return f"torch {self.dtype} on {self.device}"
+
+    def tokenize(self, text: str, special: bool = False) -> list[int]:
+        return self.tok.tokenize(text, special)
+
+    def detokenize(self, ids: Iterable[int]) -> str:
+        return self.tok.detokenize(ids)
+
+    def _forward(self, ids: list[int], past=None):
+        import torch
+
+        with torch.inference_mode():
+            x = torch.tensor([ids], dtype=torch.long, device=self._dev)
+            return self.model(input_ids=x, past_key_values=past, use_cache=past is not None or self._caching)
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        self._caching = False
+        out = self._forward(ids)
+        return out.logits[0].float().cpu().numpy()
+
+    def prefill(self, ids: list[int]) -> np.ndarray:
+        self._caching = True
+        out = self._forward(ids)
+        self._past = out.past_key_values
+        return out.logits[0, -1].float().cpu().numpy()
+
+    def decode(self, token: int) -> np.ndarray:
+        out = self._forward([token], self._past)
+        self._past = out.past_key_values
+        return out.logits[0, -1].float().cpu().numpy()
+
+    def close(self) -> None:
+        self.model = None
+        self._past = None
+
+
+def _load_model(path: Path, dtype):
+    """A transformers model for ``path``; a quantized checkpoint comes back dequantized to ``dtype``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars would interleave with dsq's own output
+    raw = json.loads((path / "config.json").read_text())
+    if not raw.get("quantization_config"):
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    from dsq.dsquant.errors import CorruptFileError
+    from dsq.dsquant.quantized import QuantizedCheckpoint
+
+    config = AutoConfig.from_pretrained(str(path))
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    state = QuantizedCheckpoint(path).dequantized_state_dict(dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or ())
+    if isinstance(getattr(model, "_tied_weights_keys", None), dict):
+        tied = set(model._tied_weights_keys)
+    missing = [m for m in missing if m not in tied and not (m == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise CorruptFileError(
+            f"{path}: weights do not match the architecture: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    return model
