@@ -132,6 +132,8 @@ def chat_loop(model: Path, runtime: str, device: str, max_tokens: int, sampling:
 
 def eval_command(quants: list[Path], ref: Path, runtime: str, text: Path | None, settings, thresholds: dict,
                  json_out: Path | None, html_out: Path | None) -> bool:
+    from rich.markup import escape
+
     from dsq.dsquant.errors import InputError
     from dsq.dsquant.eval_report import print_eval, write_eval_html, write_json
     from dsq.dsquant.evaluate import evaluate
@@ -149,7 +151,7 @@ def eval_command(quants: list[Path], ref: Path, runtime: str, text: Path | None,
         write_eval_html(report, html_out)
     for r in report.results:
         for f in r.failures:
-            err.print(f"[red]FAIL[/] {r.model} [{r.runtime}]: {f}", highlight=False)
+            err.print(f"[red]FAIL[/] {escape(f'{r.model} [{r.runtime}]: {f}')}", highlight=False)
     return report.passed
 
 
