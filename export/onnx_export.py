@@ -141,7 +141,7 @@ def export_onnx(
             formats[t.format if isinstance(t, QuantizedTensor) else "float:" + str(t.dtype).removeprefix("torch.")] += 1
             weights.ingest(name, t, kind)
             if name == "model.embed_tokens.weight" and cfg.get("tie_word_embeddings"):
-                weights.ingest("lm_head.weight", t, "linear")
+                weights.tie("lm_head.weight", name)
         check_ep(ep, weights)
         model = build_decoder(cfg, weights)
         weights.sink.close()

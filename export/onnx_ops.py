@@ -75,6 +75,11 @@ def linear(g: GraphBuilder, x: str, weight: str, bias: str | None = None) -> str
             "MatMulNBits", *inputs, domain=MS_DOMAIN, K=p.K, N=p.N, bits=p.bits, block_size=p.block_size,
             accuracy_level=g.weights.accuracy_level,
         )
+    elif lin.W:  # [N, K] shared with the embedding: Gemm(transB) on [rows, K], then back to x's leading dims
+        k = g.weights.floats[lin.W][1]
+        y = g.op("Gemm", g.reshape(x, [-1, k]), lin.W, transB=1)
+        lead = g.op("Slice", g.op("Shape", x), g.const([0]), g.const([-1]))
+        y = g.op("Reshape", y, g.op("Concat", lead, g.const([-1]), axis=0))
     else:
         y = g.op("MatMul", x, lin.WT)
     return g.op("Add", y, g.weights.float(bias)) if bias else y

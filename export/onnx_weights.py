@@ -187,6 +187,7 @@ class Linear:
     scales: str = ""
     zero_points: str = ""
     WT: str = ""
+    W: str = ""  # a float [N, K] initializer shared with another use (tied embeddings): Gemm with transB
 
 
 # Roles whose weights the graph reads as ``x @ W^T``; embeddings are gathered, the rest used as they are.
@@ -231,6 +232,12 @@ class WeightTable:
     def _add_float_linear(self, name: str, w: torch.Tensor, fmt: str) -> None:
         wt = w.to(torch.float32).t().contiguous().numpy()
         self.linears[name] = Linear(name, fmt, WT=self.sink.add(name + ".T", wt))
+
+    def tie(self, name: str, embedding: str) -> None:
+        """``name`` computes with the embedding matrix itself (tie_word_embeddings): no second copy."""
+        shape = self.floats[embedding]
+        self.linears[name] = Linear(name, f"tied to {embedding}", W=embedding)
+        self.notes.add(f"{name}: tied to {embedding} ({shape[0]}x{shape[1]} float32, Gemm transB)")
 
     def linear(self, name: str) -> Linear:
         try:

@@ -218,3 +218,36 @@ def test_onnxruntime_genai_generates_the_reference_tokens(arch, exported, refere
     got = [int(t) for t in gen.get_sequence(0)][len(PROMPT):]
     ref, _ = torch_greedy(reference(arch, "int4"), PROMPT, NEW_TOKENS)
     assert got and got == ref[: len(got)]
+
+
+def test_tied_embeddings_share_one_matrix(quantized_dir, tmp_path):
+    """tie_word_embeddings: the logits come from the embedding matrix itself (Gemm transB), stored once."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "tied"
+    shutil.copytree(quantized_dir("llama", "int4"), src)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(dict(cfg, tie_word_embeddings=True)))
+    index = src / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text())
+        data["weight_map"].pop("lm_head.weight", None)
+        index.write_text(json.dumps(data))
+    for shard in src.glob("*.safetensors"):
+        tensors = load_file(shard)
+        if "lm_head.weight" in tensors:
+            with safe_open(str(shard), "pt") as f:
+                meta = f.metadata()
+            del tensors["lm_head.weight"]
+            save_file(tensors, shard, metadata=meta)
+    report = export_onnx(src, tmp_path / "onnx")
+    assert any("tied" in n for n in report["notes"])
+    model = onnx.load(str(tmp_path / "onnx" / "model.onnx"))
+    assert [t.name for t in model.graph.initializer if tuple(t.dims) == (320, 256)] == ["model.embed_tokens.weight"]
+    (tmp_path / "ref").mkdir()
+    ref = reference_model(src, tmp_path / "ref")
+    tokens, logits = ort_greedy(load_session(tmp_path / "onnx"), PROMPT, NEW_TOKENS)
+    ref_tokens, ref_logits = torch_greedy(ref, PROMPT, NEW_TOKENS)
+    assert float(np.abs(logits - ref_logits).max()) <= ATOL
+    assert tokens == ref_tokens
