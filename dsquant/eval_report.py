@@ -29,9 +29,17 @@ def eval_rows(report: Report) -> list[list[str]]:
             name, r.description, _mb(r.file_size), f"{r.ppl:.4f}", f"{r.ppl_ratio:.4f}",
             "-" if r.is_reference else f"{r.kld_mean:.5f}", "-" if r.is_reference else f"{r.kld_median:.5f}",
             "-" if r.is_reference else f"{r.kld_p99:.4f}",
-            f"{100 * r.top1:.2f}%", status,
+            f"{100 * r.top1:.2f}%",
+            *([] if report.results[0].answer_agree is None else
+              [f"{round(r.answer_agree * len(r.answers))}/{len(r.answers)} same, {r.loops} loops"]),
+            status,
         ])
     return rows
+
+
+def eval_header(report: Report) -> list[str]:
+    extra = [] if report.results[0].answer_agree is None else ["math answers"]
+    return [*EVAL_HEADER[:-1], *extra, EVAL_HEADER[-1]]
 
 
 EVAL_HEADER = ["model", "runtime", "size", "PPL", "PPL ratio", "KLD mean", "KLD median", "KLD p99", "top-1", "gate"]
@@ -45,7 +53,7 @@ def print_eval(report: Report, console=None) -> None:
     t = Table(title=f"dsq eval: {report.results[0].tokens} tokens of {Path(report.text).name}, "
                     f"ctx {report.settings['ctx']}, reference {Path(report.reference).name}"
                     f"{' (cached logits)' if report.ref_cached else ''}")
-    for h in EVAL_HEADER:
+    for h in eval_header(report):
         t.add_column(h, justify="left" if h in ("model", "runtime") else "right")
     for row in eval_rows(report):
         style = {"FAIL": "red", "PASS": "green"}.get(row[-1])
@@ -158,6 +166,6 @@ def write_eval_html(report: Report, path: Path) -> None:
     ]
     for r in report.results:
         notes += [f"FAIL {Path(r.model).name} [{r.runtime}]: {f}" for f in r.failures]
-    page = html_page("dsq eval report", EVAL_HEADER, eval_rows(report), eval_figures(report), notes)
+    page = html_page("dsq eval report", eval_header(report), eval_rows(report), eval_figures(report), notes)
     with atomic_file(Path(path), overwrite=True, mode="w") as f:
         f.write(page)

@@ -54,6 +54,8 @@ CHECKS: tuple[tuple[str, str, str, str], ...] = (
     ("max_kld", "kld_mean", "<=", "mean KL divergence"),
     ("min_top1", "top1", ">=", "top-1 agreement"),
     ("max_ppl_ratio", "ppl_ratio", "<=", "perplexity / reference perplexity"),
+    ("min_answer_agree", "answer_agree", ">=", "agreement with the reference's math answers"),
+    ("max_loops", "loops", "<=", "greedy answers ending in a repetition loop"),
 )
 _OPS: dict[str, Callable[[float, float], bool]] = {"<=": lambda v, lim: v <= lim, ">=": lambda v, lim: v >= lim}
 
@@ -69,6 +71,7 @@ class EvalSettings:
     ref_runtime: str = "auto"
     ref_dtype: str | None = None  # torch reference: None = float32 on CPU
     cache_dir: Path | None = None
+    reasoning_tokens: int = 0  # >0: also run the math prompts of dsq.runtimes.reasoning, this many new tokens
 
 
 @dataclass
@@ -133,6 +136,10 @@ class Result:
     top1: float
     seconds: float
     is_reference: bool = False
+    answer_agree: float | None = None  # reasoning check (None: not run)
+    same_text: float | None = None
+    loops: int | None = None
+    answers: list[str | None] | None = None
     failures: list[str] = field(default_factory=list)
     kld_tokens: np.ndarray | None = field(default=None, repr=False)  # per-token KLD, for plots (not in JSON)
 
@@ -372,6 +379,9 @@ def summarize(model: Path, rt, stats: dict, ref_ppl: float, seconds: float, is_r
 
 
 def apply_thresholds(results: list[Result], thresholds: dict[str, float | None]) -> None:
+    for flag, fld, _, _ in CHECKS:
+        if thresholds.get(flag) is not None and any(getattr(r, fld) is None for r in results):
+            raise InputError(f"--{flag.replace('_', '-')} needs --reasoning N (the math-prompt check)")
     for r in results:
         if r.is_reference:
             continue
@@ -396,6 +406,9 @@ def evaluate(
     from dsq.runtimes.registry import choose
 
     s = settings
+    for flag in ("min_answer_agree", "max_loops"):
+        if thresholds.get(flag) is not None and not s.reasoning_tokens:
+            raise InputError(f"--{flag.replace('_', '-')} needs --reasoning N (the math-prompt check)")
     if s.ctx < 2:
         raise InputError(f"--ctx {s.ctx}: a chunk needs at least 2 tokens")
     text = read_text(text_path)
@@ -409,10 +422,21 @@ def evaluate(
     cache_file = cache / f"{key}.npz"
     ref = RefData.load(cache_file) if cache_file.is_file() else None
     cached = ref is not None
+    answers_file = cache / f"{key}-answers-{s.reasoning_tokens}.json"
+    ref_answers = _load_answers(answers_file) if s.reasoning_tokens else None
     ref_rt = None
+    if ref is None or (s.reasoning_tokens and ref_answers is None):
+        ref_rt = ref_cls.load(Path(ref_path), s.device, dtype=s.ref_dtype,
+                              **{**load_kw, "n_ctx": max(s.ctx + 1, s.reasoning_tokens + 256 if s.reasoning_tokens else 0)})
+    if s.reasoning_tokens and ref_answers is None:
+        from dsq.runtimes.reasoning import answer_prompts
+
+        log("reference: math prompts")
+        ref_answers = answer_prompts(ref_rt, s.reasoning_tokens)
+        cache.mkdir(parents=True, exist_ok=True)
+        answers_file.write_text(json.dumps([asdict(a) for a in ref_answers]))
     if ref is None:
         t0 = time.perf_counter()
-        ref_rt = ref_cls.load(Path(ref_path), s.device, dtype=s.ref_dtype, **load_kw)
         ref = compute_reference(ref_rt, text, text_path, s, log)
         cache.mkdir(parents=True, exist_ok=True)
         ref.save(cache_file)
@@ -423,20 +447,45 @@ def evaluate(
         tokens=int(ref.target_logp.size), ppl=ref_ppl, ppl_ratio=1.0, kld_mean=0.0, kld_median=0.0, kld_p99=0.0,
         kld_max=0.0, kld_upper_mean=0.0, top1=1.0, seconds=0.0, is_reference=True,
     )]
+    if ref_answers is not None:
+        from dsq.runtimes.reasoning import compare
+
+        for k, v in compare(ref_answers, ref_answers).items():
+            setattr(results[0], k, v)
     if ref_rt is not None:
         ref_rt.close()
 
     for path, spec in candidates:
         for cls in choose(Path(path), spec):
             t0 = time.perf_counter()
-            with cls.load(Path(path), s.device, **load_kw) as rt:
+            kw = {**load_kw, "n_ctx": max(s.ctx + 1, s.reasoning_tokens + 256 if s.reasoning_tokens else 0)}
+            with cls.load(Path(path), s.device, **kw) as rt:
                 check_tokenizer(rt, ref, text, Path(ref_path))
-                stats = score(rt, ref, s, log, f"{Path(path).name} [{cls.name}]")
-                results.append(summarize(Path(path), rt, stats, ref_ppl, time.perf_counter() - t0))
+                label = f"{Path(path).name} [{cls.name}]"
+                stats = score(rt, ref, s, log, label)
+                res = summarize(Path(path), rt, stats, ref_ppl, time.perf_counter() - t0)
+                if ref_answers is not None:
+                    from dsq.runtimes.reasoning import answer_prompts, compare
+
+                    log(f"{label}: math prompts")
+                    for k, v in compare(ref_answers, answer_prompts(rt, s.reasoning_tokens)).items():
+                        setattr(res, k, v)
+                results.append(res)
     apply_thresholds(results, thresholds)
     return Report(str(ref_path), str(text_path), text_sha,
                   {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(s).items()},
                   dict(thresholds), results, cached)
+
+
+def _load_answers(path: Path):
+    from dsq.runtimes.reasoning import Answer
+
+    if not path.is_file():
+        return None
+    try:
+        return [Answer(**a) for a in json.loads(path.read_text())]
+    except (json.JSONDecodeError, TypeError):
+        return None
 
 
 def _size(path: Path) -> int:

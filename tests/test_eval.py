@@ -110,3 +110,31 @@ def test_eval_refuses_short_text_and_missing_text(model_dir, tmp_path):
     assert res.exit_code == 2 and "shorter than one chunk of --ctx 64" in res.output
     res = runner.invoke(app, [*base, "--text", str(tmp_path / "nope.txt")])
     assert res.exit_code == 2 and "no such file" in res.output
+
+
+def test_loop_detector_and_final_number():
+    from dsq.runtimes.reasoning import final_number, has_loop
+
+    assert has_loop([5, 6, 7] + [1, 2, 3, 4] * 4)
+    assert has_loop([9] * 20)
+    assert not has_loop([1, 2, 3, 4] * 3)  # three repeats: not yet a loop
+    assert not has_loop([7, 7, 7, 7])  # too short a span to call a loop
+    assert not has_loop(list(range(100)))
+    assert final_number("<think>maybe 40 or 41</think>The answer is 1,024.") == "1024"
+    assert final_number("no digits") is None
+
+
+def test_eval_reasoning_check(model_dir, quantized_dir, tmp_path):
+    ref = str(model_dir("qwen2"))
+    js = tmp_path / "r.json"
+    base = ["eval", ref, str(quantized_dir("qwen2", "int4")), "--ref", ref, "--text", str(TEXT), *FAST,
+            "--cache-dir", str(tmp_path), "--json", str(js)]
+    res = runner.invoke(app, [*base, "--min-answer-agree", "0.5"])
+    assert res.exit_code == 2 and "needs --reasoning" in res.output
+    res = runner.invoke(app, [*base, "--reasoning", "8", "--max-loops", "5"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(js.read_text())["results"]
+    assert all(len(r["answers"]) == 5 and 0 <= r["loops"] <= 5 for r in rows)
+    assert rows[1]["answer_agree"] == 1.0 and rows[1]["same_text"] == 1.0  # the reference as a candidate
+    assert "math answers" in res.output
+    assert len(list(tmp_path.glob("*-answers-8.json"))) == 1
