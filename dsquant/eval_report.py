@@ -117,7 +117,10 @@ def eval_figures(report: Report) -> list[tuple[str, str]]:
     ax.bar(range(len(rs)), [r.ppl for r in rs], color=colors)
     ax.set_xticks(range(len(rs)), [_label(r) for r in rs], fontsize=8)
     ax.set_ylabel("perplexity")
-    ax.set_title("Perplexity (grey: reference, green: passes the gate, red: fails)")
+    lo, hi = min(r.ppl for r in rs), max(r.ppl for r in rs)
+    pad = max(hi - lo, 0.01 * hi)
+    ax.set_ylim(max(0.0, lo - pad), hi + 0.6 * pad)  # zoomed: the differences are what matters
+    ax.set_title("Perplexity (y axis zoomed; grey: reference, green: passes the gate, red: fails)", fontsize=10)
     for i, r in enumerate(rs):
         ax.annotate(f"{r.ppl:.3f}", (i, r.ppl), ha="center", va="bottom", fontsize=8)
     figs.append(("Perplexity", _png(fig)))
@@ -128,6 +131,7 @@ def eval_figures(report: Report) -> list[tuple[str, str]]:
             ax.scatter(r.file_size / 1e6, r.kld_mean, s=40)
             ax.annotate(f"{Path(r.model).name} [{r.runtime}]", (r.file_size / 1e6, r.kld_mean), fontsize=8,
                         xytext=(4, 4), textcoords="offset points")
+        ax.margins(x=0.3, y=0.15)
         ax.set_xlabel("model size (MB)")
         ax.set_ylabel("mean KLD (nats)")
         ax.set_title("Size vs KL divergence")

@@ -27,6 +27,7 @@ class Availability:
     reason: str = ""
     devices: tuple[str, ...] = ()
     version: str = ""
+    other_devices: str = ""  # devices this backend supports elsewhere, and what would enable them here
 
 
 @dataclass(frozen=True)

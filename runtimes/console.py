@@ -27,13 +27,13 @@ def list_runtimes(console: Console | None = None) -> None:
 
     console = console or _out()
     t = Table(title="dsq runtimes")
-    for h in ("runtime", "from", "reads", "status", "devices", "version / why not"):
+    for h in ("runtime", "from", "reads", "status", "devices", "version / why not", "other devices"):
         t.add_column(h)
     for b in backends().values():
         av = b.availability()
         reads = b.cls.model_kind if b.cls is not None else "?"
         t.add_row(b.name, b.source, reads, "[green]ok[/]" if av.ok else "[red]unavailable[/]",
-                  ", ".join(av.devices) or "-", av.version if av.ok else av.reason)
+                  ", ".join(av.devices) or "-", av.version if av.ok else av.reason, av.other_devices)
     console.print(t)
 
 

@@ -50,9 +50,13 @@ class LlamaCppRuntime(Runtime):
         except ImportError:
             return Availability(False, "llama-cpp-python is not installed: pip install 'dsq[llama-cpp]'")
         devices = ["cpu"]
+        note = ""
         if llama_cpp.llama_supports_gpu_offload():
             devices.extend(_gpu_kinds(llama_cpp))
-        return Availability(True, "", tuple(devices), f"llama-cpp-python {llama_cpp.__version__}")
+        else:
+            note = ("GPU offload: not in this build; reinstall with CMAKE_ARGS=\"-DGGML_CUDA=on\" (or -DGGML_METAL=on, "
+                    "-DGGML_VULKAN=on) pip install --force-reinstall --no-cache-dir llama-cpp-python")
+        return Availability(True, "", tuple(devices), f"llama-cpp-python {llama_cpp.__version__}", note)
 
     @classmethod
     def accepts(cls, path: Path) -> str | None:

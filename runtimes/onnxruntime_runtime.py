@@ -27,6 +27,13 @@ PROVIDERS = {
     "coreml": "CoreMLExecutionProvider",
     "dml": "DmlExecutionProvider",
 }
+# Where the other execution providers come from (onnxruntime's install docs).
+_EP_PACKAGE = {
+    "cpu": "every onnxruntime build",
+    "cuda": "pip install onnxruntime-gpu (NVIDIA)",
+    "coreml": "the macOS onnxruntime wheel",
+    "dml": "pip install onnxruntime-directml (Windows)",
+}
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 
@@ -44,7 +51,8 @@ class OnnxRuntime(Runtime):
             return Availability(False, "onnxruntime is not installed: pip install 'dsq[onnx]'")
         present = set(ort.get_available_providers())
         devices = tuple(d for d, p in PROVIDERS.items() if p in present)
-        return Availability(True, "", devices, f"onnxruntime {ort.__version__}")
+        note = "; ".join(f"{d}: {_EP_PACKAGE[d]}" for d in PROVIDERS if d not in devices)
+        return Availability(True, "", devices, f"onnxruntime {ort.__version__}", note)
 
     @classmethod
     def accepts(cls, path: Path) -> str | None:

@@ -39,7 +39,10 @@ class TorchRuntime(Runtime):
             devices.append("cuda")
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             devices.append("metal")
-        return Availability(True, "", tuple(devices), f"torch {torch.__version__}, transformers {transformers.__version__}")
+        missing = [d for d in _DEVICES if d not in devices]
+        note = f"{', '.join(missing)}: not seen by this torch build ({torch.__version__})" if missing else ""
+        return Availability(True, "", tuple(devices), f"torch {torch.__version__}, transformers {transformers.__version__}",
+                            note)
 
     @classmethod
     def accepts(cls, path: Path) -> str | None:
