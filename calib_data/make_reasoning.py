@@ -120,15 +120,15 @@ def fractions(r: random.Random) -> tuple[str, str, str]:
 TEMPLATES = (shopping, linear, percent, speed, sequence, ages, logic, fractions)
 
 
-def main(n: int = 160, seed: int = 0) -> None:
+def generate(n: int = 160, seed: int = 0) -> str:
     r = random.Random(seed)
     lines = []
     for i in range(n):
         q, think, answer = TEMPLATES[i % len(TEMPLATES)](r)
         reply = f"<think>\n{think}\n</think>\n\n{answer}"
         lines.append(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": reply}]}))
-    (Path(__file__).parent / "reasoning.jsonl").write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
-    main()
+    (Path(__file__).parent / "reasoning.jsonl").write_text(generate())

@@ -11,10 +11,11 @@ rounded afterwards by the format's own RTN. The rescaled float tensors of ``prev
 the writer stores them instead of the originals.
 
 Groups are data (``AWQ_GROUPS``): a group is used only where every listed linear present in the
-layer is quantized and nothing else reads ``prev``'s output. Not scaled: MoE routed experts' inputs
-(the post-attention norm also feeds the router and every expert; their down_proj inputs could be
-folded into up_proj per expert, not done yet), o_proj under GQA (v rows are shared by several query
-heads), and lm_head (no op before it to fold into).
+layer is quantized and nothing else reads ``prev``'s output. Routed experts: each expert's down_proj
+gets its own scale folded into its up_proj rows (moe_coverage.py). Not scaled: the routed experts'
+gate/up inputs (the post-attention norm also feeds the router and every expert), o_proj under GQA
+(v rows are shared by several query heads), and lm_head (no op before it to fold into). Every AWQ
+linear is then rounded with a per-block clip search weighted by its rescaled inputs (methods.py).
 """
 
 from __future__ import annotations

@@ -61,6 +61,7 @@ def gptq_quantize(
     hinv = _upper_inverse_cholesky(h)
 
     codes = torch.empty(rows, cols, dtype=_codes_dtype(fmt))
+    row_params: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
     # Batches hold whole groups, so a group's columns are all in the batch when its scale is taken.
     batch = group * max(1, options.block_size // group)
     for i1 in range(0, cols, batch):
@@ -73,8 +74,10 @@ def gptq_quantize(
             g = col // group
             if scale_grid[g] is None:  # first column of the group (no act_order): take its params now
                 scale_grid[g], zero_grid[g] = _group_params(fmt, w1[:, i : i + min(group, cols - g * group)])
-            s = _rows(fmt, scale_grid[g], rows)
-            z = _rows(fmt, zero_grid[g], rows) if zero_grid[g] is not None else None
+            if g not in row_params:  # per-row float32 grid of this group, expanded once
+                zg = zero_grid[g]
+                row_params[g] = (_rows(fmt, scale_grid[g], rows), None if zg is None else _rows(fmt, zg, rows))
+            s, z = row_params[g]
             x = w1[:, i]
             q = encode(fmt, x, s, z)
             dq = decode(q, s, z)

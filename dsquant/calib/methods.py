@@ -69,6 +69,7 @@ class CalibOptions:
     batch_size: int = 8  # samples per forward batch
     expert_min_tokens: int = 32  # routed experts below this also see all the layer's tokens (statistics only)
     fail_below_tokens: int = 0  # --min-expert-tokens: fail the run if a routed expert gets fewer
+    track_drift: bool = True  # also run the float model's stream to report drift per layer (+1 forward)
     quantize_lm_head: bool = True  # calibrate lm_head on the final-norm outputs when the recipe quantizes it
 
 

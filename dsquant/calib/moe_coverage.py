@@ -21,6 +21,7 @@ from torch import nn
 
 from ..errors import InputError, UnsupportedError
 from ..formats import FORMATS, QuantizedTensor
+from .awq import search_scale
 from .methods import METHODS, CalibOptions, InputStats, Method
 
 _EXPERT_RE = re.compile(r"^mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
@@ -127,15 +128,21 @@ class ExpertCapture:
             if x.shape[0] == 0 and method.needs_stats:  # nothing to calibrate on: round to nearest
                 used, policy = METHODS["rtn"], "rtn"
             w = {"gate": mod.gate_up_proj.data[e, :inter], "up": mod.gate_up_proj.data[e, inter:]}
+            w_down = mod.down_proj.data[e]
+            names = {p: expert_name(self.prefix, e, p) for p in PROJS}
+            if used.awq and x.shape[0] and names["up"] in formats and names["down"] in formats:
+                # AWQ for the expert's down_proj: its input act(gate x) * up x scales by 1/s through up's rows
+                h = mod.act_fn(x @ w["gate"].T) * (x @ w["up"].T)
+                keep = torch.linspace(0, h.shape[0] - 1, min(h.shape[0], opts.awq_tokens)).round().long()
+                s, _, _ = search_scale(h[keep], [w_down], [formats[names["down"]]], opts.awq_grid)
+                w["up"], w_down = w["up"] / s.unsqueeze(1), w_down * s
             st_in = self._stats(used, x, opts)
             deq = {}
             for proj in ("gate", "up"):
                 deq[proj] = self._one(used, formats, expert_name(self.prefix, e, proj), w[proj], st_in, opts, out)
             h = mod.act_fn(x @ deq["gate"].T) * (x @ deq["up"].T)
             st_down = self._stats(used, h, opts)
-            deq_down = self._one(
-                used, formats, expert_name(self.prefix, e, "down"), mod.down_proj.data[e], st_down, opts, out
-            )
+            deq_down = self._one(used, formats, names["down"], w_down, st_down, opts, out)
             mod.gate_up_proj.data[e] = torch.cat([deq["gate"], deq["up"]])
             mod.down_proj.data[e] = deq_down
             rows.append({"layer": layer, "expert": e, "tokens": n, "policy": policy})
@@ -145,7 +152,7 @@ class ExpertCapture:
     def _stats(method: Method, x: torch.Tensor, opts: CalibOptions) -> InputStats | None:
         if not method.needs_stats:
             return None
-        st = InputStats(x.shape[-1], method.full_hessian, 0)
+        st = InputStats(x.shape[-1], method.full_hessian, opts.awq_tokens if method.awq else 0)
         st.add(x)
         return st
 

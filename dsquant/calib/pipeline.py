@@ -63,6 +63,7 @@ ProgressFn = Callable[[int, int, str], None]
 class LayerReport:
     layer: int
     rel_err: float  # ||y_q - y|| / ||y - x||: error of the quantized layer's update to the residual stream
+    drift: float | None  # ||h_q - h|| / ||h||: quantized model vs float model, hidden states after this layer
     seconds: float
     quantized: int
     experts: list[dict] = field(default_factory=list)  # coverage rows (MoE layers)
@@ -178,10 +179,19 @@ def _rel(num: float, den: float) -> float:
 
 
 def calibrate_layer(
-    dec: Decoder, i: int, xs: list[torch.Tensor], method: Method, formats: dict[str, str], opts: CalibOptions
-) -> tuple[Tensors, list[torch.Tensor], LayerReport]:
+    dec: Decoder,
+    i: int,
+    xs: list[torch.Tensor],
+    method: Method,
+    formats: dict[str, str],
+    opts: CalibOptions,
+    ref: list[torch.Tensor] | None = None,
+) -> tuple[Tensors, list[torch.Tensor], list[torch.Tensor] | None, LayerReport]:
+    """Calibrate layer ``i`` on the quantized stream ``xs``; ``ref`` is the float model's stream (for the
+    drift metric). Returns (tensors, next xs, next ref, report)."""
     t0 = time.perf_counter()
     layer = dec.load_layer(i)
+    ref_out = [dec.forward(layer, x) for x in ref] if ref is not None else None
     prefix = dec.prefix(i)
     linears = linear_modules(layer, prefix, formats)
     stats: dict[str, InputStats] = {}
@@ -216,9 +226,13 @@ def calibrate_layer(
     ys_q = [dec.forward(layer, x) for x in xs]
     num = sum(float((yq - yf).double().square().sum()) for yq, yf in zip(ys_q, ys_fp, strict=True))
     den = sum(float((yf - x).double().square().sum()) for yf, x in zip(ys_fp, xs, strict=True))
+    drift = None
+    if ref_out is not None:
+        d_num = sum(float((yq - yr).double().square().sum()) for yq, yr in zip(ys_q, ref_out, strict=True))
+        drift = _rel(d_num, sum(float(yr.double().square().sum()) for yr in ref_out))
     n_q = sum(1 for v in out.values() if isinstance(v, QuantizedTensor))
-    rep = LayerReport(i, _rel(num, den), round(time.perf_counter() - t0, 3), n_q, coverage)
-    return out, ys_q, rep
+    rep = LayerReport(i, _rel(num, den), drift, round(time.perf_counter() - t0, 3), n_q, coverage)
+    return out, ys_q, ref_out, rep
 
 
 def _lm_head(dec: Decoder, xs: list[torch.Tensor], method: Method, formats: dict[str, str], opts: CalibOptions):
@@ -264,19 +278,21 @@ def calibrate(
     reports: list[LayerReport] = []
     start = 0
     xs: list[torch.Tensor] | None = None
+    ref: list[torch.Tensor] | None = None
     if state is not None and state.next_layer > 0:
         start = state.next_layer
-        tensors, rows, xs = state.load()
+        tensors, rows, xs, ref = state.load()
         reports = [LayerReport(**r) for r in rows]
     if xs is None:
         xs = [dec.embed(ids) for ids in batch.ids.split(opts.batch_size)]
+        ref = [x.clone() for x in xs] if opts.track_drift else None
     with torch.inference_mode():
         for i in range(start, dec.n_layers):
-            out, xs, rep = calibrate_layer(dec, i, xs, m, formats, opts)
+            out, xs, ref, rep = calibrate_layer(dec, i, xs, m, formats, opts, ref)
             tensors.update(out)
             reports.append(rep)
             if state is not None:
-                state.save(i, out, rep, xs)
+                state.save(i, out, rep, xs, ref)
             if progress:
                 progress(i + 1, dec.n_layers, f"layer {i}: rel err {rep.rel_err:.4f}")
         head, head_err = _lm_head(dec, xs, m, formats, opts) if opts.quantize_lm_head else (None, None)

@@ -4,7 +4,7 @@ Layout of ``work_dir``::
 
     fingerprint.json     model + recipe + method/options + calibration data (a mismatch refuses to resume)
     layer-00012.pt       that layer's results: quantized tensors (codes/scale/zero), rescaled floats, report
-    hidden.pt            the quantized stream's hidden states after the last finished layer
+    hidden.pt            hidden states after the last finished layer: quantized stream (+ float reference)
     state.json           {"next_layer": 13}; written last, by rename, so a kill leaves a consistent state
 
 Files are written to a temporary name and renamed, so a run killed mid-write resumes from the last
@@ -103,14 +103,16 @@ class ResumeState:
         state = self.dir / "state.json"
         self.next_layer = int(json.loads(state.read_text())["next_layer"]) if state.is_file() else 0
 
-    def save(self, layer: int, tensors: dict, report: object, hidden: list[torch.Tensor]) -> None:
+    def save(
+        self, layer: int, tensors: dict, report: object, hidden: list[torch.Tensor], ref: list[torch.Tensor] | None
+    ) -> None:
         rep = asdict(report) if is_dataclass(report) else dict(report)  # type: ignore[arg-type]
         _atomic_save({"tensors": _pack(tensors), "report": json.dumps(rep)}, self.dir / f"layer-{layer:05d}.pt")
-        _atomic_save({"hidden": list(hidden)}, self.dir / "hidden.pt")
+        _atomic_save({"hidden": list(hidden), "reference": None if ref is None else list(ref)}, self.dir / "hidden.pt")
         _atomic_text(json.dumps({"next_layer": layer + 1}), self.dir / "state.json")
         self.next_layer = layer + 1
 
-    def load(self) -> tuple[dict, list[dict], list[torch.Tensor]]:
+    def load(self) -> tuple[dict, list[dict], list[torch.Tensor], list[torch.Tensor] | None]:
         tensors: dict = {}
         reports: list[dict] = []
         for i in range(self.next_layer):
@@ -120,5 +122,5 @@ class ResumeState:
             d = torch.load(path, weights_only=True)
             tensors.update(_unpack(d["tensors"]))
             reports.append(json.loads(d["report"]))
-        hidden = torch.load(self.dir / "hidden.pt", weights_only=True)["hidden"]
-        return tensors, reports, hidden
+        saved = torch.load(self.dir / "hidden.pt", weights_only=True)
+        return tensors, reports, saved["hidden"], saved["reference"]
