@@ -173,3 +173,29 @@ def write_eval_html(report: Report, path: Path) -> None:
     page = html_page("dsq eval report", eval_header(report), eval_rows(report), eval_figures(report), notes)
     with atomic_file(Path(path), overwrite=True, mode="w") as f:
         f.write(page)
+
+
+def write_bench_html(results, header: list[str], rows: list[list[str]], path: Path) -> None:
+    """The ``dsq bench`` page: its table and tokens/s bars per model and runtime."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .atomic import atomic_file
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    labels = [f"{Path(r.model).name}\n{r.runtime}" for r in results]
+    for ax, key, title in ((axes[0], "prefill_tok_s", "prefill tokens/s"), (axes[1], "decode_tok_s", "decode tokens/s")):
+        vals = [getattr(r, key) for r in results]
+        ax.bar(range(len(vals)), vals, color="#3a6ea5")
+        ax.set_xticks(range(len(vals)), labels, fontsize=7)
+        ax.set_title(title)
+        for i, v in enumerate(vals):
+            ax.annotate(f"{v:.0f}", (i, v), ha="center", va="bottom", fontsize=8)
+    r0 = results[0]
+    notes = [f"Median of {r0.runs} runs after {r0.warmup} warm-up; prompt {r0.prompt_tokens} tokens, {r0.new_tokens} "
+             "new tokens (greedy, EOS ignored); threads per row; peak RSS sampled every 5 ms while the model was loaded."]
+    page = html_page("dsq bench report", header, rows, [("Throughput", _png(fig))], notes)
+    with atomic_file(Path(path), overwrite=True, mode="w") as f:
+        f.write(page)

@@ -156,10 +156,10 @@ def eval_command(quants: list[Path], ref: Path, runtime: str, text: Path | None,
 
 
 def bench_command(models: list[Path], runtime: str, device: str, threads: int | None, prompt_tokens: int,
-                  new_tokens: int, runs: int, warmup: int, json_out: Path | None) -> None:
+                  new_tokens: int, runs: int, warmup: int, json_out: Path | None, html_out: Path | None = None) -> None:
     from rich.table import Table
 
-    from dsq.dsquant.eval_report import write_json
+    from dsq.dsquant.eval_report import write_bench_html, write_json
 
     from .bench import BENCH_HEADER, bench_model, bench_rows
     from .registry import choose
@@ -179,6 +179,8 @@ def bench_command(models: list[Path], runtime: str, device: str, threads: int | 
     _out().print(t)
     if json_out:
         write_json({"schema": "dsq.bench/1", "results": [r.to_json() for r in results]}, json_out)
+    if html_out:
+        write_bench_html(results, BENCH_HEADER, bench_rows(results), html_out)
 
 
 def read_stdin_lines() -> Callable[[], str]:

@@ -197,10 +197,12 @@ def test_cli_run_and_chat_through_runner(model_dir):
 def test_cli_bench_json(model_dir, tmp_path):
     out = tmp_path / "bench.json"
     res = runner.invoke(app, ["bench", str(model_dir("qwen2")), "--threads", "2", "--prompt-tokens", "16",
-                              "--new-tokens", "4", "--runs", "2", "--warmup", "1", "--json", str(out)])
+                              "--new-tokens", "4", "--runs", "2", "--warmup", "1", "--json", str(out),
+                              "--html", str(tmp_path / "b.html")])
     assert res.exit_code == 0, res.output
     (r,) = json.loads(out.read_text())["results"]
     assert r["runtime"] == "torch" and r["threads"] == 2 and r["prompt_tokens"] == 16
     assert len(r["samples"]) == 2 and r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0
     assert r["ttft_s"] > 0 and r["peak_rss_mb"] > 50
     assert "prefill tok/s" in res.output
+    assert "data:image/png;base64," in (tmp_path / "b.html").read_text()
