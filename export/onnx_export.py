@@ -23,7 +23,7 @@ from ..dsquant.checkpoint import SIDE_FILES, Checkpoint
 from ..dsquant.errors import CorruptFileError, InputError, UnsupportedError
 from ..dsquant.formats import FORMATS, QuantizedTensor
 from .onnx_genai import genai_config
-from .onnx_graph import arch_spec, build_decoder
+from .onnx_graph import arch_spec, attention_kind, build_decoder
 from .onnx_weights import DATA_NAME, InitializerSink, WeightTable
 
 MODEL_NAME = "model.onnx"
@@ -118,6 +118,7 @@ def export_onnx(
     overwrite: bool = False,
     recipe: str | None = None,
     accuracy_level: int = 0,
+    attention: str = "plain",
     external_threshold: int = PROTOBUF_LIMIT,
 ) -> dict:
     """Export ``src`` to an ONNX folder at ``out_dir``; returns the report (also written as onnx-report.json)."""
@@ -130,7 +131,7 @@ def export_onnx(
     if not (src / "config.json").is_file():
         raise InputError(f"{src}: no config.json; give a dsq output or Hugging Face model directory")
     cfg = json.loads((src / "config.json").read_text())
-    arch_spec(cfg)  # unsupported architecture: fail before reading any weight
+    attention_kind(cfg, attention)  # unsupported architecture / attention: fail before reading any weight
 
     with atomic_dir(out_dir, overwrite) as tmp:
         weights = WeightTable(InitializerSink(tmp), accuracy_level=accuracy_level)
@@ -143,7 +144,7 @@ def export_onnx(
             if name == "model.embed_tokens.weight" and cfg.get("tie_word_embeddings"):
                 weights.tie("lm_head.weight", name)
         check_ep(ep, weights)
-        model = build_decoder(cfg, weights)
+        model = build_decoder(cfg, weights, attention)
         weights.sink.close()
         _save(model, tmp, weights.sink.external_bytes, external_threshold)
         onnx.checker.check_model(str(tmp / MODEL_NAME))
@@ -155,6 +156,8 @@ def export_onnx(
             "source": str(src),
             "model_type": cfg["model_type"],
             "ep": ep,
+            "attention": attention,
+            "accuracy_level": accuracy_level,
             "formats": dict(formats),
             "matmulnbits": sorted({f"{lin.format}->bits{lin.packed.bits}" for lin in weights.linears.values() if lin.packed}),
             "notes": sorted(weights.notes),

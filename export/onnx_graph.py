@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -48,6 +48,7 @@ class Ctx:
     rope: Rope
     bias: str
     eps: float
+    shared: dict[str, object] = field(default_factory=dict)  # per-graph values built once, on first use
 
 
 # An attention block: (graph, ctx, layer, hidden, past key, past value) -> (output, present key, present value).
@@ -75,6 +76,46 @@ def gqa_attention(g: GraphBuilder, ctx: Ctx, i: int, x: str, past_k: str, past_v
     present_k = g.op("Concat", past_k, k, axis=2)
     present_v = g.op("Concat", past_v, proj("v", n_kv), axis=2)
     out = grouped_attention(g, q, present_k, present_v, ctx.bias, (n_heads, n_kv), (d, d), d**-0.5)
+    return linear(g, out, f"{p}.o_proj.weight"), present_k, present_v
+
+
+def gqa_contrib_attention(
+    g: GraphBuilder, ctx: Ctx, i: int, x: str, past_k: str, past_v: str
+) -> tuple[str, str, str]:
+    """The same attention through ``com.microsoft::GroupQueryAttention`` (onnxruntime's fused kernel; the
+    cache layout is identical). q/k norms and RoPE stay ours (do_rotary=0), so the math matches the plain
+    path; the op masks causally from ``seqlens_k`` = (attention_mask row sums) - 1, i.e. it assumes
+    right-padded batches (as onnxruntime-genai feeds it), not left padding."""
+    cfg, p = ctx.cfg, f"model.layers.{i}.self_attn"
+    n_heads, n_kv, d = cfg["num_attention_heads"], cfg["num_key_value_heads"], head_dim(cfg)
+    if "seqlens_k" not in ctx.shared:
+        total = g.op("ReduceSum", "attention_mask", g.const([1]), keepdims=0)
+        ctx.shared["seqlens_k"] = g.op("Cast", g.op("Sub", total, g.const(1)), to=6)  # INT32
+        length = g.reshape(g.dim("attention_mask", 1), g.const([], np.int64))
+        ctx.shared["total_len"] = g.op("Cast", length, to=6)
+        # our RoPE tables are [B, 1, S, D/2] (heads first); this op takes [B, S, heads * D]
+        ctx.shared["rope_bshd"] = Rope(
+            g.op("Transpose", ctx.rope.cos, perm=[0, 2, 1, 3]), g.op("Transpose", ctx.rope.sin, perm=[0, 2, 1, 3]),
+            ctx.rope.half, ctx.rope.interleaved,
+        )
+    rope = ctx.shared["rope_bshd"]
+
+    def proj(name: str, heads: int, rotate: bool) -> str:
+        bias = f"{p}.{name}_proj.bias" if ctx.spec.qkv_bias else None
+        y = linear(g, x, f"{p}.{name}_proj.weight", bias)
+        if not rotate:
+            return y
+        y = g.reshape(y, [0, 0, heads, d])
+        if ctx.spec.qk_norm:
+            y = rms_norm(g, y, f"{p}.{name}_norm.weight", ctx.eps)
+        return g.reshape(apply_rope(g, y, rope), [0, 0, heads * d])
+
+    out, present_k, present_v = g.op(
+        "GroupQueryAttention",
+        proj("q", n_heads, True), proj("k", n_kv, True), proj("v", n_kv, False), past_k, past_v,
+        ctx.shared["seqlens_k"], ctx.shared["total_len"],
+        outputs=3, domain=MS_DOMAIN, num_heads=n_heads, kv_num_heads=n_kv, scale=d**-0.5,
+    )
     return linear(g, out, f"{p}.o_proj.weight"), present_k, present_v
 
 
@@ -113,7 +154,15 @@ ARCH_SPECS: dict[str, ArchSpec] = {
 # attention kind -> (block, cache shapes (key, value) for a config)
 ATTENTION: dict[str, tuple[Callable[[], AttentionFn], Callable[[dict], tuple[list, list]]]] = {
     "gqa": (lambda: gqa_attention, gqa_cache),
+    "gqa_contrib": (lambda: gqa_contrib_attention, gqa_cache),
     "mla": (lambda: _mla().mla_attention, lambda cfg: _mla().mla_cache(cfg)),
+}
+
+# (architecture's attention, --attention choice) -> ATTENTION key. MLA has no fused onnxruntime kernel.
+ATTENTION_IMPLS: dict[tuple[str, str], str] = {
+    ("gqa", "plain"): "gqa",
+    ("gqa", "contrib"): "gqa_contrib",
+    ("mla", "plain"): "mla",
 }
 
 # RoPE types whose frequencies do not depend on the sequence length (one table serves every step).
@@ -156,9 +205,18 @@ def _dense_or_moe(g: GraphBuilder, ctx: Ctx, i: int, x: str) -> str:
     return swiglu_mlp(g, x, f"model.layers.{i}.mlp")
 
 
-def build_decoder(cfg: dict, weights: WeightTable) -> onnx.ModelProto:
+def attention_kind(cfg: dict, impl: str) -> str:
     spec = arch_spec(cfg)
-    attn_fn, cache_shapes = ATTENTION[spec.attention][0](), ATTENTION[spec.attention][1]
+    if (spec.attention, impl) not in ATTENTION_IMPLS:
+        known = sorted(i for a, i in ATTENTION_IMPLS if a == spec.attention)
+        raise UnsupportedError(f"attention `{impl}`: not available for {cfg['model_type']}; choose {', '.join(known)}")
+    return ATTENTION_IMPLS[spec.attention, impl]
+
+
+def build_decoder(cfg: dict, weights: WeightTable, attention: str = "plain") -> onnx.ModelProto:
+    spec = arch_spec(cfg)
+    kind = attention_kind(cfg, attention)
+    attn_fn, cache_shapes = ATTENTION[kind][0](), ATTENTION[kind][1]
     g = GraphBuilder(weights)
     n_layers, eps = cfg["num_hidden_layers"], cfg.get("rms_norm_eps", 1e-6)
     key_shape, value_shape = cache_shapes(cfg)

@@ -34,6 +34,7 @@ def _logits(out) -> np.ndarray:
         (dict(int4_block=64), UnsupportedError, "re-round"),
         (dict(int4_block=48), UnsupportedError, "--int4-block 48"),
         (dict(recipe="int4"), InputError, "already quantized"),
+        (dict(attention="fused"), UnsupportedError, "attention `fused`"),
     ],
 )
 def test_refused_at_export_with_nothing_written(quantized_dir, tmp_path, kwargs, error, words):
@@ -42,6 +43,12 @@ def test_refused_at_export_with_nothing_written(quantized_dir, tmp_path, kwargs,
     with pytest.raises(error, match=words):
         export_onnx(quantized_dir("llama", recipe), out, **kwargs)
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_mla_has_no_contrib_attention(quantized_dir, tmp_path):
+    with pytest.raises(UnsupportedError, match="deepseek_v3"):
+        export_onnx(quantized_dir("deepseek_v3", "int4"), tmp_path / "o", attention="contrib")
+    assert not (tmp_path / "o").exists()
 
 
 def test_unsupported_architecture_and_existing_output(quantized_dir, tmp_path):

@@ -251,3 +251,16 @@ def test_tied_embeddings_share_one_matrix(quantized_dir, tmp_path):
     ref_tokens, ref_logits = torch_greedy(ref, PROMPT, NEW_TOKENS)
     assert float(np.abs(logits - ref_logits).max()) <= ATOL
     assert tokens == ref_tokens
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_contrib_group_query_attention_matches_too(arch, quantized_dir, reference, tmp_path):
+    """--attention contrib: the same model through onnxruntime's fused GroupQueryAttention kernel."""
+    report = export_onnx(quantized_dir(arch, "int4"), tmp_path / "onnx", attention="contrib")
+    assert report["attention"] == "contrib"
+    model = onnx.load(str(tmp_path / "onnx" / "model.onnx"))
+    assert sum(n.op_type == "GroupQueryAttention" for n in model.graph.node) == 2  # one per layer
+    tokens, logits = ort_greedy(load_session(tmp_path / "onnx"), PROMPT, NEW_TOKENS)
+    ref_tokens, ref_logits = torch_greedy(reference(arch, "int4"), PROMPT, NEW_TOKENS)
+    assert float(np.abs(logits - ref_logits).max()) <= ATOL
+    assert tokens == ref_tokens
