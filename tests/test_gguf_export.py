@@ -250,3 +250,21 @@ def test_cli_export_dispatch(quantized_dir, tmp_path):
     res = CliRunner().invoke(app, ["export", str(quantized_dir("qwen2", "int8")), "--to", "tflite", "-o", str(out)])
     assert res.exit_code == 2 and "unknown target" in res.output
     assert issubclass(OutputError, DsqError)
+
+
+def test_deepseek_fp8_checkpoint_is_requantized_to_q8_0_with_error_reported(model_dir, tmp_path):
+    """Block-FP8 (128x128) has no GGUF twin: every FP8 weight goes to Q8_0, the report gives the added error."""
+    src = model_dir("deepseek_v3-fp8")
+    out = tmp_path / "fp8.gguf"
+    report = export_gguf(src, out)
+    assert report["requantized"] > 0 and report["exact"] == 0
+    fp8_rows = [r for r in report["tensors"] if r["status"] == "requantized"]
+    assert {r["type"] for r in fp8_rows} == {"q8_0"}
+    assert all(0 < r["rel_error"] < 0.01 for r in fp8_rows)
+    want = expected_tensors(QuantizedCheckpoint(src).dequantized_state_dict(), QuantizedCheckpoint(src).config)
+    got = gguf_tensors(out)
+    assert set(got) == set(want)
+    for r in fp8_rows:
+        ref = want[r["name"]].float()
+        rel = float((torch.from_numpy(got[r["name"]][1]) - ref).norm() / ref.norm())
+        assert rel == pytest.approx(r["rel_error"], rel=1e-3)

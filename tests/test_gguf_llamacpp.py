@@ -6,8 +6,9 @@ Tolerances (measured on the fixtures, stated here once):
   3% of max |logit| (measured ~1.0-1.3%). The weights are identical (test_gguf_export.py); the rest is
   ggml's CPU matmul quantizing activations to Q8_0 for Q4_0/Q8_0 dot products.
 * F32 GGUF vs the same torch model: <= 0.2% (measured ~0.03%): float rounding order only. For DeepSeek
-  this is the gate: its quantized logits differ more (up to ~20% on V3) because the random-weight router
-  sits on near-ties (sigmoid scores ~0.5, the correction bias decides) and activation rounding flips experts.
+  this is the tight gate. Its quantized files are gated per position: on the V3 int8 fixture 58 of 60
+  positions are within ~1% and 2 are off by ~17%, where activation rounding flips a top-k expert choice
+  (a discontinuity, not a weight error), so: >= 85% of positions within 3% and the median within 3%.
 """
 
 from __future__ import annotations
@@ -126,9 +127,11 @@ def test_f32_gguf_matches_torch_reference_tightly(arch, quantized_dir, tmp_path)
     ids = hf_ids(src, PROMPT)
     _check_logits(model, llm, ids, 0.002)
     q = tmp_path / "q.gguf"
-    export_gguf(src, q)  # the quantized DeepSeek file loads and runs too
-    logits = llama_logits(load(q), ids)
-    assert np.isfinite(logits).all()
+    export_gguf(src, q)
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].numpy()
+    per_pos = np.abs(llama_logits(load(q), ids) - ref).max(-1) / np.abs(ref).max()
+    assert np.median(per_pos) <= 0.03 and (per_pos <= 0.03).mean() >= 0.85, per_pos
 
 
 def test_tokenizer_ids_equal_hf(quantized_dir, tmp_path):
