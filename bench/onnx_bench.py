@@ -130,7 +130,9 @@ def ort_speed(session, prompt: list[int], n_decode: int, reps: int = 3) -> tuple
 def llama_cpp_speed(gguf: Path, prompt: list[int], n_decode: int, threads: int, reps: int = 3) -> tuple[float, float]:
     from llama_cpp import Llama
 
-    llm = Llama(str(gguf), n_ctx=len(prompt) + n_decode + 8, n_threads=threads, n_batch=len(prompt), verbose=False)
+    # logits_all: llama.cpp computes every prompt position's logits, as the ONNX graph does.
+    llm = Llama(str(gguf), n_ctx=len(prompt) + n_decode + 8, n_threads=threads, n_batch=len(prompt), logits_all=True,
+                verbose=False)
     best = float("inf")
     for _ in range(reps):
         llm.reset()
@@ -155,12 +157,18 @@ def part_a(work: Path, args) -> dict:
     q = work / "synth-int4"
     if not q.exists():
         step("dsq quantize int4", lambda: quantize_checkpoint(src, q, "int4"))
-    outs = {"onnx int4 (acc 0)": (q, 0), "onnx int4 (acc 4)": (q, 4), "onnx fp32": (src, 0)}
+    outs = {
+        "onnx int4 (acc 0)": (q, 0, "plain"),
+        "onnx int4 (acc 4)": (q, 4, "plain"),
+        "onnx int4 GQA (acc 4)": (q, 4, "contrib"),
+        "onnx fp32": (src, 0, "plain"),
+    }
     dirs = {}
-    for label, (s, acc) in outs.items():
+    for label, (s, acc, attn) in outs.items():
         d = work / label.replace(" ", "_").replace("(", "").replace(")", "")
         if not d.exists():
-            step(f"export {label}", lambda s=s, d=d, acc=acc: export_onnx(s, d, accuracy_level=acc))
+            step(f"export {label}", lambda s=s, d=d, acc=acc, attn=attn: export_onnx(
+                s, d, accuracy_level=acc, attention=attn))
         dirs[label] = d
     gguf = work / "synth-q4_0.gguf"
     if not gguf.exists():
@@ -229,10 +237,16 @@ def part_b(work: Path, args) -> dict:
     q = work / "smol-int4"
     if not q.exists():
         step("dsq quantize int4", lambda: quantize_checkpoint(SMOLLM, q, "int4"))
-    folders = {"dsq int4 (acc 4)": work / "smol-dsq-int4-acc4", "dsq int4 (acc 0)": work / "smol-dsq-int4-acc0"}
-    for label, d in folders.items():
+    variants = {  # label -> (folder, accuracy_level, attention)
+        "dsq int4 (acc 0)": ("smol-dsq-int4-acc0", 0, "plain"),
+        "dsq int4 (acc 4)": ("smol-dsq-int4-acc4", 4, "plain"),
+        "dsq int4 GQA (acc 4)": ("smol-dsq-int4-gqa-acc4", 4, "contrib"),
+    }
+    folders = {}
+    for label, (name, acc, attn) in variants.items():
+        d = folders[label] = work / name
         if not d.exists():
-            step(f"export {label}", lambda d=d, label=label: export_onnx(q, d, accuracy_level=4 if "4)" in label else 0))
+            step(f"export {label}", lambda d=d, acc=acc, attn=attn: export_onnx(q, d, accuracy_level=acc, attention=attn))
     builder = work / "smol-genai-builder-int4"
     if not builder.exists():
         cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(SMOLLM), "-o", str(builder),
@@ -261,7 +275,7 @@ def part_b(work: Path, args) -> dict:
         results[label] = {"kl": kl, "top1": top1, "decode_tok_s": speed, "bytes": size}
         log(f"  {label}: KL {kl:.4f}, top-1 {top1:.3f}, genai decode {speed:.1f} tok/s, {size / 1e6:.1f} MB")
     b = results["genai builder int4"]
-    for label in ("dsq int4 (acc 0)", "dsq int4 (acc 4)"):
+    for label in variants:
         r = results[label]
         log(f"  {label} / builder: decode x{r['decode_tok_s'] / b['decode_tok_s']:.2f}, KL x{r['kl'] / b['kl']:.2f}")
     return {"kl_tokens": len(ids), "models": results}
