@@ -411,6 +411,8 @@ def evaluate(
             raise InputError(f"--{flag.replace('_', '-')} needs --reasoning N (the math-prompt check)")
     if s.ctx < 2:
         raise InputError(f"--ctx {s.ctx}: a chunk needs at least 2 tokens")
+    if not 0 < s.coverage <= 1 or s.top_k < 1 or s.chunks < 1:
+        raise InputError(f"--coverage {s.coverage} must be in (0, 1], --top-k {s.top_k} and --chunks {s.chunks} >= 1")
     text = read_text(text_path)
     text_sha = hashlib.sha256(text.encode()).hexdigest()
     ref_cls = choose(Path(ref_path), s.ref_runtime)[0]

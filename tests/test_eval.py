@@ -59,6 +59,7 @@ def test_eval_gate_passes_loose_fails_impossible(model_dir, quantized_dir, tmp_p
     assert res.exit_code == 0, res.output
     rep = json.loads(js.read_text())
     assert rep["schema"] == "dsq.eval/1" and rep["passed"] and not rep["ref_cached"]
+    assert rep["settings"]["coverage"] == 0.99 and rep["settings"]["top_k"] == 1024
     ref_row, r8, r4 = rep["results"]
     assert ref_row["is_reference"] and ref_row["tokens"] == 3 * 47
     for r in (r8, r4):
