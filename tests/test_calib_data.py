@@ -106,3 +106,16 @@ def test_chat_documents_use_the_model_chat_template(model_dir):
     batch = data.calibration_batch("mixed", tok, 6, 32, seed=0)
     assert batch.ids.shape == (6, 32) and set(batch.describe()["streams"]) == {"prose", "code", "reasoning"}
     assert int(batch.ids.max()) < 320
+
+
+def test_cli_calib_list_json():
+    from typer.testing import CliRunner
+
+    from dsq.cli import app
+
+    res = CliRunner().invoke(app, ["calib", "list", "--json"])
+    assert res.exit_code == 0, res.output
+    rows = {r["name"]: r for r in json.loads(res.output)}
+    assert set(rows) == {"prose", "code", "reasoning", "mixed"}
+    assert all(r["licence"] for r in rows.values())
+    assert rows["prose"]["sha256"] == data.shipped_sets()["prose"].sha256
