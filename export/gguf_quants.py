@@ -117,29 +117,33 @@ def pack_exact(qt: QuantizedTensor, t: GGUFType) -> np.ndarray:
     """Re-pack dsq's codes and scales into GGUF blocks without re-rounding the codes. -> uint8 bytes."""
     rows, cols = qt.shape
     nb = cols // BLOCK
+    head_bytes = {GT.Q4_0: 2, GT.Q4_1: 4, GT.Q8_0: 2}[t.gtype]
+    body_bytes = BLOCK if t.gtype == GT.Q8_0 else BLOCK // 2
+    out = torch.empty(rows, nb, head_bytes + body_bytes, dtype=torch.uint8)  # filled in place: no concat copy
     if t.gtype == GT.Q4_0:
-        body = _nibbles((qt.codes.to(torch.int16) + 8).reshape(rows, nb, BLOCK))
-        head = _fp16_bytes(qt.scale.reshape(rows, nb, 1))
+        out[..., 2:] = _nibbles((qt.codes.to(torch.int16) + 8).reshape(rows, nb, BLOCK))
+        out[..., :2] = _fp16_bytes(qt.scale.reshape(rows, nb, 1))
     elif t.gtype == GT.Q4_1:
-        body = _nibbles(qt.codes.reshape(rows, nb, BLOCK))
+        out[..., 4:] = _nibbles(qt.codes.reshape(rows, nb, BLOCK))
         d_m = torch.stack([qt.scale.to(torch.float16), q4_1_offset(qt)], dim=-1)  # d first, then m
-        head = _fp16_bytes(d_m.reshape(rows, nb, 2))
-    elif t.gtype == GT.Q8_0:
-        body = qt.codes.to(torch.int8).reshape(rows, nb, BLOCK).contiguous().view(torch.uint8)
-        head = _fp16_bytes(qt.scale.reshape(rows, nb, 1))
-    else:  # pragma: no cover - guarded by is_exact
-        raise AssertionError(t.name)
-    return torch.cat([head, body], dim=-1).reshape(-1).numpy()
+        out[..., :4] = _fp16_bytes(d_m.reshape(rows, nb, 2))
+    else:
+        out[..., 2:] = qt.codes.to(torch.int8).reshape(rows, nb, BLOCK).view(torch.uint8)
+        out[..., :2] = _fp16_bytes(qt.scale.reshape(rows, nb, 1))
+    return out.reshape(-1).numpy()
 
 
-def encode(value: QuantizedTensor | torch.Tensor, t: GGUFType, name: str) -> np.ndarray:
-    """Bytes of one tensor (or one row-block of a stacked tensor) in GGUF type ``t``.
+def encode(value: QuantizedTensor | torch.Tensor, t: GGUFType, name: str) -> tuple[np.ndarray, torch.Tensor | None]:
+    """Bytes of one tensor (or one row-block of a stacked tensor) in GGUF type ``t``, plus the values a
+    re-quantization produced (None when nothing was re-rounded: an exact re-pack or a float cast).
 
     A QuantizedTensor in ``t``'s twin format is packed exactly; anything else is dequantized and
-    quantized with the twin format (ggml's reference rounding) or cast to the float type.
+    quantized with the twin format (ggml's reference rounding) or cast to the float type. The values
+    returned are dsq's dequantization of what was packed: equal to the GGUF's for Q4_0/Q8_0, within
+    ``q4_1_offset_bound`` for Q4_1 (tests check both), so the writer reports errors without decoding bytes.
     """
     if isinstance(value, QuantizedTensor) and is_exact(value, t):
-        return pack_exact(value, t)
+        return pack_exact(value, t), None
     w = value.dequantize() if isinstance(value, QuantizedTensor) else value
     if t.quantized:
         shape = tuple(w.shape)
@@ -148,8 +152,8 @@ def encode(value: QuantizedTensor | torch.Tensor, t: GGUFType, name: str) -> np.
                 f"{name}: rows of {shape[-1]} are not a multiple of {BLOCK}, which {t.name.upper()} needs"
             )
         qt = FORMATS[t.twin].quantize(w.reshape(-1, shape[-1]), name)
-        return pack_exact(qt, t)
-    return w.to(t.torch_dtype).contiguous().view(torch.uint8).reshape(-1).numpy()
+        return pack_exact(qt, t), qt.dequantize().reshape(shape)
+    return w.to(t.torch_dtype).contiguous().view(torch.uint8).reshape(-1).numpy(), None
 
 
 def nbytes(t: GGUFType, shape: tuple[int, ...]) -> int:

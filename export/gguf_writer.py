@@ -8,8 +8,8 @@ Choosing a GGUF type per tensor (``choose_type``):
   nearest type (``NEAREST``) and are re-quantized, with the added error in the report;
 * a float weight: its own float type, or what ``recipe`` asks for (quantized straight into the
   GGUF type, from the float values, with ggml's reference rounding);
-* ``type`` (``--type``) forces one type on every linear weight (embeddings stay 16-bit unless a float
-  type is forced); a row length that is not whole blocks falls back to F16, noted per tensor.
+* ``type`` (``--type``) forces one type on every 2-D weight, the token embedding included (as llama.cpp's
+  quantizer does for Q4_0/Q8_0); a row length that is not whole blocks falls back to F16, noted per tensor.
 
 The header (metadata + tensor table) is computed from shapes alone, then each tensor is loaded,
 packed, written and dropped: peak memory is about the largest tensor (a layer's stacked experts).
@@ -18,8 +18,8 @@ The file appears atomically: written under a temporary name, renamed when comple
 
 from __future__ import annotations
 
-import contextlib
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFWriter
-from gguf.quants import dequantize
 
 from dsq.dsquant.archs import ROLE_INFO
 from dsq.dsquant.atomic import check_output
@@ -56,7 +55,7 @@ def choose_type(t: OutTensor, forced: GGUFType | None, recipe) -> tuple[GGUFType
     own = GGUF_TYPES[FLOAT_OF.get(t.float_dtype, "f16")]
     formats = t.formats
     if forced is not None:
-        chosen = own if (kind == "embedding" and forced.quantized) else forced
+        chosen = forced
     elif None not in formats:
         nearest = {NEAREST[f] for f in formats}
         chosen = GGUF_TYPES[next(n for n in _PRECISION if n in nearest)]
@@ -83,13 +82,15 @@ def _status(values: list, t: GGUFType) -> str:
     return "quantized" if t.quantized else "cast"
 
 
-def _rel_error(values: list, data: np.ndarray, t: GGUFType, shape: tuple[int, ...]) -> float:
-    """Relative RMS difference between the source values and what the GGUF holds."""
-    ref = torch.cat([(v.dequantize() if isinstance(v, QuantizedTensor) else v.float()).reshape(-1) for v in values])
-    rows = data.reshape(-1, nbytes(t, (shape[-1],)))
-    got = torch.from_numpy(dequantize(rows, t.gtype).reshape(-1).astype(np.float32))
-    denom = float(ref.pow(2).mean().sqrt()) or 1.0
-    return float((got - ref).pow(2).mean().sqrt()) / denom
+def _rel_error(values: list, requant: list[torch.Tensor | None]) -> float:
+    """Relative RMS difference between the source values and the re-quantized ones."""
+    num = den = 0.0
+    for v, q in zip(values, requant, strict=True):
+        ref = v.dequantize() if isinstance(v, QuantizedTensor) else v.float()
+        den += float(ref.pow(2).sum())
+        if q is not None:
+            num += float((q - ref.reshape(q.shape)).pow(2).sum())
+    return (num / den) ** 0.5 if den else 0.0
 
 
 def export_gguf(
@@ -98,6 +99,7 @@ def export_gguf(
     type: str = "auto",  # noqa: A002 - the CLI flag's name
     recipe: str | None = None,
     overwrite: bool = False,
+    split_max_size: int | str | None = None,
     progress: Callable[[int, int, str], None] | None = None,
 ) -> dict:
     """Write ``src_dir`` as a GGUF file at ``out_path``; returns a report dict."""
@@ -112,14 +114,15 @@ def export_gguf(
     forced = None if type == "auto" else get_type(type)
     outs, notes = plan_tensors(src)
     chosen = {t.name: choose_type(t, forced, rec) for t in outs}
+    split = parse_size(split_max_size) if split_max_size else 0
     check_output(out_path, overwrite)
 
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".partial", dir=out_path.resolve().parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    # Everything is written into a temporary directory beside the output, then renamed into place
+    # (one file, or the shards of a split: <stem>-0000i-of-0000n.gguf, llama.cpp's gguf-split names).
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", suffix=".partial", dir=out_path.resolve().parent))
     rows: list[dict] = []
     try:
-        w = GGUFWriter(tmp, src.arch.gguf_arch)
+        w = GGUFWriter(tmp_dir / out_path.name, src.arch.gguf_arch, split_max_size=split)
         w.add_name(src.path.name)
         w.add_quantization_version(GGML_QUANT_VERSION)
         extra = add_hparams(w, src.config, src.arch.gguf_arch)
@@ -138,23 +141,44 @@ def export_gguf(
         for i, t in enumerate(outs):
             gt, tnotes = chosen[t.name]
             values = build_value(t, src)
-            data = np.concatenate([encode(v, gt, t.name) for v in values])
+            encoded = [encode(v, gt, t.name) for v in values]
+            data = np.concatenate([e[0] for e in encoded]) if len(encoded) > 1 else encoded[0][0]
             status = _status(values, gt)
-            err = _rel_error(values, data, gt, t.shape) if status in ("requantized", "quantized") else 0.0
+            err = _rel_error(values, [e[1] for e in encoded]) if status in ("requantized", "quantized") else 0.0
             w.write_tensor_data(data)
             rows.append({"name": t.name, "type": gt.name, "shape": list(t.shape), "status": status,
                          "rel_error": err, "bytes": int(data.nbytes), "notes": tnotes,
                          "sources": [s.name for s in t.sources][:1] + ([f"+{len(t.sources) - 1}"] if len(t.sources) > 1 else [])})
-            del values, data
+            del values, data, encoded
             if progress:
                 progress(i + 1, len(outs), t.name)
+        shards = w.format_shard_names(tmp_dir / out_path.name)
         w.close()
-        os.replace(tmp, out_path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    return _report(src, out_path, type, recipe, rows, notes, tok, time.perf_counter() - t0)
+        finals = [out_path.with_name(p.name) for p in shards]
+        if len(finals) > 1:  # a split writes other names than out_path: check them too
+            for final in finals:
+                check_output(final, overwrite)
+        for shard, final in zip(shards, finals, strict=True):
+            os.replace(shard, final)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    report = _report(src, finals, type, recipe, rows, notes, tok, time.perf_counter() - t0)
+    return report
+
+
+_UNITS = {"K": 1000, "M": 1000**2, "G": 1000**3}
+
+
+def parse_size(value: int | str) -> int:
+    """Bytes from 123, "500M", "2G" (llama.cpp's --split-max-size spelling, decimal units)."""
+    text = str(value).strip().upper()
+    try:
+        n = int(text[:-1]) * _UNITS[text[-1]] if text and text[-1] in _UNITS else int(text)
+    except ValueError:
+        n = -1
+    if n <= 0:
+        raise InputError(f"--split-max-size {value}: expected a positive size like 500M or 2G")
+    return n
 
 
 def _file_type(outs: list[OutTensor], chosen: dict) -> int:
@@ -167,8 +191,8 @@ def _file_type(outs: list[OutTensor], chosen: dict) -> int:
     return int(GGUF_TYPES[max(weight, key=weight.get)].file_type) if weight else int(GGUF_TYPES["f32"].file_type)
 
 
-def _report(src: GGUFSource, out: Path, type_: str, recipe, rows, notes, tok, seconds: float) -> dict:
-    total = out.stat().st_size
+def _report(src: GGUFSource, files: list[Path], type_: str, recipe, rows, notes, tok, seconds: float) -> dict:
+    total = sum(f.stat().st_size for f in files)
     params = sum(int(np.prod(r["shape"])) for r in rows)
     requant = [r for r in rows if r["status"] == "requantized"]
     by_type: dict[str, int] = {}
@@ -182,7 +206,8 @@ def _report(src: GGUFSource, out: Path, type_: str, recipe, rows, notes, tok, se
         notes = [*notes, "source is not quantized and no recipe/--type asked for quantization: weights kept as floats"]
     return {
         "source": str(src.path),
-        "output": str(out),
+        "output": str(files[0]),
+        "files": [str(f) for f in files],
         "architecture": src.arch.gguf_arch,
         "model_type": src.arch.model_type,
         "type": type_,

@@ -268,3 +268,25 @@ def test_deepseek_fp8_checkpoint_is_requantized_to_q8_0_with_error_reported(mode
         ref = want[r["name"]].float()
         rel = float((torch.from_numpy(got[r["name"]][1]) - ref).norm() / ref.norm())
         assert rel == pytest.approx(r["rel_error"], rel=1e-3)
+
+
+def test_split_output_follows_gguf_split_convention(quantized_dir, tmp_path):
+    src = quantized_dir("qwen2", "int4")
+    whole = tmp_path / "whole.gguf"
+    export_gguf(src, whole)
+    out = tmp_path / "m.gguf"
+    report = export_gguf(src, out, split_max_size="300K")
+    files = [tmp_path / f"m-{i:05d}-of-{len(report['files']):05d}.gguf" for i in range(1, len(report["files"]) + 1)]
+    assert len(files) >= 3 and [str(f) for f in files] == report["files"] and not out.exists()
+    merged: dict[str, np.ndarray] = {}
+    for i, f in enumerate(files):
+        r = GGUFReader(f)
+        assert field(r, "split.no") == i and field(r, "split.count") == len(files)
+        assert sum(t.n_bytes for t in r.tensors) <= 300_000 or len(r.tensors) == 1
+        merged.update({t.name: np.array(t.data) for t in r.tensors})
+    full = {t.name: np.array(t.data) for t in GGUFReader(whole).tensors}
+    assert merged.keys() == full.keys() and all(np.array_equal(merged[k], full[k]) for k in full)
+    with pytest.raises(OutputError):  # shards exist now: refused without overwrite, nothing touched
+        export_gguf(src, out, split_max_size="300K")
+    with pytest.raises(InputError, match="split-max-size"):
+        export_gguf(src, tmp_path / "n.gguf", split_max_size="lots")

@@ -164,3 +164,14 @@ def test_q4_0_bytes_equal_llama_cpp_own_quantizer(arch, model_dir, quantized_dir
             assert np.array_equal(np.asarray(t.data), np.asarray(mine[t.name].data)), t.name
             compared += 1
     assert compared >= 10
+
+
+def test_split_gguf_loads_and_equals_whole(quantized_dir, tmp_path):
+    src = quantized_dir("qwen2", "int4")
+    export_gguf(src, tmp_path / "whole.gguf")
+    report = export_gguf(src, tmp_path / "split.gguf", split_max_size="300K")
+    assert len(report["files"]) >= 3
+    ids = hf_ids(src, PROMPT)
+    whole = llama_logits(load(tmp_path / "whole.gguf"), ids)
+    split = llama_logits(load(Path(report["files"][0])), ids)
+    assert np.array_equal(whole, split)

@@ -44,7 +44,7 @@ def test_float_quantization_matches_gguf_reference_bytes(fmt, tname):
     """Quantizing floats goes through dsq's twin format; the bytes equal gguf-py's ggml-reference quantizer."""
     w = _weights(seed=1)
     t = GGUF_TYPES[tname]
-    ours = encode(w, t, "w")
+    ours, _ = encode(w, t, "w")
     ref = quantize(w.numpy(), t.gtype).reshape(-1)
     assert np.array_equal(ours, ref)
 
@@ -69,8 +69,9 @@ def test_non_twin_layouts_are_requantized_not_rejected():
     w = _weights(seed=3)
     qt = FORMATS["int4_sym_g128"].quantize(w)
     t = GGUF_TYPES["q4_0"]
-    data = encode(qt, t, "w")
+    data, values = encode(qt, t, "w")
     got = _gguf_values(data, t.gtype, qt.shape)
+    assert torch.equal(values, got)  # what the writer reports errors from is what the file holds
     deq = qt.dequantize()
     rel = float((got - deq).norm() / deq.norm())
     assert 0 < rel < 0.2
@@ -80,7 +81,9 @@ def test_float_types_round_trip():
     w = _weights(seed=4)
     for name, gtype in (("f16", GT.F16), ("bf16", GT.BF16), ("f32", GT.F32)):
         t = GGUF_TYPES[name]
-        got = _gguf_values(encode(w, t, "w"), gtype, tuple(w.shape))
+        data, requantized = encode(w, t, "w")
+        assert requantized is None
+        got = _gguf_values(data, gtype, tuple(w.shape))
         assert torch.equal(got, w.to(t.torch_dtype).float())
 
 
