@@ -207,7 +207,7 @@ def test_resume_continues_after_the_last_finished_layer(setup, results, tmp_path
         calibrate(ckpt, plan, "gptq", batch=batch, work_dir=str(work))
 
 
-def test_quantize_writes_calibrated_values_and_gguf_carries_them(model_dir, tmp_path):
+def test_quantize_writes_calibrated_values_and_exports_carry_them(model_dir, tmp_path):
     from dsq.dsquant.quantize import quantize_checkpoint
     from dsq.dsquant.quantized import QuantizedCheckpoint
 
@@ -237,6 +237,22 @@ def test_quantize_writes_calibrated_values_and_gguf_carries_them(model_dir, tmp_
     assert t.tensor_type == gguf.GGMLQuantizationType.Q4_0
     got = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).reshape(written[down].shape)
     assert torch.equal(got.to(torch.float32), written[down].dequantize())
+
+    onnx_export = pytest.importorskip("dsq.export.onnx_export")
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from dsq.export.onnx_weights import PackedNBits, unpack_matmulnbits
+
+    onnx_export.export_onnx(out, tmp_path / "onnx")
+    model = onnx.load(str(tmp_path / "onnx" / "model.onnx"))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    node = next(n for n in model.graph.node if n.op_type == "MatMulNBits" and n.input[1] == down + ".B")
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    packed = PackedNBits(
+        inits[down + ".B"], inits[down + ".scales"], None, attrs["K"], attrs["N"], attrs["bits"], attrs["block_size"]
+    )
+    assert torch.equal(unpack_matmulnbits(packed), written[down].dequantize())
 
 
 def tmp_path_rtn(model_dir, tmp_path):
