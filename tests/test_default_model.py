@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+
 from dsq.dsquant import default_model as dm
 from dsq.dsquant.errors import InputError
 
