@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..formats import QuantFormat, QuantizedTensor
-from .grid import decode, encode, expand
+from .grid import Codec, codec, expand
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,8 @@ def gptq_quantize(
     hinv = _upper_inverse_cholesky(h)
 
     codes = torch.empty(rows, cols, dtype=_codes_dtype(fmt))
-    row_params: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    row_params: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
+    c = codec(fmt)
     # Batches hold whole groups, so a group's columns are all in the batch when its scale is taken.
     batch = group * max(1, options.block_size // group)
     for i1 in range(0, cols, batch):
@@ -76,14 +77,14 @@ def gptq_quantize(
                 scale_grid[g], zero_grid[g] = _group_params(fmt, w1[:, i : i + min(group, cols - g * group)])
             if g not in row_params:  # per-row float32 grid of this group, expanded once
                 zg = zero_grid[g]
-                row_params[g] = (_rows(fmt, scale_grid[g], rows), None if zg is None else _rows(fmt, zg, rows))
-            s, z = row_params[g]
+                sg = _rows(fmt, scale_grid[g], rows)
+                row_params[g] = (sg, torch.where(sg == 0, torch.ones_like(sg), sg), None if zg is None else _rows(fmt, zg, rows))
+            s, s_safe, z = row_params[g]
             x = w1[:, i]
-            q = encode(fmt, x, s, z)
-            dq = decode(q, s, z)
+            q, dq = _round_column(c, x, s, s_safe, z)
             codes[:, i1 + i] = q
             e = (x - dq) / hinv1[i, i]
-            w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+            w1[:, i:].addr_(e, hinv1[i, i:], alpha=-1.0)
             err1[:, i] = e
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
 
@@ -100,9 +101,23 @@ def _rows(fmt: QuantFormat, per_block: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def _codes_dtype(fmt: QuantFormat) -> torch.dtype:
-    from .grid import codec
-
     return codec(fmt).dtype
+
+
+def _round_column(
+    c: Codec, x: torch.Tensor, s: torch.Tensor, s_safe: torch.Tensor, z: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, dequantized) of one column; the same rounding as grid.encode, fewer ops (hot loop).
+    Where a block's scale is 0 the code is irrelevant: it dequantizes to 0 either way."""
+    if c.fp8:
+        q = (x / s_safe).clamp_(c.qmin, c.qmax).to(c.dtype)
+        return q, q.to(torch.float32) * s
+    q = torch.floor(x / s_safe + 0.5)
+    if z is not None:
+        q = q.add_(z).clamp_(c.qmin, c.qmax)
+        return q, (q - z) * s
+    q = q.clamp_(c.qmin, c.qmax)
+    return q, q * s
 
 
 def _upper_inverse_cholesky(h: torch.Tensor) -> torch.Tensor:
