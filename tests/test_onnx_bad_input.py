@@ -35,6 +35,7 @@ def _logits(out) -> np.ndarray:
         (dict(int4_block=48), UnsupportedError, "--int4-block 48"),
         (dict(recipe="int4"), InputError, "already quantized"),
         (dict(attention="fused"), UnsupportedError, "attention `fused`"),
+        (dict(accuracy_level=7), UnsupportedError, "accuracy_level 7"),
     ],
 )
 def test_refused_at_export_with_nothing_written(quantized_dir, tmp_path, kwargs, error, words):
