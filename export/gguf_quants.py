@@ -28,6 +28,9 @@ from dsq.dsquant.errors import UnsupportedError
 from dsq.dsquant.formats import FORMATS, QuantizedTensor
 
 BLOCK = 32
+# Floats are quantized this many elements at a time, so the temporaries of quantization stay small
+# next to the tensor itself (a 150k-vocab embedding would otherwise need several float32 copies).
+CHUNK_ELEMENTS = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,15 @@ def _nibbles(u: torch.Tensor) -> torch.Tensor:
     return u[..., :16] | (u[..., 16:] << 4)
 
 
+def _block_values(qt: QuantizedTensor) -> torch.Tensor:
+    """dsq's dequantization of a block-32 tensor, broadcast per block (no repeat_interleave copies)."""
+    rows, cols = qt.shape
+    codes = qt.codes.to(torch.float32).reshape(rows, cols // BLOCK, BLOCK)
+    if qt.zero is not None:
+        codes = codes - qt.zero.to(torch.float32)[..., None]
+    return (codes * qt.scale.to(torch.float32)[..., None]).reshape(rows, cols)
+
+
 def q4_1_offset(qt: QuantizedTensor) -> torch.Tensor:
     """Q4_1's m for dsq's asymmetric codes: -z * s, computed exactly in float32 then rounded to fp16."""
     return (-(qt.zero.to(torch.float32) * qt.scale.to(torch.float32))).to(torch.float16)
@@ -133,27 +145,33 @@ def pack_exact(qt: QuantizedTensor, t: GGUFType) -> np.ndarray:
     return out.reshape(-1).numpy()
 
 
-def encode(value: QuantizedTensor | torch.Tensor, t: GGUFType, name: str) -> tuple[np.ndarray, torch.Tensor | None]:
-    """Bytes of one tensor (or one row-block of a stacked tensor) in GGUF type ``t``, plus the values a
-    re-quantization produced (None when nothing was re-rounded: an exact re-pack or a float cast).
+def encode(value: QuantizedTensor | torch.Tensor, t: GGUFType, name: str) -> tuple[np.ndarray, tuple[float, float] | None]:
+    """Bytes of one tensor (or one row-block of a stacked tensor) in GGUF type ``t``, plus, when values were
+    re-rounded, (sum of squared change, sum of squared source values) for the report's relative error.
 
-    A QuantizedTensor in ``t``'s twin format is packed exactly; anything else is dequantized and
-    quantized with the twin format (ggml's reference rounding) or cast to the float type. The values
-    returned are dsq's dequantization of what was packed: equal to the GGUF's for Q4_0/Q8_0, within
-    ``q4_1_offset_bound`` for Q4_1 (tests check both), so the writer reports errors without decoding bytes.
+    A QuantizedTensor in ``t``'s twin format is packed exactly (None: nothing changed); anything else is
+    dequantized and quantized with the twin format (ggml's reference rounding) or cast to a float type (None).
+    The change is measured on dsq's dequantization of what was packed: equal to the GGUF's values for
+    Q4_0/Q8_0, within ``q4_1_offset_bound`` for Q4_1 (tests check both), so no bytes are decoded.
     """
     if isinstance(value, QuantizedTensor) and is_exact(value, t):
         return pack_exact(value, t), None
     w = value.dequantize() if isinstance(value, QuantizedTensor) else value
-    if t.quantized:
-        shape = tuple(w.shape)
-        if not t.fits(shape):
-            raise UnsupportedError(
-                f"{name}: rows of {shape[-1]} are not a multiple of {BLOCK}, which {t.name.upper()} needs"
-            )
-        qt = FORMATS[t.twin].quantize(w.reshape(-1, shape[-1]), name)
-        return pack_exact(qt, t), qt.dequantize().reshape(shape)
-    return w.to(t.torch_dtype).contiguous().view(torch.uint8).reshape(-1).numpy(), None
+    if not t.quantized:
+        return w.to(t.torch_dtype).contiguous().view(torch.uint8).reshape(-1).numpy(), None
+    shape = tuple(w.shape)
+    if not t.fits(shape):
+        raise UnsupportedError(f"{name}: rows of {shape[-1]} are not a multiple of {BLOCK}, which {t.name.upper()} needs")
+    rows = w.reshape(-1, shape[-1])
+    step = max(1, CHUNK_ELEMENTS // shape[-1])
+    parts, change, norm = [], 0.0, 0.0
+    for i in range(0, rows.shape[0], step):  # row chunks: blocks never span rows, so results are identical
+        chunk = rows[i : i + step].float()
+        qt = FORMATS[t.twin].quantize(chunk, name)
+        parts.append(pack_exact(qt, t))
+        change += float((_block_values(qt) - chunk).pow(2).sum())
+        norm += float(chunk.pow(2).sum())
+    return (np.concatenate(parts) if len(parts) > 1 else parts[0]), (change, norm)
 
 
 def nbytes(t: GGUFType, shape: tuple[int, ...]) -> int:

@@ -26,7 +26,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import torch
 from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFWriter
 
 from dsq.dsquant.archs import ROLE_INFO
@@ -82,15 +81,11 @@ def _status(values: list, t: GGUFType) -> str:
     return "quantized" if t.quantized else "cast"
 
 
-def _rel_error(values: list, requant: list[torch.Tensor | None]) -> float:
-    """Relative RMS difference between the source values and the re-quantized ones."""
-    num = den = 0.0
-    for v, q in zip(values, requant, strict=True):
-        ref = v.dequantize() if isinstance(v, QuantizedTensor) else v.float()
-        den += float(ref.pow(2).sum())
-        if q is not None:
-            num += float((q - ref.reshape(q.shape)).pow(2).sum())
-    return (num / den) ** 0.5 if den else 0.0
+def _rel_error(stats: list[tuple[float, float] | None]) -> float:
+    """Relative RMS change over all row-blocks of a tensor (sums from ``encode``)."""
+    change = sum(st[0] for st in stats if st)
+    norm = sum(st[1] for st in stats if st)
+    return (change / norm) ** 0.5 if norm else 0.0
 
 
 def export_gguf(
@@ -144,7 +139,7 @@ def export_gguf(
             encoded = [encode(v, gt, t.name) for v in values]
             data = np.concatenate([e[0] for e in encoded]) if len(encoded) > 1 else encoded[0][0]
             status = _status(values, gt)
-            err = _rel_error(values, [e[1] for e in encoded]) if status in ("requantized", "quantized") else 0.0
+            err = _rel_error([e[1] for e in encoded])
             w.write_tensor_data(data)
             rows.append({"name": t.name, "type": gt.name, "shape": list(t.shape), "status": status,
                          "rel_error": err, "bytes": int(data.nbytes), "notes": tnotes,
