@@ -40,7 +40,7 @@ def genai_config(cfg: dict, src: Path, ep: str) -> dict:
         pad = eos[0] if isinstance(eos, list) else eos
     context = cfg.get("max_position_embeddings", 4096)
     key_shape, _ = ATTENTION[arch_spec(cfg).attention][1](cfg)  # [batch, kv_heads, past, head_size]
-    return {
+    config = {
         "model": {
             "bos_token_id": _token_id(cfg, src, "bos_token_id"),
             "context_length": context,
@@ -87,3 +87,6 @@ def genai_config(cfg: dict, src: Path, ep: str) -> dict:
             "top_p": 1.0,
         },
     }
+    # genai's JSON reader wants numbers for token ids: a model without (say) a BOS token omits the key.
+    config["model"] = {k: v for k, v in config["model"].items() if v is not None}
+    return config
