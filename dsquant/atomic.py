@@ -27,6 +27,12 @@ def check_output(dest: Path, overwrite: bool) -> None:
         raise OutputError(f"{parent}: not writable; choose another output location")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_dir(dest: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory next to ``dest``; on success it replaces ``dest``."""
@@ -34,6 +40,7 @@ def atomic_dir(dest: str | Path, overwrite: bool = False) -> Iterator[Path]:
     check_output(dest, overwrite)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.resolve().parent))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the result should be an ordinary directory
     except OSError as e:
         raise OutputError(f"{dest.parent}: cannot create a temporary directory ({e.strerror})") from None
     try:
@@ -62,6 +69,7 @@ def atomic_file(dest: str | Path, overwrite: bool = False, mode: str = "wb") -> 
             yield f
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
         os.replace(tmp, dest)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -4,6 +4,7 @@ and nothing half-written."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 
@@ -201,6 +202,9 @@ def test_overwrite_replaces_atomically(model_dir, tmp_path):
     quantize_checkpoint(model_dir("llama"), out, "int4", overwrite=True)
     assert json.loads((out / "dsq-report.json").read_text())["recipe"]["name"] == "int4"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (out.stat().st_mode & 0o777) == 0o777 & ~mask  # an ordinary directory, not mkdtemp's 0700
 
 
 def test_pickle_only_checkpoint_is_refused(tmp_path):
