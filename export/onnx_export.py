@@ -101,16 +101,14 @@ def _skip(name: str, cfg: dict) -> bool:
     return len(parts) > 2 and parts[1] == "layers" and int(parts[2]) >= cfg["num_hidden_layers"]
 
 
-def check_ep(ep: str, weights: WeightTable) -> None:
-    if ep not in EP_NBITS:
-        raise UnsupportedError(f"--ep {ep}: unknown execution provider; choose one of {', '.join(EP_NBITS)}")
-    for lin in weights.linears.values():
-        if lin.packed is not None and lin.packed.bits not in EP_NBITS[ep]:
-            have = ", ".join(f"{b}-bit" for b in EP_NBITS[ep]) or "no"
-            raise UnsupportedError(
-                f"--ep {ep}: {lin.name} is {lin.format} (MatMulNBits bits={lin.packed.bits}) and {ep} has {have} "
-                "MatMulNBits kernels; export for another EP or from an unquantized checkpoint"
-            )
+def check_ep(ep: str, lin) -> None:
+    """Refuse (at export, at the first such weight) a MatMulNBits width the EP has no kernel for."""
+    if lin is not None and lin.packed is not None and lin.packed.bits not in EP_NBITS[ep]:
+        have = ", ".join(f"{b}-bit" for b in EP_NBITS[ep]) or "no"
+        raise UnsupportedError(
+            f"--ep {ep}: {lin.name} is {lin.format} (MatMulNBits bits={lin.packed.bits}) and {ep} has {have} "
+            "MatMulNBits kernels; export for another EP or from an unquantized checkpoint"
+        )
 
 
 def export_onnx(
@@ -138,22 +136,27 @@ def export_onnx(
     src = Path(src)
     if not (src / "config.json").is_file():
         raise InputError(f"{src}: no config.json; give a dsq output or Hugging Face model directory")
-    cfg = json.loads((src / "config.json").read_text())
+    try:
+        cfg = json.loads((src / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CorruptFileError(f"{src / 'config.json'}: not valid JSON ({e})") from None
     attention_kind(cfg, attention)  # unsupported architecture / attention: fail before reading any weight
 
     with atomic_dir(out_dir, overwrite) as tmp:
         weights = WeightTable(InitializerSink(tmp), accuracy_level=accuracy_level)
-        formats: Counter[str] = Counter()
-        for name, t, kind in _source_weights(src, cfg, recipe, int4_block):
-            if _skip(name, cfg):
-                continue
-            formats[t.format if isinstance(t, QuantizedTensor) else "float:" + str(t.dtype).removeprefix("torch.")] += 1
-            weights.ingest(name, t, kind)
-            if name == "model.embed_tokens.weight" and cfg.get("tie_word_embeddings"):
-                weights.tie("lm_head.weight", name)
-        check_ep(ep, weights)
-        model = build_decoder(cfg, weights, attention)
-        weights.sink.close()
+        try:
+            formats: Counter[str] = Counter()
+            for name, t, kind in _source_weights(src, cfg, recipe, int4_block):
+                if _skip(name, cfg):
+                    continue
+                formats[t.format if isinstance(t, QuantizedTensor) else "float:" + str(t.dtype).removeprefix("torch.")] += 1
+                weights.ingest(name, t, kind)
+                check_ep(ep, weights.linears.get(name))
+                if name == "model.embed_tokens.weight" and cfg.get("tie_word_embeddings"):
+                    weights.tie("lm_head.weight", name)
+            model = build_decoder(cfg, weights, attention)
+        finally:
+            weights.sink.close()  # also on failure: the temp dir is then removed
         _save(model, tmp, weights.sink.external_bytes, external_threshold)
         onnx.checker.check_model(str(tmp / MODEL_NAME))
         for name in SIDE_FILES:
