@@ -37,6 +37,17 @@ def quantize(
     recipe: Recipe = "int4",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
     allow_unmapped: AllowUnmapped = False,
+    method: Annotated[str, typer.Option(help="rtn (no data), gptq, awq or imatrix (calibrated).")] = "rtn",
+    calib: Annotated[str, typer.Option(help="Calibration set (`dsq calib list`) or a .txt/.jsonl file.")] = "mixed",
+    samples: Annotated[int, typer.Option(help="Calibration sequences.")] = 128,
+    seqlen: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 512,
+    seed: Annotated[int, typer.Option(help="Calibration sampling seed.")] = 0,
+    min_expert_tokens: Annotated[
+        int, typer.Option(help="Fail if a routed expert sees fewer calibration tokens than this.")
+    ] = 0,
+    work_dir: Annotated[
+        Path | None, typer.Option(help="Keep per-layer calibration results here; a rerun resumes from them.")
+    ] = None,
 ) -> None:
     """Quantize MODEL into a checkpoint transformers and vLLM load, plus dsq-report.json."""
     from dsq.dsquant.progress import tensor_progress
@@ -44,9 +55,17 @@ def quantize(
     from dsq.dsquant.render import print_summary
 
     try:
+        calibration = None
+        if method != "rtn":
+            from dsq.dsquant.calib.hook import CalibSpec
+            from dsq.dsquant.calib.methods import CalibOptions
+
+            calibration = CalibSpec(method, calib, samples, seqlen, seed, str(work_dir) if work_dir else None,
+                                    CalibOptions(fail_below_tokens=min_expert_tokens))
         with tensor_progress(f"quantize → {output}") as progress:
             report = quantize_checkpoint(
-                model, output, recipe, overwrite=overwrite, allow_unmapped=allow_unmapped, progress=progress
+                model, output, recipe, overwrite=overwrite, allow_unmapped=allow_unmapped, progress=progress,
+                calibration=calibration,
             )
     except Exception as e:
         raise _fail(e) from None
@@ -163,13 +182,17 @@ def eval_(
     device: DeviceOpt = "cpu",
     ctx: Annotated[int, typer.Option(help="Tokens per chunk.")] = 256,
     chunks: Annotated[int, typer.Option(help="Most chunks to score (from the start of the text).")] = 16,
-    top_k: Annotated[int, typer.Option(help="Reference logits kept per token in the cache.")] = 64,
+    top_k: Annotated[int, typer.Option(help="Most reference logits kept per token in the cache.")] = 1024,
+    coverage: Annotated[float, typer.Option(help="Keep reference tokens until they hold this probability.")] = 0.99,
     max_kld: Annotated[float | None, typer.Option(help="Fail if mean KL divergence is above this.")] = None,
     min_top1: Annotated[float | None, typer.Option(help="Fail if top-1 agreement (0..1) is below this.")] = None,
     max_ppl_ratio: Annotated[float | None, typer.Option(help="Fail if PPL / reference PPL is above.")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the report as JSON.")] = None,
     html_out: Annotated[Path | None, typer.Option("--html", help="Write an HTML report with plots.")] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Reference-logit cache (default ~/.cache/dsq).")] = None,
+    reasoning: Annotated[int, typer.Option(help="Also answer fixed math prompts greedily, N new tokens each.")] = 0,
+    min_answer_agree: Annotated[float | None, typer.Option(help="Fail if fewer answers (0..1) match the ref's.")] = None,
+    max_loops: Annotated[int | None, typer.Option(help="Fail if more answers end in a repetition loop.")] = None,
     threads: ThreadsOpt = None,
 ) -> None:
     """Accuracy gate: PPL, KL divergence and top-1 agreement of each model/runtime against the reference."""
@@ -177,10 +200,11 @@ def eval_(
     from dsq.runtimes.console import eval_command
 
     try:
-        settings = EvalSettings(ctx=ctx, chunks=chunks, top_k=top_k, device=device, threads=threads,
-                                ref_runtime=ref_runtime, cache_dir=cache_dir)
-        ok = eval_command(quant, ref, runtime, text, settings,
-                          {"max_kld": max_kld, "min_top1": min_top1, "max_ppl_ratio": max_ppl_ratio}, json_out, html_out)
+        settings = EvalSettings(ctx=ctx, chunks=chunks, top_k=top_k, coverage=coverage, device=device, threads=threads,
+                                ref_runtime=ref_runtime, cache_dir=cache_dir, reasoning_tokens=reasoning)
+        limits = {"max_kld": max_kld, "min_top1": min_top1, "max_ppl_ratio": max_ppl_ratio,
+                  "min_answer_agree": min_answer_agree, "max_loops": max_loops}
+        ok = eval_command(quant, ref, runtime, text, settings, limits, json_out, html_out)
     except Exception as e:
         raise _fail(e) from None
     if not ok:
@@ -198,14 +222,68 @@ def bench(
     runs: int = 3,
     warmup: int = 1,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON.")] = None,
+    html_out: Annotated[Path | None, typer.Option("--html", help="Write an HTML report with plots.")] = None,
 ) -> None:
     """Prefill and decode tokens/s, time to first token, peak RSS (median of runs, warm-up excluded)."""
     from dsq.runtimes.console import bench_command
 
     try:
-        bench_command(model, runtime, device, threads, prompt_tokens, new_tokens, runs, warmup, json_out)
+        bench_command(model, runtime, device, threads, prompt_tokens, new_tokens, runs, warmup, json_out, html_out)
     except Exception as e:
         raise _fail(e) from None
+
+
+@app.command()
+def export(
+    model: Annotated[str, typer.Argument(help="A dsq quantized checkpoint, or an HF checkpoint directory / hub id.")],
+    to: Annotated[str, typer.Option("--to", help="Target format: gguf (llama.cpp) or onnx (onnxruntime).")],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Output file (gguf) or folder (onnx).")] = None,
+    type_: Annotated[
+        str | None, typer.Option("--type", help="GGUF: one type for all linear weights: q4_0, q4_1, q8_0, f16, bf16, f32.")
+    ] = None,
+    recipe: Annotated[str | None, typer.Option("--recipe", "-r", help="Quantize a float checkpoint on the way.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+    split_max_size: Annotated[
+        str | None, typer.Option("--split-max-size", help="GGUF: split into files of at most this size (500M, 2G).")
+    ] = None,
+    ep: Annotated[str | None, typer.Option("--ep", help="ONNX: execution provider to target: cpu, cuda, dml, coreml.")] = None,
+    int4_block: Annotated[int | None, typer.Option("--int4-block", help="ONNX: int4 block of a float source: 32, 64, 128.")] = None,
+    attention: Annotated[str | None, typer.Option(help="ONNX: plain (standard ops) or contrib (GroupQueryAttention).")] = None,
+    accuracy_level: Annotated[
+        int | None, typer.Option(help="ONNX: MatMulNBits accuracy_level (0 exact float math; CPU default 4).")
+    ] = None,
+) -> None:
+    """Export MODEL to a runtime format (GGUF for llama.cpp, ONNX for onnxruntime), keeping dsq's quantized values."""
+    import json
+
+    from dsq.export import export_model
+
+    given = {"type": type_, "recipe": recipe, "split_max_size": split_max_size, "ep": ep, "int4_block": int4_block,
+             "attention": attention, "accuracy_level": accuracy_level}
+    try:
+        out, report = export_model(model, to, output, overwrite=overwrite, **{k: v for k, v in given.items() if v is not None})
+    except Exception as e:
+        raise _fail(e) from None
+    summary = {"output": str(out)}
+    summary.update({k: v for k, v in report.items() if not isinstance(v, list | dict) or k in ("notes", "types")})
+    typer.echo(json.dumps(summary, indent=2, default=str))
+
+
+calib_app = typer.Typer(help="Calibration data for --method gptq|awq|imatrix.", no_args_is_help=True)
+app.add_typer(calib_app, name="calib")
+
+
+@calib_app.command("list")
+def calib_list(json_out: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False) -> None:
+    """The shipped calibration sets: size, documents, source and licence."""
+    from dsq.dsquant.calib.data import list_sets
+    from dsq.dsquant.calib.render import print_sets
+
+    try:
+        rows = list_sets()
+    except Exception as e:
+        raise _fail(e) from None
+    print_sets(rows, as_json=json_out)
 
 
 def main() -> None:  # pragma: no cover

@@ -75,6 +75,20 @@ def print_summary(report: dict, output: Path) -> None:
                       human_bytes(sum(t["bytes_out"] for t in ts)),
                       f"{sum(errs) / len(errs):.4f}" if errs else "-", f"{max(errs):.4f}" if errs else "-")
     console.print(table)
+    calib = report.get("calibration")
+    if calib:
+        layers = calib.get("layers") or []
+        errs = [layer["rel_err"] for layer in layers if layer.get("rel_err") is not None]
+        coverage = calib.get("expert_coverage") or []
+        augmented = sum(1 for row in coverage if row.get("policy") != "routed")
+        console.print(
+            f"calibration: {calib.get('method')} on {calib.get('data', {}).get('source', '?')} "
+            f"({calib.get('data', {}).get('tokens', '?')} tokens); "
+            f"{len(layers)} layers, mean layer output error {sum(errs) / len(errs):.4f}" if errs else
+            f"calibration: {calib.get('method')}"
+        )
+        if coverage:
+            console.print(f"expert coverage: {len(coverage)} experts, {augmented} below the token threshold (see report)")
     console.print(
         f"{s['quantized_tensors']}/{s['tensors']} tensors quantized, {human_bytes(s['bytes_in'])} → "
         f"[bold]{human_bytes(s['bytes_out'])}[/] in {s['seconds']:.1f} s; "
