@@ -157,7 +157,10 @@ def describe_gguf(p: Path) -> Description:
             key = c.string()
             meta[key] = c.value(c.unpack("<I"))
         d = Description(str(p), "gguf", meta.get("general.architecture"))
-        alignment = int(meta.get("general.alignment", 32))
+        alignment = meta.get("general.alignment", 32)
+        # ggml requires a power of two (gguf.cpp checks the same); 0 would divide by zero below
+        if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+            raise CorruptFileError(f"{p}: general.alignment = {alignment!r} is not a positive power of two")
         infos = []
         for _ in range(n_tensors):
             name = c.string()
