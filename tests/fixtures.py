@@ -97,10 +97,11 @@ def build_model(arch: str, seed: int = 0):
     config = getattr(transformers, cls_name)(**_COMMON, **kwargs)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config)
-    # Random init is std 0.02 everywhere; give norms some spread so they are not all-ones.
+    # Random init is std 0.02 everywhere; give norms some spread so they are not all-ones, and V3's routing
+    # correction bias (a buffer, not a parameter) real values so exports must carry it to route alike.
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
+        for name, p in [*model.named_parameters(), *model.named_buffers()]:
+            if "norm" in name and p.is_floating_point():
                 p.uniform_(0.8, 1.2)
             elif name.endswith("e_score_correction_bias"):
                 p.normal_(0, 0.1)
