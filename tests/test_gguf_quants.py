@@ -44,9 +44,22 @@ def test_float_quantization_matches_gguf_reference_bytes(fmt, tname):
     """Quantizing floats goes through dsq's twin format; the bytes equal gguf-py's ggml-reference quantizer."""
     w = _weights(seed=1)
     t = GGUF_TYPES[tname]
-    ours, _ = encode(w, t, "w")
+    ours, (change, norm) = encode(w, t, "w")
     ref = quantize(w.numpy(), t.gtype).reshape(-1)
     assert np.array_equal(ours, ref)
+    # the writer's fast path (gguf-py's numpy quantizer) and dsq's twin format write the same bytes
+    assert np.array_equal(ours, pack_exact(FORMATS[fmt].quantize(w), t))
+    got = _gguf_values(ours, t.gtype, tuple(w.shape))
+    assert (change / norm) ** 0.5 == pytest.approx(float((got - w).norm() / w.norm()), rel=1e-4)
+
+
+def test_non_finite_floats_get_dsq_error_naming_the_tensor():
+    from dsq.dsquant.errors import BadWeightsError
+
+    w = _weights(seed=6)
+    w[5, 40] = float("nan")
+    with pytest.raises(BadWeightsError, match=r"blk\.3\.ffn_up\.weight.*\[5, 40\]"):
+        encode(w, GGUF_TYPES["q4_0"], "blk.3.ffn_up.weight")
 
 
 def test_q4_1_offset_rounding_stays_within_stated_bound():
