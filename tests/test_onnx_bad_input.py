@@ -104,3 +104,20 @@ def test_hf_dir_with_recipe_equals_quantize_then_export(model_dir, tmp_path):
     export_onnx(tmp_path / "q", tmp_path / "via")
     assert direct["matmulnbits"] == ["int4_sym_g64->bits4"]
     np.testing.assert_array_equal(_logits(tmp_path / "direct"), _logits(tmp_path / "via"))
+
+
+def test_cli_export_to_onnx(quantized_dir, tmp_path):
+    """`dsq export --to onnx`: a folder onnxruntime loads; a refused EP is one `error:` line, exit 2, nothing written."""
+    from typer.testing import CliRunner
+
+    from dsq.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "onnx"
+    res = runner.invoke(app, ["export", str(quantized_dir("qwen3", "int4")), "--to", "onnx", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["model_type"] == "qwen3" and _logits(out).shape == (1, 5, 320)
+    bad = tmp_path / "bad"
+    res = runner.invoke(app, ["export", str(quantized_dir("qwen3", "int4")), "--to", "onnx", "-o", str(bad), "--ep", "coreml"])
+    assert res.exit_code == 2 and "error: --ep coreml" in res.output and "Traceback" not in res.output
+    assert not bad.exists()
