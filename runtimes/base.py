@@ -88,6 +88,7 @@ class Runtime(ABC):
 
     name: ClassVar[str]
     pip_extra: ClassVar[str | None] = None  # `pip install 'dsq[<extra>]'` installs what it needs
+    priority: ClassVar[int] = 50  # `--runtime auto` tries lower first: native runtimes before the torch reference
     model_kind: ClassVar[str] = ""  # what ``accepts`` takes, for messages ("a .gguf file")
 
     # Set by load():

@@ -40,6 +40,7 @@ def _quiet_stderr():
 
 class LlamaCppRuntime(Runtime):
     name = "llama-cpp"
+    priority = 10
     pip_extra = "llama-cpp"
     model_kind = "a .gguf file"
 

@@ -40,6 +40,7 @@ _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 
 class OnnxRuntime(Runtime):
     name = "onnxruntime"
+    priority = 20
     pip_extra = "onnx"
     model_kind = "model.onnx (or its directory)"
 

@@ -6,9 +6,9 @@ A third-party package adds a backend by declaring, in its pyproject.toml::
     my-runtime = "my_package.module:MyRuntime"
 
 where ``MyRuntime`` subclasses :class:`dsq.runtimes.base.Runtime`. dsq's own backends are declared
-the same way in dsq's pyproject.toml; ``BUILTINS`` lists them again so they are found when the
-installed metadata predates those lines (an old editable install). An entry point that fails to
-import is listed as unavailable with the error, never crashes ``dsq runtimes``.
+the same way in dsq's pyproject.toml (the one list of them); ``Runtime.priority`` orders them for
+``auto``. An entry point that fails to import is listed as unavailable with the error, never crashes
+``dsq runtimes``.
 """
 
 from __future__ import annotations
@@ -23,15 +23,6 @@ from dsq.dsquant.errors import InputError, UnsupportedError
 from .base import Availability, Runtime
 
 GROUP = "dsq.runtimes"
-
-# name -> "module:Class", the same values as dsq's [project.entry-points."dsq.runtimes"].
-# Order is the order `auto` tries them in: native runtimes first, the torch reference last.
-BUILTINS: dict[str, str] = {
-    "llama-cpp": "dsq.runtimes.llama_cpp_runtime:LlamaCppRuntime",
-    "onnxruntime": "dsq.runtimes.onnxruntime_runtime:OnnxRuntime",
-    "torch": "dsq.runtimes.torch_runtime:TorchRuntime",
-}
-
 
 @dataclass(frozen=True)
 class Backend:
@@ -63,23 +54,20 @@ def _load_target(target: str) -> type[Runtime]:
 
 
 def backends() -> dict[str, Backend]:
-    """Every backend, by name: entry points of the ``dsq.runtimes`` group, then built-ins not among them."""
+    """Every backend of the ``dsq.runtimes`` entry-point group, by name, in ``auto`` order (priority, name)."""
     found: dict[str, tuple[str, str]] = {}
     for ep in entry_points(group=GROUP):
         dist = getattr(ep, "dist", None)
         source = dist.metadata["Name"] if dist is not None else "?"
         found.setdefault(ep.name, (ep.value, source))
-    for name, target in BUILTINS.items():
-        found.setdefault(name, (target, "dsq"))
-    order = [*BUILTINS, *sorted(n for n in found if n not in BUILTINS)]
-    out: dict[str, Backend] = {}
-    for name in order:
-        target, source = found[name]
+    out: list[Backend] = []
+    for name, (target, source) in found.items():
         try:
-            out[name] = Backend(name, target, source, _load_target(target))
+            out.append(Backend(name, target, source, _load_target(target)))
         except Exception as e:
-            out[name] = Backend(name, target, source, None, f"{type(e).__name__}: {e}")
-    return out
+            out.append(Backend(name, target, source, None, f"{type(e).__name__}: {e}"))
+    out.sort(key=lambda b: (b.cls.priority if b.cls else 1000, b.name))
+    return {b.name: b for b in out}
 
 
 def get_backend(name: str) -> type[Runtime]:

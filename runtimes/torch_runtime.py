@@ -23,6 +23,7 @@ _DTYPES = ("float32", "bfloat16", "float16")
 
 class TorchRuntime(Runtime):
     name = "torch"
+    priority = 90
     pip_extra = None  # torch and transformers are core dependencies
     model_kind = "a Hugging Face directory"
     _caching = False
