@@ -203,8 +203,8 @@ def main() -> None:
         t0 = time.perf_counter()
         total, largest = write_checkpoint(src, a.layers, a.shard_mb * MB)
         print(
-            f"checkpoint: {a.layers} layers, {total / MB:.0f} MB bf16 in {len(list(src.glob('*.safetensors')))} "
-            f"shards, largest tensor {largest / MB:.0f} MB; written in {time.perf_counter() - t0:.1f} s",
+            f"checkpoint: {a.layers} layers, {total / MB:.0f} MiB bf16 in {len(list(src.glob('*.safetensors')))} "
+            f"shards, largest tensor {largest / MB:.0f} MiB; written in {time.perf_counter() - t0:.1f} s",
             flush=True,
         )
         runs = [run_child("overhead", "-c", "import torch, dsq.dsquant.quantize", [], work)]
@@ -225,7 +225,7 @@ def main() -> None:
             runs.append(r)
             if not a.keep:
                 shutil.rmtree(out, ignore_errors=True)
-            print(f"  {r.name}: {r.wall_s:.1f} s, peak RSS {r.peak_rss / MB:.0f} MB", flush=True)
+            print(f"  {r.name}: {r.wall_s:.1f} s, peak RSS {r.peak_rss / MB:.0f} MiB", flush=True)
         report(runs, total, largest, a.layers)
         if a.json:
             a.json.write_text(
@@ -250,11 +250,11 @@ def report(runs: list[Run], total: int, largest: int, layers: int) -> None:
     overhead = runs[0].peak_rss
     limit = overhead + TARGET_FACTOR * largest
     print(
-        f"\nsynthetic Qwen2-1.5B shapes, {layers} layers, {total / MB:.0f} MB bf16 in; largest tensor "
-        f"{largest / MB:.0f} MB; fixed overhead (import torch + dsq) {overhead / MB:.0f} MB; "
-        f"target peak <= {TARGET_FACTOR} x largest + overhead = {limit / MB:.0f} MB\n"
+        f"\nsynthetic Qwen2-1.5B shapes, {layers} layers, {total / MB:.0f} MiB bf16 in; largest tensor "
+        f"{largest / MB:.0f} MiB; fixed overhead (import torch + dsq) {overhead / MB:.0f} MiB; "
+        f"target peak <= {TARGET_FACTOR} x largest + overhead = {limit / MB:.0f} MiB\n"
     )
-    head = f"{'run':<18}{'wall s':>8}{'dsq s':>8}{'MB/s':>8}{'out MB':>9}{'peak RSS MB':>13}{'(peak-ovh)/largest':>20}  target"
+    head = f"{'run':<18}{'wall s':>8}{'dsq s':>8}{'MiB/s':>8}{'out MiB':>9}{'peak RSS MiB':>13}{'(peak-ovh)/largest':>20}  target"
     print(head)
     print("-" * len(head))
     for r in runs:
