@@ -45,9 +45,10 @@ def plugin_site(tmp_path, monkeypatch):
 
 
 # -- registry ------------------------------------------------------------------------------------------
-def test_builtins_found_even_without_entry_point_metadata(monkeypatch):
-    monkeypatch.setattr(registry, "entry_points", lambda group: [])
-    b = registry.backends()
+def test_own_backends_are_entry_points_of_dsq_in_auto_order():
+    """dsq's backends come from its own [project.entry-points."dsq.runtimes"], like any plugin's,
+    ordered for `auto` by Runtime.priority: native runtimes first, the torch reference last."""
+    b = {name: x for name, x in registry.backends().items() if x.source == "dsq"}
     assert list(b) == ["llama-cpp", "onnxruntime", "torch"]
     assert b["torch"].availability().ok and "cpu" in b["torch"].availability().devices
 
