@@ -59,10 +59,15 @@ def head_dim(cfg: dict) -> int:
     return cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
 
 
+def kv_heads(cfg: dict) -> int:
+    """Older Llama configs omit num_key_value_heads: plain multi-head attention."""
+    return cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+
+
 def gqa_attention(g: GraphBuilder, ctx: Ctx, i: int, x: str, past_k: str, past_v: str) -> tuple[str, str, str]:
     """Llama/Qwen2/Qwen3 attention; the cache holds post-RoPE K and V, [B, kv_heads, T, head_dim]."""
     cfg, p = ctx.cfg, f"model.layers.{i}.self_attn"
-    n_heads, n_kv, d = cfg["num_attention_heads"], cfg["num_key_value_heads"], head_dim(cfg)
+    n_heads, n_kv, d = cfg["num_attention_heads"], kv_heads(cfg), head_dim(cfg)
 
     def proj(name: str, heads: int) -> str:
         bias = f"{p}.{name}_proj.bias" if ctx.spec.qkv_bias else None
@@ -87,7 +92,7 @@ def gqa_contrib_attention(
     path; the op masks causally from ``seqlens_k`` = (attention_mask row sums) - 1, i.e. it assumes
     right-padded batches (as onnxruntime-genai feeds it), not left padding."""
     cfg, p = ctx.cfg, f"model.layers.{i}.self_attn"
-    n_heads, n_kv, d = cfg["num_attention_heads"], cfg["num_key_value_heads"], head_dim(cfg)
+    n_heads, n_kv, d = cfg["num_attention_heads"], kv_heads(cfg), head_dim(cfg)
     if "seqlens_k" not in ctx.shared:
         total = g.op("ReduceSum", "attention_mask", g.const([1]), keepdims=0)
         ctx.shared["seqlens_k"] = g.op("Cast", g.op("Sub", total, g.const(1)), to=6)  # INT32
@@ -120,7 +125,7 @@ def gqa_contrib_attention(
 
 
 def gqa_cache(cfg: dict) -> tuple[list, list]:
-    shape = ["batch_size", cfg["num_key_value_heads"], "past_sequence_length", head_dim(cfg)]
+    shape = ["batch_size", kv_heads(cfg), "past_sequence_length", head_dim(cfg)]
     return shape, shape
 
 
