@@ -17,6 +17,7 @@ follows ggml's reference rounding (see dsquant/formats.py), then packed the same
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,7 +26,9 @@ from gguf import GGMLQuantizationType as GT
 from gguf import LlamaFileType
 
 from dsq.dsquant.errors import UnsupportedError
-from dsq.dsquant.formats import FORMATS, QuantizedTensor
+from dsq.dsquant.formats import FORMATS, QuantizedTensor, check_finite
+
+from .kquants import quantize_q6_k
 
 BLOCK = 32
 # Floats are quantized this many elements at a time, so the temporaries of quantization stay small
@@ -40,14 +43,16 @@ class GGUFType:
     twin: str | None = None  # dsq format that is bit-exact with it (quantized types)
     torch_dtype: torch.dtype | None = None  # float types
     file_type: LlamaFileType = LlamaFileType.ALL_F32
+    block: int = BLOCK  # weights per block along a row (256 for k-quants)
+    kquant: Callable[[torch.Tensor], tuple[np.ndarray, torch.Tensor]] | None = None  # dsq's packer (kquants.py)
 
     @property
     def quantized(self) -> bool:
-        return self.twin is not None
+        return self.twin is not None or self.kquant is not None
 
     def fits(self, shape: tuple[int, ...]) -> bool:
         """Quantized types need the row (last dim) to be whole blocks."""
-        return not self.quantized or shape[-1] % BLOCK == 0
+        return not self.quantized or shape[-1] % self.block == 0
 
 
 #: Every GGUF type dsq writes, by its --type name.
@@ -57,6 +62,7 @@ GGUF_TYPES: dict[str, GGUFType] = {
         GGUFType("q4_0", GT.Q4_0, twin="int4_sym_g32", file_type=LlamaFileType.MOSTLY_Q4_0),
         GGUFType("q4_1", GT.Q4_1, twin="int4_asym_g32", file_type=LlamaFileType.MOSTLY_Q4_1),
         GGUFType("q8_0", GT.Q8_0, twin="int8_g32", file_type=LlamaFileType.MOSTLY_Q8_0),
+        GGUFType("q6_k", GT.Q6_K, file_type=LlamaFileType.MOSTLY_Q6_K, block=256, kquant=quantize_q6_k),
         GGUFType("f16", GT.F16, torch_dtype=torch.float16, file_type=LlamaFileType.MOSTLY_F16),
         GGUFType("bf16", GT.BF16, torch_dtype=torch.bfloat16, file_type=LlamaFileType.MOSTLY_BF16),
         GGUFType("f32", GT.F32, torch_dtype=torch.float32, file_type=LlamaFileType.ALL_F32),
@@ -161,13 +167,20 @@ def encode(value: QuantizedTensor | torch.Tensor, t: GGUFType, name: str) -> tup
         return w.to(t.torch_dtype).contiguous().view(torch.uint8).reshape(-1).numpy(), None
     shape = tuple(w.shape)
     if not t.fits(shape):
-        raise UnsupportedError(f"{name}: rows of {shape[-1]} are not a multiple of {BLOCK}, which {t.name.upper()} needs")
+        raise UnsupportedError(
+            f"{name}: rows of {shape[-1]} are not a multiple of {t.block}, which {t.name.upper()} needs"
+        )
     rows = w.reshape(-1, shape[-1])
     step = max(1, CHUNK_ELEMENTS // shape[-1])
     parts, change, norm = [], 0.0, 0.0
     for i in range(0, rows.shape[0], step):  # row chunks: blocks never span rows, so results are identical
         chunk = rows[i : i + step].float()
-        data, c = _quantize_fast(chunk, t) if t.gtype in FAST_REFERENCE else (None, 0.0)
+        if t.kquant is not None:
+            check_finite(chunk, name, (1, t.block))
+            data, held = t.kquant(chunk)
+            c = float((held - chunk).pow(2).sum())
+        else:
+            data, c = _quantize_fast(chunk, t) if t.gtype in FAST_REFERENCE else (None, 0.0)
         if data is None:
             qt = FORMATS[t.twin].quantize(chunk, name)  # also where NaN/Inf and fp16 overflow get their error
             data, c = pack_exact(qt, t), float((_block_values(qt) - chunk).pow(2).sum())

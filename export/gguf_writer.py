@@ -70,8 +70,11 @@ def choose_type(t: OutTensor, forced: GGUFType | None, recipe) -> tuple[GGUFType
     else:
         chosen = own
     if chosen.quantized and not chosen.fits(t.shape):
-        notes.append(f"rows of {t.shape[-1]} are not whole blocks of 32: {chosen.name.upper()} -> F16")
-        chosen = GGUF_TYPES["f16"]
+        # llama.cpp's fallback for rows that are not whole super-blocks is Q8_0; rows not whole blocks of 32: F16
+        fallback = GGUF_TYPES["q8_0"] if GGUF_TYPES["q8_0"].fits(t.shape) else GGUF_TYPES["f16"]
+        notes.append(f"rows of {t.shape[-1]} are not whole blocks of {chosen.block}: "
+                     f"{chosen.name.upper()} -> {fallback.name.upper()}")
+        chosen = fallback
     return chosen, notes
 
 

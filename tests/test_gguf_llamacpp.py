@@ -175,3 +175,35 @@ def test_split_gguf_loads_and_equals_whole(quantized_dir, tmp_path):
     whole = llama_logits(load(tmp_path / "whole.gguf"), ids)
     split = llama_logits(load(Path(report["files"][0])), ids)
     assert np.array_equal(whole, split)
+
+
+def test_q6_k_export_runs_in_llama_cpp(quantized_dir, tmp_path):
+    """--type q6_k: dsq's own Q6_K packer, read by llama.cpp's kernels. The torch reference holds the values
+    the GGUF holds (gguf-py's dequantization, mapped back to HF names), so only the kernels differ."""
+    import transformers
+    from gguf.quants import dequantize
+    from safetensors.torch import save_file
+    from test_gguf_export import GLOBAL, LAYER
+
+    src = quantized_dir("qwen2", "int8")
+    out = tmp_path / "q6k.gguf"
+    report = export_gguf(src, out, type="q6_k")
+    assert report["types"]["q6_k"] >= 14
+    back = {g: h for h, g in GLOBAL.items()}
+    sd = {}
+    for t in GGUFReader(out).tensors:
+        values = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(tuple(reversed(t.shape.tolist())))
+        if t.name.startswith("blk."):
+            _, bid, rest = t.name.split(".", 2)
+            name = f"model.layers.{bid}." + next(h for h, g in LAYER.items() if g == rest)
+        else:
+            name = back[t.name]
+        sd[name] = torch.from_numpy(values)
+    ref_dir = tmp_path / "q6k-ref"
+    ref_dir.mkdir()
+    save_file(sd, ref_dir / "model.safetensors")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.pop("quantization_config")
+    (ref_dir / "config.json").write_text(json.dumps(cfg))
+    model = transformers.AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32).eval()
+    _check_logits(model, load(out), hf_ids(src, PROMPT), 0.03)

@@ -117,3 +117,21 @@ def test_llama_permutation_moves_whole_rows_of_codes_and_scales():
         moved = select_rows(qt, idx)
         assert moved.format == fmt  # still quantized: nothing re-rounded
         assert torch.equal(moved.dequantize(), qt.dequantize()[idx])
+
+
+def test_q6_k_packer_is_bit_exact_with_gguf_dequantizer():
+    w = _weights(rows=6, cols=512, seed=7)
+    w[5, 256:] *= torch.logspace(-3, 1, 256)  # wide dynamic range inside one super-block
+    t = GGUF_TYPES["q6_k"]
+    data, (change, norm) = encode(w, t, "w")
+    assert data.nbytes == nbytes(t, tuple(w.shape)) == 6 * 2 * 210
+    from dsq.export.kquants import quantize_q6_k
+
+    _, held = quantize_q6_k(w)
+    got = _gguf_values(data, GT.Q6_K, tuple(w.shape))
+    assert torch.equal(got, held)  # what dsq computed is exactly what the file holds
+    assert torch.equal(got[0, :32], torch.zeros(32))
+    rel = float((got - w).norm() / w.norm())
+    assert rel < 0.03 and (change / norm) ** 0.5 == pytest.approx(rel, rel=1e-4)
+    with pytest.raises(Exception, match="multiple of 256"):
+        encode(torch.zeros(2, 128), t, "w")
