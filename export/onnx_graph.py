@@ -28,6 +28,7 @@ from .onnx_ops import (
     Rope,
     apply_rope,
     attention_bias,
+    fused_linears,
     grouped_attention,
     linear,
     rms_norm,
@@ -64,14 +65,21 @@ def kv_heads(cfg: dict) -> int:
     return cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
 
 
+def qkv_projections(g: GraphBuilder, ctx: Ctx, p: str, x: str) -> list[str]:
+    """q, k, v ([B, S, heads * D] each, biases added for Qwen2), as one fused MatMulNBits when they pack alike."""
+    names = [f"{p}.{n}_proj.weight" for n in "qkv"]
+    biases = [f"{p}.{n}_proj.bias" for n in "qkv"] if ctx.spec.qkv_bias else None
+    return fused_linears(g, x, names, biases)
+
+
 def gqa_attention(g: GraphBuilder, ctx: Ctx, i: int, x: str, past_k: str, past_v: str) -> tuple[str, str, str]:
     """Llama/Qwen2/Qwen3 attention; the cache holds post-RoPE K and V, [B, kv_heads, T, head_dim]."""
     cfg, p = ctx.cfg, f"model.layers.{i}.self_attn"
     n_heads, n_kv, d = cfg["num_attention_heads"], kv_heads(cfg), head_dim(cfg)
+    qkv = dict(zip("qkv", qkv_projections(g, ctx, p, x), strict=True))
 
     def proj(name: str, heads: int) -> str:
-        bias = f"{p}.{name}_proj.bias" if ctx.spec.qkv_bias else None
-        y = g.reshape(linear(g, x, f"{p}.{name}_proj.weight", bias), [0, 0, heads, d])  # [B, S, h, D]
+        y = g.reshape(qkv[name], [0, 0, heads, d])  # [B, S, h, D]
         if ctx.spec.qk_norm and name in ("q", "k"):
             y = rms_norm(g, y, f"{p}.{name}_norm.weight", ctx.eps)
         return g.op("Transpose", y, perm=[0, 2, 1, 3])
@@ -104,10 +112,10 @@ def gqa_contrib_attention(
             ctx.rope.half, ctx.rope.interleaved,
         )
     rope = ctx.shared["rope_bshd"]
+    qkv = dict(zip("qkv", qkv_projections(g, ctx, p, x), strict=True))
 
     def proj(name: str, heads: int, rotate: bool) -> str:
-        bias = f"{p}.{name}_proj.bias" if ctx.spec.qkv_bias else None
-        y = linear(g, x, f"{p}.{name}_proj.weight", bias)
+        y = qkv[name]
         if not rotate:
             return y
         y = g.reshape(y, [0, 0, heads, d])

@@ -85,10 +85,33 @@ def linear(g: GraphBuilder, x: str, weight: str, bias: str | None = None) -> str
     return g.op("Add", y, g.weights.float(bias)) if bias else y
 
 
+def fused_linears(g: GraphBuilder, x: str, weights: list[str], biases: list[str | None] | None = None) -> list[str]:
+    """Several linears of the same input as one MatMulNBits (as onnxruntime-genai's builder fuses q/k/v and gate/up):
+    B, scales and zero points are concatenated along N by Concat nodes on initializers, which onnxruntime folds into
+    one constant at load; the output is Split back. Falls back to separate linears when the packings differ."""
+    lins = [g.weights.linear(w) for w in weights]
+    biases = biases or [None] * len(weights)
+    first = lins[0].packed
+    same = first is not None and all(
+        lin.packed is not None and (lin.packed.K, lin.packed.bits, lin.packed.block_size) == (first.K, first.bits,
+        first.block_size) and bool(lin.zero_points) == bool(lins[0].zero_points) for lin in lins
+    )
+    if not same or len(lins) < 2:
+        return [linear(g, x, w, b) for w, b in zip(weights, biases, strict=True)]
+    inputs = [x, g.op("Concat", *[lin.B for lin in lins], axis=0), g.op("Concat", *[lin.scales for lin in lins], axis=0)]
+    if lins[0].zero_points:
+        inputs.append(g.op("Concat", *[lin.zero_points for lin in lins], axis=0))
+    sizes = [lin.packed.N for lin in lins]
+    y = g.op("MatMulNBits", *inputs, domain=MS_DOMAIN, K=first.K, N=sum(sizes), bits=first.bits,
+             block_size=first.block_size, accuracy_level=g.weights.accuracy_level)
+    if any(biases):
+        y = g.op("Add", y, g.op("Concat", *[g.weights.float(b) for b in biases], axis=0))
+    return g.op("Split", y, g.const(sizes), axis=-1, outputs=len(lins))
+
+
 def swiglu_mlp(g: GraphBuilder, x: str, prefix: str) -> str:
     """down(silu(gate(x)) * up(x)) for ``{prefix}.gate_proj/up_proj/down_proj``."""
-    gate = linear(g, x, f"{prefix}.gate_proj.weight")
-    up = linear(g, x, f"{prefix}.up_proj.weight")
+    gate, up = fused_linears(g, x, [f"{prefix}.gate_proj.weight", f"{prefix}.up_proj.weight"])
     act = g.op("Mul", gate, g.op("Sigmoid", gate))
     return linear(g, g.op("Mul", act, up), f"{prefix}.down_proj.weight")
 

@@ -71,16 +71,16 @@ def test_onnx_weights_equal_the_gguf_export_bit_for_bit(quantized_dir, tmp_path,
     export_onnx(src, tmp_path / "onnx")
     model = onnx.load(str(tmp_path / "onnx" / "model.onnx"))
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    nodes = {n.input[1]: n for n in model.graph.node if n.op_type == "MatMulNBits"}
+    bits = 4 if recipe == "int4" else 8
     t = get_type(gguf_type)
     checked = 0
     for name, qt in QuantizedCheckpoint(src).iter_weights():
         if not hasattr(qt, "fmt"):
             continue
-        node = nodes[name + ".B"]
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        packed = PackedNBits(inits[name + ".B"], inits[name + ".scales"], None, attrs["K"], attrs["N"], attrs["bits"],
-                             attrs["block_size"])
+        B = inits[name + ".B"]  # [N, K / block, block * bits / 8] (q/k/v and gate/up are concatenated in-graph)
+        n, nb, blob = B.shape
+        block = blob * 8 // bits
+        packed = PackedNBits(B, inits[name + ".scales"], None, nb * block, n, bits, block)
         from_onnx = unpack_matmulnbits(packed).numpy()
         assert is_exact(qt, t)  # the GGUF writer packs these blocks with pack_exact, values unchanged
         from_gguf = dequantize(pack_exact(qt, t), t.gtype).reshape(qt.shape)
