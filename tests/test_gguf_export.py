@@ -292,3 +292,21 @@ def test_split_output_follows_gguf_split_convention(quantized_dir, tmp_path):
         export_gguf(src, out, split_max_size="300K")
     with pytest.raises(InputError, match="split-max-size"):
         export_gguf(src, tmp_path / "n.gguf", split_max_size="lots")
+
+
+def test_r1_chat_template_with_think_survives_verbatim(model_dir, tmp_path):
+    import shutil
+
+    src = tmp_path / "r1"
+    shutil.copytree(model_dir("qwen2"), src)
+    cfg = json.loads((src / "tokenizer_config.json").read_text())
+    template = (
+        "{% for m in messages %}{% if m['role'] == 'assistant' %}{% set c = m['content'].split('</think>')[-1] %}"
+        "<|im_start|>assistant\n{{ c }}<|im_end|>\n{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+        "<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}"
+    )
+    cfg["chat_template"] = template
+    (src / "tokenizer_config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "r1.gguf"
+    export_gguf(src, out)
+    assert field(GGUFReader(out), "tokenizer.chat_template") == template
