@@ -27,14 +27,20 @@ def module_of(weight_name: str) -> str:
 
 
 def pack_int32(u: torch.Tensor, bits: int) -> torch.Tensor:
-    """Unsigned codes [rows, cols] -> int32 [rows, ceil(cols * bits / 32)], element j of a word at bits j*bits."""
+    """Unsigned codes [rows, cols] -> int32 [rows, ceil(cols * bits / 32)], element j of a word at bits j*bits.
+
+    Built one code position at a time in int32 (the top code's shift wraps into the sign bit, which is
+    the two's-complement word compressed-tensors stores), so it needs no int64 copy of the codes."""
     per = 32 // bits
     rows, cols = u.shape
-    padded = torch.zeros(rows, math.ceil(cols / per) * per, dtype=torch.int64)
-    padded[:, :cols] = u.to(torch.int64)
-    shifts = torch.arange(per, dtype=torch.int64) * bits
-    words = (padded.reshape(rows, -1, per) << shifts).sum(-1)
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    n_words = math.ceil(cols / per)
+    if n_words * per != cols:
+        u = torch.nn.functional.pad(u, (0, n_words * per - cols))
+    u = u.reshape(rows, n_words, per)
+    words = torch.zeros(rows, n_words, dtype=torch.int32)
+    for j in range(per):
+        words |= u[..., j].to(torch.int32) << (j * bits)
+    return words
 
 
 def unpack_int32(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
@@ -71,14 +77,14 @@ class CompressedTensorsLayout:
         mod = module_of(name)
         # dsq's asymmetric codes are unsigned [0, 2^b); symmetric ones are signed. Either way the
         # stored unsigned value is signed_code + offset, and the stored zero point likewise.
-        unsigned = qt.codes.to(torch.int64) + (0 if qt.zero is not None else self.offset(fmt))
+        unsigned = qt.codes.to(torch.int16) + (0 if qt.zero is not None else self.offset(fmt))
         out = {
             f"{mod}.weight_packed": pack_int32(unsigned, fmt.bits),
             f"{mod}.weight_scale": qt.scale.to(fmt.scale_dtype),
             f"{mod}.weight_shape": torch.tensor(full_shape or qt.shape, dtype=torch.int64),
         }
         if qt.zero is not None:
-            out[f"{mod}.weight_zero_point"] = pack_int32(qt.zero.to(torch.int64).T, fmt.bits).T.contiguous()
+            out[f"{mod}.weight_zero_point"] = pack_int32(qt.zero.to(torch.int16).T, fmt.bits).T.contiguous()
         return out
 
     def decode(self, fmt: QuantFormat, tensors: dict[str, torch.Tensor], mod: str) -> QuantizedTensor:

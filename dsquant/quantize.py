@@ -59,12 +59,14 @@ class ErrorStats:
     max_abs: float = 0.0
 
     def add(self, w: torch.Tensor, deq: torch.Tensor) -> None:
-        w = w.to(torch.float32)
-        diff = w - deq
-        self.sq_err += float(diff.pow(2).sum(dtype=torch.float64))
-        self.sq_ref += float(w.pow(2).sum(dtype=torch.float64))
+        w = w.to(torch.float32).reshape(-1)
+        diff = deq.reshape(-1) - w
+        # dot products: no squared copies (float32 accumulation: ~1e-6 relative on a 4 Mi-element slice)
+        self.sq_err += float(torch.dot(diff, diff))
+        self.sq_ref += float(torch.dot(w, w))
         if diff.numel():
-            self.max_abs = max(self.max_abs, float(diff.abs().max()))
+            lo, hi = torch.aminmax(diff)
+            self.max_abs = max(self.max_abs, float(-lo), float(hi))
 
     @property
     def rel_rmse(self) -> float:

@@ -323,5 +323,6 @@ def test_row_slices_write_the_same_bytes(arch, recipe, model_dir, tmp_path, monk
         if a["rel_rmse"] is None:
             assert b["rel_rmse"] is None
         else:
-            assert a["rel_rmse"] == pytest.approx(b["rel_rmse"], rel=1e-9, abs=1e-12)
+            # error sums accumulate in float32 per slice (ErrorStats): slicing moves them ~1e-6 relative
+            assert a["rel_rmse"] == pytest.approx(b["rel_rmse"], rel=1e-5, abs=1e-12)
             assert a["max_abs_err"] == b["max_abs_err"]
