@@ -21,8 +21,12 @@ def check_output(dest: Path, overwrite: bool) -> None:
     if dest.exists() and not overwrite:
         raise OutputError(f"{dest}: already exists; pass --overwrite to replace it")
     parent = dest.resolve().parent
-    if not parent.is_dir():
-        raise OutputError(f"{parent}: the output's parent directory does not exist")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)  # `-o out/model` works in a fresh checkout
+    except OSError as e:
+        raise OutputError(
+            f"{parent}: the output's parent directory does not exist and cannot be created ({e.strerror})"
+        ) from None
     if not os.access(parent, os.W_OK):
         raise OutputError(f"{parent}: not writable; choose another output location")
 

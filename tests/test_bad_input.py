@@ -170,6 +170,8 @@ def test_output_not_writable_or_existing(model_dir, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     assert_clean_failure(dsq("quantize", model_dir("llama"), "-o", blocker / "out"), "does not exist")
+    report = quantize_checkpoint(model_dir("llama"), tmp_path / "new" / "deeper" / "out", "int8")
+    assert report["summary"]["quantized_tensors"] and (tmp_path / "new" / "deeper" / "out" / "config.json").is_file()
     (tmp_path / "done").mkdir()
     assert_clean_failure(dsq("quantize", model_dir("llama"), "-o", tmp_path / "done"), "--overwrite")
     with pytest.raises(OutputError):
