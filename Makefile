@@ -41,6 +41,8 @@ demo: install
 	@echo "==> quantizing the bundled model (SmolLM2-135M-Instruct, Apache-2.0) to int4 -> $(DEMO_OUT)"
 	$(BIN)/dsq plan default --recipe int4 --summary
 	$(BIN)/dsq quantize default -o $(DEMO_OUT) --recipe int4 --overwrite
+	@echo "==> its accuracy against the bf16 model (RTN uses no data, so calib_data/prose.txt is unseen text)"
+	$(BIN)/dsq eval $(DEMO_OUT) --ref default --runtime torch --text calib_data/prose.txt --chunks 2 --ctx 256
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -403,9 +403,11 @@ def evaluate(
     log: Callable[[str], None] = lambda m: None,
 ) -> Report:
     """Compare every (model, runtime spec) in ``candidates`` with the reference; thresholds fill ``failures``."""
-    from dsq.runtimes.registry import choose
+    from dsq.runtimes.registry import choose, model_path
 
     s = settings
+    ref_path = model_path(ref_path)
+    candidates = [(model_path(p), spec) for p, spec in candidates]
     for flag in ("min_answer_agree", "max_loops"):
         if thresholds.get(flag) is not None and not s.reasoning_tokens:
             raise InputError(f"--{flag.replace('_', '-')} needs --reasoning N (the math-prompt check)")

@@ -82,10 +82,17 @@ def get_backend(name: str) -> type[Runtime]:
     return b.cls
 
 
+def model_path(path: str | Path) -> Path:
+    """A MODEL argument as a path: ``default`` is the bundled model (built on first use)."""
+    from dsq.dsquant.default_model import resolve_model_arg
+
+    return Path(resolve_model_arg(str(path)))
+
+
 def choose(path: Path, runtime: str = "auto") -> list[type[Runtime]]:
     """Backends to run ``path`` with. ``auto``: the first available one that reads it; ``all``: every
     available one that reads it; a name (or comma list): those, checked against the file."""
-    path = Path(path)
+    path = model_path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or directory")
     if runtime in ("auto", "all"):
@@ -121,6 +128,7 @@ def load(path: Path, runtime: str = "auto", device: str = "cpu", **kwargs) -> Ru
     """Load ``path`` in one runtime (``auto``: the first that reads it)."""
     if runtime == "all":
         raise InputError("--runtime all: this command runs one runtime; name one, or auto")
+    path = model_path(path)
     (cls,) = choose(path, runtime)[:1]
     av = cls.available()
     if device not in av.devices:
