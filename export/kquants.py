@@ -50,3 +50,114 @@ def quantize_q6_k(rows: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
     out[:, 192:208] = sc.view(torch.uint8)
     out[:, 208:] = d.reshape(nb, 1).view(torch.uint8)
     return out.reshape(-1).numpy(), values
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Q4_K (ggml-common.h ``block_q4_K``, 144 bytes per 256 weights): fp16 ``d``, fp16 ``dmin``, ``scales[12]``
+# holding a 6-bit scale ls_j and a 6-bit min lm_j for each of 8 sub-blocks of 32, and ``qs[128]`` 4-bit
+# codes; w = d * ls_j * q - dmin * lm_j. The 6-bit packing (``get_scale_min_k4``): for j < 4, byte j holds
+# ls_j and byte j+4 holds lm_j in their low 6 bits; for j >= 4, byte j+4 holds ls_j & 15 | (lm_j & 15) << 4
+# and the top 2 bits of ls_j / lm_j go to bits 6-7 of bytes j-4 / j. Codes: each 64 weights take 32 bytes,
+# weight l in the low nibble of byte l and weight l+32 in the high nibble.
+#
+# The quantizer follows ggml-quants.c ``quantize_row_q4_K_ref``: per sub-block, ``make_qkx2_quants``
+# (nmax 15, rmin -1, rdelta 0.1, 20 steps, squared error) with weights av_x + |x| (av_x = RMS of the
+# sub-block) searches a scale and a min by weighted least squares over 21 trial scales; the 8 scales
+# and mins are then rounded to 6 bits against the largest of each (d = max_scale / 63, dmin = max_min / 63)
+# and the codes re-rounded with the stored scales. With per-column importance (llama.cpp imatrix: mean x^2
+# of the input feature), the search weights become importance * sqrt(sigma2 + x^2), sigma2 = 2 * mean(x^2)
+# of the super-block, as in ``quantize_row_q4_K_impl``; dsq keeps the reference's max-based 6-bit step
+# (not the impl's ``make_qkx3_quants`` / ``make_qp_quants`` refinements), so with importance the bytes are
+# dsq's own and differ from llama.cpp's imatrix Q4_K.
+# ---------------------------------------------------------------------------------------------------------
+
+Q4_K_BYTES = 144
+
+
+def _qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int = 15, rmin: float = -1.0, rdelta: float = 0.1,
+          nstep: int = 20) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ggml's ``make_qkx2_quants`` for every row of x [m, 32] at once -> (scale, min >= 0, codes uint8).
+    The weighted error is w * (scale * L - min - x)^2; returns min as a positive offset (ggml's the_min)."""
+    lo = x.min(dim=-1).values.clamp(max=0.0)
+    hi = x.max(dim=-1).values
+    rng = hi - lo
+    flat = rng == 0
+    safe_rng = torch.where(flat, torch.ones_like(rng), rng)
+    sum_w = w.sum(-1)
+    sum_x = (w * x).sum(-1)
+    iscale = nmax / safe_rng
+    scale = 1.0 / iscale
+    codes = torch.round(iscale[:, None] * (x - lo[:, None])).clamp(0, nmax)
+    best = (w * (scale[:, None] * codes + lo[:, None] - x).pow(2)).sum(-1)
+    mn = lo.clone()
+    for step in range(nstep + 1):
+        # as in ggml, each trial is taken from the best min so far (``min`` is updated inside its loop)
+        span = hi - mn
+        span = torch.where(flat | (span == 0), torch.ones_like(span), span)
+        iscale = (rmin + rdelta * step + nmax) / span
+        la = torch.round(iscale[:, None] * (x - mn[:, None])).clamp(0, nmax)
+        sum_l = (w * la).sum(-1)
+        sum_l2 = (w * la * la).sum(-1)
+        sum_xl = (w * la * x).sum(-1)
+        det = sum_w * sum_l2 - sum_l * sum_l
+        ok = det > 0
+        sdet = torch.where(ok, det, torch.ones_like(det))
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / sdet
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / sdet
+        pos = this_min > 0  # a positive offset is not allowed: refit the scale alone through zero
+        this_scale = torch.where(pos, sum_xl / torch.where(sum_l2 > 0, sum_l2, torch.ones_like(sum_l2)), this_scale)
+        this_min = torch.where(pos, torch.zeros_like(this_min), this_min)
+        err = (w * (this_scale[:, None] * la + this_min[:, None] - x).pow(2)).sum(-1)
+        better = ok & (err < best)
+        codes = torch.where(better[:, None], la, codes)
+        best = torch.where(better, err, best)
+        scale = torch.where(better, this_scale, scale)
+        mn = torch.where(better, this_min, mn)
+    scale = torch.where(flat, torch.zeros_like(scale), scale)
+    codes = torch.where(flat[:, None], torch.zeros_like(codes), codes)
+    return scale, -mn, codes.to(torch.uint8)
+
+
+def quantize_q4_k(rows: torch.Tensor, importance: torch.Tensor | None = None) -> tuple[np.ndarray, torch.Tensor]:
+    """[n, k] float rows (k a multiple of 256) -> (Q4_K bytes, the float32 values they hold).
+
+    ``importance``: optional [k] non-negative weight per column (llama.cpp imatrix convention, mean x^2 of
+    that input feature over calibration tokens); it weights the scale/min search of every sub-block.
+    """
+    n, k = rows.shape
+    x = rows.to(torch.float32).reshape(-1, 8, 32)  # super-blocks x 8 sub-blocks x 32 weights
+    nb = x.shape[0]
+    if importance is None:
+        av = x.pow(2).mean(-1, keepdim=True).sqrt()
+        w = av + x.abs()
+    else:
+        imp = importance.to(torch.float32).reshape(1, k // 256, 8, 32).expand(n, -1, -1, -1).reshape(nb, 8, 32)
+        sigma2 = 2.0 * x.pow(2).reshape(nb, -1).mean(-1)
+        w = imp * (sigma2[:, None, None] + x * x).sqrt()
+    scale, mins, codes = _qkx2(x.reshape(-1, 32), w.reshape(-1, 32))
+    scale, mins, codes = scale.reshape(nb, 8), mins.reshape(nb, 8), codes.reshape(nb, 8, 32)
+    max_scale = scale.max(-1).values
+    max_min = mins.max(-1).values
+    inv_scale = torch.where(max_scale > 0, 63.0 / torch.where(max_scale > 0, max_scale, 1.0), 0.0)
+    inv_min = torch.where(max_min > 0, 63.0 / torch.where(max_min > 0, max_min, 1.0), 0.0)
+    ls = torch.round(inv_scale[:, None] * scale).clamp(max=63).to(torch.uint8)
+    lm = torch.round(inv_min[:, None] * mins).clamp(max=63).to(torch.uint8)
+    d = (max_scale / 63.0).to(torch.float16)
+    dmin = (max_min / 63.0).to(torch.float16)
+    step = d.to(torch.float32)[:, None] * ls.to(torch.float32)  # [nb, 8], gguf-py's order of products
+    off = dmin.to(torch.float32)[:, None] * lm.to(torch.float32)
+    safe = torch.where(step == 0, torch.ones_like(step), step)
+    requant = torch.round((x + off[..., None]) / safe[..., None]).clamp(0, 15).to(torch.uint8)
+    codes = torch.where(step[..., None] == 0, codes, requant)  # ggml keeps the search's codes when d == 0
+    values = (step[..., None] * codes.to(torch.float32) - off[..., None]).reshape(n, k)
+    sc = torch.zeros(nb, 12, dtype=torch.uint8)
+    sc[:, 0:4] = ls[:, :4] | ((ls[:, 4:] >> 4) << 6)
+    sc[:, 4:8] = lm[:, :4] | ((lm[:, 4:] >> 4) << 6)
+    sc[:, 8:12] = (ls[:, 4:] & 0x0F) | ((lm[:, 4:] & 0x0F) << 4)
+    q = codes.reshape(nb, 4, 2, 32)
+    out = torch.empty(nb, Q4_K_BYTES, dtype=torch.uint8)
+    out[:, 0:2] = d.reshape(nb, 1).view(torch.uint8)
+    out[:, 2:4] = dmin.reshape(nb, 1).view(torch.uint8)
+    out[:, 4:16] = sc
+    out[:, 16:] = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(nb, 128)
+    return out.reshape(-1).numpy(), values
