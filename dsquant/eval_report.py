@@ -115,7 +115,7 @@ def eval_figures(report: Report) -> list[tuple[str, str]]:
     rs = report.results
     colors = ["#888888" if r.is_reference else ("#2a9d3a" if r.passed else "#d62728") for r in rs]
     ax.bar(range(len(rs)), [r.ppl for r in rs], color=colors)
-    ax.set_xticks(range(len(rs)), [_label(r) for r in rs], fontsize=8)
+    ax.set_xticks(range(len(rs)), [_label(r) for r in rs], fontsize=7, rotation=30, ha="right")
     ax.set_ylabel("perplexity")
     lo, hi = min(r.ppl for r in rs), max(r.ppl for r in rs)
     pad = max(hi - lo, 0.01 * hi)
@@ -184,15 +184,15 @@ def write_bench_html(results, header: list[str], rows: list[list[str]], path: Pa
 
     from .atomic import atomic_file
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     labels = [f"{Path(r.model).name}\n{r.runtime}" for r in results]
     for ax, key, title in ((axes[0], "prefill_tok_s", "prefill tokens/s"), (axes[1], "decode_tok_s", "decode tokens/s")):
         vals = [getattr(r, key) for r in results]
         ax.bar(range(len(vals)), vals, color="#3a6ea5")
-        ax.set_xticks(range(len(vals)), labels, fontsize=7)
+        ax.set_xticks(range(len(vals)), labels, fontsize=7, rotation=30, ha="right")
         ax.set_title(title)
         for i, v in enumerate(vals):
-            ax.annotate(f"{v:.0f}", (i, v), ha="center", va="bottom", fontsize=8)
+            ax.annotate(f"{v:.1f}", (i, v), ha="center", va="bottom", fontsize=8)
     r0 = results[0]
     notes = [f"Median of {r0.runs} runs after {r0.warmup} warm-up; prompt {r0.prompt_tokens} tokens, {r0.new_tokens} "
              "new tokens (greedy, EOS ignored); threads per row; peak RSS sampled every 5 ms while the model was loaded."]
