@@ -16,6 +16,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from dsq.dsquant.errors import UnsupportedError
+
 QK_K = 256
 
 
@@ -74,6 +76,21 @@ def quantize_q6_k(rows: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
 Q4_K_BYTES = 144
 
 
+def _rdiv(c: float, t: torch.Tensor) -> torch.Tensor:
+    """c / t as one IEEE division, like C's ``c/t``. (torch's ``c / t`` is ``t.reciprocal() * c``: two
+    roundings, which moves ggml's trial scales by an ulp and flips its near-tie choices.)"""
+    return torch.full_like(t, c) / t
+
+
+def _seqsum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over the last dim in index order, in float32, like ggml's C loops. Its near-ties between trial
+    scales are decided by the last bits of these sums, so torch's pairwise sums would pick differently
+    in ~5% of blocks; the sequential order makes the bytes equal llama.cpp's (test_gguf_kquants).
+    numpy's ``add.accumulate`` is a float32 running sum in index order (``sum`` would be pairwise)."""
+    a = t.contiguous().numpy()
+    return torch.from_numpy(np.add.accumulate(a, axis=-1, dtype=np.float32)[..., -1].copy())
+
+
 def _qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int = 15, rmin: float = -1.0, rdelta: float = 0.1,
           nstep: int = 20) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ggml's ``make_qkx2_quants`` for every row of x [m, 32] at once -> (scale, min >= 0, codes uint8).
@@ -83,22 +100,23 @@ def _qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int = 15, rmin: float = -1.0, 
     rng = hi - lo
     flat = rng == 0
     safe_rng = torch.where(flat, torch.ones_like(rng), rng)
-    sum_w = w.sum(-1)
-    sum_x = (w * x).sum(-1)
-    iscale = nmax / safe_rng
-    scale = 1.0 / iscale
+    sum_w = _seqsum(w)
+    sum_x = _seqsum(w * x)
+    iscale = _rdiv(nmax, safe_rng)
+    scale = _rdiv(1.0, iscale)
     codes = torch.round(iscale[:, None] * (x - lo[:, None])).clamp(0, nmax)
-    best = (w * (scale[:, None] * codes + lo[:, None] - x).pow(2)).sum(-1)
+    best = _seqsum(w * (scale[:, None] * codes + lo[:, None] - x).pow(2))
     mn = lo.clone()
     for step in range(nstep + 1):
         # as in ggml, each trial is taken from the best min so far (``min`` is updated inside its loop)
         span = hi - mn
         span = torch.where(flat | (span == 0), torch.ones_like(span), span)
-        iscale = (rmin + rdelta * step + nmax) / span
+        f32 = np.float32  # ggml forms this numerator in float32, step by step
+        iscale = _rdiv(float(f32(f32(f32(rmin) + f32(rdelta) * f32(step)) + f32(nmax))), span)
         la = torch.round(iscale[:, None] * (x - mn[:, None])).clamp(0, nmax)
-        sum_l = (w * la).sum(-1)
-        sum_l2 = (w * la * la).sum(-1)
-        sum_xl = (w * la * x).sum(-1)
+        sum_l = _seqsum(w * la)
+        sum_l2 = _seqsum(w * la * la)
+        sum_xl = _seqsum(w * la * x)
         det = sum_w * sum_l2 - sum_l * sum_l
         ok = det > 0
         sdet = torch.where(ok, det, torch.ones_like(det))
@@ -107,7 +125,7 @@ def _qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int = 15, rmin: float = -1.0, 
         pos = this_min > 0  # a positive offset is not allowed: refit the scale alone through zero
         this_scale = torch.where(pos, sum_xl / torch.where(sum_l2 > 0, sum_l2, torch.ones_like(sum_l2)), this_scale)
         this_min = torch.where(pos, torch.zeros_like(this_min), this_min)
-        err = (w * (this_scale[:, None] * la + this_min[:, None] - x).pow(2)).sum(-1)
+        err = _seqsum(w * (this_scale[:, None] * la + this_min[:, None] - x).pow(2))
         better = ok & (err < best)
         codes = torch.where(better[:, None], la, codes)
         best = torch.where(better, err, best)
@@ -125,10 +143,14 @@ def quantize_q4_k(rows: torch.Tensor, importance: torch.Tensor | None = None) ->
     that input feature over calibration tokens); it weights the scale/min search of every sub-block.
     """
     n, k = rows.shape
+    if k % QK_K:
+        raise UnsupportedError(f"Q4_K needs rows that are whole blocks of {QK_K}; got rows of {k}")
+    if importance is not None and tuple(importance.shape) != (k,):
+        raise UnsupportedError(f"Q4_K importance has shape {tuple(importance.shape)}; expected ({k},)")
     x = rows.to(torch.float32).reshape(-1, 8, 32)  # super-blocks x 8 sub-blocks x 32 weights
     nb = x.shape[0]
     if importance is None:
-        av = x.pow(2).mean(-1, keepdim=True).sqrt()
+        av = (_seqsum(x * x) / 32.0).sqrt()[..., None]
         w = av + x.abs()
     else:
         imp = importance.to(torch.float32).reshape(1, k // 256, 8, 32).expand(n, -1, -1, -1).reshape(nb, 8, 32)
@@ -138,12 +160,12 @@ def quantize_q4_k(rows: torch.Tensor, importance: torch.Tensor | None = None) ->
     scale, mins, codes = scale.reshape(nb, 8), mins.reshape(nb, 8), codes.reshape(nb, 8, 32)
     max_scale = scale.max(-1).values
     max_min = mins.max(-1).values
-    inv_scale = torch.where(max_scale > 0, 63.0 / torch.where(max_scale > 0, max_scale, 1.0), 0.0)
-    inv_min = torch.where(max_min > 0, 63.0 / torch.where(max_min > 0, max_min, 1.0), 0.0)
+    inv_scale = torch.where(max_scale > 0, _rdiv(63.0, torch.where(max_scale > 0, max_scale, 1.0)), 0.0)
+    inv_min = torch.where(max_min > 0, _rdiv(63.0, torch.where(max_min > 0, max_min, 1.0)), 0.0)
     ls = torch.round(inv_scale[:, None] * scale).clamp(max=63).to(torch.uint8)
     lm = torch.round(inv_min[:, None] * mins).clamp(max=63).to(torch.uint8)
-    d = (max_scale / 63.0).to(torch.float16)
-    dmin = (max_min / 63.0).to(torch.float16)
+    d = (max_scale / torch.full_like(max_scale, 63.0)).to(torch.float16)  # a true division (see _rdiv)
+    dmin = (max_min / torch.full_like(max_min, 63.0)).to(torch.float16)
     step = d.to(torch.float32)[:, None] * ls.to(torch.float32)  # [nb, 8], gguf-py's order of products
     off = dmin.to(torch.float32)[:, None] * lm.to(torch.float32)
     safe = torch.where(step == 0, torch.ones_like(step), step)

@@ -5,10 +5,10 @@ Tolerances, measured and stated once:
 * gguf-py's Q4_K dequantizer reads dsq's bytes back to exactly dsq's values (bit for bit).
 * Gaussian weights: relative RMSE 0.06-0.095 (measured ~0.072; Q4_K at 4.5 bits per weight).
 * llama.cpp's own ``llama_model_quantize`` (pure Q4_K, no imatrix, i.e. ``quantize_row_q4_K_ref``) on an
-  F16 GGUF of the llama fixture: >= 90% of the 144-byte blocks are byte-identical per tensor (measured
-  94-98%) and the total squared error is within 1% of llama.cpp's. The rest are near-ties in ggml's 21-trial
-  scale search, which sums in a different float order (C loop, possibly FMA-contracted vs torch's
-  vectorised sums) and so now and then keeps a different trial of almost equal error.
+  F16 GGUF of the llama fixture: >= 99.5% of all 144-byte blocks are byte-identical and >= 98% in every
+  tensor (measured: 7 of 5440 blocks differ; 15 of 19 tensors identical), and the squared error is within
+  0.5% of llama.cpp's. The few others are near-ties in ggml's 21-trial scale search decided by the last bit
+  of some float32 operation dsq does not reproduce (possibly FMA contraction in the C build).
 * ``--type q4_k`` export of the llama fixture run by llama.cpp vs a torch model holding the GGUF's own
   values: max |logit diff| <= 3% of max |logit| (the gate of test_gguf_llamacpp.py; the remainder is
   ggml's Q8_K activation rounding in its Q4_K dot products).
@@ -24,6 +24,7 @@ import torch
 from gguf import GGMLQuantizationType as GT
 from gguf.quants import dequantize
 
+from dsq.dsquant.errors import UnsupportedError
 from dsq.export.gguf_quants import GGUF_TYPES, encode
 from dsq.export.kquants import Q4_K_BYTES, quantize_q4_k
 
@@ -50,6 +51,14 @@ def test_q4_k_bytes_read_back_exactly_by_gguf_py():
     assert torch.equal(_read_back(data, w.shape), values)
     assert torch.equal(values[0, :256], torch.zeros(256))
     assert (values[2, :256] >= 0).all()
+
+
+def test_q4_k_refuses_rows_that_are_not_whole_super_blocks():
+    # 576 columns: the element count is whole super-blocks (576 * 4 = 9 * 256) but the rows are not
+    with pytest.raises(UnsupportedError, match="rows of 576"):
+        quantize_q4_k(torch.randn(4, 576))
+    with pytest.raises(UnsupportedError, match="importance"):
+        quantize_q4_k(torch.randn(4, 512), torch.ones(256))
 
 
 def test_q4_k_error_on_gaussian_weights():
@@ -103,7 +112,7 @@ def test_q4_k_bytes_match_llama_cpp_quantizer(llama_cpp, model_dir, tmp_path):
     params.nthread = 1
     assert llama_cpp.llama_model_quantize(str(f16).encode(), str(theirs).encode(), params) == 0
     floats = {t.name: np.asarray(t.data) for t in GGUFReader(f16).tensors}
-    compared = 0
+    compared = equal_blocks = blocks = 0
     for t in GGUFReader(theirs).tensors:
         if t.tensor_type != GT.Q4_K:
             continue
@@ -111,13 +120,16 @@ def test_q4_k_bytes_match_llama_cpp_quantizer(llama_cpp, model_dir, tmp_path):
         x = x.reshape(-1, x.shape[-1])
         mine, values = quantize_q4_k(x)
         a, b = np.asarray(t.data).reshape(-1, Q4_K_BYTES), mine.reshape(-1, Q4_K_BYTES)
-        same = float((a == b).all(axis=1).mean())
-        assert same >= 0.90, (t.name, same)
+        same = (a == b).all(axis=1)
+        assert same.mean() >= 0.98, (t.name, same.mean())
+        equal_blocks += int(same.sum())
+        blocks += same.size
         err_theirs = float(((_read_back(a, x.shape) - x) ** 2).sum())
         err_mine = float(((values - x) ** 2).sum())
-        assert err_mine <= 1.01 * err_theirs, (t.name, err_mine, err_theirs)
+        assert err_mine <= 1.005 * err_theirs, (t.name, err_mine, err_theirs)
         compared += 1
     assert compared >= 14
+    assert equal_blocks >= 0.995 * blocks, (equal_blocks, blocks)
 
 
 def test_q4_k_export_runs_in_llama_cpp(llama_cpp, model_dir, tmp_path):
