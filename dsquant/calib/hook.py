@@ -8,7 +8,6 @@ tensors instead of the originals. ``method="rtn"`` needs no data and skips all o
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -51,16 +50,4 @@ def run_calibration(
 
 def rows_of(value: QuantizedTensor | torch.Tensor, start: int, stop: int) -> QuantizedTensor | torch.Tensor:
     """Rows ``start:stop`` of a calibrated tensor (row slices start on a block-row boundary)."""
-    if not isinstance(value, QuantizedTensor):
-        return value[start:stop]
-    br, _ = value.fmt.block(value.shape)
-    if start % br:
-        raise ValueError(f"row slice {start}:{stop} does not start on a {br}-row block boundary")
-    r0, r1 = start // br, math.ceil(stop / br)
-    return QuantizedTensor(
-        value.format,
-        (stop - start, value.shape[1]),
-        value.codes[start:stop],
-        value.scale[r0:r1],
-        None if value.zero is None else value.zero[r0:r1],
-    )
+    return value.rows(start, stop) if isinstance(value, QuantizedTensor) else value[start:stop]
