@@ -12,6 +12,17 @@ sys.path.insert(0, str(Path(__file__).parent))
 from fixtures import ARCHS, make_checkpoint, make_fp8_checkpoint  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny matrices: one intra-op thread is ~10x faster than two fighting over a loaded 2-core box."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory):
     """model_dir(arch) -> a tiny bf16 sharded checkpoint of that architecture (cached per session)."""
