@@ -90,6 +90,7 @@ class Runtime(ABC):
     pip_extra: ClassVar[str | None] = None  # `pip install 'dsq[<extra>]'` installs what it needs
     priority: ClassVar[int] = 50  # `--runtime auto` tries lower first: native runtimes before the torch reference
     model_kind: ClassVar[str] = ""  # what ``accepts`` takes, for messages ("a .gguf file")
+    reads_format: ClassVar[str | None] = None  # "gguf" | "onnx" | "hf": the default ``accepts`` checks it
 
     # Set by load():
     path: Path
@@ -109,9 +110,12 @@ class Runtime(ABC):
         """Can this backend run here (package importable), on which devices; if not, why and which extra."""
 
     @classmethod
-    @abstractmethod
     def accepts(cls, path: Path) -> str | None:
-        """None if ``load(path)`` will read this model; otherwise a one-line reason naming the path."""
+        """None if ``load(path)`` will read this model; otherwise a one-line reason naming the path.
+        dsq's backends say which format they read in ``reads_format``; a plugin may override this."""
+        if cls.reads_format is None:
+            raise NotImplementedError(f"{cls.__name__} must set reads_format or override accepts()")
+        return wrong_kind(path, cls.name, cls.reads_format)
 
     @classmethod
     @abstractmethod

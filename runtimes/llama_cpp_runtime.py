@@ -17,7 +17,7 @@ import numpy as np
 
 from dsq.dsquant.errors import InputError
 
-from .base import Availability, Runtime, wrong_kind
+from .base import Availability, Runtime
 
 _GPU_DEVICES = ("cuda", "metal", "vulkan")  # llama.cpp offloads to whichever GPU backend it was built with
 
@@ -43,6 +43,7 @@ class LlamaCppRuntime(Runtime):
     priority = 10
     pip_extra = "llama-cpp"
     model_kind = "a .gguf file"
+    reads_format = "gguf"
 
     @classmethod
     def available(cls) -> Availability:
@@ -58,10 +59,6 @@ class LlamaCppRuntime(Runtime):
             note = ("GPU offload: not in this build; reinstall with CMAKE_ARGS=\"-DGGML_CUDA=on\" (or -DGGML_METAL=on, "
                     "-DGGML_VULKAN=on) pip install --force-reinstall --no-cache-dir llama-cpp-python")
         return Availability(True, "", tuple(devices), f"llama-cpp-python {llama_cpp.__version__}", note)
-
-    @classmethod
-    def accepts(cls, path: Path) -> str | None:
-        return wrong_kind(path, cls.name, "gguf")
 
     @classmethod
     def load(cls, path: Path, device: str = "cpu", *, threads: int | None = None, n_ctx: int | None = None,

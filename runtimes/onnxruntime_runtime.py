@@ -17,7 +17,7 @@ import numpy as np
 
 from dsq.dsquant.errors import CorruptFileError, InputError
 
-from .base import Availability, Runtime, wrong_kind
+from .base import Availability, Runtime
 from .hf_tokenizer import HFTokenizer
 
 # dsq device name -> onnxruntime execution provider
@@ -43,6 +43,7 @@ class OnnxRuntime(Runtime):
     priority = 20
     pip_extra = "onnx"
     model_kind = "model.onnx (or its directory)"
+    reads_format = "onnx"
 
     @classmethod
     def available(cls) -> Availability:
@@ -54,10 +55,6 @@ class OnnxRuntime(Runtime):
         devices = tuple(d for d, p in PROVIDERS.items() if p in present)
         note = "; ".join(f"{d}: {_EP_PACKAGE[d]}" for d in PROVIDERS if d not in devices)
         return Availability(True, "", devices, f"onnxruntime {ort.__version__}", note)
-
-    @classmethod
-    def accepts(cls, path: Path) -> str | None:
-        return wrong_kind(path, cls.name, "onnx")
 
     @classmethod
     def load(cls, path: Path, device: str = "cpu", *, threads: int | None = None, n_ctx: int | None = None,

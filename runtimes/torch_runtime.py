@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import Availability, Runtime, wrong_kind
+from .base import Availability, Runtime
 from .hf_tokenizer import HFTokenizer
 
 # dsq device name -> torch device type
@@ -26,6 +26,7 @@ class TorchRuntime(Runtime):
     priority = 90
     pip_extra = None  # torch and transformers are core dependencies
     model_kind = "a Hugging Face directory"
+    reads_format = "hf"
     _caching = False
 
     @classmethod
@@ -44,10 +45,6 @@ class TorchRuntime(Runtime):
         note = f"{', '.join(missing)}: not seen by this torch build ({torch.__version__})" if missing else ""
         return Availability(True, "", tuple(devices), f"torch {torch.__version__}, transformers {transformers.__version__}",
                             note)
-
-    @classmethod
-    def accepts(cls, path: Path) -> str | None:
-        return wrong_kind(path, cls.name, "hf")
 
     @classmethod
     def load(cls, path: Path, device: str = "cpu", *, threads: int | None = None, n_ctx: int | None = None,
