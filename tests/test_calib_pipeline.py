@@ -220,8 +220,9 @@ def test_quantize_writes_calibrated_values_and_exports_carry_them(model_dir, tmp
     down = "model.layers.0.mlp.down_proj.weight"
     assert not torch.equal(rtn[down].codes, written[down].codes)
 
-    gguf_writer = pytest.importorskip("dsq.export.gguf_writer")
     import gguf
+
+    from dsq.export import gguf_writer
 
     path = tmp_path / "m.gguf"
     gguf_writer.export_gguf(out, path)
@@ -232,10 +233,10 @@ def test_quantize_writes_calibrated_values_and_exports_carry_them(model_dir, tmp
     got = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).reshape(written[down].shape)
     assert torch.equal(got.to(torch.float32), written[down].dequantize())
 
-    onnx_export = pytest.importorskip("dsq.export.onnx_export")
     import onnx
     from onnx import helper, numpy_helper
 
+    from dsq.export import onnx_export
     from dsq.export.onnx_weights import PackedNBits, unpack_matmulnbits
 
     onnx_export.export_onnx(out, tmp_path / "onnx")
