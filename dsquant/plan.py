@@ -155,7 +155,3 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TB"  # pragma: no cover
-
-
-def param_count(plan: Plan) -> int:
-    return sum(math.prod(e.shape) for e in plan.entries)

@@ -20,7 +20,6 @@ from .. import __version__
 from .atomic import atomic_dir
 from .calib.hook import CalibSpec, rows_of, run_calibration
 from .checkpoint import Checkpoint
-from .errors import DsqError
 from .formats import FORMATS, QuantizedTensor
 from .layouts import layout_for_formats, module_of
 from .plan import Plan, PlanEntry, make_plan, row_slices
@@ -241,12 +240,3 @@ def _report(ckpt: Checkpoint, plan: Plan, layout, results: list[TensorResult], s
         },
         "tensors": [r.__dict__ for r in results],
     }
-
-
-def load_report(path: str | Path) -> dict:
-    p = Path(path)
-    p = p / REPORT_NAME if p.is_dir() else p
-    try:
-        return json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise DsqError(f"{p}: cannot read the dsq report ({e})") from None
