@@ -252,6 +252,7 @@ def export(
     accuracy_level: Annotated[
         int | None, typer.Option(help="ONNX: MatMulNBits accuracy_level (0 exact float math; CPU default 4).")
     ] = None,
+    no_check: Annotated[bool, typer.Option("--no-check", help="Skip `dsq check` of the output against MODEL.")] = False,
 ) -> None:
     """Export MODEL to a runtime format (GGUF for llama.cpp, ONNX for onnxruntime), keeping dsq's quantized values."""
     import json
@@ -261,12 +262,47 @@ def export(
     given = {"type": type_, "recipe": recipe, "split_max_size": split_max_size, "ep": ep, "int4_block": int4_block,
              "attention": attention, "accuracy_level": accuracy_level}
     try:
-        out, report = export_model(model, to, output, overwrite=overwrite, **{k: v for k, v in given.items() if v is not None})
+        out, report = export_model(model, to, output, check=not no_check, overwrite=overwrite,
+                                   **{k: v for k, v in given.items() if v is not None})
     except Exception as e:
         raise _fail(e) from None
     summary = {"output": str(out)}
     summary.update({k: v for k, v in report.items() if not isinstance(v, list | dict) or k in ("notes", "types")})
+    checked = report.get("check")
+    if checked is not None:
+        from dsq.runtimes.check import print_report
+
+        print_report(checked)
+        summary["check"] = {k: checked[k] for k in ("passed", "first_failure", "skipped") if k in checked}
     typer.echo(json.dumps(summary, indent=2, default=str))
+    if checked is not None and checked.get("passed") is False:
+        typer.secho(f"error: the export does not behave like {model}: {checked['first_failure']}", fg="red", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+def check(
+    export: Annotated[Path, typer.Argument(help="A .gguf file or an ONNX export folder.")],
+    ref: Annotated[Path, typer.Option("--ref", help="The source model (HF directory with its tokenizer).")],
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON.")] = None,
+    greedy: Annotated[bool, typer.Option(help="Also compare the greedy first 16 tokens with torch on --ref.")] = True,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Does EXPORT behave like --ref with the runtime's own tokenizer: ids, BOS/EOS, chat prompt, stop tokens."""
+    import json
+
+    from dsq.runtimes.check import check_export, print_report
+
+    try:
+        result = check_export(export, ref, greedy=greedy, threads=threads).to_json()
+    except Exception as e:
+        raise _fail(e) from None
+    print_report(result)
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=2))
+    if not result["passed"]:
+        typer.secho(f"error: {export}: {result['first_failure']}", fg="red", err=True)
+        raise typer.Exit(1)
 
 
 calib_app = typer.Typer(help="Calibration data for --method gptq|awq|imatrix.", no_args_is_help=True)

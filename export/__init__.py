@@ -18,8 +18,12 @@ EXPORTERS: dict[str, tuple[str, str]] = {
 }
 
 
-def export_model(model: str, to: str, output: str | Path | None = None, **options) -> tuple[Path, dict]:
-    """Export ``model`` to target ``to``; ``options`` the target does not take are refused by name."""
+def export_model(model: str, to: str, output: str | Path | None = None, check: bool = False,
+                 **options) -> tuple[Path, dict]:
+    """Export ``model`` to target ``to``; ``options`` the target does not take are refused by name.
+
+    ``check``: then run ``dsq check`` on the output against ``model`` (``report["check"]``, see
+    :func:`dsq.runtimes.check.check_after_export`)."""
     from ..dsquant.errors import InputError
 
     if to not in EXPORTERS:
@@ -32,4 +36,9 @@ def export_model(model: str, to: str, output: str | Path | None = None, **option
         if key not in accepted:
             raise InputError(f"--{key.replace('_', '-')} is not an option of --to {to}")
     out = Path(output) if output else Path(Path(model).name + suffix)
-    return out, fn(model, out, **options)
+    report = fn(model, out, **options)
+    if check:
+        from ..runtimes.check import check_after_export
+
+        report["check"] = check_after_export(model, out, report)
+    return out, report

@@ -202,6 +202,7 @@ def _report(src: GGUFSource, files: list[Path], type_: str, recipe, rows, notes,
                          f"largest added relative RMS error {worst['rel_error']:.3g} ({worst['name']})"]
     if not src.quantized and not any(r["status"] == "quantized" for r in rows):
         notes = [*notes, "source is not quantized and no recipe/--type asked for quantization: weights kept as floats"]
+    notes = [*notes, *tok.get("notes", [])]
     return {
         "source": str(src.path),
         "output": str(files[0]),

@@ -22,6 +22,7 @@ from ..dsquant.atomic import atomic_dir
 from ..dsquant.checkpoint import SIDE_FILES, Checkpoint
 from ..dsquant.errors import CorruptFileError, InputError, UnsupportedError
 from ..dsquant.formats import FORMATS, QuantizedTensor
+from ..dsquant.paths import resolve_model_file
 from .onnx_genai import genai_config
 from .onnx_graph import arch_spec, attention_kind, build_decoder
 from .onnx_weights import DATA_NAME, InitializerSink, WeightTable
@@ -160,8 +161,8 @@ def export_onnx(
         _save(model, tmp, weights.sink.external_bytes, external_threshold)
         onnx.checker.check_model(str(tmp / MODEL_NAME))
         for name in SIDE_FILES:
-            if (src / name).is_file():
-                shutil.copy2(src / name, tmp / name)
+            if (real := resolve_model_file(src, name)) is not None:  # refuses links out of the model folder
+                shutil.copy2(real, tmp / name)
         (tmp / "genai_config.json").write_text(json.dumps(genai_config(cfg, src, ep), indent=2))
         report = {
             "source": str(src),

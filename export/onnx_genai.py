@@ -7,9 +7,9 @@ Field names follow the config onnxruntime-genai's own model builder writes (mode
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from ..dsquant.tokenizer_facts import resolve_tokenizer
 from .onnx_graph import ATTENTION, arch_spec
 
 # dsq model_type -> onnxruntime-genai model type (its names are the HF class prefix, lower-cased).
@@ -25,24 +25,25 @@ GENAI_TYPES: dict[str, str] = {
 EP_OPTIONS: dict[str, list] = {"cpu": [], "cuda": [{"cuda": {}}], "dml": [{"dml": {}}], "coreml": [{"coreml": {}}]}
 
 
-def _token_id(cfg: dict, src: Path, key: str) -> int | list[int] | None:
-    value = cfg.get(key)
-    gen = src / "generation_config.json"
-    if value is None and gen.is_file():
-        value = json.loads(gen.read_text()).get(key)
-    return value
-
-
 def genai_config(cfg: dict, src: Path, ep: str) -> dict:
-    eos = _token_id(cfg, src, "eos_token_id")
-    pad = _token_id(cfg, src, "pad_token_id")
+    """The genai_config.json dict for an export of ``src`` (``cfg``: its config.json) targeting ``ep``.
+
+    Token ids come from :func:`resolve_tokenizer`: ``eos_token_id`` is the whole end-of-generation list
+    (generation_config.json's list, the tokenizer's EOS and the chat template's turn end such as
+    ``<|im_end|>``), since genai stops only at the ids listed here; pad falls back to the first EOS.
+    """
+    facts = resolve_tokenizer(src)
+    eos: int | list[int] | None = list(facts.eog_ids) or None
+    if eos is not None and len(eos) == 1:
+        eos = eos[0]
+    pad = facts.pad_id
     if pad is None:
-        pad = eos[0] if isinstance(eos, list) else eos
+        pad = facts.eog_ids[0] if facts.eog_ids else None
     context = cfg.get("max_position_embeddings", 4096)
     key_shape, _ = ATTENTION[arch_spec(cfg).attention][1](cfg)  # [batch, kv_heads, past, head_size]
     config = {
         "model": {
-            "bos_token_id": _token_id(cfg, src, "bos_token_id"),
+            "bos_token_id": facts.bos_id,
             "context_length": context,
             "decoder": {
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": EP_OPTIONS[ep]},
