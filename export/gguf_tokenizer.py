@@ -69,7 +69,7 @@ def pre_tokenizer_name(tok: dict, where: str) -> str:
 # llama.cpp's llama-vocab.cpp marks these token texts end-of-generation by name, whatever the GGUF says.
 LLAMA_CPP_EOG_NAMES = frozenset({
     "<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>", "<EOT>", "_<EOT>",
-    "<|end_of_text|>", "<end_of_utterance>",
+    "<|end_of_text|>", "<end_of_utterance>", "</s>",
 })
 
 

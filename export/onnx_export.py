@@ -23,7 +23,7 @@ from ..dsquant.checkpoint import SIDE_FILES, Checkpoint
 from ..dsquant.errors import CorruptFileError, InputError, UnsupportedError
 from ..dsquant.formats import FORMATS, QuantizedTensor
 from ..dsquant.paths import resolve_model_file
-from .onnx_genai import genai_config
+from .onnx_genai import genai_config, write_tokenizer_files
 from .onnx_graph import arch_spec, attention_kind, build_decoder
 from .onnx_weights import DATA_NAME, InitializerSink, WeightTable
 
@@ -163,6 +163,7 @@ def export_onnx(
         for name in SIDE_FILES:
             if (real := resolve_model_file(src, name)) is not None:  # refuses links out of the model folder
                 shutil.copy2(real, tmp / name)
+        tok_notes = write_tokenizer_files(src, tmp)
         (tmp / "genai_config.json").write_text(json.dumps(genai_config(cfg, src, ep), indent=2))
         report = {
             "source": str(src),
@@ -172,7 +173,7 @@ def export_onnx(
             "accuracy_level": accuracy_level,
             "formats": dict(formats),
             "matmulnbits": sorted({f"{lin.format}->bits{lin.packed.bits}" for lin in weights.linears.values() if lin.packed}),
-            "notes": sorted(weights.notes),
+            "notes": sorted(weights.notes) + tok_notes,
             "external_data": (tmp / DATA_NAME).exists(),
             "bytes": sum(f.stat().st_size for f in tmp.iterdir() if f.name.startswith(MODEL_NAME)),
             "kv_cache_bytes_per_token_fp32": kv_bytes_per_token(cfg),

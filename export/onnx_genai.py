@@ -7,9 +7,10 @@ Field names follow the config onnxruntime-genai's own model builder writes (mode
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from ..dsquant.tokenizer_facts import resolve_tokenizer
+from ..dsquant.tokenizer_facts import read_json, resolve_tokenizer
 from .onnx_graph import ATTENTION, arch_spec
 
 # dsq model_type -> onnxruntime-genai model type (its names are the HF class prefix, lower-cased).
@@ -91,3 +92,38 @@ def genai_config(cfg: dict, src: Path, ep: str) -> dict:
     # genai's JSON reader wants numbers for token ids: a model without (say) a BOS token omits the key.
     config["model"] = {k: v for k, v in config["model"].items() if v is not None}
     return config
+
+
+def write_tokenizer_files(src: Path, out: Path) -> list[str]:
+    """Write the tokenizer side files of ``src`` into the export ``out`` so onnxruntime-genai's tokenizer
+    (onnxruntime-extensions) does what transformers does; returns notes.
+
+    genai reads ``tokenizer_config.json`` only: not ``special_tokens_map.json``, not tokenizer.json's
+    post-processor, not ``chat_template.jinja``, and a ``chat_template`` list stops it loading the folder.
+    So the exported ``tokenizer_config.json`` states the resolved facts: the special tokens by name,
+    ``add_bos_token``/``add_eos_token`` (which transformers ignores beside a tokenizer.json, so it still
+    reads the export as it read the source) and the default chat template as a string; other named
+    templates go to ``chat_templates/NAME.jinja``, where transformers finds them.
+    """
+    facts = resolve_tokenizer(src)
+    if facts.tokenizer_class == "none":
+        return []
+    tcfg = read_json(src, "tokenizer_config.json") or {}
+    for kind in ("bos", "eos", "pad", "unk"):
+        if facts.tokens[kind] is not None:
+            tcfg[f"{kind}_token"] = facts.tokens[kind]
+    tcfg["add_bos_token"], tcfg["add_eos_token"] = facts.add_bos, facts.add_eos
+    tcfg.pop("chat_template", None)
+    if facts.chat_template is not None:
+        tcfg["chat_template"] = facts.chat_template
+        (out / "chat_template.jinja").write_text(facts.chat_template, encoding="utf-8")
+    others = {n: t for n, t in facts.chat_templates.items() if n != "default"}
+    if others:
+        (out / "chat_templates").mkdir(exist_ok=True)
+        for name, text in others.items():
+            (out / "chat_templates" / f"{name}.jinja").write_text(text, encoding="utf-8")
+    (out / "tokenizer_config.json").write_text(json.dumps(tcfg, indent=2, ensure_ascii=False), encoding="utf-8")
+    notes = []
+    if facts.prefix_ids and not facts.add_bos:
+        notes.append(f"the tokenizer adds {list(facts.prefix_ids)} before the text; genai can add only the BOS")
+    return notes

@@ -8,16 +8,19 @@ onnxruntime-genai's tokenizer for ONNX folders when ``onnxruntime_genai`` is ins
 transformers on the reference on a fixed battery:
 
 * token ids with special tokens added as each side adds them (so BOS/EOS behaviour is compared);
-* the chat prompt of a multi-turn conversation with a ``<think>`` block, rendered with the generation
-  prompt, and its ids;
+* the chat template the export carries (it must be the one transformers uses), the prompt the runtime's
+  engine renders from it for a multi-turn conversation with a ``<think>`` block (with the generation
+  prompt), and the ids of transformers' prompt through the runtime's tokenizer;
 * the end-of-generation set (:func:`resolve_tokenizer`'s ``eog_ids`` of the reference);
 * the greedy first 16 tokens of a prompt: the reference (torch on the reference checkpoint) generates
   them; the runtime, fed the same prefix, must pick the same argmax at each step (teacher-forced).
 
 A difference fails, naming the first mismatch (input, token index, both ids and pieces), except where the
-runtime cannot do what the tokenizer asks: text a normalizer (NFC) changes, llama.cpp's name-based
-end-of-generation tokens beyond the model's, a greedy step where quantization changes the argmax
-(reported as agreement, since ``dsq eval`` is the accuracy gate). Those are warnings listing the inputs.
+runtime cannot do what the tokenizer asks: text a normalizer (NFC) changes, a template its engine
+renders differently from Jinja, llama.cpp's name-based end-of-generation tokens beyond the model's, a
+greedy step where quantization changes the argmax (reported as agreement, since ``dsq eval`` is the
+accuracy gate). Those are warnings listing the inputs. onnxruntime-genai's ``encode`` adds no special
+tokens unless ``update_options(add_special_tokens="true")``; the check compares it in that mode.
 """
 
 from __future__ import annotations
@@ -117,10 +120,13 @@ class _LlamaSide:
     def piece(self, tid: int) -> str:
         return self.llm.detokenize([tid], special=True).decode("utf-8", "replace")
 
+    def template(self) -> str | None:
+        return self.llm.metadata.get("tokenizer.chat_template")
+
     def render_chat(self, messages: list[dict]) -> str | None:
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-        template = self.llm.metadata.get("tokenizer.chat_template")
+        template = self.template()
         if not template:
             return None
         model = self.llm._model
@@ -160,12 +166,22 @@ class _GenaiSide:
         cfg = json.loads((path / "genai_config.json").read_text())
         eos = cfg["model"].get("eos_token_id")
         self._eog = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        tcfg = path / "tokenizer_config.json"
+        self._template = json.loads(tcfg.read_text()).get("chat_template") if tcfg.is_file() else None
 
-    def encode(self, text: str) -> list[int]:
+    def _encode(self, text: str, special: bool) -> list[int]:
+        # genai's encode adds no special tokens unless asked; asked, it adds BOS/EOS as its config says.
+        self.tok.update_options(add_special_tokens="true" if special else "false")
         return [int(i) for i in self.tok.encode(text)]
 
+    def encode(self, text: str) -> list[int]:
+        return self._encode(text, True)
+
     def encode_plain(self, text: str) -> list[int]:
-        return self.encode(text)
+        return self._encode(text, False)
+
+    def template(self) -> str | None:
+        return self._template if isinstance(self._template, str) else None
 
     def piece(self, tid: int) -> str:
         return self.tok.decode([tid])
@@ -304,20 +320,27 @@ def _check_chat(report: CheckReport, facts: TokenizerFacts, hf, side) -> None:
         report.add("chat prompt", "multi-turn <think>", "skip", "the reference has no chat template")
         return
     ref_prompt = hf.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
+    held = side.template()
+    if held != facts.chat_template:
+        report.add("chat template", "template text", "fail",
+                   "the export carries no chat template" if not held else
+                   f"the export's chat template is not the one transformers uses ({len(held)} vs "
+                   f"{len(facts.chat_template)} chars, from {facts.sources.get('chat_template')})")
+        return
     got_prompt = side.render_chat(CHAT)
     if got_prompt is None:
-        report.add("chat prompt", "multi-turn <think>", "warn", f"{side.name} exposes no chat template to compare")
-        got_prompt = ref_prompt
+        report.add("chat prompt", "multi-turn <think>", "warn", f"{side.name} exposes no chat template engine to compare")
     elif got_prompt != ref_prompt:
+        # Same template text, another result: the runtime's template engine, not the export.
         i = next((k for k, (a, b) in enumerate(zip(ref_prompt, got_prompt, strict=False)) if a != b),
                  min(len(ref_prompt), len(got_prompt)))
-        report.add("chat prompt", "multi-turn <think>", "fail",
-                   f"rendered text differs at char {i}: reference {ref_prompt[i:i + 24]!r} vs runtime {got_prompt[i:i + 24]!r}")
-        return
+        report.add("chat prompt", "multi-turn <think>", "warn",
+                   f"{side.name}'s template engine renders the same template differently at char {i}: "
+                   f"reference {ref_prompt[i:i + 24]!r} vs runtime {got_prompt[i:i + 24]!r}")
     else:
         report.add("chat prompt", "multi-turn <think>", "ok", f"{len(ref_prompt)} chars")
     ref_ids = list(hf(ref_prompt, add_special_tokens=False)["input_ids"])
-    got = side.encode_plain(got_prompt)
+    got = side.encode_plain(ref_prompt)
     if got == ref_ids:
         report.add("chat ids", "multi-turn <think>", "ok", f"{len(ref_ids)} tokens")
     else:
