@@ -100,7 +100,8 @@ def write_tokenizer_files(src: Path, out: Path) -> list[str]:
 
     genai reads ``tokenizer_config.json`` only: not ``special_tokens_map.json``, not tokenizer.json's
     post-processor, not ``chat_template.jinja``, and a ``chat_template`` list stops it loading the folder.
-    So the exported ``tokenizer_config.json`` states the resolved facts: the special tokens by name,
+    So the exported ``tokenizer_config.json`` states the resolved facts (and ``tokenizer.json`` is the one
+    transformers runs, when its tokenizer class rebuilt the normalizer/pre-tokenizer): the special tokens by name,
     ``add_bos_token``/``add_eos_token`` (which transformers ignores beside a tokenizer.json, so it still
     reads the export as it read the source) and the default chat template as a string; other named
     templates go to ``chat_templates/NAME.jinja``, where transformers finds them.
@@ -109,6 +110,11 @@ def write_tokenizer_files(src: Path, out: Path) -> list[str]:
     if facts.tokenizer_class == "none":
         return []
     tcfg = read_json(src, "tokenizer_config.json") or {}
+    if facts.effective_tokenizer is not None and facts.effective_tokenizer != read_json(src, "tokenizer.json"):
+        # The class transformers picks from config.json's model_type (Qwen2Tokenizer: NFC, its own split regex)
+        # rebuilt the pipeline; the folder has no config.json, so write what it runs and name the class.
+        (out / "tokenizer.json").write_text(json.dumps(facts.effective_tokenizer, ensure_ascii=False), encoding="utf-8")
+        tcfg["tokenizer_class"] = facts.tokenizer_class
     for kind in ("bos", "eos", "pad", "unk"):
         if facts.tokens[kind] is not None:
             tcfg[f"{kind}_token"] = facts.tokens[kind]
