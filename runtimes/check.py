@@ -254,15 +254,18 @@ def _build_normalizer(spec: dict):
 
 
 def check_export(export: str | Path, ref: str | Path, *, greedy: bool = True, threads: int | None = None) -> CheckReport:
-    """Compare ``export`` (a .gguf, or an ONNX folder) with transformers on ``ref`` (an HF directory).
+    """Compare ``export`` (a .gguf, or an ONNX folder) with transformers on ``ref`` (an HF directory, hub id
+    or ``default``); ``greedy``: also the teacher-forced greedy 16 tokens against torch on ``ref``.
 
     Returns a :class:`CheckReport`; raises :class:`InputError` for a path that is not an export, a
     reference without a tokenizer, or a missing runtime package for a GGUF.
     """
     from transformers import AutoTokenizer
 
+    from dsq.dsquant.checkpoint import resolve
+
     t0 = time.perf_counter()
-    export, ref = Path(export), Path(ref)
+    export, ref = Path(export), resolve(ref)
     facts = resolve_tokenizer(ref)
     if facts.effective_tokenizer is None and facts.tokenizer_class == "none":
         raise InputError(f"--ref {ref}: no tokenizer files; give the source model folder")
@@ -289,13 +292,12 @@ def check_export(export: str | Path, ref: str | Path, *, greedy: bool = True, th
 
 
 def _ref_piece(hf):
-    return lambda tid: hf.convert_ids_to_tokens(int(tid))
+    return lambda tid: hf.decode([int(tid)])
 
 
 def _check_tokens(report: CheckReport, facts: TokenizerFacts, hf, side) -> None:
     specials = [t.content for t in facts.added if t.special][:3]
     battery = [*BATTERY, ("specials", "say " + " and ".join(specials) + " in text" if specials else "no specials")]
-    norm_diffs = []
     for name, text in battery:
         ref_ids = list(hf(text, add_special_tokens=True)["input_ids"])
         got = side.encode(text)
@@ -305,7 +307,6 @@ def _check_tokens(report: CheckReport, facts: TokenizerFacts, hf, side) -> None:
         i = _first_diff(ref_ids, got)
         detail = _describe(i, ref_ids, got, _ref_piece(hf), side.piece)
         if _normalizes(facts, text):
-            norm_diffs.append(name)
             report.add("token ids", name, "warn",
                        f"the reference normalizes this text ({'+'.join(facts.normalizer_names)}), "
                        f"{side.name} does not: {detail}")
