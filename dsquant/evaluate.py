@@ -132,16 +132,27 @@ class Result:
     loops: int | None = None
     answers: list[str | None] | None = None
     failures: list[str] = field(default_factory=list)
+    checks: list[str] = field(default_factory=list)  # the threshold flags applied (none: no verdict to give)
     kld_tokens: np.ndarray | None = field(default=None, repr=False)  # per-token KLD, for plots (not in JSON)
 
     @property
     def passed(self) -> bool:
         return not self.failures
 
+    @property
+    def verdict(self) -> str:
+        """``ref``, ``PASS``/``FAIL`` against the thresholds asked for, or ``-`` when none was asked for."""
+        if self.is_reference:
+            return "ref"
+        if not self.checks:
+            return "-"
+        return "PASS" if self.passed else "FAIL"
+
     def to_json(self) -> dict:
         d = asdict(self)
         d.pop("kld_tokens")
-        d["passed"] = self.passed
+        d["passed"] = self.passed if self.checks else None  # null: no threshold was asked for
+        d["verdict"] = self.verdict
         d["kld_hist"] = kld_histogram(self.kld_tokens) if self.kld_tokens is not None else None
         return d
 
@@ -160,10 +171,14 @@ class Report:
     def passed(self) -> bool:
         return all(r.passed for r in self.results)
 
+    @property
+    def thresholds_asked(self) -> bool:
+        return any(v is not None for v in self.thresholds.values())
+
     def to_json(self) -> dict:
         return {"schema": SCHEMA, "reference": self.reference, "text": self.text, "text_sha256": self.text_sha256,
                 "settings": self.settings, "thresholds": self.thresholds, "ref_cached": self.ref_cached,
-                "passed": self.passed, "results": [r.to_json() for r in self.results]}
+                "passed": self.passed if self.thresholds_asked else None, "results": [r.to_json() for r in self.results]}
 
 
 # -- cache ---------------------------------------------------------------------------------------------
@@ -308,6 +323,7 @@ def apply_thresholds(results: list[Result], thresholds: dict[str, float | None])
             lim = thresholds.get(flag)
             if lim is None:
                 continue
+            r.checks.append(flag)
             v = getattr(r, fld)
             if not _OPS[op](v, lim):
                 r.failures.append(f"{what} {v:.4g} fails --{flag.replace('_', '-')} {lim:g} (needs {op} {lim:g})")

@@ -7,6 +7,7 @@ codes, so the model computes with exactly the values dsq wrote, without needing 
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -68,6 +69,7 @@ class TorchRuntime(Runtime):
         self.tok.apply_to(self)
         self.vocab_size = int(self.model.config.get_text_config().vocab_size)
         self._past = None
+        self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         return self
 
     @property
@@ -85,7 +87,9 @@ class TorchRuntime(Runtime):
 
         with torch.inference_mode():
             x = torch.tensor([ids], dtype=torch.long, device=self._dev)
-            return self.model(input_ids=x, past_key_values=past, use_cache=past is not None or self._caching)
+            # transformers >= 5.24 renamed the KV-cache argument to `cache` (`past_key_values` warns): use
+            # whichever this model's forward takes, so dsq's own calls raise no deprecation warning.
+            return self.model(input_ids=x, **{self._cache_arg: past}, use_cache=past is not None or self._caching)
 
     def logits(self, ids: list[int]) -> np.ndarray:
         self._caching = False
@@ -95,17 +99,22 @@ class TorchRuntime(Runtime):
     def prefill(self, ids: list[int]) -> np.ndarray:
         self._caching = True
         out = self._forward(ids)
-        self._past = out.past_key_values
+        self._past = _cache_of(out)
         return out.logits[0, -1].float().cpu().numpy()
 
     def decode(self, token: int) -> np.ndarray:
         out = self._forward([token], self._past)
-        self._past = out.past_key_values
+        self._past = _cache_of(out)
         return out.logits[0, -1].float().cpu().numpy()
 
     def close(self) -> None:
         self.model = None
         self._past = None
+
+
+def _cache_of(out):
+    """The KV cache of a forward's output: ``cache`` in transformers >= 5.24, ``past_key_values`` before."""
+    return out["cache"] if "cache" in out else out.get("past_key_values")
 
 
 def _load_model(path: Path, dtype):
