@@ -45,7 +45,7 @@ def _targets_help() -> str:
 
 
 # The GGUF type table lives beside torch (export/gguf_quants.py GGUF_TYPES); `dsq --help` must not import
-# torch, so its names are repeated here and tests/test_cli_help.py fails when the two differ.
+# torch, so its names are repeated here and tests/test_cli_ux.py fails when the two differ.
 GGUF_TYPES_HELP = "auto (default: carry dsq's values, nearest type otherwise), q4_0, q4_1, q8_0, q4_k, q6_k, f16, bf16, f32"
 
 
