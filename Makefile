@@ -24,10 +24,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	@$(BIN)/python -m pip install -q --upgrade pip
 	@$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	@if ! $(BIN)/python -c "import llama_cpp" 2>/dev/null; then \
-	  echo "==> llama-cpp-python: compiling llama.cpp from source (6-11 min on 2 cores the first time;"; \
-	  echo "    pip caches the wheel, later installs take seconds)"; \
+	  echo "==> llama-cpp-python"; \
 	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install -v "llama-cpp-python>=0.3.8,<0.4" 2>&1 \
-	    | awk '/^ *\[[0-9]+\/[0-9]+\]/ { printf "\r    compiling %s", $$1; fflush() } \
+	    | awk '/^ *\[[0-9]+\/[0-9]+\]/ { if (!c) { print "    compiling llama.cpp from source (6-11 min on 2 cores, once: pip caches the wheel)"; c = 1 } \
+	                                   printf "\r    compiling %s", $$1; fflush() } \
 	           /^(ERROR|error:)/ { print; fflush() } \
 	           /Successfully installed/ { print "\n    " $$0; fflush() }'; \
 	  $(BIN)/python -c "import llama_cpp" || { echo "llama-cpp-python failed to build: see pip's output above"; exit 1; }; \
@@ -41,8 +41,8 @@ demo: install
 	@echo "==> quantizing the bundled model (SmolLM2-135M-Instruct, Apache-2.0) to int4 -> $(DEMO_OUT)"
 	$(BIN)/dsq plan default --recipe int4 --summary
 	$(BIN)/dsq quantize default -o $(DEMO_OUT) --recipe int4 --overwrite
-	@echo "==> its accuracy against the bf16 model (RTN uses no data, so calib_data/prose.txt is unseen text)"
-	$(BIN)/dsq eval $(DEMO_OUT) --ref default --runtime torch --text calib_data/prose.txt --chunks 2 --ctx 256
+	@echo "==> its accuracy against the bf16 model, on shipped held-out text (in no calibration set)"
+	$(BIN)/dsq eval $(DEMO_OUT) --ref default --runtime torch --text heldout --chunks 2 --ctx 256
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -2,11 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+
+def _flags_without_type() -> None:
+    """typer 0.2x prints ``<bool>`` beside on/off flags (``--overwrite <bool>``), which reads as if the flag
+    took a value; show no type for flags, as click and argparse do."""
+    from typer.core import TyperOption
+
+    original = getattr(TyperOption, "display_type_rich", None)
+    if original is None or getattr(original, "_dsq_flags", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if getattr(self, "is_flag", False) else original(self, ctx)
+
+    display_type_rich._dsq_flags = True
+    TyperOption.display_type_rich = display_type_rich
+
+
+_flags_without_type()
 
 app = typer.Typer(
     help="Quantize distilled LLMs (FP8/int8/int4) and deploy them to GGUF and ONNX.",
@@ -14,6 +34,24 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+MODEL_HELP = "HF checkpoint directory, hub id (org/name), or `default` (the bundled SmolLM2-135M-Instruct)."
+
+
+def _targets_help() -> str:
+    from dsq.export import EXPORTERS
+
+    return ", ".join(EXPORTERS)
+
+
+# The GGUF type table lives beside torch (export/gguf_quants.py GGUF_TYPES); `dsq --help` must not import
+# torch, so its names are repeated here and tests/test_cli_ux.py fails when the two differ.
+GGUF_TYPES_HELP = "auto (default: carry dsq's values, nearest type otherwise), q4_0, q4_1, q8_0, q4_k, q6_k, f16, bf16, f32"
+
+
+def _gguf_types_help() -> str:
+    return GGUF_TYPES_HELP
+
 
 Recipe = Annotated[str, typer.Option("--recipe", "-r", help="Preset (int4, int8, fp8) or a recipe TOML file.")]
 AllowUnmapped = Annotated[
@@ -23,23 +61,28 @@ AllowUnmapped = Annotated[
 
 def _fail(e: Exception) -> typer.Exit:
     from dsq.dsquant.errors import DsqError
+    from dsq.dsquant.extras import missing_extra
 
     if isinstance(e, DsqError):
         typer.secho(f"error: {e}", fg="red", err=True)
         return typer.Exit(e.exit_code)
+    hint = missing_extra(e)
+    if hint:
+        typer.secho(f"error: {hint}", fg="red", err=True)
+        return typer.Exit(2)
     raise e
 
 
 @app.command()
 def quantize(
-    model: Annotated[str, typer.Argument(help="HF checkpoint directory or hub id.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Output directory.")],
+    model: Annotated[str, typer.Argument(help=MODEL_HELP, metavar="MODEL")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output directory (created; refused if it exists).")],
     recipe: Recipe = "int4",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
     allow_unmapped: AllowUnmapped = False,
-    method: Annotated[str, typer.Option(help="rtn (no data), gptq, awq or imatrix (calibrated).")] = "rtn",
+    method: Annotated[str, typer.Option(help="rtn (round to nearest, no data), or calibrated: gptq, awq, imatrix.")] = "rtn",
     calib: Annotated[str, typer.Option(help="Calibration set (`dsq calib list`) or a .txt/.jsonl file.")] = "mixed",
-    samples: Annotated[int, typer.Option(help="Calibration sequences.")] = 128,
+    samples: Annotated[int, typer.Option(help="Calibration sequences (windows sampled from --calib).")] = 128,
     seqlen: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 512,
     seed: Annotated[int, typer.Option(help="Calibration sampling seed.")] = 0,
     min_expert_tokens: Annotated[
@@ -50,7 +93,7 @@ def quantize(
     ] = None,
 ) -> None:
     """Quantize MODEL into a checkpoint transformers and vLLM load, plus dsq-report.json."""
-    from dsq.dsquant.progress import tensor_progress
+    from dsq.dsquant.progress import progress
     from dsq.dsquant.quantize import quantize_checkpoint
     from dsq.dsquant.render import print_summary
 
@@ -62,10 +105,11 @@ def quantize(
 
             calibration = CalibSpec(method, calib, samples, seqlen, seed, str(work_dir) if work_dir else None,
                                     CalibOptions(fail_below_tokens=min_expert_tokens))
-        with tensor_progress(f"quantize → {output}") as progress:
+        calib_bar = progress(f"calibrate ({method})", "layers") if calibration else contextlib.nullcontext()
+        with calib_bar as calib_progress, progress(f"quantize → {output}", "tensors") as bar:
             report = quantize_checkpoint(
-                model, output, recipe, overwrite=overwrite, allow_unmapped=allow_unmapped, progress=progress,
-                calibration=calibration,
+                model, output, recipe, overwrite=overwrite, allow_unmapped=allow_unmapped, progress=bar,
+                calibration=calibration, calib_progress=calib_progress,
             )
     except Exception as e:
         raise _fail(e) from None
@@ -74,7 +118,7 @@ def quantize(
 
 @app.command()
 def plan(
-    model: Annotated[str, typer.Argument(help="HF checkpoint directory or hub id.")],
+    model: Annotated[str, typer.Argument(help=MODEL_HELP, metavar="MODEL")],
     recipe: Recipe = "int4",
     allow_unmapped: AllowUnmapped = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
@@ -94,7 +138,10 @@ def plan(
 
 
 @app.command()
-def inspect(path: Annotated[Path, typer.Argument(help="A safetensors directory or file, a .gguf or a .onnx file.")]) -> None:
+def inspect(
+    path: Annotated[Path, typer.Argument(help="A safetensors directory or file, an ONNX export folder, a .gguf or .onnx file.", metavar="PATH")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print the description as JSON.")] = False,
+) -> None:
     """Describe a model file or directory: architecture, tensors, dtypes, quantization."""
     from dsq.dsquant.inspect import describe
     from dsq.dsquant.render import print_description
@@ -103,7 +150,7 @@ def inspect(path: Annotated[Path, typer.Argument(help="A safetensors directory o
         desc = describe(path)
     except Exception as e:
         raise _fail(e) from None
-    print_description(desc)
+    print_description(desc, as_json=json_out)
 
 
 # -- runtimes: dsq runtimes / run / chat / eval / bench (issue 7) ------------------------------------
@@ -115,24 +162,24 @@ ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="CPU threads (
 
 
 @app.command()
-def runtimes() -> None:
+def runtimes(json_out: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False) -> None:
     """List runtime backends (built-in and plugins), the devices each can use here, and why not."""
     from dsq.runtimes.console import list_runtimes
 
-    list_runtimes()
+    list_runtimes(as_json=json_out)
 
 
 @app.command()
 def run(
-    model: Annotated[Path, typer.Argument(help="A .gguf file, an ONNX export, or a HF directory.")],
+    model: Annotated[Path, typer.Argument(help="A .gguf file, an ONNX export folder, or a dsq/HF directory.", metavar="MODEL")],
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="The prompt.")],
     runtime: RuntimeOpt = "auto",
     device: DeviceOpt = "cpu",
-    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n")] = 256,
-    temperature: Annotated[float, typer.Option(help="0: greedy.")] = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    seed: int = 0,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Most new tokens.")] = 256,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling: keep tokens up to this probability mass.")] = 1.0,
+    top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens; 0 keeps all.")] = 0,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     raw: Annotated[bool, typer.Option("--raw", help="Send the prompt as is, without the chat template.")] = False,
     hide_think: Annotated[bool, typer.Option("--hide-think", help="Hide <think> blocks instead of dimming.")] = False,
     threads: ThreadsOpt = None,
@@ -150,13 +197,13 @@ def run(
 
 @app.command()
 def chat(
-    model: Annotated[Path, typer.Argument(help="A .gguf file, an ONNX export, or a HF directory.")],
+    model: Annotated[Path, typer.Argument(help="A .gguf file, an ONNX export folder, or a dsq/HF directory.", metavar="MODEL")],
     runtime: RuntimeOpt = "auto",
     device: DeviceOpt = "cpu",
-    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n")] = 1024,
-    temperature: Annotated[float, typer.Option(help="0: greedy.")] = 0.6,
-    top_p: float = 0.95,
-    seed: int = 0,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Most new tokens per reply.")] = 1024,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy (R1 distills: 0.6).")] = 0.6,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling: keep tokens up to this probability mass.")] = 0.95,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     system: Annotated[str | None, typer.Option(help="A system message.")] = None,
     hide_think: Annotated[bool, typer.Option("--hide-think", help="Hide <think> blocks instead of dimming.")] = False,
     threads: ThreadsOpt = None,
@@ -174,11 +221,13 @@ def chat(
 
 @app.command("eval")
 def eval_(
-    quant: Annotated[list[Path], typer.Argument(help="Model(s) to check: .gguf, ONNX export, HF directory.")],
-    ref: Annotated[Path, typer.Option("--ref", help="The reference model (fp16/bf16 HF directory).")],
-    text: Annotated[Path | None, typer.Option("--text", help="UTF-8 text to score on.")] = None,
+    quant: Annotated[list[Path], typer.Argument(help="Model(s) to check: .gguf, ONNX export folder, dsq/HF directory.", metavar="MODEL")],
+    ref: Annotated[Path, typer.Option("--ref", help="The reference model: a bf16/fp16 HF directory, or `default`.")],
+    text: Annotated[str, typer.Option(
+        "--text", help="UTF-8 text file to score on, or a shipped text: heldout (in no calibration set), prose, code."
+    )] = "heldout",
     runtime: RuntimeOpt = "auto",
-    ref_runtime: Annotated[str, typer.Option("--ref-runtime")] = "auto",
+    ref_runtime: Annotated[str, typer.Option("--ref-runtime", help="Runtime for the reference (auto: torch).")] = "auto",
     device: DeviceOpt = "cpu",
     ctx: Annotated[int, typer.Option(help="Tokens per chunk.")] = 256,
     chunks: Annotated[int, typer.Option(help="Most chunks to score (from the start of the text).")] = 16,
@@ -213,14 +262,14 @@ def eval_(
 
 @app.command()
 def bench(
-    model: Annotated[list[Path], typer.Argument(help="Model(s): .gguf, ONNX export, HF directory.")],
+    model: Annotated[list[Path], typer.Argument(help="Model(s): .gguf, ONNX export folder, dsq/HF directory.", metavar="MODEL")],
     runtime: RuntimeOpt = "auto",
     device: DeviceOpt = "cpu",
     threads: ThreadsOpt = None,
-    prompt_tokens: int = 128,
-    new_tokens: int = 64,
-    runs: int = 3,
-    warmup: int = 1,
+    prompt_tokens: Annotated[int, typer.Option(help="Prompt length in tokens (prefill).")] = 128,
+    new_tokens: Annotated[int, typer.Option(help="Tokens to decode per run (EOS ignored).")] = 64,
+    runs: Annotated[int, typer.Option(help="Measured runs; the median is reported.")] = 3,
+    warmup: Annotated[int, typer.Option(help="Warm-up runs, not measured.")] = 1,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON.")] = None,
     html_out: Annotated[Path | None, typer.Option("--html", help="Write an HTML report with plots.")] = None,
 ) -> None:
@@ -235,12 +284,12 @@ def bench(
 
 @app.command()
 def export(
-    model: Annotated[str, typer.Argument(help="A dsq quantized checkpoint, or an HF checkpoint directory / hub id.")],
-    to: Annotated[str, typer.Option("--to", help="Target format: gguf (llama.cpp) or onnx (onnxruntime).")],
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Output file (gguf) or folder (onnx).")] = None,
-    type_: Annotated[
-        str | None, typer.Option("--type", help="GGUF: one type for all linear weights: q4_0, q4_1, q8_0, f16, bf16, f32.")
-    ] = None,
+    model: Annotated[str, typer.Argument(help="A dsq quantized checkpoint, an HF checkpoint directory or hub id, or `default`.", metavar="MODEL")],
+    to: Annotated[str, typer.Option("--to", help=f"Target format: {_targets_help()}.")],
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Output file (gguf) or folder (onnx); default: beside MODEL, named MODEL.gguf / MODEL-onnx."
+    )] = None,
+    type_: Annotated[str | None, typer.Option("--type", help=f"GGUF: one type for all linear weights: {_gguf_types_help()}.")] = None,
     recipe: Annotated[str | None, typer.Option("--recipe", "-r", help="Quantize a float checkpoint on the way.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
     split_max_size: Annotated[
@@ -252,29 +301,33 @@ def export(
     accuracy_level: Annotated[
         int | None, typer.Option(help="ONNX: MatMulNBits accuracy_level (0 exact float math; CPU default 4).")
     ] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the whole export report as JSON.")] = False,
     no_check: Annotated[bool, typer.Option("--no-check", help="Skip `dsq check` of the output against MODEL.")] = False,
 ) -> None:
     """Export MODEL to a runtime format (GGUF for llama.cpp, ONNX for onnxruntime), keeping dsq's quantized values."""
     import json
 
+    from dsq.dsquant.progress import progress
+    from dsq.dsquant.render import print_export_summary
     from dsq.export import export_model
 
     given = {"type": type_, "recipe": recipe, "split_max_size": split_max_size, "ep": ep, "int4_block": int4_block,
              "attention": attention, "accuracy_level": accuracy_level}
     try:
-        out, report = export_model(model, to, output, check=not no_check, overwrite=overwrite,
-                                   **{k: v for k, v in given.items() if v is not None})
+        with progress(f"export → {to}", "tensors") as bar:
+            out, report = export_model(model, to, output, overwrite=overwrite, progress=bar, check=not no_check,
+                                       **{k: v for k, v in given.items() if v is not None})
     except Exception as e:
         raise _fail(e) from None
-    summary = {"output": str(out)}
-    summary.update({k: v for k, v in report.items() if not isinstance(v, list | dict) or k in ("notes", "types")})
     checked = report.get("check")
-    if checked is not None:
-        from dsq.runtimes.check import print_report
+    if json_out:
+        typer.echo(json.dumps({"output": str(out), **report}, indent=2, default=str))
+    else:
+        print_export_summary(to, out, report)
+        if checked is not None:
+            from dsq.runtimes.check import print_report
 
-        print_report(checked)
-        summary["check"] = {k: checked[k] for k in ("passed", "first_failure", "skipped") if k in checked}
-    typer.echo(json.dumps(summary, indent=2, default=str))
+            print_report(checked)
     if checked is not None and checked.get("passed") is False:
         typer.secho(f"error: the export does not behave like {model}: {checked['first_failure']}", fg="red", err=True)
         raise typer.Exit(1)

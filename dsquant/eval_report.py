@@ -24,7 +24,7 @@ def eval_rows(report: Report) -> list[list[str]]:
     rows = []
     for r in report.results:
         name = Path(r.model).name + (" (ref)" if r.is_reference else "")
-        status = "ref" if r.is_reference else ("PASS" if r.passed else "FAIL")
+        status = r.verdict
         rows.append([
             name, r.description, _mb(r.file_size), f"{r.ppl:.4f}", f"{r.ppl_ratio:.4f}",
             "-" if r.is_reference else f"{r.kld_mean:.5f}", "-" if r.is_reference else f"{r.kld_median:.5f}",
@@ -46,21 +46,33 @@ EVAL_HEADER = ["model", "runtime", "size", "PPL", "PPL ratio", "KLD mean", "KLD 
 
 
 def print_eval(report: Report, console=None) -> None:
-    from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    console = console or Console()
-    t = Table(title=f"dsq eval: {report.results[0].tokens} tokens of {Path(report.text).name}, "
-                    f"ctx {report.settings['ctx']}, reference {Path(report.reference).name}"
-                    f"{' (cached logits)' if report.ref_cached else ''}")
+    from .render import make_console
+
+    console = console or make_console()
+    t = Table(title=escape(f"dsq eval: {report.results[0].tokens} tokens of {Path(report.text).name}, "
+                           f"ctx {report.settings['ctx']}, reference {Path(report.reference).name}"
+                           f"{' (cached logits)' if report.ref_cached else ''}"))
     for h in eval_header(report):
         t.add_column(h, justify="left" if h in ("model", "runtime") else "right")
     for row in eval_rows(report):
         style = {"FAIL": "red", "PASS": "green"}.get(row[-1])
-        t.add_row(*row[:-1], f"[{style}]{row[-1]}[/]" if style else row[-1])
+        t.add_row(*(escape(c) for c in row[:-1]), f"[{style}]{row[-1]}[/]" if style else row[-1])
     console.print(t)
+    console.print(gate_line(report), style="dim", markup=False)
     console.print(f"KLD in nats: reference tokens covering {report.settings['coverage']:g} of the mass exactly, the rest "
                   "as one bucket (a lower bound, ~2 % low; see dsq.dsquant.evaluate)", style="dim")
+
+
+def gate_line(report: Report) -> str:
+    """What the gate column means for this run: the thresholds applied, or that none was asked for."""
+    asked = {k: v for k, v in report.thresholds.items() if v is not None}
+    if not asked:
+        return ("gate: no thresholds given, so no verdict (the figures are measurements only); add --max-kld, "
+                "--min-top1 or --max-ppl-ratio to make dsq eval exit 1 when one fails")
+    return "gate: " + ", ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in asked.items())
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -113,16 +125,16 @@ def eval_figures(report: Report) -> list[tuple[str, str]]:
 
     fig, ax = plt.subplots(figsize=(8, 3.6))
     rs = report.results
-    colors = ["#888888" if r.is_reference else ("#2a9d3a" if r.passed else "#d62728") for r in rs]
-    ax.bar(range(len(rs)), [r.ppl for r in rs], color=colors)
+    palette = {"ref": "#888888", "-": "#3a6ea5", "PASS": "#2a9d3a", "FAIL": "#d62728"}
+    ax.bar(range(len(rs)), [r.ppl for r in rs], color=[palette[r.verdict] for r in rs])
     ax.set_xticks(range(len(rs)), [_label(r) for r in rs], fontsize=7, rotation=30, ha="right")
     ax.set_ylabel("perplexity")
-    lo, hi = min(r.ppl for r in rs), max(r.ppl for r in rs)
-    pad = max(hi - lo, 0.01 * hi)
-    ax.set_ylim(max(0.0, lo - pad), hi + 0.6 * pad)  # zoomed: the differences are what matters
-    ax.set_title("Perplexity (y axis zoomed; grey: reference, green: passes the gate, red: fails)", fontsize=10)
+    ax.set_ylim(0, max(r.ppl for r in rs) * 1.12)  # bars compared by length: the axis starts at zero
+    legend = "grey: reference" + ("; green: passes the gate, red: fails" if report.thresholds_asked else
+                                  "; no gate asked for")
+    ax.set_title(f"Perplexity ({legend})", fontsize=10)
     for i, r in enumerate(rs):
-        ax.annotate(f"{r.ppl:.3f}", (i, r.ppl), ha="center", va="bottom", fontsize=8)
+        ax.annotate(f"{r.ppl:.3f} (x{r.ppl_ratio:.3f})", (i, r.ppl), ha="center", va="bottom", fontsize=8)
     figs.append(("Perplexity", _png(fig)))
 
     if cands:
@@ -131,7 +143,9 @@ def eval_figures(report: Report) -> list[tuple[str, str]]:
             ax.scatter(r.file_size / 1e6, r.kld_mean, s=40)
             ax.annotate(f"{Path(r.model).name} [{r.runtime}]", (r.file_size / 1e6, r.kld_mean), fontsize=8,
                         xytext=(4, 4), textcoords="offset points")
-        ax.margins(x=0.3, y=0.15)
+        # both axes from zero: a 0.1 % size difference must not look like a full-width gap
+        ax.set_xlim(0, max(r.file_size / 1e6 for r in cands) * 1.35)
+        ax.set_ylim(0, max(r.kld_mean for r in cands) * 1.25 or 1.0)
         ax.set_xlabel("model size (MB)")
         ax.set_ylabel("mean KLD (nats)")
         ax.set_title("Size vs KL divergence")
@@ -161,9 +175,12 @@ def html_page(title: str, header: list[str], rows: list[list[str]], figures: lis
 def write_eval_html(report: Report, path: Path) -> None:
     from .atomic import atomic_file
 
+    st = report.settings
     notes = [
-        f"Reference: {report.reference}; text: {report.text} (sha256 {report.text_sha256[:16]}…); "
-        f"{report.results[0].tokens} scored tokens; settings: {json.dumps(report.settings)}.",
+        f"Reference: {Path(report.reference).name}; text: {Path(report.text).name} (sha256 "
+        f"{report.text_sha256[:16]}…); {report.results[0].tokens} scored tokens in {st['chunks']} chunks or fewer "
+        f"of {st['ctx']} tokens; device {st['device']}.",
+        gate_line(report) + ".",
         "KLD (nats) uses the reference's most likely tokens covering "
         f"{report.settings['coverage']:g} of the probability exactly and the rest as one bucket: a lower bound of the "
         "true KLD (measured ~2 % low on SmolLM2-135M); the JSON also has a rigorous but loose upper bound.",

@@ -132,16 +132,27 @@ class Result:
     loops: int | None = None
     answers: list[str | None] | None = None
     failures: list[str] = field(default_factory=list)
+    checks: list[str] = field(default_factory=list)  # the threshold flags applied (none: no verdict to give)
     kld_tokens: np.ndarray | None = field(default=None, repr=False)  # per-token KLD, for plots (not in JSON)
 
     @property
     def passed(self) -> bool:
         return not self.failures
 
+    @property
+    def verdict(self) -> str:
+        """``ref``, ``PASS``/``FAIL`` against the thresholds asked for, or ``-`` when none was asked for."""
+        if self.is_reference:
+            return "ref"
+        if not self.checks:
+            return "-"
+        return "PASS" if self.passed else "FAIL"
+
     def to_json(self) -> dict:
         d = asdict(self)
         d.pop("kld_tokens")
-        d["passed"] = self.passed
+        d["passed"] = self.passed if self.checks else None  # null: no threshold was asked for
+        d["verdict"] = self.verdict
         d["kld_hist"] = kld_histogram(self.kld_tokens) if self.kld_tokens is not None else None
         return d
 
@@ -160,10 +171,14 @@ class Report:
     def passed(self) -> bool:
         return all(r.passed for r in self.results)
 
+    @property
+    def thresholds_asked(self) -> bool:
+        return any(v is not None for v in self.thresholds.values())
+
     def to_json(self) -> dict:
         return {"schema": SCHEMA, "reference": self.reference, "text": self.text, "text_sha256": self.text_sha256,
                 "settings": self.settings, "thresholds": self.thresholds, "ref_cached": self.ref_cached,
-                "passed": self.passed, "results": [r.to_json() for r in self.results]}
+                "passed": self.passed if self.thresholds_asked else None, "results": [r.to_json() for r in self.results]}
 
 
 # -- cache ---------------------------------------------------------------------------------------------
@@ -226,10 +241,12 @@ def compute_reference(rt, text: str, text_path: Path, s: EvalSettings, log: Call
     chunks = _chunks(ids, s, text_path)
     bos = rt.bos_id if rt.bos_id is not None else -1
     idx, logit, counts, lse, tgt = [], [], [], [], []
-    for ci, chunk in enumerate(chunks):
+    inputs = [_model_input(chunk, rt.add_bos, bos) for chunk in chunks]
+    batch = getattr(rt, "logits_batch", None)  # a layer-by-layer reference reads its weights once for all chunks
+    stream = batch([i for i, _ in inputs], log) if batch else (rt.logits(i) for i, _ in inputs)
+    for ci, (chunk, (_, first), full) in enumerate(zip(chunks, inputs, stream, strict=True)):
         log(f"reference chunk {ci + 1}/{len(chunks)}")
-        inp, first = _model_input(chunk, rt.add_bos, bos)
-        lg = rt.logits(inp)[first : first + s.ctx - 1].astype(np.float64)
+        lg = full[first : first + s.ctx - 1].astype(np.float64)
         top, tl, n = keep_most_likely(lg, s.coverage, s.top_k)
         m = lg.max(axis=1, keepdims=True)
         row_lse = (m + np.log(np.exp(lg - m).sum(axis=1, keepdims=True)))[:, 0]
@@ -268,10 +285,12 @@ def score(rt, ref: RefData, s: EvalSettings, log: Callable[[str], None], label: 
     ref_logp = ref.topk_logp().astype(np.float64)
     n = ref.ids.shape[1] - 1
     nll, lo, hi, agree = [], [], [], []
-    for ci, chunk in enumerate(ref.ids):
+    inputs = [_model_input(chunk, ref.add_bos, ref.bos_id) for chunk in ref.ids]
+    batch = getattr(rt, "logits_batch", None)
+    stream = batch([i for i, _ in inputs], log) if batch else (rt.logits(i) for i, _ in inputs)
+    for ci, (chunk, (_, first), full) in enumerate(zip(ref.ids, inputs, stream, strict=True)):
         log(f"{label}: chunk {ci + 1}/{len(ref.ids)}")
-        inp, first = _model_input(chunk, ref.add_bos, ref.bos_id)
-        logq = log_softmax(rt.logits(inp)[first : first + n])
+        logq = log_softmax(full[first : first + n])
         sl = slice(ci * n, (ci + 1) * n)
         nll.append(-logq[np.arange(n), chunk[1:]])
         width = int(ref.topk_n[sl].max())
@@ -308,6 +327,7 @@ def apply_thresholds(results: list[Result], thresholds: dict[str, float | None])
             lim = thresholds.get(flag)
             if lim is None:
                 continue
+            r.checks.append(flag)
             v = getattr(r, fld)
             if not _OPS[op](v, lim):
                 r.failures.append(f"{what} {v:.4g} fails --{flag.replace('_', '-')} {lim:g} (needs {op} {lim:g})")
@@ -349,7 +369,9 @@ def evaluate(
     ref_answers = _load_answers(answers_file) if s.reasoning_tokens else None
     ref_rt = None
     if ref is None or (s.reasoning_tokens and ref_answers is None):
-        ref_rt = ref_cls.load(Path(ref_path), s.device, dtype=s.ref_dtype,
+        extra = {"log": log} if ref_cls.name == "torch" else {}
+        log(f"loading the reference {Path(ref_path).name}")
+        ref_rt = ref_cls.load(Path(ref_path), s.device, dtype=s.ref_dtype, **extra,
                               **{**load_kw, "n_ctx": max(s.ctx + 1, s.reasoning_tokens + 256 if s.reasoning_tokens else 0)})
     if s.reasoning_tokens and ref_answers is None:
         from dsq.runtimes.reasoning import answer_prompts
@@ -382,6 +404,7 @@ def evaluate(
         for cls in choose(Path(path), spec):
             t0 = time.perf_counter()
             kw = {**load_kw, "n_ctx": max(s.ctx + 1, s.reasoning_tokens + 256 if s.reasoning_tokens else 0)}
+            log(f"loading {Path(path).name} [{cls.name}]")
             with cls.load(Path(path), s.device, **kw) as rt:
                 check_tokenizer(rt, ref, text, Path(ref_path))
                 label = f"{Path(path).name} [{cls.name}]"

@@ -36,6 +36,8 @@ def describe(path: str | Path) -> Description:
     if not p.exists():
         raise InputError(f"{p}: no such file or directory")
     if p.is_dir():
+        if not any(p.glob("*.safetensors")) and (p / "model.onnx").is_file():
+            return _describe_onnx_dir(p)  # what `dsq export --to onnx` writes
         return _describe_safetensors_dir(p)
     suffix = p.suffix.lower()
     if suffix == ".safetensors":
@@ -56,7 +58,10 @@ def _describe_safetensors_dir(p: Path) -> Description:
             raise CorruptFileError(f"{p / 'config.json'}: not valid JSON ({e})") from None
     files = sorted(p.glob("*.safetensors"))
     if not files:
-        raise InputError(f"{p}: no *.safetensors files")
+        raise InputError(
+            f"{p}: no *.safetensors files and no model.onnx; dsq inspects a safetensors or ONNX export folder, "
+            "or a .safetensors, .gguf or .onnx file"
+        )
     return _describe_safetensors_files(p, files, config)
 
 
@@ -193,6 +198,34 @@ def describe_gguf(p: Path) -> Description:
         c.f.close()
 
 
+def _onnx_itemsize(data_type: int) -> int:
+    from onnx import helper
+
+    try:
+        return helper.tensor_dtype_to_np_dtype(data_type).itemsize
+    except (KeyError, ValueError, TypeError):
+        return 1
+
+
+def _describe_onnx_dir(p: Path) -> Description:
+    """An ONNX export folder: the graph's description plus what the folder's genai_config.json says."""
+    d = describe_onnx(p / "model.onnx")
+    d.path = str(p)
+    genai = p / "genai_config.json"
+    if genai.is_file():
+        try:
+            cfg = json.loads(genai.read_text())
+            model = cfg["model"] if isinstance(cfg, dict) and isinstance(cfg.get("model"), dict) else {}
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CorruptFileError(f"{genai}: not valid JSON ({e})") from None
+        d.architecture = model.get("type") if isinstance(model.get("type"), str) else None
+        d.facts["genai_config"] = {k: model[k] for k in ("type", "context_length", "bos_token_id", "eos_token_id",
+                                                          "pad_token_id", "vocab_size") if k in model}
+    d.facts["files"] = sorted(f.name for f in p.iterdir() if f.is_file())
+    d.facts["bytes"] = sum(f.stat().st_size for f in p.iterdir() if f.is_file() and f.suffix in (".onnx", ".data"))
+    return d
+
+
 def describe_onnx(p: Path) -> Description:
     try:
         import onnx
@@ -208,7 +241,14 @@ def describe_onnx(p: Path) -> Description:
     for init in model.graph.initializer:
         dtype = TensorProto.DataType.Name(init.data_type)
         n = math.prod(init.dims)
-        d.tensors.append((init.name, dtype, list(init.dims), len(init.raw_data) if init.raw_data else n))
+        external = {e.key: e.value for e in init.external_data}
+        if init.raw_data:
+            nbytes = len(init.raw_data)
+        elif external.get("length", "").isdigit():  # stored in model.onnx.data; not read here
+            nbytes = int(external["length"])
+        else:
+            nbytes = n * _onnx_itemsize(init.data_type)
+        d.tensors.append((init.name, dtype, list(init.dims), nbytes))
     ops = Counter(f"{n.domain + '::' if n.domain else ''}{n.op_type}" for n in model.graph.node)
     d.facts.update(
         {

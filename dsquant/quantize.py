@@ -107,13 +107,19 @@ def quantize_checkpoint(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress: ProgressFn | None = None,
     calibration: CalibSpec | None = None,
+    calib_progress: ProgressFn | None = None,
 ) -> dict:
-    """Quantize ``source`` into ``output``; returns the report (also written as dsq-report.json)."""
+    """Quantize ``source`` into ``output``; returns the report (also written as dsq-report.json).
+
+    ``progress(done, total, tensor name)`` is called per tensor written, ``calib_progress(done, total,
+    detail)`` per calibrated decoder layer. Raises the DsqError subclasses of the reader, the recipe and
+    the writer (InputError, RecipeError, BadWeightsError, OutputError).
+    """
     t0 = time.perf_counter()
     ckpt = Checkpoint(source)
     plan = make_plan(ckpt, load_recipe(recipe), allow_unmapped)
     # calibration (issue 6): GPTQ/AWQ/imatrix results replace RTN for the tensors they cover
-    calibrated, calib_report = run_calibration(ckpt, plan, calibration) if calibration else ({}, None)
+    calibrated, calib_report = run_calibration(ckpt, plan, calibration, calib_progress) if calibration else ({}, None)
     layout = layout_for_formats(plan.formats)
     items = _planned_outputs(plan, layout)
     shards = _shards(items, max_shard_bytes)

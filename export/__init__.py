@@ -18,24 +18,39 @@ EXPORTERS: dict[str, tuple[str, str]] = {
 }
 
 
-def export_model(model: str, to: str, output: str | Path | None = None, check: bool = False,
+def default_output(model: str, to: str) -> Path:
+    """Where ``dsq export MODEL --to TO`` writes without ``-o``: beside a local MODEL, else in the current folder."""
+    suffix = EXPORTERS[to][1]
+    p = Path(model)
+    if p.exists():
+        p = p.resolve()
+        return p.with_name(p.name + suffix)
+    return Path(p.name + suffix)  # a hub id: org/name -> ./name.gguf
+
+
+def export_model(model: str, to: str, output: str | Path | None = None, progress=None, check: bool = False,
                  **options) -> tuple[Path, dict]:
     """Export ``model`` to target ``to``; ``options`` the target does not take are refused by name.
 
-    ``check``: then run ``dsq check`` on the output against ``model`` (``report["check"]``, see
-    :func:`dsq.runtimes.check.check_after_export`)."""
+    ``progress(done, total, detail)`` is passed to targets that report progress. ``check``: then run
+    ``dsq check`` on the output against ``model`` (``report["check"]``, see
+    :func:`dsq.runtimes.check.check_after_export`). Returns (output path, the target's report dict).
+    Raises InputError for an unknown target or option.
+    """
     from ..dsquant.errors import InputError
 
     if to not in EXPORTERS:
         raise InputError(f"--to {to}: unknown target; choose one of: {', '.join(EXPORTERS)}")
-    target, suffix = EXPORTERS[to]
+    target, _ = EXPORTERS[to]
     mod_name, fn_name = target.split(":")
     fn = getattr(importlib.import_module(mod_name), fn_name)
     accepted = inspect.signature(fn).parameters
     for key in options:
         if key not in accepted:
             raise InputError(f"--{key.replace('_', '-')} is not an option of --to {to}")
-    out = Path(output) if output else Path(Path(model).name + suffix)
+    out = Path(output) if output else default_output(model, to)
+    if progress is not None and "progress" in accepted:
+        options["progress"] = progress
     report = fn(model, out, **options)
     if check:
         from ..runtimes.check import check_after_export

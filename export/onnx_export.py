@@ -123,6 +123,7 @@ def export_onnx(
     accuracy_level: int | None = None,
     attention: str = "plain",
     external_threshold: int = PROTOBUF_LIMIT,
+    progress=None,
 ) -> dict:
     """Export ``src`` to an ONNX folder at ``out_dir``; returns the report (also written as onnx-report.json)."""
     t0 = time.time()
@@ -147,7 +148,9 @@ def export_onnx(
         weights = WeightTable(InitializerSink(tmp), accuracy_level=accuracy_level)
         try:
             formats: Counter[str] = Counter()
-            for name, t, kind in _source_weights(src, cfg, recipe, int4_block):
+            for i, (name, t, kind) in enumerate(_source_weights(src, cfg, recipe, int4_block)):
+                if progress:
+                    progress(i + 1, 0, f"weights: {name}")
                 if _skip(name, cfg):
                     continue
                 formats[t.format if isinstance(t, QuantizedTensor) else "float:" + str(t.dtype).removeprefix("torch.")] += 1
@@ -155,9 +158,13 @@ def export_onnx(
                 check_ep(ep, weights.linears.get(name))
                 if name == "model.embed_tokens.weight" and cfg.get("tie_word_embeddings"):
                     weights.tie("lm_head.weight", name)
+            if progress:
+                progress(i + 1, 0, "building the graph")
             model = build_decoder(cfg, weights, attention)
         finally:
             weights.sink.close()  # also on failure: the temp dir is then removed
+        if progress:
+            progress(i + 1, 0, f"writing {MODEL_NAME} and checking it")
         _save(model, tmp, weights.sink.external_bytes, external_threshold)
         onnx.checker.check_model(str(tmp / MODEL_NAME))
         for name in SIDE_FILES:
@@ -174,6 +181,7 @@ def export_onnx(
             "formats": dict(formats),
             "matmulnbits": sorted({f"{lin.format}->bits{lin.packed.bits}" for lin in weights.linears.values() if lin.packed}),
             "notes": sorted(weights.notes) + tok_notes,
+            "float32": _float_summary(weights, cfg),
             "external_data": (tmp / DATA_NAME).exists(),
             "bytes": sum(f.stat().st_size for f in tmp.iterdir() if f.name.startswith(MODEL_NAME)),
             "kv_cache_bytes_per_token_fp32": kv_bytes_per_token(cfg),
@@ -181,6 +189,19 @@ def export_onnx(
         }
         (tmp / "onnx-report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def _float_summary(weights: WeightTable, cfg: dict) -> list[dict]:
+    """What stayed float32 in the graph, grouped by why, largest first (the export summary prints it)."""
+    tied = cfg.get("tie_word_embeddings") and "lm_head.weight" in weights.linears
+    groups: dict[str, dict] = {}
+    for name, (why, nbytes) in weights.float_bytes.items():
+        if why == "embedding" and tied and name == "model.embed_tokens.weight":
+            why = "embedding, shared with the tied lm_head"
+        g = groups.setdefault(why, {"why": why, "tensors": 0, "bytes": 0, "example": name})
+        g["tensors"] += 1
+        g["bytes"] += nbytes
+    return sorted(groups.values(), key=lambda g: -g["bytes"])
 
 
 def _save(model: onnx.ModelProto, out: Path, external_bytes: int, threshold: int) -> None:

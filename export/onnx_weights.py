@@ -203,6 +203,8 @@ class WeightTable:
     linears: dict[str, Linear] = field(default_factory=dict)
     floats: dict[str, tuple[int, ...]] = field(default_factory=dict)
     notes: set[str] = field(default_factory=set)
+    # initializers stored as float32: name -> (why, bytes), for the export summary
+    float_bytes: dict[str, tuple[str, int]] = field(default_factory=dict)
 
     def ingest(self, name: str, t: QuantizedTensor | torch.Tensor, kind: str) -> None:
         if isinstance(t, QuantizedTensor):
@@ -212,6 +214,7 @@ class WeightTable:
             if p.op == "MatMulNBits" and not nbits_block_ok(t):
                 # MatMulNBits needs a power-of-two block >= 16 (e.g. int8_channel on K=896 is not).
                 self.notes.add(f"{t.format} with K={t.shape[1]}: no MatMulNBits block; dequantized to float32")
+                why = f"{t.format}: no MatMulNBits block"
             elif p.op == "MatMulNBits":
                 packed = pack_matmulnbits(t)
                 lin = Linear(name, t.format, packed)
@@ -221,17 +224,22 @@ class WeightTable:
                     lin.zero_points = self.sink.add(name + ".zero_points", packed.zero_points)
                 self.linears[name] = lin
                 return
-            self._add_float_linear(name, t.dequantize(), t.format)
+            else:
+                why = f"{t.format}: {p.note or 'no MatMulNBits packing'}"
+            self._add_float_linear(name, t.dequantize(), t.format, why)
             return
         if kind in _MATMUL_KINDS and t.ndim == 2:
-            self._add_float_linear(name, t, str(t.dtype).removeprefix("torch."))
+            self._add_float_linear(name, t, str(t.dtype).removeprefix("torch."), f"{kind} kept unquantized")
         else:
-            self.sink.add(name, t.to(torch.float32).numpy())
+            arr = t.to(torch.float32).numpy()
+            self.sink.add(name, arr)
             self.floats[name] = tuple(t.shape)
+            self.float_bytes[name] = (kind, arr.nbytes)
 
-    def _add_float_linear(self, name: str, w: torch.Tensor, fmt: str) -> None:
+    def _add_float_linear(self, name: str, w: torch.Tensor, fmt: str, why: str) -> None:
         wt = w.to(torch.float32).t().contiguous().numpy()
         self.linears[name] = Linear(name, fmt, WT=self.sink.add(name + ".T", wt))
+        self.float_bytes[name] = (why, wt.nbytes)
 
     def tie(self, name: str, embedding: str) -> None:
         """``name`` computes with the embedding matrix itself (tie_word_embeddings): no second copy."""

@@ -253,12 +253,12 @@ def test_export_runs_the_check_unless_told_not_to(layout, tmp_path):
     out = tmp_path / "m.gguf"
     res = runner.invoke(app, ["export", str(src), "--to", "gguf", "-o", str(out)])
     assert res.exit_code == 0, res.output
-    text = res.output
-    summary = json.loads(text[text.index("{\n") : text.rindex("}") + 1])
-    assert summary["check"] == {"passed": True, "first_failure": None}
-    assert "dsq check" in text and "greedy 16" in text
-    res = runner.invoke(app, ["export", str(src), "--to", "gguf", "-o", str(out), "--overwrite", "--no-check"])
-    assert res.exit_code == 0 and "check" not in json.loads(res.output)
+    assert "dsq check" in res.output and "greedy 16" in res.output  # the table, after the summary
+    res = runner.invoke(app, ["export", str(src), "--to", "gguf", "-o", str(out), "--overwrite", "--json"])
+    check = json.loads(res.output[res.output.index("{"):])["check"]
+    assert check["passed"] is True and {r["check"] for r in check["rows"]} >= {"token ids", "end of generation", "greedy 16"}
+    res = runner.invoke(app, ["export", str(src), "--to", "gguf", "-o", str(out), "--overwrite", "--json", "--no-check"])
+    assert res.exit_code == 0 and "check" not in json.loads(res.output[res.output.index("{"):])
 
 
 def test_check_names_a_path_that_is_not_an_export(layout, tmp_path):

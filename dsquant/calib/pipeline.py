@@ -14,7 +14,9 @@ through the ordinary round-to-nearest path of ``quantize_checkpoint``.
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import math
 import time
 from collections.abc import Callable
@@ -94,6 +96,11 @@ class CalibResult:
         }
 
 
+@functools.cache
+def _params(fn) -> frozenset[str]:
+    return frozenset(inspect.signature(fn).parameters)
+
+
 class Decoder:
     """One checkpoint's decoder layers, built one at a time from its own weights."""
 
@@ -152,9 +159,9 @@ class Decoder:
 
         pos = torch.arange(x.shape[1]).unsqueeze(0)
         pe = self.rotary(x, pos)
-        mask = create_causal_mask(
-            config=self.config, inputs_embeds=x, attention_mask=None, past_key_values=None, position_ids=pos
-        )
+        # no KV cache here; transformers >= 5.24 calls the argument `cache` and warns on `past_key_values`
+        no_cache = {"cache" if "cache" in _params(create_causal_mask) else "past_key_values": None}
+        mask = create_causal_mask(config=self.config, inputs_embeds=x, attention_mask=None, position_ids=pos, **no_cache)
         out = layer(x, attention_mask=mask, position_ids=pos, position_embeddings=pe)
         return out[0] if isinstance(out, tuple) else out
 
@@ -286,6 +293,9 @@ def calibrate(
     if xs is None:
         xs = [dec.embed(ids) for ids in batch.ids.split(opts.batch_size)]
         ref = [x.clone() for x in xs] if opts.track_drift else None
+    tokens = int(batch.ids.numel())
+    if progress:  # the ETA's baseline: layers already done (a resumed run) do not count as this run's speed
+        progress(start, dec.n_layers, f"{method} on {tokens} tokens" + (f", resumed at layer {start}" if start else ""))
     with torch.inference_mode():
         for i in range(start, dec.n_layers):
             out, xs, ref, rep = calibrate_layer(dec, i, xs, m, formats, opts, ref)
@@ -294,7 +304,7 @@ def calibrate(
             if state is not None:
                 state.save(i, out, rep, xs, ref)
             if progress:
-                progress(i + 1, dec.n_layers, f"layer {i}: rel err {rep.rel_err:.4f}")
+                progress(i + 1, dec.n_layers, f"{method}, {tokens} tokens; layer {i} output rel. err {rep.rel_err:.4f}")
         head, head_err = _lm_head(dec, xs, m, formats, opts) if opts.quantize_lm_head else (None, None)
     if head:
         tensors.update(head)
