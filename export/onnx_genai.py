@@ -96,23 +96,22 @@ def genai_config(cfg: dict, src: Path, ep: str) -> dict:
 
 def write_tokenizer_files(src: Path, out: Path) -> list[str]:
     """Write the tokenizer side files of ``src`` into the export ``out`` so onnxruntime-genai's tokenizer
-    (onnxruntime-extensions) does what transformers does; returns notes.
+    (onnxruntime-extensions) does what transformers does; returns notes for the report.
 
-    genai reads ``tokenizer_config.json`` only: not ``special_tokens_map.json``, not tokenizer.json's
-    post-processor, not ``chat_template.jinja``, and a ``chat_template`` list stops it loading the folder.
-    So the exported ``tokenizer_config.json`` states the resolved facts (and ``tokenizer.json`` is the one
-    transformers runs, when its tokenizer class rebuilt the normalizer/pre-tokenizer): the special tokens by name,
-    ``add_bos_token``/``add_eos_token`` (which transformers ignores beside a tokenizer.json, so it still
-    reads the export as it read the source) and the default chat template as a string; other named
-    templates go to ``chat_templates/NAME.jinja``, where transformers finds them.
+    genai reads ``tokenizer_config.json`` where transformers looks elsewhere or not at all: it adds an EOS
+    when ``add_eos_token`` is set (transformers drops the key beside a tokenizer.json), and a
+    ``chat_template`` list stops it loading the folder. So the exported ``tokenizer_config.json`` states
+    the resolved facts: the special tokens by name, ``add_bos_token``/``add_eos_token`` as transformers
+    behaves, and the default chat template as a string (also ``chat_template.jinja``; other named
+    templates go to ``chat_templates/NAME.jinja``, where transformers finds them). When transformers'
+    tokenizer class rebuilds the pipeline from config.json's ``model_type`` (Qwen2Tokenizer: NFC, its own
+    split regex), the folder, which has no config.json, gets that pipeline's ``tokenizer.json`` and class name.
     """
     facts = resolve_tokenizer(src)
     if facts.tokenizer_class == "none":
         return []
     tcfg = read_json(src, "tokenizer_config.json") or {}
     if facts.effective_tokenizer is not None and facts.effective_tokenizer != read_json(src, "tokenizer.json"):
-        # The class transformers picks from config.json's model_type (Qwen2Tokenizer: NFC, its own split regex)
-        # rebuilt the pipeline; the folder has no config.json, so write what it runs and name the class.
         (out / "tokenizer.json").write_text(json.dumps(facts.effective_tokenizer, ensure_ascii=False), encoding="utf-8")
         tcfg["tokenizer_class"] = facts.tokenizer_class
     for kind in ("bos", "eos", "pad", "unk"):
