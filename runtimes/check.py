@@ -160,7 +160,9 @@ class _GenaiSide:
         self.path = path
         self.og = og
         try:
-            self.model = og.Model(str(path))
+            config = og.Config(str(path))
+            config.clear_providers()  # the tokenizer is all the check needs: CPU, whatever EP the export targets
+            self.model = og.Model(config)
             self.tok = og.Tokenizer(self.model)
         except Exception as e:  # noqa: BLE001 - genai raises its own RuntimeError kinds; the message says which
             raise InputError(f"{path}: onnxruntime-genai cannot load this folder ({str(e).splitlines()[0]})") from None

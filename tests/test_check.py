@@ -245,6 +245,18 @@ def test_check_fails_an_onnx_folder_with_a_wrong_eos(layout, tmp_path):
     assert "error:" in res.output and "does not stop at [(0, '<|im_end|>')]" in res.output
 
 
+def test_check_reads_an_onnx_export_for_another_execution_provider(layout, tmp_path):
+    pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
+    from dsq.export.onnx_export import export_onnx
+    from dsq.runtimes.check import check_export
+
+    src = layout("generation_eos_list")
+    out = tmp_path / "cuda-onnx"
+    export_onnx(src, out, ep="cuda")  # genai_config asks for CUDA, which this machine may not have
+    report = check_export(out, src, greedy=False)
+    assert report.passed, report.first_failure
+
+
 def test_export_runs_the_check_unless_told_not_to(layout, tmp_path):
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
     from dsq.cli import app
