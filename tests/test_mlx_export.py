@@ -343,5 +343,5 @@ def test_mlx_runtime_matches_torch_on_the_same_values(exported, quantized_dir):
         assert 0 in rt.eos_ids and rt.chat_template  # <|endoftext|>, template carried by the export
         runs = [GenerationStats(), GenerationStats()]
         for r, st in zip((rt, ref), runs, strict=True):
-            list(r.generate(ids, max_new_tokens=6, stats=st))
-        assert runs[0].token_ids == runs[1].token_ids and runs[0].stopped_by == runs[1].stopped_by
+            list(r.generate(ids[:5], max_new_tokens=6, stats=st))
+        assert runs[0].token_ids == runs[1].token_ids and len(runs[0].token_ids) == 6
