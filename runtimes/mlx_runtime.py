@@ -52,6 +52,7 @@ class MlxRuntime(Runtime):
     priority = 30  # native; after onnxruntime (20), before the torch reference (90)
     pip_extra = "mlx"
     model_kind = "an MLX-LM folder (dsq export --to mlx)"
+    reads_format = "mlx"  # base.model_format tells MLX folders (is_mlx_dir) from Hugging Face ones
 
     @classmethod
     def available(cls) -> Availability:
@@ -65,12 +66,6 @@ class MlxRuntime(Runtime):
             devices.append("metal")
         note = "" if "metal" in devices else "metal: Apple Silicon (the macOS mlx wheel)"
         return Availability(True, "", tuple(devices), f"mlx {mx.__version__}, mlx-lm {mlx_lm.__version__}", note)
-
-    @classmethod
-    def accepts(cls, path: Path) -> str | None:
-        if is_mlx_dir(Path(path)):
-            return None
-        return f"{path}: runtime mlx reads an MLX-LM folder (config.json with `quantization`, or format=mlx weights)"
 
     @classmethod
     def load(cls, path: Path, device: str = "cpu", *, threads: int | None = None, n_ctx: int | None = None,

@@ -330,7 +330,8 @@ def test_mlx_runtime_matches_torch_on_the_same_values(exported, quantized_dir):
     out, _ = exported("qwen2", "int4", "float32")
     assert MlxRuntime.available().ok and "cpu" in MlxRuntime.available().devices
     assert MlxRuntime.accepts(out) is None
-    assert "reads an MLX-LM folder" in MlxRuntime.accepts(quantized_dir("qwen2", "int4"))
+    assert "reads an MLX-LM folder, but this is a Hugging Face directory" in MlxRuntime.accepts(quantized_dir("qwen2", "int4"))
+    assert "reads a Hugging Face directory, but this is an MLX-LM folder" in TorchRuntime.accepts(out)
     with MlxRuntime.load(out) as rt, TorchRuntime.load(quantized_dir("qwen2", "int4")) as ref:
         text = "The quick brown fox jumps over the lazy dog."
         ids = ref.tokenize(text)
