@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import time
 from collections import Counter
@@ -148,14 +149,33 @@ def _requantized_at_load(name: str, cfg: dict) -> bool:
     return cfg.get("model_type") == "deepseek_v3" and name.endswith("self_attn.kv_b_proj.weight")
 
 
+_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp)\.experts\.\d+\.((?:gate|up|down)_proj)$")
+
+
+def mlx_module(module: str) -> str:
+    """The module path mlx_lm gives a source module: routed experts are stacked (by the model's ``sanitize``)
+    into ``mlp.switch_mlp.{gate,up,down}_proj``; every other path is the Hugging Face one."""
+    m = _EXPERT.match(module)
+    return f"{m.group(1)}.switch_mlp.{m.group(2)}" if m else module
+
+
 def _plan(src: GGUFSource, cfg: dict, dtype: torch.dtype) -> tuple[list[_Out], list[str]]:
     outs: list[_Out] = []
     skipped: Counter[str] = Counter()
+    stacked: dict[str, tuple[str, str | None]] = {}  # switch_mlp module -> (first expert weight, its format)
     for name, e in src.entries.items():
         why = _skip(name, cfg)
         if why:
             skipped[why] += 1
             continue
+        mod = name.removesuffix(".weight")
+        if (target := mlx_module(mod)) != mod:
+            first, fmt = stacked.setdefault(target, (name, e.format))
+            if fmt != e.format:
+                raise UnsupportedError(
+                    f"{name}: {e.format or 'float'} but {first} is {fmt or 'float'}; mlx_lm stacks a layer's experts "
+                    "into one tensor, so they need one format: give them the same one in the recipe"
+                )
         if e.format is None:
             if not e.float_dtype.is_floating_point:
                 raise UnsupportedError(f"{name}: {e.float_dtype} tensor; MLX-LM models hold float tensors only")
@@ -166,7 +186,6 @@ def _plan(src: GGUFSource, cfg: dict, dtype: torch.dtype) -> tuple[list[_Out], l
             continue
         mq = mlx_quant(e.format, name)
         rows, cols = e.shape
-        mod = name.removesuffix(".weight")
         groups = (rows, cols // mq.group_size)
         outs.append(_Out(name, [
             PlannedTensor(mod + ".weight", torch.uint32, (rows, cols * mq.bits // 32)),
@@ -208,7 +227,7 @@ def mlx_config(cfg: dict, outs: list[_Out]) -> dict:
         # no mscale that embedding is the plain rotary one the source uses.
         out["rope_scaling"] = {"type": "yarn", "factor": 1.0}
     out["tie_word_embeddings"] = bool(cfg.get("tie_word_embeddings", False))
-    quant = {o.planned[0].name.removesuffix(".weight"): o.quant for o in outs if o.quant is not None}
+    quant = {mlx_module(o.planned[0].name.removesuffix(".weight")): o.quant for o in outs if o.quant is not None}
     if quant:
         count = Counter((q.group_size, q.bits) for q in quant.values())
         (group, bits), _ = count.most_common(1)[0]

@@ -38,10 +38,12 @@ RECIPES = {
     "asym64": 'default = "int4_asym_g64"\n',
     "asym128": 'default = "int4_asym_g128"\n[roles]\nlm_head = "int8_g32"\n',
     "channel": 'default = "int8_channel"\n',
+    "experts8": 'base = "int4"\n[roles]\nexperts = "int8_g32"\n',
+    "expert0": 'base = "int4"\n[[override]]\npattern = "model.layers.1.mlp.experts.0.*"\nformat = "int8_g32"\n',
 }
 DENSE = ("llama", "qwen2", "qwen3")
 CASES = [(a, r) for a in DENSE for r in ("int4", "int8", "asym64", "asym128")] + [
-    ("deepseek_v2", "int4"), ("deepseek_v3", "int4"), ("deepseek_v3", "asym64"),
+    ("deepseek_v2", "int4"), ("deepseek_v3", "int4"), ("deepseek_v3", "asym64"), ("deepseek_v3", "experts8"),
 ]
 
 
@@ -129,11 +131,15 @@ def test_mlx_lm_loads_the_export_and_matches_transformers(arch, name, exported, 
     diff = float(np.abs(logits - ref_logits).max())
     assert diff <= ATOL, f"{arch}/{name}: max |logit diff| {diff:.2e} > {ATOL}"
     assert tokens == ref_tokens
-    cfg = json.loads((out / "config.json").read_text())
+    q = json.loads((out / "config.json").read_text())["quantization"]
+    if name == "experts8":  # the int8 experts are named by the path mlx_lm stacks them into
+        assert q["bits"] == 4 and q["model.layers.1.mlp.switch_mlp.up_proj"] == {"group_size": 32, "bits": 8}
+        assert not any(".experts." in k for k in q)
+        return
     group = {"int4": 32, "int8": 32, "asym64": 64, "asym128": 128}[name]
-    assert cfg["quantization"]["group_size"] == group and cfg["quantization"]["bits"] == (8 if name == "int8" else 4)
+    assert q["group_size"] == group and q["bits"] == (8 if name == "int8" else 4)
     if name == "asym128":  # the int8_g32 lm_head is named with its own packing
-        assert cfg["quantization"]["lm_head"] == {"group_size": 32, "bits": 8}
+        assert q["lm_head"] == {"group_size": 32, "bits": 8}
 
 
 @pytest.mark.parametrize("arch,name", [(a, r) for a in DENSE for r in ("int4", "asym128")])
@@ -241,6 +247,9 @@ def test_formats_without_an_mlx_twin_are_refused(quantized, model_dir, tmp_path)
         export_mlx(quantized("llama", "channel"), tmp_path / "a")
     with pytest.raises(UnsupportedError, match=r"fp8_b128 has no exact MLX layout \(MLX's affine quantization has no FP8"):
         export_mlx(model_dir("llama-fp8"), tmp_path / "b")
+    with pytest.raises(UnsupportedError, match=r"experts\.1\.down_proj\.weight: int4_sym_g32 but .*experts\.0\.down_proj"
+                                               r"\.weight is int8_g32; mlx_lm stacks a layer's experts"):
+        export_mlx(quantized("deepseek_v3", "expert0"), tmp_path / "d")
     with pytest.raises(UnsupportedError, match="bfloat16 cannot hold dsq's fp16 scales"):
         export_mlx(quantized("llama", "int4"), tmp_path / "c", dtype="bfloat16")
     assert not any(tmp_path.iterdir())
