@@ -331,12 +331,13 @@ def test_cli_export_to_mlx(quantized_dir, tmp_path):
 
 def test_mlx_runtime_matches_torch_on_the_same_values(exported, quantized_dir):
     """The mlx runtime plugin: reads the export (and refuses other kinds), tokenizes like the torch runtime,
-    its logits match torch on dsq's values, and prefill + decode through its cache agree with them."""
+    its logits match torch on dsq's values (float32 compute on CPU), and prefill + decode through its cache
+    agree with them."""
     from dsq.runtimes.base import GenerationStats
     from dsq.runtimes.mlx_runtime import MlxRuntime
     from dsq.runtimes.torch_runtime import TorchRuntime
 
-    out, _ = exported("qwen2", "int4", "float32")
+    out, _ = exported("qwen2", "int4")  # float16 folder; the runtime computes in float32 on CPU
     assert MlxRuntime.available().ok and "cpu" in MlxRuntime.available().devices
     assert MlxRuntime.accepts(out) is None
     assert "reads an MLX-LM folder, but this is a Hugging Face directory" in MlxRuntime.accepts(quantized_dir("qwen2", "int4"))
@@ -350,6 +351,7 @@ def test_mlx_runtime_matches_torch_on_the_same_values(exported, quantized_dir):
         assert np.abs(a - b).max() <= ATOL
         rt.prefill(ids[:-1])
         np.testing.assert_allclose(rt.decode(ids[-1]), a[-1], atol=1e-5)
+        assert rt.description == "mlx on cpu (float32)"
         assert 0 in rt.eos_ids and rt.chat_template  # <|endoftext|>, template carried by the export
         runs = [GenerationStats(), GenerationStats()]
         for r, st in zip((rt, ref), runs, strict=True):
