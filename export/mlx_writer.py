@@ -316,7 +316,8 @@ def export_mlx(
             total = sum(p.nbytes for o in outs for p in o.planned)
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        (tmp / "config.json").write_text(json.dumps(mlx_config(cfg, outs), indent=2))
+        config = mlx_config(cfg, outs)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
         for f in src.ckpt.side_files():  # tokenizer, chat template, generation settings
             shutil.copy2(f, tmp / f.name)
         if n_deq := sum(o.kind == "dequantized" for o in outs):
@@ -327,23 +328,23 @@ def export_mlx(
                          f"({worst_bias[1]}); dtype float32 keeps them exact")
         if worst_cast[0]:
             notes.append(f"float tensors cast to {dtype}: largest change {worst_cast[0]:.3g} ({worst_cast[1]})")
+        size = sum((tmp / n).stat().st_size for n in names)
+        params = sum(math.prod(o.planned[0].shape) * (32 // o.quant.bits if o.quant else 1) for o in outs)
         report = {
             "source": str(src.path),
             "output": str(out_dir),
             "model_type": cfg.get("model_type"),
             "dtype": dtype,
-            "quantization": mlx_config(cfg, outs).get("quantization"),
+            "quantization": config.get("quantization"),
             "formats": dict(formats),
-            "max_bias_rounding": worst_bias[0],
+            "max_bias_bound": worst_bias[0],
             "max_float_cast_change": worst_cast[0],
             "notes": notes,
             "files": names,
-            "bytes": sum((tmp / n).stat().st_size for n in names),
-            "bits_per_weight": 0.0,
+            "bytes": size,
+            "bits_per_weight": round(8 * size / params, 3) if params else 0.0,  # embeddings and norms included
             "seconds": round(time.perf_counter() - t0, 2),
         }
-        params = sum(math.prod(o.planned[0].shape) * (32 // o.quant.bits if o.quant else 1) for o in outs)
-        report["bits_per_weight"] = round(8 * report["bytes"] / params, 3) if params else 0.0
         (tmp / "mlx-report.json").write_text(json.dumps(report, indent=2))
     return report
 

@@ -125,7 +125,7 @@ def test_mlx_lm_loads_the_export_and_matches_transformers(arch, name, exported, 
     """float32 export: mlx_lm.load unmodified; prefill logits and a greedy decode match the torch reference."""
     out, report = exported(arch, name, "float32")
     model, tokenizer = mlx_lm.load(str(out))
-    assert tokenizer.encode("hello world") and report["max_bias_rounding"] == 0.0
+    assert tokenizer.encode("hello world") and report["max_bias_bound"] == 0.0
     tokens, logits = mlx_greedy(model, PROMPT, NEW_TOKENS)
     ref_tokens, ref_logits = torch_greedy(reference(arch, name), PROMPT, NEW_TOKENS)
     diff = float(np.abs(logits - ref_logits).max())
@@ -186,7 +186,7 @@ def test_mlx_weights_are_dsqs_values(name, dtype, quantized, exported):
     asym_fp16 = name.startswith("asym") and dtype == "float16"
     # the bound is not vacuous: fp16 does round some biases, by at most 2**-11 of |z*s| <= 15 * max scale
     assert (moved > 0) == asym_fp16
-    assert report["max_bias_rounding"] >= moved and (report["max_bias_rounding"] > 0) == asym_fp16
+    assert report["max_bias_bound"] >= moved and (report["max_bias_bound"] > 0) == asym_fp16
 
 
 def test_to_mlx_packing_is_mlx_quantize_order():
@@ -262,6 +262,22 @@ def test_float_checkpoint_exports_unquantized(model_dir, tmp_path):
     assert "quantization" not in cfg and all(f.startswith("float:") for f in report["formats"])
     model, _ = mlx_lm.load(str(tmp_path / "mlx"))
     assert np.array(model(mx.array([PROMPT]))).shape == (1, len(PROMPT), 320)
+
+
+def test_sharded_export_loads(quantized, tmp_path):
+    """Past max_shard_bytes the weights split into model-0000i-of-0000n.safetensors plus an index; mlx_lm
+    reads them all, and the values are those of the single-file export."""
+    report = export_mlx(quantized("llama", "int4"), tmp_path / "mlx", max_shard_bytes=300_000)
+    files = sorted(p.name for p in (tmp_path / "mlx").glob("*.safetensors"))
+    assert len(files) > 2 and files == report["files"] and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    index = json.loads((tmp_path / "mlx" / "model.safetensors.index.json").read_text())
+    weights = mlx_weights(tmp_path / "mlx")
+    assert set(index["weight_map"]) == set(weights) and set(index["weight_map"].values()) == set(files)
+    export_mlx(quantized("llama", "int4"), tmp_path / "one")
+    single = mlx_weights(tmp_path / "one")
+    assert all(np.array_equal(np.array(single[k]), np.array(v)) for k, v in weights.items())
+    model, _ = mlx_lm.load(str(tmp_path / "mlx"))
+    assert np.isfinite(np.array(model(mx.array([PROMPT])).astype(mx.float32))).all()
 
 
 def test_mlx_onnx_and_gguf_exports_carry_the_same_values(quantized_dir, exported, tmp_path):
