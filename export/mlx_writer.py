@@ -24,9 +24,10 @@ biases in float32, where ``-z*s`` (at most 15 significant bits) is exact: every 
 bfloat16 is not offered: its 8-bit mantissa cannot hold dsq's fp16 scales.
 
 Float tensors (embeddings, norms, biases, router, a kept lm_head) are written in ``dtype``: bfloat16 -> float16
-is exact except below 2**-14 (fp16 subnormals; the largest change is reported) and is refused above 65504;
-float32 holds every bfloat16/float16 value. MLX computes in the dtype of its weights, so the model runs in
-``dtype`` on Metal.
+is exact for magnitudes from 2**-17 to 65504 (below, fp16's subnormal spacing 2**-24 rounds by at most 2**-25;
+the largest change is reported), and values above 65504 are refused; float32 holds every bfloat16/float16
+value. MLX computes in the dtype of its weights, so the model runs in ``dtype`` on Metal (dsq's mlx runtime
+computes in float32 on CPU, where MLX's float16 kernels are slow).
 
 Refused, one line naming the tensor: ``int8_channel`` (one scale per row: MLX groups are 32/64/128 wide)
 and ``fp8_b128`` (MLX's affine mode has no FP8 codes); re-quantize those with an int4/int8_g32 recipe.
