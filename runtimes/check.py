@@ -445,6 +445,9 @@ def check_after_export(source: str | Path, out: Path, report: dict) -> dict:
 
     src = resolve(source)
     target = Path(report.get("output") or out)
+    if model_format(target) not in ("gguf", "onnx"):  # MLX: mlx_lm tokenizes with transformers on the copied files
+        return {"skipped": f"{target}: dsq check compares llama.cpp's and onnxruntime-genai's own tokenizers; "
+                           "this export's runtime uses transformers' tokenizer from the copied files"}
     if not any(resolve_model_file(src, f) for f in ("tokenizer.json", "tokenizer_config.json")):
         return {"skipped": f"{src}: no tokenizer files to check against"}
     weights = sum(f.stat().st_size for f in src.glob("*.safetensors"))

@@ -334,9 +334,9 @@ def test_cli_export_to_mlx(quantized_dir, tmp_path):
 
     runner = CliRunner()
     out = tmp_path / "mlx"
-    res = runner.invoke(app, ["export", str(quantized_dir("qwen3", "int4")), "--to", "mlx", "-o", str(out)])
+    res = runner.invoke(app, ["export", str(quantized_dir("qwen3", "int4")), "--to", "mlx", "-o", str(out), "--json"])
     assert res.exit_code == 0, res.output
-    summary = json.loads(res.output)
+    summary = json.loads(res.output[res.output.index("{"):])
     assert summary["model_type"] == "qwen3" and summary["dtype"] == "float16"
     assert (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file()
     res = runner.invoke(app, ["export", str(quantized_dir("qwen3", "int4")), "--to", "mlx", "-o", str(tmp_path / "x"),
