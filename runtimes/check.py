@@ -410,11 +410,12 @@ def _check_greedy(report: CheckReport, export: Path, ref: Path, hf, side, thread
 
 def print_report(report: dict) -> None:
     """The check's table (``CheckReport.to_json()``) on stderr, so stdout stays machine-readable."""
-    from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
-    console = Console(stderr=True)
+    from dsq.dsquant.render import make_console
+
+    console = make_console(stderr=True)
     if "skipped" in report:
         console.print(f"[yellow]check skipped[/]: {escape(report['skipped'])}")
         return
