@@ -29,7 +29,7 @@ from dsq.dsquant.errors import UnsupportedError
 from dsq.dsquant.formats import FORMATS, QuantizedTensor, check_finite
 
 from .kquants import quantize_q4_k, quantize_q6_k
-from .q5quants import quantize_q5_0, quantize_q5_1
+from .q5quants import quantize_q5_0, quantize_q5_1, quantize_q5_k
 
 BLOCK = 32
 # Floats are quantized this many elements at a time, so the temporaries of quantization stay small
@@ -67,6 +67,7 @@ GGUF_TYPES: dict[str, GGUFType] = {
         GGUFType("q5_1", GT.Q5_1, file_type=LlamaFileType.MOSTLY_Q5_1, kquant=quantize_q5_1),
         GGUFType("q8_0", GT.Q8_0, twin="int8_g32", file_type=LlamaFileType.MOSTLY_Q8_0),
         GGUFType("q4_k", GT.Q4_K, file_type=LlamaFileType.MOSTLY_Q4_K_S, block=256, kquant=quantize_q4_k),
+        GGUFType("q5_k", GT.Q5_K, file_type=LlamaFileType.MOSTLY_Q5_K_M, block=256, kquant=quantize_q5_k),
         GGUFType("q6_k", GT.Q6_K, file_type=LlamaFileType.MOSTLY_Q6_K, block=256, kquant=quantize_q6_k),
         GGUFType("f16", GT.F16, torch_dtype=torch.float16, file_type=LlamaFileType.MOSTLY_F16),
         GGUFType("bf16", GT.BF16, torch_dtype=torch.bfloat16, file_type=LlamaFileType.MOSTLY_BF16),
