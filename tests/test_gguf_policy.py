@@ -308,3 +308,16 @@ def test_q5_k_is_ggml_reference_and_read_back_exactly(llama_cpp):
     assert float((values - w).pow(2).sum()) <= 1.005 * float((ref - w).pow(2).sum())
     with pytest.raises(UnsupportedError, match="whole blocks of 256"):
         quantize_q5_k(torch.zeros(2, 320))
+
+
+def test_cli_pure_needs_a_quantized_type(model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from dsq.cli import app
+
+    res = CliRunner().invoke(app, ["export", str(model_dir("llama")), "--to", "gguf", "-o", str(tmp_path / "m.gguf"),
+                                   "--type", "f16", "--pure"])
+    assert res.exit_code == 2 and "--pure applies to a quantized --type" in res.output, res.output
+    res = CliRunner().invoke(app, ["export", str(model_dir("llama")), "--to", "onnx", "-o", str(tmp_path / "o"),
+                                   "--pure"])
+    assert res.exit_code == 2 and "--pure is not an option of --to onnx" in res.output, res.output
