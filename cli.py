@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+
 def _flags_without_type() -> None:
     """typer 0.2x prints ``<bool>`` beside on/off flags (``--overwrite <bool>``), which reads as if the flag
     took a value; show no type for flags, as click and argparse do."""

@@ -241,10 +241,12 @@ def compute_reference(rt, text: str, text_path: Path, s: EvalSettings, log: Call
     chunks = _chunks(ids, s, text_path)
     bos = rt.bos_id if rt.bos_id is not None else -1
     idx, logit, counts, lse, tgt = [], [], [], [], []
-    for ci, chunk in enumerate(chunks):
+    inputs = [_model_input(chunk, rt.add_bos, bos) for chunk in chunks]
+    batch = getattr(rt, "logits_batch", None)  # a layer-by-layer reference reads its weights once for all chunks
+    stream = batch([i for i, _ in inputs], log) if batch else (rt.logits(i) for i, _ in inputs)
+    for ci, (chunk, (_, first), full) in enumerate(zip(chunks, inputs, stream, strict=True)):
         log(f"reference chunk {ci + 1}/{len(chunks)}")
-        inp, first = _model_input(chunk, rt.add_bos, bos)
-        lg = rt.logits(inp)[first : first + s.ctx - 1].astype(np.float64)
+        lg = full[first : first + s.ctx - 1].astype(np.float64)
         top, tl, n = keep_most_likely(lg, s.coverage, s.top_k)
         m = lg.max(axis=1, keepdims=True)
         row_lse = (m + np.log(np.exp(lg - m).sum(axis=1, keepdims=True)))[:, 0]
@@ -283,10 +285,12 @@ def score(rt, ref: RefData, s: EvalSettings, log: Callable[[str], None], label: 
     ref_logp = ref.topk_logp().astype(np.float64)
     n = ref.ids.shape[1] - 1
     nll, lo, hi, agree = [], [], [], []
-    for ci, chunk in enumerate(ref.ids):
+    inputs = [_model_input(chunk, ref.add_bos, ref.bos_id) for chunk in ref.ids]
+    batch = getattr(rt, "logits_batch", None)
+    stream = batch([i for i, _ in inputs], log) if batch else (rt.logits(i) for i, _ in inputs)
+    for ci, (chunk, (_, first), full) in enumerate(zip(ref.ids, inputs, stream, strict=True)):
         log(f"{label}: chunk {ci + 1}/{len(ref.ids)}")
-        inp, first = _model_input(chunk, ref.add_bos, ref.bos_id)
-        logq = log_softmax(rt.logits(inp)[first : first + n])
+        logq = log_softmax(full[first : first + n])
         sl = slice(ci * n, (ci + 1) * n)
         nll.append(-logq[np.arange(n), chunk[1:]])
         width = int(ref.topk_n[sl].max())
@@ -365,7 +369,9 @@ def evaluate(
     ref_answers = _load_answers(answers_file) if s.reasoning_tokens else None
     ref_rt = None
     if ref is None or (s.reasoning_tokens and ref_answers is None):
-        ref_rt = ref_cls.load(Path(ref_path), s.device, dtype=s.ref_dtype,
+        extra = {"log": log} if ref_cls.name == "torch" else {}
+        log(f"loading the reference {Path(ref_path).name}")
+        ref_rt = ref_cls.load(Path(ref_path), s.device, dtype=s.ref_dtype, **extra,
                               **{**load_kw, "n_ctx": max(s.ctx + 1, s.reasoning_tokens + 256 if s.reasoning_tokens else 0)})
     if s.reasoning_tokens and ref_answers is None:
         from dsq.runtimes.reasoning import answer_prompts
@@ -398,6 +404,7 @@ def evaluate(
         for cls in choose(Path(path), spec):
             t0 = time.perf_counter()
             kw = {**load_kw, "n_ctx": max(s.ctx + 1, s.reasoning_tokens + 256 if s.reasoning_tokens else 0)}
+            log(f"loading {Path(path).name} [{cls.name}]")
             with cls.load(Path(path), s.device, **kw) as rt:
                 check_tokenizer(rt, ref, text, Path(ref_path))
                 label = f"{Path(path).name} [{cls.name}]"

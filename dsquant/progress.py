@@ -2,8 +2,9 @@
 
 One reporter serves every command (quantize, calibration, export, eval, bench): ``update(done, total,
 detail)`` for countable work, ``message(text)`` for a phase change. On a terminal the bar redraws in
-place; off a terminal a line goes to stderr at most every ``DSQ_PROGRESS_SECONDS`` (default 10) plus
-the first and the last, so a 13-minute calibration in a CI log is never silent. ETA is the rate since
+place; off a terminal a line goes to stderr every ``DSQ_PROGRESS_SECONDS`` (default 10), plus a last
+line when the work completes, so a 13-minute calibration in a CI log is never silent while a job of a
+few seconds (or one that fails at once) prints nothing but its result. ETA is the rate since
 the reporter's first update (a resumed run's earlier layers do not make it optimistic).
 """
 
@@ -36,7 +37,8 @@ class Reporter:
         self.interval = interval if interval is not None else (float(env) if env.replace(".", "", 1).isdigit() else 10.0)
         self.t0 = time.monotonic()
         self._base: tuple[int, float] | None = None  # (done, time) of the first update: the ETA's baseline
-        self._last_line = -1e9
+        self._last_line = self.t0  # the first plain line comes one interval in
+        self._printed = False
         self.done, self.total, self.detail = 0, 0, ""
         self._bar = self._task = None
         if self.tty:
@@ -79,21 +81,21 @@ class Reporter:
             parts.append(f"- {self.detail}")
         return " ".join(parts)
 
-    def _plain(self, force: bool = False) -> None:
+    def _plain(self, final: bool = False) -> None:
         now = time.monotonic()
-        if force or now - self._last_line >= self.interval:
+        if (final and self._printed) or (not final and now - self._last_line >= self.interval):
             self._last_line = now
+            self._printed = True
             print(self.line(), file=self.stream, flush=True)
 
     def update(self, done: int, total: int, detail: str = "") -> None:
         if self._base is None:
             self._base = (done, time.monotonic())
-        first = self.total == 0 and self.done == 0
         self.done, self.total, self.detail = done, total, detail
         if self._bar is not None:
             self._bar.update(self._task, completed=done, total=total, detail=detail)
         else:
-            self._plain(force=first or 0 < total <= done)
+            self._plain(final=0 < total <= done)
 
     def message(self, text: str) -> None:
         """A phase change without a count ("loading the reference", "writing model.onnx")."""
@@ -106,8 +108,6 @@ class Reporter:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.stop()
-        elif self.total and self.done < self.total:
-            self._plain(force=True)  # stopped early (error): the last state, once
 
     # a Reporter is also a ProgressFn
     __call__ = update

@@ -49,7 +49,9 @@ class TorchRuntime(Runtime):
 
     @classmethod
     def load(cls, path: Path, device: str = "cpu", *, threads: int | None = None, n_ctx: int | None = None,
-             dtype: str | None = None) -> TorchRuntime:
+             dtype: str | None = None, layerwise: bool | None = None, log=None) -> TorchRuntime:
+        """Load ``path``; ``layerwise`` (None: when the float32 model would not fit, see runtimes/layerwise.py)
+        computes logits one decoder layer at a time and cannot generate."""
         import torch
 
         self = cls()
@@ -64,6 +66,30 @@ class TorchRuntime(Runtime):
             raise InputError(f"--dtype {dtype}: torch runtime computes in one of {', '.join(_DTYPES)}")
         self.dtype = dtype
         self._dev = torch.device(_DEVICES[device])
+        self._stream = None
+        quantized = bool(json.loads((self.path / "config.json").read_text()).get("quantization_config"))
+        if layerwise is None and not quantized:
+            from .layerwise import should_stream
+
+            layerwise, why = should_stream(self.path, device)
+            if layerwise and log:
+                log(f"{self.path.name}: logits layer by layer ({why})")
+        if layerwise:
+            from .layerwise import LayerStream
+
+            if quantized or device != "cpu":
+                from dsq.dsquant.errors import InputError
+
+                raise InputError(f"{self.path}: layer-by-layer logits need a float checkpoint on cpu")
+            self._stream = LayerStream(self.path)
+            self.model = None
+            self.dtype = "float32"
+            self.tok = HFTokenizer(self.path)
+            self.tok.apply_to(self)
+            self.vocab_size = int(self._stream.dec.config.get_text_config().vocab_size)
+            self._past = None
+            self._cache_arg = "past_key_values"
+            return self
         self.model = _load_model(self.path, getattr(torch, dtype)).to(self._dev).eval()
         self.tok = HFTokenizer(self.path)
         self.tok.apply_to(self)
@@ -74,7 +100,7 @@ class TorchRuntime(Runtime):
 
     @property
     def description(self) -> str:
-        return f"torch {self.dtype} on {self.device}"
+        return f"torch {self.dtype} on {self.device}" + (", layer by layer" if self._stream is not None else "")
 
     def tokenize(self, text: str, special: bool = False) -> list[int]:
         return self.tok.tokenize(text, special)
@@ -82,8 +108,26 @@ class TorchRuntime(Runtime):
     def detokenize(self, ids: Iterable[int]) -> str:
         return self.tok.detokenize(ids)
 
+    @property
+    def layerwise(self) -> bool:
+        return self._stream is not None
+
+    def logits_batch(self, inputs: list[list[int]], log=lambda m: None):
+        """Logits of each input in order; a layer-by-layer model reads its weights once for all of them."""
+        if self._stream is not None:
+            yield from self._stream.logits_batch(inputs, log)
+            return
+        for ids in inputs:
+            yield self.logits(ids)
+
     def _forward(self, ids: list[int], past=None):
         import torch
+
+        if self._stream is not None:
+            from dsq.dsquant.errors import InputError
+
+            raise InputError(f"{self.path}: loaded layer by layer for its logits (too large for memory); "
+                             "generation needs the whole model (set DSQ_REF_LAYERWISE=0 to force loading it)")
 
         with torch.inference_mode():
             x = torch.tensor([ids], dtype=torch.long, device=self._dev)
@@ -92,6 +136,8 @@ class TorchRuntime(Runtime):
             return self.model(input_ids=x, **{self._cache_arg: past}, use_cache=past is not None or self._caching)
 
     def logits(self, ids: list[int]) -> np.ndarray:
+        if self._stream is not None:
+            return self._stream.logits(ids)
         self._caching = False
         out = self._forward(ids)
         return out.logits[0].float().cpu().numpy()

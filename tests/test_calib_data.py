@@ -15,8 +15,13 @@ from dsq.dsquant.errors import InputError
 def test_manifest_lists_every_shipped_file_with_provenance():
     sets = data.shipped_sets()
     assert {"prose", "code", "reasoning"} <= set(sets)
+    from dsq.dsquant.texts import eval_texts
+
+    held_out = eval_texts()
     shipped = {p.name for p in data.DATA_DIR.iterdir() if p.suffix in (".txt", ".jsonl")}
-    assert shipped == {s.file.name for s in sets.values()}, "every shipped text is in the manifest and vice versa"
+    listed = {s.file.name for s in sets.values()} | {p.name for p in held_out.values()}
+    assert shipped == listed, "every shipped text is in the manifest and vice versa"
+    assert not set(held_out) & set(sets), "held-out eval text is never a calibration set"
     for s in sets.values():
         assert s.licence and s.source and s.description
         assert s.file.is_file() and s.nbytes > 1000

@@ -244,9 +244,10 @@ def test_cli_export_dispatch(quantized_dir, tmp_path):
     from dsq.cli import app
 
     out = tmp_path / "cli.gguf"
-    res = CliRunner().invoke(app, ["export", str(quantized_dir("qwen2", "int8")), "--to", "gguf", "-o", str(out)])
+    res = CliRunner().invoke(app, ["export", str(quantized_dir("qwen2", "int8")), "--to", "gguf", "-o", str(out),
+                                   "--json"])
     assert res.exit_code == 0, res.output
-    text = res.output  # CliRunner mixes in stderr: anything logged there (e.g. warnings) is not the summary
+    text = res.output  # CliRunner mixes in stderr: anything logged there (e.g. progress) is not the report
     summary = json.loads(text[text.index("{") : text.rindex("}") + 1])
     assert summary["types"]["q8_0"] == 14 and out.is_file()
     res = CliRunner().invoke(app, ["export", str(quantized_dir("qwen2", "int8")), "--to", "tflite", "-o", str(out)])

@@ -114,9 +114,9 @@ def test_cli_export_to_onnx(quantized_dir, tmp_path):
 
     runner = CliRunner()
     out = tmp_path / "onnx"
-    res = runner.invoke(app, ["export", str(quantized_dir("qwen3", "int4")), "--to", "onnx", "-o", str(out)])
+    res = runner.invoke(app, ["export", str(quantized_dir("qwen3", "int4")), "--to", "onnx", "-o", str(out), "--json"])
     assert res.exit_code == 0, res.output
-    assert json.loads(res.output)["model_type"] == "qwen3" and _logits(out).shape == (1, 5, 320)
+    assert json.loads(res.output[res.output.index("{"):])["model_type"] == "qwen3" and _logits(out).shape == (1, 5, 320)
     bad = tmp_path / "bad"
     res = runner.invoke(app, ["export", str(quantized_dir("qwen3", "int4")), "--to", "onnx", "-o", str(bad), "--ep", "coreml"])
     assert res.exit_code == 2 and "error: --ep coreml" in res.output and "Traceback" not in res.output

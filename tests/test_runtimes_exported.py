@@ -68,7 +68,8 @@ def test_eval_gguf_and_onnx_gate(gguf_int8, onnx_int4, model_dir, tmp_path):
     assert res.exit_code == 0, res.output
     rows = json.loads(js.read_text())["results"]
     assert [r["runtime"] for r in rows] == ["torch", "llama-cpp", "onnxruntime"]
-    assert all(r["passed"] and r["tokens"] == 3 * 47 for r in rows)
+    assert rows[0]["verdict"] == "ref" and all(r["tokens"] == 3 * 47 for r in rows)
+    assert all(r["passed"] and r["verdict"] == "PASS" for r in rows[1:])
     assert rows[1]["kld_mean"] < rows[2]["kld_mean"]  # int8 GGUF closer than int4 ONNX
     res = runner.invoke(app, [*args, "--max-ppl-ratio", "0.5"])
     assert res.exit_code == 1

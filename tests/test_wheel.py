@@ -67,7 +67,7 @@ def installed(tmp_path_factory):
     assert made.returncode == 0, made.stderr
     bin_dir = venv_dir / "bin"
     # torch first and pinned: an unpinned torch resolves to a multi-GB CUDA wheel on a CPU machine
-    pip = _run([bin_dir / "python", "-m", "pip", "install", "-q", "torch==2.13.0", wheels[0]], tmp, env, timeout=1800)
+    pip = _run([bin_dir / "python", "-m", "pip", "install", "-q", "--no-compile", "torch==2.13.0", wheels[0]], tmp, env, timeout=1800)
     assert pip.returncode == 0, pip.stderr[-3000:]
     work = tmp / "work"
     work.mkdir()
