@@ -28,6 +28,7 @@ from dsq.export.gguf_quants import GGUF_TYPES, encode
 from dsq.export.gguf_source import GGUFSource
 from dsq.export.gguf_tensors import plan_tensors
 from dsq.export.gguf_writer import export_gguf
+from dsq.export.q3quants import Q3_K_BYTES, quantize_q3_k
 from dsq.export.q5quants import Q5_K_BYTES, quantize_q5_0, quantize_q5_1, quantize_q5_k
 
 # name -> (fixtures.SPECS architecture, config overrides)
@@ -144,13 +145,13 @@ def test_policy_with_importance_matrix_equals_llama_cpp(variant, llama_cpp, tmp_
 
 # -- files written by dsq, against llama.cpp's files ------------------------------------------------------
 @pytest.mark.parametrize(("name", "mixes"), [
-    ("llama", ("q4_0", "q5_1", "q8_0")),
+    ("llama", ("q4_0", "q5_1", "q8_0", "q3_k_m")),
     ("deepseek_v3", ("q4_k", "q4_k_s", "q5_k_m", "q4_1")),
     ("qwen2-320-tied", ("q4_k_m", "q3_k_l")),
 ])
 def test_export_types_size_and_bytes_equal_llama_cpp(name, mixes, variant, llama_cpp, tmp_path):
     """dsq export HF --to gguf --type X: llama.cpp's type for every tensor, the same file size, and for the
-    types whose reference rounding dsq follows (Q4_0, Q5_0, Q5_1, Q8_0) the same bytes."""
+    types whose reference rounding dsq follows exactly (Q3_K, Q4_0, Q5_0, Q5_1, Q8_0) the same bytes."""
     src, f16 = variant(name)
     for mix in mixes:
         theirs_path, ours_path = tmp_path / f"{mix}-llama.gguf", tmp_path / f"{mix}-dsq.gguf"
@@ -162,7 +163,7 @@ def test_export_types_size_and_bytes_equal_llama_cpp(name, mixes, variant, llama
         assert abs(ours_path.stat().st_size - theirs_path.stat().st_size) <= 4096, mix
         same = 0
         for n, t in theirs.items():
-            if t.tensor_type in (GT.Q4_0, GT.Q5_0, GT.Q5_1, GT.Q8_0):
+            if t.tensor_type in (GT.Q3_K, GT.Q4_0, GT.Q5_0, GT.Q5_1, GT.Q8_0):
                 assert np.array_equal(np.asarray(t.data), np.asarray(ours[n].data)), (mix, n)
                 same += 1
         assert same
@@ -231,8 +232,8 @@ def test_pure_and_tied_output_rules():
 
 def test_type_dsq_cannot_pack_is_refused_before_writing(model_dir, tmp_path):
     out = tmp_path / "m.gguf"
-    with pytest.raises(UnsupportedError, match=r"--type q3_k_m: .*Q3_K.*which dsq cannot write yet"):
-        export_gguf(model_dir("llama"), out, type="q3_k_m")
+    with pytest.raises(UnsupportedError, match=r"--type q2_k: .*Q2_K.*which dsq cannot write yet"):
+        export_gguf(model_dir("llama"), out, type="q2_k")
     assert not out.exists()
 
 
@@ -321,3 +322,19 @@ def test_cli_pure_needs_a_quantized_type(model_dir, tmp_path):
     res = CliRunner().invoke(app, ["export", str(model_dir("llama")), "--to", "onnx", "-o", str(tmp_path / "o"),
                                    "--pure"])
     assert res.exit_code == 2 and "--pure is not an option of --to onnx" in res.output, res.output
+
+
+def test_q3_k_is_ggml_reference_byte_for_byte_and_read_back_exactly(llama_cpp):
+    """quantize_row_q3_K_ref, including its coordinate descent: every block identical (measured on gaussian
+    rows and the llama fixture's weights too), and gguf-py reads the bytes back to exactly dsq's values."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.cat([_edge_rows(), torch.randn(16, 256, generator=g) * 0.02])
+    w[5, :16] = 0.0  # an all-zero sub-block
+    w[6, :16] = 1.0e-3  # a constant one
+    data, values = quantize_q3_k(w)
+    assert np.array_equal(data, _ggml_quantize(llama_cpp, w, GT.Q3_K))
+    back = np.asarray(dequantize(data.reshape(w.shape[0], -1), GT.Q3_K), dtype=np.float32)
+    assert np.array_equal(back, values.numpy())
+    assert data.size == w.shape[0] * Q3_K_BYTES
+    rel = float((values - w).pow(2).sum() / w.pow(2).sum()) ** 0.5
+    assert 0.05 < rel < 0.3, rel  # 3.4 bits per weight
