@@ -48,7 +48,7 @@ def _targets_help() -> str:
 # torch, so they are repeated here and tests/test_cli_ux.py fails when the two differ.
 GGUF_TYPES_HELP = ("auto (default: carry dsq's values, nearest type otherwise; a type applies llama.cpp's "
                    "per-tensor policy for that file type; q3_k, q4_k, q5_k = the _M mixes), "
-                   "q4_0, q4_1, q5_0, q5_1, q8_0, q3_k, q3_k_s, q3_k_m, q3_k_l, q4_k, q4_k_s, q4_k_m, q5_k, q5_k_s, "
+                   "q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q3_k_s, q3_k_m, q3_k_l, q4_k, q4_k_s, q4_k_m, q5_k, q5_k_s, "
                    "q5_k_m, q6_k, f16, bf16, f32")
 
 

@@ -85,10 +85,9 @@ def choose_type(t: OutTensor, forced: GGUFType | None, recipe) -> tuple[GGUFType
 
 _BY_GGML = {t.gtype: t for t in GGUF_TYPES.values()}
 
-#: What ``--type`` accepts and the CLI lists: llama.cpp file types whose tensor types dsq writes, then floats.
-#: (MIXES in gguf_policy.py also holds Q2_K: exporting it fails on the first tensor that needs Q2_K, which dsq
-#: cannot pack yet, unless its rows fall back to Q4_0.)
-TYPE_NAMES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q3_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k", "q4_k_s",
+#: What ``--type`` accepts and the CLI lists: llama.cpp's file types (every mix in gguf_policy.MIXES, whose
+#: tensor types dsq all packs; q3_k/q4_k/q5_k are llama-quantize's aliases of the _M mixes), then floats.
+TYPE_NAMES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k", "q4_k_s",
               "q4_k_m", "q5_k", "q5_k_s", "q5_k_m", "q6_k", "f16", "bf16", "f32")
 
 

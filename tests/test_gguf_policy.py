@@ -28,7 +28,8 @@ from dsq.export.gguf_quants import GGUF_TYPES, encode
 from dsq.export.gguf_source import GGUFSource
 from dsq.export.gguf_tensors import plan_tensors
 from dsq.export.gguf_writer import export_gguf
-from dsq.export.q3quants import Q3_K_BYTES, quantize_q3_k
+from dsq.export.q2quants import quantize_q2_k
+from dsq.export.q3quants import quantize_q3_k
 from dsq.export.q5quants import Q5_K_BYTES, quantize_q5_0, quantize_q5_1, quantize_q5_k
 
 # name -> (fixtures.SPECS architecture, config overrides)
@@ -145,13 +146,13 @@ def test_policy_with_importance_matrix_equals_llama_cpp(variant, llama_cpp, tmp_
 
 # -- files written by dsq, against llama.cpp's files ------------------------------------------------------
 @pytest.mark.parametrize(("name", "mixes"), [
-    ("llama", ("q4_0", "q5_1", "q8_0", "q3_k_m")),
+    ("llama", ("q4_0", "q5_1", "q8_0", "q3_k_m", "q2_k")),
     ("deepseek_v3", ("q4_k", "q4_k_s", "q5_k_m", "q4_1")),
     ("qwen2-320-tied", ("q4_k_m", "q3_k_l")),
 ])
 def test_export_types_size_and_bytes_equal_llama_cpp(name, mixes, variant, llama_cpp, tmp_path):
     """dsq export HF --to gguf --type X: llama.cpp's type for every tensor, the same file size, and for the
-    types whose reference rounding dsq follows exactly (Q3_K, Q4_0, Q5_0, Q5_1, Q8_0) the same bytes."""
+    types whose reference rounding dsq follows exactly (Q2_K, Q3_K, Q4_0, Q5_0, Q5_1, Q8_0) the same bytes."""
     src, f16 = variant(name)
     for mix in mixes:
         theirs_path, ours_path = tmp_path / f"{mix}-llama.gguf", tmp_path / f"{mix}-dsq.gguf"
@@ -163,7 +164,7 @@ def test_export_types_size_and_bytes_equal_llama_cpp(name, mixes, variant, llama
         assert abs(ours_path.stat().st_size - theirs_path.stat().st_size) <= 4096, mix
         same = 0
         for n, t in theirs.items():
-            if t.tensor_type in (GT.Q3_K, GT.Q4_0, GT.Q5_0, GT.Q5_1, GT.Q8_0):
+            if t.tensor_type in (GT.Q2_K, GT.Q3_K, GT.Q4_0, GT.Q5_0, GT.Q5_1, GT.Q8_0):
                 assert np.array_equal(np.asarray(t.data), np.asarray(ours[n].data)), (mix, n)
                 same += 1
         assert same
@@ -230,11 +231,23 @@ def test_pure_and_tied_output_rules():
     assert odd["output.weight"].type == GT.F16  # not whole blocks of 32: llama.cpp has no type for it
 
 
-def test_type_dsq_cannot_pack_is_refused_before_writing(model_dir, tmp_path):
-    out = tmp_path / "m.gguf"
-    with pytest.raises(UnsupportedError, match=r"--type q2_k: .*Q2_K.*which dsq cannot write yet"):
-        export_gguf(model_dir("llama"), out, type="q2_k")
-    assert not out.exists()
+def test_every_mix_is_writable_and_a_type_dsq_cannot_pack_is_refused(model_dir):
+    """All 14 mixes use only types dsq packs; a policy that needs another (an IQ mix) fails before writing."""
+    from gguf import LlamaFileType
+
+    from dsq.export.gguf_policy import FALLBACK, OUTPUT_RULES, POST_RULES, Mix
+    from dsq.export.gguf_writer import _BY_GGML, TYPE_NAMES, policy_types
+
+    used = {m.default for m in MIXES.values()} | {t for m in MIXES.values() for rules in m.rules.values()
+                                                  for _, t in rules if t is not None}
+    used |= {t for _, t in OUTPUT_RULES} | {r[-1] for r in POST_RULES}
+    used |= {FALLBACK[t] for t in used if t in FALLBACK}
+    assert used <= set(_BY_GGML), used - set(_BY_GGML)
+    assert set(MIXES) <= set(TYPE_NAMES)
+    src = GGUFSource(model_dir("llama"))
+    outs, _ = plan_tensors(src)
+    with pytest.raises(UnsupportedError, match=r"--type iq4_xs: .*IQ4_XS.*which dsq cannot write yet"):
+        policy_types(outs, Mix("IQ4_XS", LlamaFileType.MOSTLY_IQ4_XS, GT.IQ4_XS), src)
 
 
 # -- Q5_0 / Q5_1 packers -----------------------------------------------------------------------------------
@@ -324,17 +337,22 @@ def test_cli_pure_needs_a_quantized_type(model_dir, tmp_path):
     assert res.exit_code == 2 and "--pure is not an option of --to onnx" in res.output, res.output
 
 
-def test_q3_k_is_ggml_reference_byte_for_byte_and_read_back_exactly(llama_cpp):
-    """quantize_row_q3_K_ref, including its coordinate descent: every block identical (measured on gaussian
-    rows and the llama fixture's weights too), and gguf-py reads the bytes back to exactly dsq's values."""
+@pytest.mark.parametrize(("packer", "gt", "bits"), [(quantize_q3_k, GT.Q3_K, 3.4375), (quantize_q2_k, GT.Q2_K, 2.625)])
+def test_q2_k_q3_k_are_ggml_reference_byte_for_byte_and_read_back_exactly(packer, gt, bits, llama_cpp):
+    """quantize_row_q3_K_ref (with its coordinate descent) and quantize_row_q2_K_ref (with its absolute-error
+    scale search): every block identical (measured on gaussian rows and the llama fixture's weights too), and
+    gguf-py reads the bytes back to exactly dsq's values."""
     g = torch.Generator().manual_seed(1)
     w = torch.cat([_edge_rows(), torch.randn(16, 256, generator=g) * 0.02])
     w[5, :16] = 0.0  # an all-zero sub-block
     w[6, :16] = 1.0e-3  # a constant one
-    data, values = quantize_q3_k(w)
-    assert np.array_equal(data, _ggml_quantize(llama_cpp, w, GT.Q3_K))
-    back = np.asarray(dequantize(data.reshape(w.shape[0], -1), GT.Q3_K), dtype=np.float32)
+    w[7, :16] = -2.0e-3  # a constant negative one: all in the min
+    data, values = packer(w)
+    assert np.array_equal(data, _ggml_quantize(llama_cpp, w, gt))
+    back = np.asarray(dequantize(data.reshape(w.shape[0], -1), gt), dtype=np.float32)
     assert np.array_equal(back, values.numpy())
-    assert data.size == w.shape[0] * Q3_K_BYTES
+    assert data.size * 8 == w.numel() * bits
     rel = float((values - w).pow(2).sum() / w.pow(2).sum()) ** 0.5
-    assert 0.05 < rel < 0.3, rel  # 3.4 bits per weight
+    assert 0.05 < rel < 0.6, rel
+    with pytest.raises(UnsupportedError, match="whole blocks of 256"):
+        packer(torch.zeros(2, 320))
