@@ -20,7 +20,9 @@ count of such tensors seen so far for dense models, the layer in the name for Mo
 
 Names follow ``llama-quantize``: ``q4_k`` is its alias for Q4_K_M (likewise q3_k -> Q3_K_M, q5_k -> Q5_K_M).
 Not covered: the IQ mixes, TQ, MXFP4 and Q2_K_S (which needs an importance matrix), and Falcon's own branches
-(dsq writes no Falcon). Tested tensor by tensor against llama.cpp's own quantizer (tests/test_gguf_policy.py).
+(dsq writes no Falcon). The ``imatrix`` predicate is llama.cpp's rule for when an importance matrix is given;
+dsq's export does not pass one yet. Tested tensor by tensor against llama.cpp's own quantizer
+(tests/test_gguf_policy.py).
 """
 
 from __future__ import annotations
