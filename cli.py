@@ -44,9 +44,12 @@ def _targets_help() -> str:
     return ", ".join(EXPORTERS)
 
 
-# The GGUF type table lives beside torch (export/gguf_quants.py GGUF_TYPES); `dsq --help` must not import
-# torch, so its names are repeated here and tests/test_cli_ux.py fails when the two differ.
-GGUF_TYPES_HELP = "auto (default: carry dsq's values, nearest type otherwise), q4_0, q4_1, q8_0, q4_k, q6_k, f16, bf16, f32"
+# The GGUF type names live beside torch (export/gguf_writer.py TYPE_NAMES); `dsq --help` must not import
+# torch, so they are repeated here and tests/test_cli_ux.py fails when the two differ.
+GGUF_TYPES_HELP = ("auto (default: carry dsq's values, nearest type otherwise; a type applies llama.cpp's "
+                   "per-tensor policy for that file type; q3_k, q4_k, q5_k = the _M mixes), "
+                   "q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q3_k_s, q3_k_m, q3_k_l, q4_k, q4_k_s, q4_k_m, q5_k, q5_k_s, "
+                   "q5_k_m, q6_k, f16, bf16, f32")
 
 
 def _gguf_types_help() -> str:
@@ -289,7 +292,8 @@ def export(
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="Output file (gguf) or folder (onnx); default: beside MODEL, named MODEL.gguf / MODEL-onnx."
     )] = None,
-    type_: Annotated[str | None, typer.Option("--type", help=f"GGUF: one type for all linear weights: {_gguf_types_help()}.")] = None,
+    type_: Annotated[str | None, typer.Option("--type", help=f"GGUF file type: {_gguf_types_help()}.")] = None,
+    pure: Annotated[bool, typer.Option("--pure", help="GGUF: the --type everywhere, no llama.cpp policy (llama-quantize --pure).")] = False,
     recipe: Annotated[str | None, typer.Option("--recipe", "-r", help="Quantize a float checkpoint on the way.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
     split_max_size: Annotated[
@@ -312,7 +316,7 @@ def export(
     from dsq.export import export_model
 
     given = {"type": type_, "recipe": recipe, "split_max_size": split_max_size, "ep": ep, "int4_block": int4_block,
-             "attention": attention, "accuracy_level": accuracy_level}
+             "attention": attention, "accuracy_level": accuracy_level, "pure": pure or None}
     try:
         with progress(f"export → {to}", "tensors") as bar:
             out, report = export_model(model, to, output, overwrite=overwrite, progress=bar, check=not no_check,

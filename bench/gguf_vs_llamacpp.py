@@ -102,8 +102,8 @@ import sys
 from dsq.export.gguf_writer import export_gguf
 export_gguf(sys.argv[1], sys.argv[2], type=sys.argv[3], overwrite=True)
 """
-# GGUF type -> (dsq --type, llama.cpp ftype). Both quantize every 2-D weight incl. the token embedding;
-# llama.cpp's Q4_0 mode writes output.weight as Q6_K, dsq as Q4_0 (so its Q4_0 file is a little smaller).
+# GGUF type -> (dsq --type, llama.cpp ftype). dsq applies llama.cpp's per-tensor policy for that file type
+# (export/gguf_policy.py: e.g. output.weight Q6_K in Q4_0 mode), so both files have the same tensor types.
 TARGETS = {"Q8_0": ("q8_0", "LLAMA_FTYPE_MOSTLY_Q8_0"), "Q4_0": ("q4_0", "LLAMA_FTYPE_MOSTLY_Q4_0")}
 
 

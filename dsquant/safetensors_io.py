@@ -34,6 +34,7 @@ DTYPES: dict[str, torch.dtype] = {
     "I32": torch.int32,
     "I16": torch.int16,
     "I8": torch.int8,
+    "U32": torch.uint32,  # MLX packs its quantized weights in uint32 words
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }

@@ -15,6 +15,7 @@ from pathlib import Path
 EXPORTERS: dict[str, tuple[str, str]] = {
     "gguf": ("dsq.export.gguf_writer:export_gguf", ".gguf"),
     "onnx": ("dsq.export.onnx_export:export_onnx", "-onnx"),
+    "mlx": ("dsq.export.mlx_writer:export_mlx", "-mlx"),
 }
 
 

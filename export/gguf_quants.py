@@ -29,6 +29,9 @@ from dsq.dsquant.errors import UnsupportedError
 from dsq.dsquant.formats import FORMATS, QuantizedTensor, check_finite
 
 from .kquants import quantize_q4_k, quantize_q6_k
+from .q2quants import quantize_q2_k
+from .q3quants import quantize_q3_k
+from .q5quants import quantize_q5_0, quantize_q5_1, quantize_q5_k
 
 BLOCK = 32
 # Floats are quantized this many elements at a time, so the temporaries of quantization stay small
@@ -44,7 +47,8 @@ class GGUFType:
     torch_dtype: torch.dtype | None = None  # float types
     file_type: LlamaFileType = LlamaFileType.ALL_F32
     block: int = BLOCK  # weights per block along a row (256 for k-quants)
-    kquant: Callable[[torch.Tensor], tuple[np.ndarray, torch.Tensor]] | None = None  # dsq's packer (kquants.py)
+    # dsq's own packer (kquants.py, q2quants.py, q3quants.py, q5quants.py): float rows -> (bytes, values held)
+    kquant: Callable[[torch.Tensor], tuple[np.ndarray, torch.Tensor]] | None = None
 
     @property
     def quantized(self) -> bool:
@@ -61,8 +65,13 @@ GGUF_TYPES: dict[str, GGUFType] = {
     for t in (
         GGUFType("q4_0", GT.Q4_0, twin="int4_sym_g32", file_type=LlamaFileType.MOSTLY_Q4_0),
         GGUFType("q4_1", GT.Q4_1, twin="int4_asym_g32", file_type=LlamaFileType.MOSTLY_Q4_1),
+        GGUFType("q5_0", GT.Q5_0, file_type=LlamaFileType.MOSTLY_Q5_0, kquant=quantize_q5_0),
+        GGUFType("q5_1", GT.Q5_1, file_type=LlamaFileType.MOSTLY_Q5_1, kquant=quantize_q5_1),
         GGUFType("q8_0", GT.Q8_0, twin="int8_g32", file_type=LlamaFileType.MOSTLY_Q8_0),
+        GGUFType("q2_k", GT.Q2_K, file_type=LlamaFileType.MOSTLY_Q2_K, block=256, kquant=quantize_q2_k),
+        GGUFType("q3_k", GT.Q3_K, file_type=LlamaFileType.MOSTLY_Q3_K_M, block=256, kquant=quantize_q3_k),
         GGUFType("q4_k", GT.Q4_K, file_type=LlamaFileType.MOSTLY_Q4_K_S, block=256, kquant=quantize_q4_k),
+        GGUFType("q5_k", GT.Q5_K, file_type=LlamaFileType.MOSTLY_Q5_K_M, block=256, kquant=quantize_q5_k),
         GGUFType("q6_k", GT.Q6_K, file_type=LlamaFileType.MOSTLY_Q6_K, block=256, kquant=quantize_q6_k),
         GGUFType("f16", GT.F16, torch_dtype=torch.float16, file_type=LlamaFileType.MOSTLY_F16),
         GGUFType("bf16", GT.BF16, torch_dtype=torch.bfloat16, file_type=LlamaFileType.MOSTLY_BF16),

@@ -8,8 +8,12 @@ Choosing a GGUF type per tensor (``choose_type``):
   nearest type (``NEAREST``) and are re-quantized, with the added error in the report;
 * a float weight: its own float type, or what ``recipe`` asks for (quantized straight into the
   GGUF type, from the float values, with ggml's reference rounding);
-* ``type`` (``--type``) forces one type on every 2-D weight, the token embedding included (as llama.cpp's
-  quantizer does for Q4_0/Q8_0); a row length that is not whole blocks falls back to F16, noted per tensor.
+* ``type`` (``--type``) names a llama.cpp file type (q4_0, q5_1, q4_k_m, q6_k, ...; ``q4_k`` is llama-quantize's
+  alias for Q4_K_M): every tensor gets the type llama.cpp's ``llama_model_quantize`` gives it in that file
+  (gguf_policy.py: output matrix Q6_K/Q8_0, attn_v/ffn_down bumps, fallbacks for rows that are not whole
+  blocks). A tensor whose dsq format is that type's twin is carried exactly; any other quantized tensor is
+  re-quantized from its dequantized values (status "requantized" in the report). ``pure`` puts the
+  default type everywhere (llama-quantize --pure). f16/bf16/f32 cast every 2-D weight but the router.
 
 The header (metadata + tensor table) is computed from shapes alone, then each tensor is loaded,
 packed, written and dropped: peak memory is about the largest tensor (a layer's stacked experts).
@@ -30,11 +34,12 @@ from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFWriter
 
 from dsq.dsquant.archs import ROLE_INFO
 from dsq.dsquant.atomic import check_output
-from dsq.dsquant.errors import InputError
+from dsq.dsquant.errors import InputError, UnsupportedError
 from dsq.dsquant.formats import QuantizedTensor
 from dsq.dsquant.recipes import KEEP, load_recipe
 
 from .gguf_meta import add_hparams
+from .gguf_policy import Mix, ModelFacts, get_mix, plan_types
 from .gguf_quants import FLOAT_OF, GGUF_TYPES, NEAREST, GGUFType, encode, get_type, is_exact, nbytes
 from .gguf_source import GGUFSource
 from .gguf_tensors import OutTensor, build_value, plan_tensors
@@ -78,6 +83,40 @@ def choose_type(t: OutTensor, forced: GGUFType | None, recipe) -> tuple[GGUFType
     return chosen, notes
 
 
+_BY_GGML = {t.gtype: t for t in GGUF_TYPES.values()}
+
+#: What ``--type`` accepts and the CLI lists: llama.cpp's file types (every mix in gguf_policy.MIXES, whose
+#: tensor types dsq all packs; q3_k/q4_k/q5_k are llama-quantize's aliases of the _M mixes), then floats.
+TYPE_NAMES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k", "q4_k_s",
+              "q4_k_m", "q5_k", "q5_k_s", "q5_k_m", "q6_k", "f16", "bf16", "f32")
+
+
+def policy_types(outs: list[OutTensor], mix: Mix, src: GGUFSource, pure: bool = False) -> dict:
+    """{GGUF name: (GGUFType, notes, why)} under llama.cpp's ``mix`` (gguf_policy.plan_types).
+
+    Raises UnsupportedError before anything is written when the policy needs a type dsq has no packer for.
+    """
+    facts = ModelFacts.from_config(src.arch.gguf_arch, src.config)
+    plan = plan_types(mix, [(t.name, tuple(t.shape)) for t in outs], facts, pure=pure)
+    missing = {n: c.type.name for n, c in plan.items() if c.type not in _BY_GGML}
+    if missing:
+        first = next(iter(missing))
+        raise UnsupportedError(
+            f"--type {mix.name.lower()}: llama.cpp's {mix.name} file puts {len(missing)} tensor(s) of this model in "
+            f"{', '.join(sorted(set(missing.values())))} (e.g. {first}), which dsq cannot write yet; "
+            f"choose one of {', '.join(TYPE_NAMES)}"
+        )
+    out = {}
+    for t in outs:
+        c = plan.get(t.name)
+        if c is None:  # norms, biases, the router, 1-D tensors: F32, as llama.cpp's converter writes them
+            out[t.name] = (GGUF_TYPES["f32"], [], "not quantized by llama.cpp")
+        else:
+            notes = [c.why.split("; ", 1)[1]] if "; rows of" in c.why else []
+            out[t.name] = (_BY_GGML[c.type], notes, c.why)
+    return out
+
+
 def _status(values: list, t: GGUFType) -> str:
     if all(isinstance(v, QuantizedTensor) for v in values):
         return "exact" if all(is_exact(v, t) for v in values) else "requantized"
@@ -99,8 +138,13 @@ def export_gguf(
     overwrite: bool = False,
     split_max_size: int | str | None = None,
     progress: Callable[[int, int, str], None] | None = None,
+    pure: bool = False,
 ) -> dict:
-    """Write ``src_dir`` as a GGUF file at ``out_path``; returns a report dict."""
+    """Write ``src_dir`` as a GGUF file at ``out_path``; returns a report dict.
+
+    ``type``: "auto", a llama.cpp file type name (``TYPE_NAMES``; its per-tensor policy applies) or a float type.
+    Raises UnsupportedError for an unknown type or one whose policy needs a type dsq cannot pack.
+    """
     t0 = time.perf_counter()
     out_path = Path(out_path)
     src = GGUFSource(src_dir)
@@ -109,9 +153,15 @@ def export_gguf(
             f"{src.path}: already quantized; --recipe applies to float checkpoints (use --type to force a GGUF type)"
         )
     rec = load_recipe(recipe) if recipe else None
-    forced = None if type == "auto" else get_type(type)
+    mix = None if type in ("auto", *FLOAT_OF.values()) else get_mix(type)
+    forced = None if type == "auto" or mix is not None else get_type(type)
+    if pure and mix is None:
+        raise InputError("--pure applies to a quantized --type (q4_0, q4_k_m, ...): it puts that type everywhere")
     outs, notes = plan_tensors(src)
-    chosen = {t.name: choose_type(t, forced, rec) for t in outs}
+    if mix is not None:
+        chosen = policy_types(outs, mix, src, pure)
+    else:
+        chosen = {t.name: (*choose_type(t, forced, rec), None) for t in outs}
     split = parse_size(split_max_size) if split_max_size else 0
     check_output(out_path, overwrite)
 
@@ -125,7 +175,7 @@ def export_gguf(
         w.add_quantization_version(GGML_QUANT_VERSION)
         extra = add_hparams(w, src.config, src.arch.gguf_arch)
         tok = add_tokenizer(w, src.path, int(src.config["vocab_size"]))
-        w.add_file_type(_file_type(outs, chosen))
+        w.add_file_type(int(mix.file_type) if mix is not None else _file_type(outs, chosen))
         for name, arr in extra:
             w.add_tensor_info(name, arr.shape, np.dtype(np.float32), arr.nbytes, raw_dtype=GGMLQuantizationType.F32)
         for t in outs:
@@ -137,7 +187,7 @@ def export_gguf(
         for _, arr in extra:
             w.write_tensor_data(arr)
         for i, t in enumerate(outs):
-            gt, tnotes = chosen[t.name]
+            gt, tnotes, why = chosen[t.name]
             values = build_value(t, src)
             encoded = [encode(v, gt, t.name) for v in values]
             data = np.concatenate([e[0] for e in encoded]) if len(encoded) > 1 else encoded[0][0]
@@ -146,6 +196,7 @@ def export_gguf(
             w.write_tensor_data(data)
             rows.append({"name": t.name, "type": gt.name, "shape": list(t.shape), "status": status,
                          "rel_error": err, "bytes": int(data.nbytes), "notes": tnotes,
+                         **({"policy": why} if why else {}),
                          "sources": [s.name for s in t.sources][:1] + ([f"+{len(t.sources) - 1}"] if len(t.sources) > 1 else [])})
             del values, data, encoded
             if progress:
@@ -160,7 +211,7 @@ def export_gguf(
             os.replace(shard, final)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
-    report = _report(src, finals, type, recipe, rows, notes, tok, time.perf_counter() - t0)
+    report = _report(src, finals, type, recipe, rows, notes, tok, time.perf_counter() - t0, mix)
     return report
 
 
@@ -189,7 +240,8 @@ def _file_type(outs: list[OutTensor], chosen: dict) -> int:
     return int(GGUF_TYPES[max(weight, key=weight.get)].file_type) if weight else int(GGUF_TYPES["f32"].file_type)
 
 
-def _report(src: GGUFSource, files: list[Path], type_: str, recipe, rows, notes, tok, seconds: float) -> dict:
+def _report(src: GGUFSource, files: list[Path], type_: str, recipe, rows, notes, tok, seconds: float,
+            mix: Mix | None = None) -> dict:
     total = sum(f.stat().st_size for f in files)
     params = sum(int(np.prod(r["shape"])) for r in rows)
     requant = [r for r in rows if r["status"] == "requantized"]
@@ -198,7 +250,9 @@ def _report(src: GGUFSource, files: list[Path], type_: str, recipe, rows, notes,
         by_type[r["type"]] = by_type.get(r["type"], 0) + 1
     if requant:
         worst = max(requant, key=lambda r: r["rel_error"])
-        notes = [*notes, f"{len(requant)} tensor(s) had no exact GGUF twin and were re-quantized; "
+        why = (f"are stored in a dsq format other than the type llama.cpp's {mix.name} gives them"
+               if mix is not None else "had no exact GGUF twin")
+        notes = [*notes, f"{len(requant)} tensor(s) {why} and were re-quantized from their dequantized values; "
                          f"largest added relative RMS error {worst['rel_error']:.3g} ({worst['name']})"]
     if not src.quantized and not any(r["status"] == "quantized" for r in rows):
         notes = [*notes, "source is not quantized and no recipe/--type asked for quantization: weights kept as floats"]
@@ -210,6 +264,7 @@ def _report(src: GGUFSource, files: list[Path], type_: str, recipe, rows, notes,
         "architecture": src.arch.gguf_arch,
         "model_type": src.arch.model_type,
         "type": type_,
+        "policy": f"llama.cpp {mix.name}" if mix is not None else None,
         "recipe": recipe,
         "bytes": total,
         "bits_per_weight": 8 * total / params if params else 0.0,

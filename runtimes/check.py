@@ -412,11 +412,12 @@ def _check_greedy(report: CheckReport, export: Path, ref: Path, hf, side, thread
 
 def print_report(report: dict) -> None:
     """The check's table (``CheckReport.to_json()``) on stderr, so stdout stays machine-readable."""
-    from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
-    console = Console(stderr=True)
+    from dsq.dsquant.render import make_console
+
+    console = make_console(stderr=True)
     if "skipped" in report:
         console.print(f"[yellow]check skipped[/]: {escape(report['skipped'])}")
         return
@@ -447,6 +448,9 @@ def check_after_export(source: str | Path, out: Path, report: dict) -> dict:
 
     src = resolve(source)
     target = Path(report.get("output") or out)
+    if model_format(target) not in ("gguf", "onnx"):  # MLX: mlx_lm tokenizes with transformers on the copied files
+        return {"skipped": f"{target}: dsq check compares llama.cpp's and onnxruntime-genai's own tokenizers; "
+                           "this export's runtime uses transformers' tokenizer from the copied files"}
     if not any(resolve_model_file(src, f) for f in ("tokenizer.json", "tokenizer_config.json")):
         return {"skipped": f"{src}: no tokenizer files to check against"}
     weights = sum(f.stat().st_size for f in src.glob("*.safetensors"))

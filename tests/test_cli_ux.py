@@ -158,9 +158,11 @@ def test_inspect_reads_what_export_to_onnx_writes(quantized_dir, tmp_path):
 # -- help -----------------------------------------------------------------------------------------------
 def test_help_shows_no_bool_metavar_and_names_default_and_every_gguf_type():
     from dsq.export.gguf_quants import GGUF_TYPES
+    from dsq.export.gguf_writer import TYPE_NAMES
 
     listed = [t.strip() for t in GGUF_TYPES_HELP.split("),", 1)[1].split(",")]
-    assert listed == list(GGUF_TYPES)
+    assert listed == list(TYPE_NAMES)
+    assert set(GGUF_TYPES) <= set(listed)  # every tensor type dsq writes is also a --type
     for cmd in ("quantize", "plan", "export", "eval", "run", "chat", "bench", "inspect", "runtimes"):
         res = runner.invoke(app, [cmd, "--help"], env={"COLUMNS": "200"})
         assert res.exit_code == 0, res.output

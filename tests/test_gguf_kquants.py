@@ -147,7 +147,7 @@ def test_q4_k_export_runs_in_llama_cpp(llama_cpp, model_dir, tmp_path):
     src = model_dir("llama")
     cfg = json.loads((src / "config.json").read_text())
     out = tmp_path / "q4k.gguf"
-    report = export_gguf(src, out, type="q4_k")
+    report = export_gguf(src, out, type="q4_k", pure=True)  # Q4_K everywhere, not the Q4_K_M mix
     assert report["types"]["q4_k"] >= 14
     heads = {"attn_q.weight": cfg["num_attention_heads"],
              "attn_k.weight": cfg.get("num_key_value_heads") or cfg["num_attention_heads"]}
