@@ -2,13 +2,94 @@
 
 from __future__ import annotations
 
+import functools
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
 
-app = typer.Typer(
+
+def _debug() -> bool:
+    """--debug (or DSQ_DEBUG=1): let unexpected exceptions keep their traceback."""
+    return _DEBUG or os.environ.get("DSQ_DEBUG", "") not in ("", "0")
+
+
+_DEBUG = False
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def _fail(e: BaseException, where: str | None = None) -> typer.Exit:
+    """The CLI's last line of defence: one ``error:`` line and exit 2 for anything a command raises.
+
+    DsqError carries its own message and exit code. Anything else is a dsq bug or an input dsq did not
+    foresee: it is named by type, message and (when known) the file or argument, without a traceback
+    unless --debug is given, in which case it is re-raised as is. Called without ``where`` (from a
+    command's own ``except``), a non-dsq exception is re-raised for ``_guarded`` to report.
+    """
+    from dsq.dsquant.errors import DsqError
+
+    if isinstance(e, DsqError):
+        typer.secho(f"error: {_one_line(e)}", fg="red", err=True)
+        return typer.Exit(e.exit_code)
+    if where is None or _debug():
+        raise e  # the command's guard (_guarded) names the input, or --debug shows the traceback
+    if isinstance(e, RecursionError):
+        what = "input nested too deeply (RecursionError)"
+    elif isinstance(e, MemoryError):
+        what = "out of memory (MemoryError); an input asks for a size this machine cannot hold"
+    else:
+        what = f"{type(e).__name__}: {_one_line(e) or '(no message)'}"
+    fname = getattr(e, "filename", None)
+    if fname and str(fname) not in what:
+        what = f"{fname}: {what}"
+    prefix = f"{where}: " if where else ""  # the command's input: the best guess at what dsq choked on
+    typer.secho(f"error: {prefix}{what} (unexpected; rerun with --debug for the traceback)", fg="red", err=True)
+    return typer.Exit(2)
+
+
+# Parameters that name a command's output (for "nothing written to OUT") and its main input (for errors).
+_OUTPUT_PARAMS = ("output", "json_out", "html_out")
+_INPUT_PARAMS = ("model", "path", "quant")
+
+
+def _guarded(func):
+    """Wrap a command so no exception leaves it as a traceback and Ctrl-C exits 130 naming the output."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except KeyboardInterrupt:
+            outs = [str(kwargs[k]) for k in _OUTPUT_PARAMS if kwargs.get(k) is not None]
+            # Outputs are written atomically (temp sibling + rename), so an interrupted run leaves none.
+            where = f" to {', '.join(outs)}" if outs else ""
+            typer.secho(f"interrupted; nothing written{where}", fg="red", err=True)
+            raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort, click.exceptions.ClickException):
+            raise
+        except Exception as e:
+            inputs = [kwargs[k] for k in _INPUT_PARAMS if kwargs.get(k) is not None]
+            where = " ".join(str(i) if not isinstance(i, list) else " ".join(map(str, i)) for i in inputs)
+            raise _fail(e, where) from None
+
+    return wrapper
+
+
+class _GuardedTyper(typer.Typer):
+    """A Typer whose every command is wrapped by ``_guarded``."""
+
+    def command(self, *args, **kwargs):
+        register = super().command(*args, **kwargs)
+        return lambda func: (register(_guarded(func)), func)[1]
+
+
+app = _GuardedTyper(
     help="Quantize distilled LLMs (FP8/int8/int4) and deploy them to GGUF and ONNX.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -20,14 +101,14 @@ AllowUnmapped = Annotated[
     bool, typer.Option("--allow-unmapped", help="Keep tensors the architecture table does not know, unquantized.")
 ]
 
-
-def _fail(e: Exception) -> typer.Exit:
-    from dsq.dsquant.errors import DsqError
-
-    if isinstance(e, DsqError):
-        typer.secho(f"error: {e}", fg="red", err=True)
-        return typer.Exit(e.exit_code)
-    raise e
+@app.callback()
+def _options(
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show the Python traceback of unexpected errors (or set DSQ_DEBUG=1).")
+    ] = False,
+) -> None:
+    global _DEBUG
+    _DEBUG = debug
 
 
 @app.command()
@@ -269,7 +350,7 @@ def export(
     typer.echo(json.dumps(summary, indent=2, default=str))
 
 
-calib_app = typer.Typer(help="Calibration data for --method gptq|awq|imatrix.", no_args_is_help=True)
+calib_app = _GuardedTyper(help="Calibration data for --method gptq|awq|imatrix.", no_args_is_help=True)
 app.add_typer(calib_app, name="calib")
 
 
@@ -287,7 +368,11 @@ def calib_list(json_out: Annotated[bool, typer.Option("--json", help="Print as J
 
 
 def main() -> None:  # pragma: no cover
-    sys.exit(app())
+    try:
+        sys.exit(app())
+    except KeyboardInterrupt:  # Ctrl-C while parsing arguments, before a command's own guard
+        typer.secho("interrupted; nothing written", fg="red", err=True)
+        sys.exit(130)
 
 
 if __name__ == "__main__":  # pragma: no cover
