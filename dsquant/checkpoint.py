@@ -7,7 +7,6 @@ never pickles). DeepSeek's block-FP8 checkpoints (``float8_e4m3fn`` weights with
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Iterator
@@ -20,7 +19,9 @@ import torch
 from .archs import Architecture, TensorRef, get_architecture
 from .errors import CorruptFileError, InputError, UnsupportedError
 from .formats import FORMATS, QuantizedTensor
+from .paths import resolve_model_file
 from .safetensors_io import TensorInfo, read_header, read_rows, read_tensor
+from .schema import load_config, load_index
 
 # Files copied verbatim into every output (tokenizer, generation settings, chat template).
 SIDE_FILES = (
@@ -108,35 +109,30 @@ class Checkpoint:
         self.source = str(source)
         self.path = resolve(source)
         cfg = self.path / "config.json"
-        if not cfg.is_file():
+        cfg_file = resolve_model_file(self.path, "config.json")
+        if cfg_file is None:
             raise InputError(f"{self.path}: no config.json; not a Hugging Face model directory")
-        try:
-            self.config: dict = json.loads(cfg.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CorruptFileError(f"{cfg}: not valid JSON ({e})") from None
+        self.config: dict = load_config(cfg_file, shown=cfg)
         self.arch: Architecture = get_architecture(self.config, str(cfg))
         self.files = self._weight_files()
 
     # -- layout -----------------------------------------------------------------------------------
     def _weight_files(self) -> list[Path]:
         index = self.path / "model.safetensors.index.json"
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CorruptFileError(f"{index}: not a safetensors index ({e})") from None
+        index_file = resolve_model_file(self.path, index.name)
+        if index_file is not None:
+            weight_map = load_index(index_file, shown=index)
             files = []
             for fname in dict.fromkeys(weight_map.values()):
-                p = (self.path / fname).resolve()
-                if self.path.resolve() not in p.parents:
-                    raise CorruptFileError(f"{index}: shard `{fname}` points outside the model directory")
-                if not p.is_file():
+                # Inside the folder (or the hub cache's blob store for a snapshot), a regular file.
+                p = resolve_model_file(self.path, fname)
+                if p is None:
                     raise InputError(f"{index}: lists `{fname}` but it is missing; the download is incomplete")
                 files.append(p)
             return files
-        files = sorted(self.path.glob("*.safetensors"))
+        files = [resolve_model_file(self.path, f.name) for f in sorted(self.path.glob("*.safetensors"))]
         if files:
-            return files
+            return [f for f in files if f is not None]
         if any(self.path.glob("*.bin")) or any(self.path.glob("*.pt")):
             raise UnsupportedError(
                 f"{self.path}: only pickle weights (*.bin/*.pt); dsq reads safetensors only because pickles can run "
@@ -225,7 +221,9 @@ class Checkpoint:
             yield t, self.load(t)
 
     def side_files(self) -> list[Path]:
-        return [self.path / f for f in SIDE_FILES if (self.path / f).is_file()]
+        """The tokenizer/generation/template files present, as ``self.path / name`` (the name the copy gets);
+        each checked to resolve inside the folder and to be a regular file (``resolve_model_file``)."""
+        return [self.path / f for f in SIDE_FILES if resolve_model_file(self.path, f) is not None]
 
 
 def dequantize_block_fp8(
