@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
+from ..sandbox import pick_template, render_chat_template
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "calib_data"
 MANIFEST = DATA_DIR / "MANIFEST.json"
@@ -169,8 +170,12 @@ def render(doc: Document, tokenizer) -> str:
     """Plain text as is; chat messages through the tokenizer's chat template (a plain fallback if none)."""
     if isinstance(doc, str):
         return doc
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(doc, tokenize=False)
+    template = pick_template(getattr(tokenizer, "chat_template", None))
+    if template:
+        # dsq's bounded sandbox, not transformers' apply_chat_template: the template came with the model.
+        specials = {k: v for k, v in (getattr(tokenizer, "special_tokens_map", None) or {}).items() if isinstance(v, str)}
+        return render_chat_template(template, doc, specials, add_generation_prompt=False,
+                                    source="the model's chat template (rendering a --calib .jsonl)")
     return "".join(f"{m['role']}: {m['content']}\n" for m in doc)
 
 
