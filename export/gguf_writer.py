@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,7 +28,7 @@ import numpy as np
 from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFWriter
 
 from dsq.dsquant.archs import ROLE_INFO
-from dsq.dsquant.atomic import check_output
+from dsq.dsquant.atomic import check_output, make_partial_dir
 from dsq.dsquant.errors import InputError
 from dsq.dsquant.formats import QuantizedTensor
 from dsq.dsquant.recipes import KEEP, load_recipe
@@ -117,7 +116,7 @@ def export_gguf(
 
     # Everything is written into a temporary directory beside the output, then renamed into place
     # (one file, or the shards of a split: <stem>-0000i-of-0000n.gguf, llama.cpp's gguf-split names).
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", suffix=".partial", dir=out_path.resolve().parent))
+    tmp_dir = make_partial_dir(out_path)  # removes what a killed earlier run on out_path left
     rows: list[dict] = []
     try:
         w = GGUFWriter(tmp_dir / out_path.name, src.arch.gguf_arch, split_max_size=split)
