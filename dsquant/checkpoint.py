@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .archs import Architecture, TensorRef, get_architecture
-from .errors import CorruptFileError, InputError, UnsupportedError
+from .errors import BadWeightsError, CorruptFileError, InputError, UnsupportedError
 from .formats import FORMATS, QuantizedTensor
 from .paths import resolve_model_file
 from .safetensors_io import TensorInfo, read_header, read_rows, read_tensor
@@ -191,18 +191,23 @@ class Checkpoint:
 
     # -- data -------------------------------------------------------------------------------------
     def load(self, t: SourceTensor) -> torch.Tensor:
-        """The whole tensor in its floating dtype (block-FP8 dequantized to float32 here, block by block)."""
+        """The whole tensor in its floating dtype (block-FP8 dequantized to float32 here, block by block).
+
+        Raises BadWeightsError for NaN/Inf in a tensor dsq keeps as is (norms, biases, router, embeddings,
+        unmapped) and in FP8 scales; linear weights are checked by the format that quantizes them, which
+        names the block as well."""
         if t.scale_info is None:
-            return read_tensor(t.info)
+            return _finite_unless_linear(read_tensor(t.info), t)
         return self.load_rows(t, 0, t.shape[0])
 
     def load_rows(self, t: SourceTensor, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) in floating point (block-FP8 rows dequantized; start on a block boundary)."""
         data = read_rows(t.info, start, stop)
         if t.scale_info is None:
-            return data
+            return _finite_unless_linear(data, t, start)
         br = self.block_size[0]
         scale = read_rows(t.scale_info, start // br, math.ceil(stop / br)).to(torch.float32)
+        check_finite_tensor(scale, t.scale_info.name, t.scale_info.file, start // br)
         return dequantize_block_fp8(data, scale, self.block_size, t.name)
 
     def load_block_fp8(self, t: SourceTensor, start: int = 0, stop: int | None = None) -> QuantizedTensor:
@@ -214,6 +219,16 @@ class Checkpoint:
         br = self.block_size[0]
         codes = read_rows(t.info, start, stop)
         scale = read_rows(t.scale_info, start // br, math.ceil(stop / br)).to(torch.float32)
+        # Passed through unchanged, so checked here: a NaN/Inf scale or a NaN code (E4M3's 0x7F/0xFF).
+        check_finite_tensor(scale, t.scale_info.name, t.scale_info.file, start // br)
+        if codes.dtype == torch.float8_e4m3fn:
+            nan = codes.view(torch.uint8).bitwise_and(0x7F).eq(0x7F)  # E4M3FN has no Inf; NaN is S.1111.111
+            if bool(nan.any()):
+                idx = [int(i) for i in nan.nonzero()[0]]
+                raise BadWeightsError(
+                    f"{t.info.file}: tensor `{t.name}` has {int(nan.sum())} NaN code(s), first at index "
+                    f"{[idx[0] + start, *idx[1:]]}; the checkpoint is damaged: re-download it"
+                )
         return QuantizedTensor(name, tuple(codes.shape), codes, scale)
 
     def stream(self) -> Iterator[tuple[SourceTensor, torch.Tensor]]:
@@ -224,6 +239,27 @@ class Checkpoint:
         """The tokenizer/generation/template files present, as ``self.path / name`` (the name the copy gets);
         each checked to resolve inside the folder and to be a regular file (``resolve_model_file``)."""
         return [self.path / f for f in SIDE_FILES if resolve_model_file(self.path, f) is not None]
+
+
+def check_finite_tensor(x: torch.Tensor, name: str, file: Path, row0: int = 0) -> None:
+    """BadWeightsError naming the file, tensor and first NaN/Inf element (``row0``: the rows' offset)."""
+    if not x.is_floating_point() or x.numel() == 0:
+        return
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
+        idx = [int(i) for i in bad.nonzero()[0]]
+        if idx:
+            idx[0] += row0
+        raise BadWeightsError(
+            f"{file}: tensor `{name}` has {int(bad.sum())} NaN/Inf value(s), first at index {idx}; "
+            "the checkpoint is damaged: re-download it"
+        )
+
+
+def _finite_unless_linear(x: torch.Tensor, t: SourceTensor, row0: int = 0) -> torch.Tensor:
+    if t.ref is None or t.ref.info.kind != "linear":
+        check_finite_tensor(x, t.name, t.info.file, row0)
+    return x
 
 
 def dequantize_block_fp8(

@@ -50,7 +50,8 @@ def resolve_model_file(model_dir: str | Path, name: str | os.PathLike) -> Path |
     model_dir = Path(model_dir)
     shown = model_dir / name
     if os.path.isabs(name):
-        raise InputError(f"{shown}: names an absolute path; files a model folder names must be inside it")
+        raise InputError(f"{model_dir}: `{name}` is an absolute path, outside the model directory; files a model "
+                         "folder names must be inside it")
     root = allowed_root(model_dir)
     try:
         target = shown.resolve()  # not strict: a dangling link still resolves to where it points

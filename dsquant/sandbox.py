@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import json
+import os
 import re
 import threading
 import time
@@ -42,7 +43,7 @@ MAX_SIZE = 1 << 22  # 4M characters/items in any value and in the rendered outpu
 MAX_INT_ARG = 1 << 20  # an integer argument to a filter or method (a width, a count)
 MAX_FORMAT_WIDTH = 10_000  # a width/precision inside a %- or {}-format string
 MAX_RANGE = 100_000  # items in one range() (Jinja's own sandbox limit)
-RENDER_SECONDS = 10.0
+RENDER_SECONDS = 10.0  # per render (DSQ_TEMPLATE_SECONDS overrides); real chat templates take milliseconds
 REGEX_SECONDS = 1.0
 
 
@@ -238,13 +239,21 @@ def _async_raise(thread: threading.Thread) -> None:
         ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(_Stop))
 
 
-def render_template(template: str, source: str, seconds: float = RENDER_SECONDS, **context: Any) -> str:
+def _render_seconds() -> float:
+    try:
+        return float(os.environ.get("DSQ_TEMPLATE_SECONDS", RENDER_SECONDS))
+    except ValueError:
+        return RENDER_SECONDS
+
+
+def render_template(template: str, source: str, seconds: float | None = None, **context: Any) -> str:
     """Render an untrusted Jinja ``template`` with ``context``, bounded in time (``seconds``) and size.
 
     ``source`` names where the template came from, for the error. Raises InputError naming it for a
     syntax error, a ``raise_exception`` in the template, any exception while rendering (OverflowError,
     RecursionError, MemoryError...), a refused size or integer, or a render past the deadline.
     """
+    seconds = _render_seconds() if seconds is None else seconds
     result: dict[str, Any] = {}
 
     def work() -> None:
@@ -304,7 +313,7 @@ def pick_template(template: Any) -> str | None:
 
 def render_chat_template(template: str, messages: list[dict], special_tokens: dict[str, Any],
                          add_generation_prompt: bool = True, source: str = "the model's chat template",
-                         seconds: float = RENDER_SECONDS) -> str:
+                         seconds: float | None = None) -> str:
     """``messages`` through an untrusted chat ``template``, as transformers' ``apply_chat_template`` renders
     it (special tokens as variables), bounded by :func:`render_template`."""
     tokens = {k: v for k, v in special_tokens.items() if isinstance(k, str) and k.isidentifier()}
