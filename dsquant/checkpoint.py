@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .archs import Architecture, TensorRef, get_architecture
+from .archs import Architecture, Role, TensorRef, get_architecture
 from .errors import BadWeightsError, CorruptFileError, InputError, UnsupportedError
 from .formats import FORMATS, QuantizedTensor
 from .paths import resolve_model_file
@@ -182,6 +182,7 @@ class Checkpoint:
         orphans = scales - {t.name + FP8_SCALE_SUFFIX for t in out if t.scale_info}
         if orphans:
             raise CorruptFileError(f"{self.path}: scale without weight: {sorted(orphans)[0]}")
+        check_against_config(out, self.config, self.path / "config.json")
         return out
 
     @property
@@ -239,6 +240,72 @@ class Checkpoint:
         """The tokenizer/generation/template files present, as ``self.path / name`` (the name the copy gets);
         each checked to resolve inside the folder and to be a regular file (``resolve_model_file``)."""
         return [self.path / f for f in SIDE_FILES if resolve_model_file(self.path, f) is not None]
+
+
+_FLOAT_DTYPES = ("F32", "F16", "BF16")
+# Linear roles whose input (dim 1) is the residual stream, and those whose output (dim 0) is.
+_READS_HIDDEN = (Role.ATTN_Q, Role.ATTN_K, Role.ATTN_V, Role.MLP_GATE, Role.MLP_UP, Role.EXPERT_GATE, Role.EXPERT_UP,
+                 Role.SHARED_GATE, Role.SHARED_UP, Role.MLA_Q_A, Role.MLA_KV_A, Role.LM_HEAD)
+_WRITES_HIDDEN = (Role.ATTN_O, Role.MLP_DOWN, Role.EXPERT_DOWN, Role.SHARED_DOWN)
+
+
+def check_against_config(tensors: list[SourceTensor], config: dict, cfg_path: Path) -> None:
+    """One pass over the tensor headers against config.json and the architecture, before anything is written.
+
+    Refuses (CorruptFileError naming the tensor and the key): a linear weight that is not 2-D float (or
+    block-FP8), has a zero dimension, or whose input/output width is not ``hidden_size`` where the
+    architecture says it must be (a transposed weight); decoder layers outside ``num_hidden_layers``
+    (plus DeepSeek-V3's ``num_nextn_predict_layers`` MTP layers) or missing inside it; an embedding whose
+    rows are not ``vocab_size`` or whose width is not ``hidden_size``.
+    """
+    hidden, vocab = config.get("hidden_size"), config.get("vocab_size")
+    n_layers = config.get("num_hidden_layers")
+    layers: set[int] = set()
+    for t in tensors:
+        ref = t.ref
+        if ref is None:
+            continue
+        if ref.layer is not None:
+            layers.add(ref.layer)
+        where = f"{t.info.file}: tensor `{t.name}`"
+        if ref.info.kind == "linear":
+            if t.info.dtype not in _FLOAT_DTYPES and not t.scale_info:
+                raise CorruptFileError(f"{where} is {t.info.dtype}; a linear weight must be F32/F16/BF16 (or block-FP8)")
+            if len(t.shape) != 2 or 0 in t.shape:
+                raise CorruptFileError(f"{where} has shape {list(t.shape)}; a linear weight is 2-D and non-empty")
+            if isinstance(hidden, int) and ref.role in _READS_HIDDEN and t.shape[1] != hidden:
+                raise CorruptFileError(
+                    f"{where} has shape {list(t.shape)}: its input width {t.shape[1]} is not hidden_size {hidden} "
+                    f"({cfg_path}); transposed or from another model?"
+                )
+            if isinstance(hidden, int) and ref.role in _WRITES_HIDDEN and t.shape[0] != hidden:
+                raise CorruptFileError(
+                    f"{where} has shape {list(t.shape)}: its output width {t.shape[0]} is not hidden_size {hidden} "
+                    f"({cfg_path}); transposed or from another model?"
+                )
+        elif ref.role == Role.EMBED and (
+            len(t.shape) != 2 or (isinstance(vocab, int) and t.shape[0] != vocab)
+            or (isinstance(hidden, int) and t.shape[1] != hidden)
+        ):
+            raise CorruptFileError(
+                f"{where} has shape {list(t.shape)}, but config.json says vocab_size {vocab} x hidden_size "
+                f"{hidden} ({cfg_path})"
+            )
+    if isinstance(n_layers, int) and layers:
+        extra = config.get("num_nextn_predict_layers") or 0
+        allowed = n_layers + (extra if isinstance(extra, int) and extra > 0 else 0)
+        beyond = sorted(i for i in layers if i >= allowed)
+        missing = sorted(set(range(n_layers)) - layers)
+        if beyond:
+            raise CorruptFileError(
+                f"{cfg_path}: num_hidden_layers is {n_layers} but the weights have layer {beyond[0]} "
+                f"({len(layers)} layers in all); the config does not match the weights"
+            )
+        if missing:
+            raise CorruptFileError(
+                f"{cfg_path}: num_hidden_layers is {n_layers} but the weights have no layer {missing[0]}; "
+                "the checkpoint is incomplete or the config is from another model"
+            )
 
 
 def check_finite_tensor(x: torch.Tensor, name: str, file: Path, row0: int = 0) -> None:

@@ -142,3 +142,15 @@ def dead_pid() -> int:
         os._exit(0)
     os.waitpid(pid, 0)
     return pid
+
+
+def edit_tensor(model: Path, name: str, fn) -> Path:
+    """Rewrite the shard holding ``name`` with ``fn(tensor)`` in its place (any dtype or shape)."""
+    from safetensors.torch import load_file, save_file
+
+    index = json.loads((model / "model.safetensors.index.json").read_text())
+    shard = model / index["weight_map"][name]
+    tensors = load_file(shard)
+    tensors[name] = fn(tensors[name]).contiguous()
+    save_file(tensors, shard, metadata={"format": "pt"})
+    return shard

@@ -430,17 +430,39 @@ def _imported_torch(pid: int) -> bool:
         return False
 
 
-# -- kind 5 (partial): NaN/Inf in tensors dsq keeps -----------------------------------------------------------
-def test_inf_in_a_kept_norm_is_refused(model_dir, tmp_path):
-    from safetensors.torch import load_file, save_file
+# -- kind 5: silent wrong successes: tensors against config.json, NaN/Inf in what dsq keeps --------------------
+def _set(t, i, v):
+    t = t.clone()
+    t.view(-1)[i] = v
+    return t
 
-    m = hostile.copy_model(model_dir("llama"), tmp_path / "m")
-    index = json.loads((m / "model.safetensors.index.json").read_text())
-    name = "model.norm.weight"
-    shard = m / index["weight_map"][name]
-    tensors = load_file(shard)
-    tensors[name] = tensors[name].clone()
-    tensors[name][3] = torch.inf
-    save_file(tensors, shard, metadata={"format": "pt"})
+
+Q = "model.layers.0.self_attn.q_proj.weight"
+TENSOR_EDITS = {
+    "int16_linear": (Q, lambda t: t.to(torch.int16), "I16"),
+    "one_d_linear": (Q, lambda t: t.reshape(-1), "2-D"),
+    "transposed_linear": ("model.layers.0.mlp.down_proj.weight", lambda t: t.T, "hidden_size"),
+    "zero_sized_linear": (Q, lambda t: t[:0], "2-D"),
+    "inf_norm": ("model.norm.weight", lambda t: _set(t, 3, torch.inf), "NaN/Inf"),
+    "nan_embedding": ("model.embed_tokens.weight", lambda t: _set(t, 77, torch.nan), "NaN/Inf"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TENSOR_EDITS))
+def test_tensors_are_checked_against_config_and_for_nan(m, tmp_path, case):
+    name, fn, needle = TENSOR_EDITS[case]
+    hostile.edit_tensor(m, name, fn)
     out = tmp_path / "q"
-    refused(dsq("quantize", m, "-o", out), name, out=out)
+    refused(dsq("quantize", m, "-o", out), name, needle, out=out)
+
+
+@pytest.mark.parametrize("changes,needle", [
+    ({"num_hidden_layers": 1}, "layer 1"),  # two layers of tensors: layer 1 must not be dropped as "MTP"
+    ({"num_hidden_layers": 3}, "no layer 2"),
+    ({"vocab_size": 100}, "vocab_size"),  # smaller than the embedding
+])
+def test_config_that_disagrees_with_the_tensors(m, tmp_path, changes, needle):
+    hostile.edit_json(m / "config.json", **changes)
+    refused(dsq("plan", m), "num_hidden_layers" if "layer" in needle else "vocab_size", needle)
+    out = tmp_path / "g.gguf"
+    refused(dsq("export", m, "--to", "gguf", "-o", out, "--type", "q8_0"), needle, out=out)
