@@ -81,6 +81,19 @@ def _guarded(func):
     return wrapper
 
 
+def _check_report_paths(**flags: Path | None) -> None:
+    """Refuse --json/--html targets that cannot be files before the (long) run, not after it."""
+    from dsq.dsquant.errors import OutputError
+
+    for flag, path in flags.items():
+        if path is None:
+            continue
+        if path.is_dir():
+            raise OutputError(f"--{flag} {path}: is a directory; give a file name")
+        if not path.parent.is_dir():
+            raise OutputError(f"--{flag} {path}: the folder {path.parent} does not exist")
+
+
 class _GuardedTyper(typer.Typer):
     """A Typer whose every command is wrapped by ``_guarded``."""
 
@@ -281,6 +294,7 @@ def eval_(
     from dsq.runtimes.console import eval_command
 
     try:
+        _check_report_paths(json=json_out, html=html_out)
         settings = EvalSettings(ctx=ctx, chunks=chunks, top_k=top_k, coverage=coverage, device=device, threads=threads,
                                 ref_runtime=ref_runtime, cache_dir=cache_dir, reasoning_tokens=reasoning)
         limits = {"max_kld": max_kld, "min_top1": min_top1, "max_ppl_ratio": max_ppl_ratio,
@@ -309,6 +323,7 @@ def bench(
     from dsq.runtimes.console import bench_command
 
     try:
+        _check_report_paths(json=json_out, html=html_out)
         bench_command(model, runtime, device, threads, prompt_tokens, new_tokens, runs, warmup, json_out, html_out)
     except Exception as e:
         raise _fail(e) from None

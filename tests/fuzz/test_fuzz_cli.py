@@ -466,3 +466,10 @@ def test_config_that_disagrees_with_the_tensors(m, tmp_path, changes, needle):
     refused(dsq("plan", m), "num_hidden_layers" if "layer" in needle else "vocab_size", needle)
     out = tmp_path / "g.gguf"
     refused(dsq("export", m, "--to", "gguf", "-o", out, "--type", "q8_0"), needle, out=out)
+
+
+@pytest.mark.parametrize("flag", ["--json", "--html"])
+def test_eval_report_onto_a_directory_is_refused_before_running(m, tmp_path, flag):
+    (tmp_path / "adir").mkdir()
+    refused(dsq("eval", m, "--ref", m, flag, tmp_path / "adir"), flag, "is a directory")
+    refused(dsq("bench", m, flag, tmp_path / "adir"), flag, "is a directory")
