@@ -20,8 +20,9 @@ def _debug() -> bool:
 _DEBUG = False
 
 
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
+def _one_line(text: object, limit: int = 2000) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def _fail(e: BaseException, where: str | None = None) -> typer.Exit:
@@ -114,12 +115,14 @@ AllowUnmapped = Annotated[
     bool, typer.Option("--allow-unmapped", help="Keep tensors the architecture table does not know, unquantized.")
 ]
 
+
 @app.callback()
 def _options(
     debug: Annotated[
         bool, typer.Option("--debug", help="Show the Python traceback of unexpected errors (or set DSQ_DEBUG=1).")
     ] = False,
 ) -> None:
+    """Options for every command (before its name: `dsq --debug quantize ...`)."""
     global _DEBUG
     _DEBUG = debug
 

@@ -176,17 +176,23 @@ def check_gguf(path: Path) -> None:
         raise CorruptFileError(f"{path}: no `general.architecture` string; not a model GGUF")
     for key, limit in _GGUF_LIMITS.items():
         v = meta.get(f"{arch}.{key}")
+        if isinstance(v, str) and v.startswith("["):
+            continue  # a long per-layer array, summarized by the parser (llama.cpp checks its length)
         values = v if isinstance(v, list) else [v]  # head_count_kv may be per layer
         for x in values:
             if x is None:
                 continue
-            if isinstance(x, bool) or not isinstance(x, int) or not (0 < x <= limit) and not (x == 0 and key == "attention.head_count_kv"):
+            zero_ok = key == "attention.head_count_kv"  # attention-free layers (hybrid models)
+            in_range = isinstance(x, int) and not isinstance(x, bool) and (0 < x <= limit or (zero_ok and x == 0))
+            if not in_range:
                 raise CorruptFileError(f"{path}: `{arch}.{key}` = {x!r} is out of range (1..{limit})")
     blocks = meta.get(f"{arch}.block_count")
     if blocks is None:
         raise CorruptFileError(f"{path}: no `{arch}.block_count`; not a model GGUF")
     present = {int(m.group(1)) for name, *_ in desc.tensors if (m := _BLOCK.match(name))}
-    if present and (max(present) + 1 != blocks or len(present) != blocks):
+    split = meta.get("split.count", 1)
+    # A split GGUF (gguf-split, --split-max-size) holds only some blocks per file: checked by range only.
+    if present and split in (0, 1) and (max(present) + 1 != blocks or len(present) != blocks):
         raise CorruptFileError(
             f"{path}: `{arch}.block_count` = {blocks} but the tensors have {len(present)} blocks "
             f"(blk.0..blk.{max(present)}); the header disagrees with the weights"
@@ -195,18 +201,21 @@ def check_gguf(path: Path) -> None:
     if isinstance(heads, int) and isinstance(width, int) and heads and width % heads and \
             f"{arch}.attention.key_length" not in meta:
         raise CorruptFileError(f"{path}: `{arch}.embedding_length` {width} is not a multiple of head_count {heads}")
-    template = meta.get("tokenizer.chat_template")
-    if isinstance(template, str) and template:
-        import jinja2
+    # llama-cpp-python compiles every tokenizer.chat_template[.NAME] on load; a syntax error there escapes as
+    # jinja2's exception, so parse them first (parsing runs nothing).
+    import jinja2
 
-        from dsq.dsquant.sandbox import BoundedEnvironment
+    from dsq.dsquant.sandbox import BoundedEnvironment
 
+    for key, template in meta.items():
+        if not key.startswith("tokenizer.chat_template") or not isinstance(template, str):
+            continue
         try:
             BoundedEnvironment().parse(template)
         except jinja2.TemplateError as e:
-            raise CorruptFileError(f"{path}: `tokenizer.chat_template` is not a valid Jinja template ({e})") from None
+            raise CorruptFileError(f"{path}: `{key}` is not a valid Jinja template ({e})") from None
         except RecursionError:
-            raise CorruptFileError(f"{path}: `tokenizer.chat_template` nests too deeply") from None
+            raise CorruptFileError(f"{path}: `{key}` nests too deeply") from None
 
 
 def _gpu_kinds(llama_cpp) -> list[str]:

@@ -154,3 +154,12 @@ def edit_tensor(model: Path, name: str, fn) -> Path:
     tensors[name] = fn(tensors[name]).contiguous()
     save_file(tensors, shard, metadata={"format": "pt"})
     return shard
+
+
+def patch_bytes(src: Path, dst: Path, old: bytes, new: bytes) -> Path:
+    """Copy of ``src`` with the first ``old`` replaced by ``new`` of the same length (a string in a header)."""
+    assert len(old) == len(new)
+    data = src.read_bytes()
+    assert old in data, f"{old!r} not in {src}"
+    dst.write_bytes(data.replace(old, new, 1))
+    return dst

@@ -168,6 +168,13 @@ def test_gguf_hyperparameters_are_checked_before_llama_cpp(tiny_gguf, tmp_path, 
     refused(dsq("run", bad, "-p", "hi", "--runtime", "llama-cpp", "-n", "1"), "bad.gguf", needle)
 
 
+def test_gguf_chat_template_syntax_error_is_one_line(tiny_gguf, tmp_path):
+    """llama-cpp-python compiles the GGUF's template on load; its TemplateSyntaxError used to escape."""
+    pytest.importorskip("llama_cpp")
+    bad = hostile.patch_bytes(tiny_gguf, tmp_path / "bad.gguf", b"{% endfor %}", b"{% endfxr %}")
+    refused(dsq("run", bad, "-p", "hi", "--runtime", "llama-cpp", "-n", "1"), "bad.gguf", "chat_template")
+
+
 def test_gguf_absurd_block_count_does_not_abort(tiny_gguf, tmp_path):
     """llama.cpp GGML_ASSERTs (SIGABRT) on this one: a subprocess, so a regression cannot take pytest down."""
     pytest.importorskip("llama_cpp")
