@@ -67,19 +67,34 @@ def _guarded(func):
         try:
             return func(*args, **kwargs)
         except KeyboardInterrupt:
-            outs = [str(kwargs[k]) for k in _OUTPUT_PARAMS if kwargs.get(k) is not None]
-            # Outputs are written atomically (temp sibling + rename), so an interrupted run leaves none.
-            where = f" to {', '.join(outs)}" if outs else ""
-            typer.secho(f"interrupted; nothing written{where}", fg="red", err=True)
-            raise typer.Exit(130) from None
+            raise _interrupted(kwargs) from None
         except (typer.Exit, typer.Abort, click.exceptions.ClickException):
             raise
         except Exception as e:
+            if _caused_by_interrupt(e):  # Ctrl-C inside an import or a library that re-raised it as another error
+                raise _interrupted(kwargs) from None
             inputs = [kwargs[k] for k in _INPUT_PARAMS if kwargs.get(k) is not None]
             where = " ".join(str(i) if not isinstance(i, list) else " ".join(map(str, i)) for i in inputs)
             raise _fail(e, where) from None
 
     return wrapper
+
+
+def _interrupted(kwargs: dict) -> typer.Exit:
+    """Ctrl-C: say so, naming the outputs. They are written atomically (temp sibling + rename), so none exists."""
+    outs = [str(kwargs[k]) for k in _OUTPUT_PARAMS if kwargs.get(k) is not None]
+    typer.secho(f"interrupted; nothing written{' to ' + ', '.join(outs) if outs else ''}", fg="red", err=True)
+    return typer.Exit(130)
+
+
+def _caused_by_interrupt(e: BaseException | None) -> bool:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _check_report_paths(**flags: Path | None) -> None:
