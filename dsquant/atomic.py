@@ -9,6 +9,7 @@ those whose PID is gone (and says so), never a running one's.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -86,6 +87,16 @@ def _umask() -> int:
     return mask
 
 
+_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # no space, file too large (quota/ulimit), quota exceeded
+
+
+def _disk_full(e: OSError, dest: Path) -> OSError | OutputError:
+    """A write that failed for lack of space, as an OutputError naming the output; other OSErrors unchanged."""
+    if e.errno in _FULL:
+        return OutputError(f"{dest}: cannot write ({e.strerror}); is the disk full? Nothing was written")
+    return e
+
+
 def make_partial_dir(dest: Path) -> Path:
     """A fresh ``.NAME.PID.XXXX.partial`` directory beside ``dest`` (stale ones of NAME removed first)."""
     clean_stale_partials(dest)
@@ -113,6 +124,9 @@ def atomic_dir(dest: str | Path, overwrite: bool = False) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(dest)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _disk_full(e, dest) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -132,6 +146,10 @@ def atomic_file(dest: str | Path, overwrite: bool = False, mode: str = "wb") -> 
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
         os.replace(tmp, dest)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise _disk_full(e, dest) from None
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)

@@ -18,6 +18,7 @@ The file appears atomically: written under a temporary name, renamed when comple
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import time
@@ -29,7 +30,7 @@ from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFWriter
 
 from dsq.dsquant.archs import ROLE_INFO
 from dsq.dsquant.atomic import check_output, make_partial_dir
-from dsq.dsquant.errors import InputError
+from dsq.dsquant.errors import InputError, OutputError
 from dsq.dsquant.formats import QuantizedTensor
 from dsq.dsquant.recipes import KEEP, load_recipe
 
@@ -157,6 +158,12 @@ def export_gguf(
                 check_output(final, overwrite)
         for shard, final in zip(shards, finals, strict=True):
             os.replace(shard, final)
+    except OSError as e:  # numpy's tofile reports a short write without errno: name the output instead
+        if e.errno not in (None, errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise
+        raise OutputError(
+            f"{out_path}: cannot write ({e.strerror or e}); is the disk full? Nothing was written"
+        ) from None
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     report = _report(src, finals, type, recipe, rows, notes, tok, time.perf_counter() - t0)

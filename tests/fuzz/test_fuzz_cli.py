@@ -392,6 +392,28 @@ def test_rerun_removes_partials_of_a_killed_run_and_says_so(m, tmp_path):
     assert f"removed {stale}" in r.output and f"removed {legacy}" in r.output
 
 
+def _small_disk():
+    """In the child: writes past 256 KiB fail with EFBIG, as a full disk fails them with ENOSPC."""
+    import resource
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the writer instead of failing the write
+    resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
+
+
+@pytest.mark.parametrize("command", [("quantize",), ("export", "--to", "gguf", "--type", "q8_0"),
+                                     ("export", "--to", "onnx")])
+def test_full_disk_is_one_line_and_leaves_nothing(m, tmp_path, command):
+    if command[-1] == "onnx":
+        pytest.importorskip("onnx")
+    out = tmp_path / ("out.gguf" if "gguf" in command else "out")
+    args = [sys.executable, "-m", "dsq.cli", command[0], str(m), *command[1:], "-o", str(out)]
+    t0 = time.monotonic()
+    p = subprocess.run(args, capture_output=True, text=True, timeout=120, preexec_fn=_small_disk,
+                       env={**os.environ, "PYTHONPATH": PYTHONPATH})
+    assert_refused(p.stdout + p.stderr, p.returncode, time.monotonic() - t0, out.name, "disk full", out=out,
+                   limit=LIMIT_S + 40)
+
+
 def test_keyboard_interrupt_names_the_output(m, tmp_path, monkeypatch):
     import dsq.dsquant.quantize as q
 
