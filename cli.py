@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
 
 
@@ -28,7 +31,119 @@ def _flags_without_type() -> None:
 
 _flags_without_type()
 
-app = typer.Typer(
+def _debug() -> bool:
+    """--debug (or DSQ_DEBUG=1): let unexpected exceptions keep their traceback."""
+    return _DEBUG or os.environ.get("DSQ_DEBUG", "") not in ("", "0")
+
+
+_DEBUG = False
+
+
+def _one_line(text: object, limit: int = 2000) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _fail(e: BaseException, where: str | None = None) -> typer.Exit:
+    """The CLI's last line of defence: one ``error:`` line and exit 2 for anything a command raises.
+
+    DsqError carries its own message and exit code. Anything else is a dsq bug or an input dsq did not
+    foresee: it is named by type, message and (when known) the file or argument, without a traceback
+    unless --debug is given, in which case it is re-raised as is. Called without ``where`` (from a
+    command's own ``except``), a non-dsq exception is re-raised for ``_guarded`` to report.
+    """
+    from dsq.dsquant.errors import DsqError
+
+    if isinstance(e, DsqError):
+        typer.secho(f"error: {_one_line(e)}", fg="red", err=True)
+        return typer.Exit(e.exit_code)
+    from dsq.dsquant.extras import missing_extra
+
+    hint = missing_extra(e)
+    if hint and not _debug():  # an optional package a plain `pip install dsq` does not bring
+        typer.secho(f"error: {hint}", fg="red", err=True)
+        return typer.Exit(2)
+    if where is None or _debug():
+        raise e  # the command's guard (_guarded) names the input, or --debug shows the traceback
+    if isinstance(e, RecursionError):
+        what = "input nested too deeply (RecursionError)"
+    elif isinstance(e, MemoryError):
+        what = "out of memory (MemoryError); an input asks for a size this machine cannot hold"
+    else:
+        what = f"{type(e).__name__}: {_one_line(e) or '(no message)'}"
+    fname = getattr(e, "filename", None)
+    if fname and str(fname) not in what:
+        what = f"{fname}: {what}"
+    prefix = f"{where}: " if where else ""  # the command's input: the best guess at what dsq choked on
+    typer.secho(f"error: {prefix}{what} (unexpected; rerun with --debug for the traceback)", fg="red", err=True)
+    return typer.Exit(2)
+
+
+# Parameters that name a command's output (for "nothing written to OUT") and its main input (for errors).
+_OUTPUT_PARAMS = ("output", "json_out", "html_out")
+_INPUT_PARAMS = ("model", "path", "quant")
+
+
+def _guarded(func):
+    """Wrap a command so no exception leaves it as a traceback and Ctrl-C exits 130 naming the output."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except KeyboardInterrupt:
+            raise _interrupted(kwargs) from None
+        except (typer.Exit, typer.Abort, click.exceptions.ClickException):
+            raise
+        except Exception as e:
+            if _caused_by_interrupt(e):  # Ctrl-C inside an import or a library that re-raised it as another error
+                raise _interrupted(kwargs) from None
+            inputs = [kwargs[k] for k in _INPUT_PARAMS if kwargs.get(k) is not None]
+            where = " ".join(str(i) if not isinstance(i, list) else " ".join(map(str, i)) for i in inputs)
+            raise _fail(e, where) from None
+
+    return wrapper
+
+
+def _interrupted(kwargs: dict) -> typer.Exit:
+    """Ctrl-C: say so, naming the outputs. They are written atomically (temp sibling + rename), so none exists."""
+    outs = [str(kwargs[k]) for k in _OUTPUT_PARAMS if kwargs.get(k) is not None]
+    typer.secho(f"interrupted; nothing written{' to ' + ', '.join(outs) if outs else ''}", fg="red", err=True)
+    return typer.Exit(130)
+
+
+def _caused_by_interrupt(e: BaseException | None) -> bool:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _check_report_paths(**flags: Path | None) -> None:
+    """Refuse --json/--html targets that cannot be files before the (long) run, not after it."""
+    from dsq.dsquant.errors import OutputError
+
+    for flag, path in flags.items():
+        if path is None:
+            continue
+        if path.is_dir():
+            raise OutputError(f"--{flag} {path}: is a directory; give a file name")
+        if not path.parent.is_dir():
+            raise OutputError(f"--{flag} {path}: the folder {path.parent} does not exist")
+
+
+class _GuardedTyper(typer.Typer):
+    """A Typer whose every command is wrapped by ``_guarded``."""
+
+    def command(self, *args, **kwargs):
+        register = super().command(*args, **kwargs)
+        return lambda func: (register(_guarded(func)), func)[1]
+
+
+app = _GuardedTyper(
     help="Quantize distilled LLMs (FP8/int8/int4) and deploy them to GGUF and ONNX.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -62,18 +177,15 @@ AllowUnmapped = Annotated[
 ]
 
 
-def _fail(e: Exception) -> typer.Exit:
-    from dsq.dsquant.errors import DsqError
-    from dsq.dsquant.extras import missing_extra
-
-    if isinstance(e, DsqError):
-        typer.secho(f"error: {e}", fg="red", err=True)
-        return typer.Exit(e.exit_code)
-    hint = missing_extra(e)
-    if hint:
-        typer.secho(f"error: {hint}", fg="red", err=True)
-        return typer.Exit(2)
-    raise e
+@app.callback()
+def _options(
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show the Python traceback of unexpected errors (or set DSQ_DEBUG=1).")
+    ] = False,
+) -> None:
+    """Options for every command (before its name: `dsq --debug quantize ...`)."""
+    global _DEBUG
+    _DEBUG = debug
 
 
 @app.command()
@@ -252,6 +364,7 @@ def eval_(
     from dsq.runtimes.console import eval_command
 
     try:
+        _check_report_paths(json=json_out, html=html_out)
         settings = EvalSettings(ctx=ctx, chunks=chunks, top_k=top_k, coverage=coverage, device=device, threads=threads,
                                 ref_runtime=ref_runtime, cache_dir=cache_dir, reasoning_tokens=reasoning)
         limits = {"max_kld": max_kld, "min_top1": min_top1, "max_ppl_ratio": max_ppl_ratio,
@@ -280,6 +393,7 @@ def bench(
     from dsq.runtimes.console import bench_command
 
     try:
+        _check_report_paths(json=json_out, html=html_out)
         bench_command(model, runtime, device, threads, prompt_tokens, new_tokens, runs, warmup, json_out, html_out)
     except Exception as e:
         raise _fail(e) from None
@@ -362,7 +476,7 @@ def check(
         raise typer.Exit(1)
 
 
-calib_app = typer.Typer(help="Calibration data for --method gptq|awq|imatrix.", no_args_is_help=True)
+calib_app = _GuardedTyper(help="Calibration data for --method gptq|awq|imatrix.", no_args_is_help=True)
 app.add_typer(calib_app, name="calib")
 
 
@@ -380,7 +494,11 @@ def calib_list(json_out: Annotated[bool, typer.Option("--json", help="Print as J
 
 
 def main() -> None:  # pragma: no cover
-    sys.exit(app())
+    try:
+        sys.exit(app())
+    except KeyboardInterrupt:  # Ctrl-C while parsing arguments, before a command's own guard
+        typer.secho("interrupted; nothing written", fg="red", err=True)
+        sys.exit(130)
 
 
 if __name__ == "__main__":  # pragma: no cover

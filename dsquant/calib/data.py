@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
+from ..sandbox import pick_template, render_chat_template
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "calib_data"
 MANIFEST = DATA_DIR / "MANIFEST.json"
@@ -168,9 +169,14 @@ def resolve_source(spec: str) -> list[tuple[str, list[Document]]]:
 _THINK = "<think>"
 
 
-def _apply_template(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
-    """The chat template's text for ``messages`` (the one place calibration renders a template)."""
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+def _apply_template(tokenizer, template: str, messages: list[dict], add_generation_prompt: bool) -> str:
+    """The chat template's text for ``messages`` (the one place calibration renders a template).
+
+    dsq's bounded sandbox renders it, not transformers' apply_chat_template: the template came with the
+    model (time, integer and size limits; see dsquant/sandbox.py)."""
+    specials = {k: v for k, v in (getattr(tokenizer, "special_tokens_map", None) or {}).items() if isinstance(v, str)}
+    return render_chat_template(template, messages, specials, add_generation_prompt=add_generation_prompt,
+                                source="the model's chat template (rendering calibration chats)")
 
 
 def render(doc: Document, tokenizer) -> str:
@@ -184,11 +190,12 @@ def render(doc: Document, tokenizer) -> str:
     """
     if isinstance(doc, str):
         return doc
-    if not getattr(tokenizer, "chat_template", None):
+    template = pick_template(getattr(tokenizer, "chat_template", None))
+    if not template:
         return "".join(f"{m['role']}: {m['content']}\n" for m in doc)
     if doc[-1]["role"] != "assistant":
-        return _apply_template(tokenizer, doc, add_generation_prompt=False)
-    prompt = _apply_template(tokenizer, doc[:-1], add_generation_prompt=True)
+        return _apply_template(tokenizer, template, doc, add_generation_prompt=False)
+    prompt = _apply_template(tokenizer, template, doc[:-1], add_generation_prompt=True)
     reply = doc[-1]["content"]
     if prompt.rstrip().endswith(_THINK) and reply.lstrip().startswith(_THINK):
         reply = reply.lstrip()[len(_THINK) :]
