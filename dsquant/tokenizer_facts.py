@@ -288,19 +288,13 @@ def _end_token(template: str | None, specials: dict[str, str], added: list[str])
     """The added token a chat template writes right after an assistant reply (rendered on a probe)."""
     if not template:
         return None
-    from jinja2 import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from .errors import DsqError
+    from .sandbox import render_chat_template
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-
-    def _raise(msg):
-        raise TemplateError(msg)
-
-    env.globals["raise_exception"] = _raise
     msgs = [{"role": "user", "content": _PROBE_USER}, {"role": "assistant", "content": _PROBE_REPLY}]
-    try:
-        text = env.from_string(template).render(messages=msgs, add_generation_prompt=False, **specials)
-    except Exception:  # noqa: BLE001 - a template that cannot render a plain turn has no end token to find
+    try:  # the model's template is untrusted: dsq's bounded sandbox (time, integers, sizes)
+        text = render_chat_template(template, msgs, specials, add_generation_prompt=False)
+    except DsqError:  # a template that cannot render a plain turn has no end token to find
         return None
     i = text.rfind(_PROBE_REPLY)
     if i < 0:

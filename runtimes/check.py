@@ -102,9 +102,10 @@ class _LlamaSide:
     def __init__(self, path: Path):
         from llama_cpp import Llama
 
-        from .llama_cpp_runtime import _quiet_stderr
+        from .llama_cpp_runtime import _quiet_stderr, check_gguf
 
         self.path = path
+        check_gguf(path)  # absurd hyperparameters abort llama.cpp's process: refuse them first
         with _quiet_stderr():
             try:
                 self.llm = Llama(model_path=str(path), vocab_only=True, verbose=False)
