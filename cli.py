@@ -89,7 +89,16 @@ def quantize(
         int, typer.Option(help="Fail if a routed expert sees fewer calibration tokens than this.")
     ] = 0,
     work_dir: Annotated[
-        Path | None, typer.Option(help="Keep per-layer calibration results here; a rerun resumes from them.")
+        Path | None, typer.Option(help="Keep per-layer calibration results (or, with --executor ray, finished "
+                                  "units and the partial output) here; a rerun resumes from them.")
+    ] = None,
+    executor: Annotated[
+        str, typer.Option(help="local (this process), or ray: units of work (attention, each expert, ...) as Ray "
+                          "tasks; needs a filesystem shared by the nodes and pip install 'dsq[ray]'.")
+    ] = "local",
+    ray_address: Annotated[
+        str | None, typer.Option(help="Ray cluster to use (`auto`: the one `ray start` made here; default: a new "
+                                 "local one, or $RAY_ADDRESS).")
     ] = None,
 ) -> None:
     """Quantize MODEL into a checkpoint transformers and vLLM load, plus dsq-report.json."""
@@ -99,6 +108,17 @@ def quantize(
 
     try:
         calibration = None
+        from dsq.dsquant.errors import InputError, UnsupportedError
+
+        if executor not in ("local", "ray"):
+            raise InputError(f"--executor {executor}: choose local or ray")
+        if executor == "ray" and method != "rtn":
+            raise UnsupportedError(f"--executor ray runs RTN recipes; --method {method} runs with --executor local for now")
+        runner = None
+        if executor == "ray":
+            from dsq.dsquant.ray_executor import RayExecutor
+
+            runner = RayExecutor(ray_address, work_dir)
         if method != "rtn":
             from dsq.dsquant.calib.hook import CalibSpec
             from dsq.dsquant.calib.methods import CalibOptions
@@ -109,7 +129,7 @@ def quantize(
         with calib_bar as calib_progress, progress(f"quantize → {output}", "tensors") as bar:
             report = quantize_checkpoint(
                 model, output, recipe, overwrite=overwrite, allow_unmapped=allow_unmapped, progress=bar,
-                calibration=calibration, calib_progress=calib_progress,
+                calibration=calibration, calib_progress=calib_progress, executor=runner,
             )
     except Exception as e:
         raise _fail(e) from None
