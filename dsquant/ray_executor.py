@@ -30,6 +30,7 @@ import hashlib
 import json
 import math
 import os
+import resource
 import shutil
 import socket
 import struct
@@ -177,7 +178,9 @@ _CHECKPOINTS: dict[str, Checkpoint] = {}
 def run_units(source: str, layout, jobs: list[tuple[str, list[tuple[int, PlanEntry, list[PlannedTensor], dict]]]]) -> dict:
     """Worker side: quantize and write each job's tensors; returns their results by item index.
 
-    ``jobs`` is ``[(unit key, [(item index, entry, outputs, {output name: Slot}), ...]), ...]``. The
+    ``jobs`` is ``[(unit key, [(item index, entry, outputs, {output name: Slot}), ...]), ...]``; returns
+    ``{"units": [(key, [(item index, TensorResult as a dict)], seconds)], "node", "seconds", "bytes",
+    "max_rss"}`` (input bytes read, this worker process's peak RSS in bytes). The
     same per-tensor function as ``--executor local`` (``quantize._process``) produces the bytes.
     Raises what ``_process`` raises (DsqError subclasses for bad weights, OutputError for the disk).
     """
@@ -187,17 +190,21 @@ def run_units(source: str, layout, jobs: list[tuple[str, list[tuple[int, PlanEnt
     ckpt = _CHECKPOINTS.get(source)
     if ckpt is None:
         ckpt = _CHECKPOINTS[source] = Checkpoint(source)
-    done: list[tuple[str, list[tuple[int, dict]]]] = []
+    done: list[tuple[str, list[tuple[int, dict]], float]] = []
     in_bytes = 0
+    # one writer for the task: files opened once, one fsync per file at the end (the driver logs these
+    # units as done only after this function returns)
+    writer = PwriteWriter({n: slot for _, tensors in jobs for *_, slots in tensors for n, slot in slots.items()})
     for key, tensors in jobs:
-        results = []
-        for idx, entry, outputs, slots in tensors:
-            writer = PwriteWriter(slots)
+        results, t_unit = [], time.perf_counter()
+        for idx, entry, outputs, _ in tensors:
             results.append((idx, asdict(_process(ckpt, entry, outputs, layout, writer))))
-            writer.close()
             in_bytes += entry.tensor.info.nbytes + (entry.tensor.scale_info.nbytes if entry.tensor.scale_info else 0)
-        done.append((key, results))
-    return {"units": done, "node": socket.gethostname(), "seconds": time.perf_counter() - t0, "bytes": in_bytes}
+        done.append((key, results, time.perf_counter() - t_unit))
+    writer.close()
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return {"units": done, "node": socket.gethostname(), "seconds": time.perf_counter() - t0, "bytes": in_bytes,
+            "max_rss": rss}
 
 
 def _sha(obj: object) -> str:
@@ -226,7 +233,8 @@ class RayExecutor:
     cluster; ``auto``: the cluster ``ray start`` made on this machine). ``work_dir``: resumable state
     (None: not resumable). ``task_bytes``: input bytes per task (0: one unit per task). ``unit_fn``:
     the worker function (tests wrap ``run_units`` to kill a worker). After ``run``: ``units_total``,
-    ``units_skipped`` (finished by an earlier run), ``nodes`` (bytes and seconds per node).
+    ``units_skipped`` (finished by an earlier run), ``nodes`` (input bytes, worker seconds and the
+    largest worker peak RSS per node), ``unit_seconds`` (worker seconds per unit run here).
     """
 
     def __init__(self, address: str | None = None, work_dir: str | Path | None = None, *,
@@ -240,6 +248,7 @@ class RayExecutor:
         self.state_dir: Path | None = None
         self.units_total = self.units_skipped = 0
         self.nodes: dict[str, dict[str, float]] = {}
+        self.unit_seconds: dict[str, float] = {}
         self._started_ray = False
 
     def _ray(self):
@@ -321,16 +330,18 @@ class RayExecutor:
                 except ray.exceptions.RayTaskError as e:
                     cause = getattr(e, "cause", None)
                     raise (cause if isinstance(cause, DsqError) else e) from None
-                for key, res in out["units"]:
+                for key, res, seconds in out["units"]:
+                    self.unit_seconds[key] = seconds
                     for idx, r in res:
                         results[idx] = TensorResult(**r)
                     if log:  # after the worker's fsync: a logged unit's bytes are on disk
                         log.write(json.dumps({"unit": key, "results": res}) + "\n")
                         log.flush()
                         os.fsync(log.fileno())
-                node = self.nodes.setdefault(out["node"], {"bytes": 0, "seconds": 0.0})
+                node = self.nodes.setdefault(out["node"], {"bytes": 0, "seconds": 0.0, "max_rss": 0})
                 node["bytes"] += out["bytes"]
                 node["seconds"] += out["seconds"]
+                node["max_rss"] = max(node["max_rss"], out["max_rss"])
                 done_bytes += sum(u.in_bytes for u in batch)
                 n_done_tensors += sum(len(u.items) for u in batch)
                 if progress:
