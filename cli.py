@@ -143,6 +143,11 @@ def plan(
     allow_unmapped: AllowUnmapped = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
     summary: Annotated[bool, typer.Option("--summary", help="Print the totals only, not every tensor.")] = False,
+    cluster: Annotated[
+        str | None, typer.Option(help="Estimate `--executor ray` per node instead: 'Nx(cpus=C,mem=M[,gpus=G])', "
+                                 "e.g. '8x(cpus=32,mem=256GB)'.")
+    ] = None,
+    fs_gbps: Annotated[float, typer.Option(help="With --cluster: shared-filesystem GB/s per node.")] = 1.0,
 ) -> None:
     """Show what a recipe will do to every tensor (reads headers only, no weights)."""
     from dsq.dsquant.checkpoint import Checkpoint
@@ -152,6 +157,14 @@ def plan(
 
     try:
         p = make_plan(Checkpoint(model), load_recipe(recipe), allow_unmapped)
+        if cluster is not None:
+            import json
+
+            from dsq.dsquant.cluster_plan import estimate, parse_cluster, render
+
+            est = estimate(p, parse_cluster(cluster), fs_gbps)
+            typer.echo(json.dumps(est, indent=2) if json_out else render(est))
+            return
     except Exception as e:
         raise _fail(e) from None
     print_plan(p, as_json=json_out, summary_only=summary)
