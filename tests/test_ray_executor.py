@@ -169,12 +169,11 @@ def test_killed_worker_is_retried(ray_cluster, v3, local_int4, tmp_path):
 
 
 _DRIVER = """
-import sys, ray
+import sys
 from dsq.dsquant.quantize import quantize_checkpoint
 from dsq.dsquant.ray_executor import RayExecutor
-ray.init(address=sys.argv[1], log_to_driver=False)
 quantize_checkpoint(sys.argv[2], sys.argv[3], "int4", max_shard_bytes=int(sys.argv[5]),
-                    executor=RayExecutor(work_dir=sys.argv[4], task_bytes=0))
+                    executor=RayExecutor(address=sys.argv[1], work_dir=sys.argv[4], task_bytes=0))
 """
 
 
