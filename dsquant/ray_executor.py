@@ -104,7 +104,10 @@ def _prepare_shard(path: Path, planned: list[PlannedTensor], metadata: dict[str,
     head = shard_header(planned, metadata)
     size = len(head) + sum(t.nbytes for t in planned)
     try:
-        keep = path.is_file() and path.stat().st_size == size and path.read_bytes()[: len(head)] == head
+        keep = False
+        if path.is_file() and path.stat().st_size == size:  # resuming: keep what finished units wrote
+            with open(path, "rb") as f:
+                keep = f.read(len(head)) == head
         if not keep:
             with open(path, "wb") as f:
                 f.write(head)
@@ -323,28 +326,31 @@ class RayExecutor:
         t0 = time.monotonic()
         try:
             while pending:
-                ready, _ = ray.wait(list(pending), num_returns=1)
-                batch = pending.pop(ready[0])
-                try:
-                    out = ray.get(ready[0])
-                except ray.exceptions.RayTaskError as e:
-                    cause = getattr(e, "cause", None)
-                    raise (cause if isinstance(cause, DsqError) else e) from None
-                for key, res, seconds in out["units"]:
-                    self.unit_seconds[key] = seconds
-                    for idx, r in res:
-                        results[idx] = TensorResult(**r)
-                    if log:  # after the worker's fsync: a logged unit's bytes are on disk
-                        log.write(json.dumps({"unit": key, "results": res}) + "\n")
-                        log.flush()
-                        os.fsync(log.fileno())
-                node = self.nodes.setdefault(out["node"], {"bytes": 0, "seconds": 0.0, "max_rss": 0})
-                node["bytes"] += out["bytes"]
-                node["seconds"] += out["seconds"]
-                node["max_rss"] = max(node["max_rss"], out["max_rss"])
-                done_bytes += sum(u.in_bytes for u in batch)
-                n_done_tensors += sum(len(u.items) for u in batch)
-                if progress:
+                # up to 64 finished tasks per wake-up: one wait per task over 15,000 refs would be quadratic
+                ready, _ = ray.wait(list(pending), num_returns=min(len(pending), 64), timeout=1.0)
+                for ref in ready:
+                    batch = pending.pop(ref)
+                    try:
+                        out = ray.get(ref)
+                    except ray.exceptions.RayTaskError as e:
+                        cause = getattr(e, "cause", None)
+                        raise (cause if isinstance(cause, DsqError) else e) from None
+                    for key, res, seconds in out["units"]:
+                        self.unit_seconds[key] = seconds
+                        for idx, r in res:
+                            results[idx] = TensorResult(**r)
+                        if log:
+                            log.write(json.dumps({"unit": key, "results": res}) + "\n")
+                    node = self.nodes.setdefault(out["node"], {"bytes": 0, "seconds": 0.0, "max_rss": 0})
+                    node["bytes"] += out["bytes"]
+                    node["seconds"] += out["seconds"]
+                    node["max_rss"] = max(node["max_rss"], out["max_rss"])
+                    done_bytes += sum(u.in_bytes for u in batch)
+                    n_done_tensors += sum(len(u.items) for u in batch)
+                if log and ready:  # the workers fsynced their bytes before returning: logged units are on disk
+                    log.flush()
+                    os.fsync(log.fileno())
+                if progress and ready:
                     units_done = self.units_total - sum(len(b) for b in pending.values())
                     rate = done_bytes / max(time.monotonic() - t0, 1e-9)
                     per_node = ", ".join(f"{n} {human_bytes(v['bytes'] / max(v['seconds'], 1e-9))}/s"
