@@ -94,7 +94,7 @@ def quantize(
     ] = None,
     executor: Annotated[
         str, typer.Option(help="local (this process), or ray: units of work (attention, each expert, ...) as Ray "
-                          "tasks; needs a filesystem shared by the nodes and pip install 'dsq[ray]'.")
+                          "tasks; needs Ray (dsq's `ray` extra) and a filesystem every node mounts at the same path.")
     ] = "local",
     ray_address: Annotated[
         str | None, typer.Option(help="Ray cluster to use (`auto`: the one `ray start` made here; default: a new "
