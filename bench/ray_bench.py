@@ -1,7 +1,8 @@
 """Local vs Ray (1 and 2 worker CPUs) on a DeepSeek-V3-shaped checkpoint (issue 15).
 
 Builds the checkpoint with make_v3_shaped.py (real counts: 61 layers, 256+1 experts, 163 shards) at
-``--scale`` (32: ~0.7 GB of FP8), quantizes it once per mode, each in a fresh process, and prints a
+``--scale`` (32: ~0.7 GB of FP8), quantizes it once per mode (local; local1: local with one torch thread; ray1/ray2: a Ray cluster
+of 1 or 2 CPUs), each in a fresh process, and prints a
 table: wall seconds, CPU seconds (local: the process; Ray: the workers' seconds inside tasks, which
 on a machine this busy include waiting for a core), peak RSS (local: the process; Ray: the largest
 worker), and the load average around each run. It checks every output shard is the same bytes as
@@ -41,6 +42,10 @@ def run_mode(mode: str, src: str, out: str, recipe: str) -> dict:
     load0 = os.getloadavg()
     t0, c0 = time.perf_counter(), time.process_time()
     ex = None
+    if mode == "local1":  # one torch thread, as a Ray worker with num_cpus=1 gets
+        import torch
+
+        torch.set_num_threads(1)
     if mode.startswith("ray"):
         import ray
 
@@ -102,7 +107,7 @@ def main() -> None:
     ap.add_argument("--scale", type=int, default=32)
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--recipe", default="int4")
-    ap.add_argument("--modes", default="local,ray1,ray2")
+    ap.add_argument("--modes", default="local,local1,ray1,ray2")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--_one", nargs=3, metavar=("MODE", "SRC", "OUT"), help=argparse.SUPPRESS)
     a = ap.parse_args()
