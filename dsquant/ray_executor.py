@@ -322,7 +322,11 @@ class RayExecutor:
                     for u in batch]
             pending[remote.remote(source, layout_ref, jobs)] = batch
         n_done_tensors = sum(1 for r in results if r is not None)
-        log = open(self.state_dir / DONE_LOG, "a") if self.state_dir else None  # noqa: SIM115 - closed below
+        log = open(self.state_dir / DONE_LOG, "a+") if self.state_dir else None  # noqa: SIM115 - closed below
+        if log and log.tell():  # a killed run's torn last line must not swallow the next record
+            log.seek(log.tell() - 1)
+            if log.read(1) != "\n":
+                log.write("\n")
         t0 = time.monotonic()
         try:
             while pending:

@@ -206,3 +206,19 @@ def test_killed_driver_resumes_from_work_dir(ray_cluster, v3, local_int4, tmp_pa
     assert ex.units_skipped >= 20 and ex.units_skipped < ex.units_total
     assert_same_output(local_int4, out)
     assert not list(work.glob("ray-*"))  # the state is dropped once the output is in place
+
+
+def test_done_log_ignores_torn_and_foreign_records(tmp_path):
+    """A kill mid-write leaves a torn last line; a record whose unit is not in the plan (or has another
+    tensor count) is not trusted."""
+    from dsq.dsquant.ray_executor import DONE_LOG, RayExecutor, Unit
+
+    ex = RayExecutor(work_dir=tmp_path)
+    ex.state_dir = tmp_path
+    rec = {"unit": "layer 3 expert 0", "results": [[0, {}], [1, {}], [2, {}]]}
+    (tmp_path / DONE_LOG).write_text(
+        json.dumps(rec) + "\n" + json.dumps({"unit": "layer 3 expert 1", "results": [[3, {}]]}) + "\n"
+        + json.dumps({"unit": "layer 9 mlp", "results": []}) + "\n" + '{"unit": "layer 3 expert 2", "resu'
+    )
+    units = [Unit("layer 3 expert 0", [0, 1, 2], 1), Unit("layer 3 expert 1", [3, 4, 5], 1), Unit("layer 3 expert 2", [6], 1)]
+    assert list(ex._load_log(units)) == ["layer 3 expert 0"]
