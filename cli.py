@@ -204,7 +204,16 @@ def quantize(
         int, typer.Option(help="Fail if a routed expert sees fewer calibration tokens than this.")
     ] = 0,
     work_dir: Annotated[
-        Path | None, typer.Option(help="Keep per-layer calibration results here; a rerun resumes from them.")
+        Path | None, typer.Option(help="Keep per-layer calibration results (or, with --executor ray, finished "
+                                  "units and the partial output) here; a rerun resumes from them.")
+    ] = None,
+    executor: Annotated[
+        str, typer.Option(help="local (this process), or ray: units of work (attention, each expert, ...) as Ray "
+                          "tasks; needs Ray (dsq's `ray` extra) and a filesystem every node mounts at the same path.")
+    ] = "local",
+    ray_address: Annotated[
+        str | None, typer.Option(help="Ray cluster to use (`auto`: the one `ray start` made here; default: a new "
+                                 "local one, or $RAY_ADDRESS).")
     ] = None,
 ) -> None:
     """Quantize MODEL into a checkpoint transformers and vLLM load, plus dsq-report.json."""
@@ -214,6 +223,17 @@ def quantize(
 
     try:
         calibration = None
+        from dsq.dsquant.errors import InputError, UnsupportedError
+
+        if executor not in ("local", "ray"):
+            raise InputError(f"--executor {executor}: choose local or ray")
+        if executor == "ray" and method != "rtn":
+            raise UnsupportedError(f"--executor ray runs RTN recipes; --method {method} runs with --executor local for now")
+        runner = None
+        if executor == "ray":
+            from dsq.dsquant.ray_executor import RayExecutor
+
+            runner = RayExecutor(ray_address, work_dir)
         if method != "rtn":
             from dsq.dsquant.calib.hook import CalibSpec
             from dsq.dsquant.calib.methods import CalibOptions
@@ -224,7 +244,7 @@ def quantize(
         with calib_bar as calib_progress, progress(f"quantize → {output}", "tensors") as bar:
             report = quantize_checkpoint(
                 model, output, recipe, overwrite=overwrite, allow_unmapped=allow_unmapped, progress=bar,
-                calibration=calibration, calib_progress=calib_progress,
+                calibration=calibration, calib_progress=calib_progress, executor=runner,
             )
     except Exception as e:
         raise _fail(e) from None
@@ -238,6 +258,11 @@ def plan(
     allow_unmapped: AllowUnmapped = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
     summary: Annotated[bool, typer.Option("--summary", help="Print the totals only, not every tensor.")] = False,
+    cluster: Annotated[
+        str | None, typer.Option(help="Estimate `--executor ray` per node instead: 'Nx(cpus=C,mem=M[,gpus=G])', "
+                                 "e.g. '8x(cpus=32,mem=256GB)'.")
+    ] = None,
+    fs_gbps: Annotated[float, typer.Option(help="With --cluster: shared-filesystem GB/s per node.")] = 1.0,
 ) -> None:
     """Show what a recipe will do to every tensor (reads headers only, no weights)."""
     from dsq.dsquant.checkpoint import Checkpoint
@@ -247,6 +272,14 @@ def plan(
 
     try:
         p = make_plan(Checkpoint(model), load_recipe(recipe), allow_unmapped)
+        if cluster is not None:
+            import json
+
+            from dsq.dsquant.cluster_plan import estimate, parse_cluster, render
+
+            est = estimate(p, parse_cluster(cluster), fs_gbps)
+            typer.echo(json.dumps(est, indent=2) if json_out else render(est))
+            return
     except Exception as e:
         raise _fail(e) from None
     print_plan(p, as_json=json_out, summary_only=summary)
