@@ -277,6 +277,7 @@ def export_mlx(
     src = GGUFSource(src_dir)
     cfg = src.config
     outs, notes = _plan(src, cfg, tdt)  # every refusal happens here, before anything is written
+    side_files = src.ckpt.side_files()  # tokenizer, template, generation settings: checked to lie inside the folder
     shards = _shards(outs, max_shard_bytes)
     names = ["model.safetensors"] if len(shards) == 1 else [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
@@ -319,7 +320,7 @@ def export_mlx(
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         config = mlx_config(cfg, outs)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        for f in src.ckpt.side_files():  # tokenizer, chat template, generation settings
+        for f in side_files:
             shutil.copy2(f, tmp / f.name)
         if n_deq := sum(o.kind == "dequantized" for o in outs):
             notes.append(f"{n_deq} DeepSeek-V3 kv_b_proj weight(s) written as float32 dsq-dequantized values (exact): "

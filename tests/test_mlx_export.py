@@ -255,6 +255,22 @@ def test_formats_without_an_mlx_twin_are_refused(quantized, model_dir, tmp_path)
     assert not any(tmp_path.iterdir())
 
 
+def test_side_file_linked_outside_is_refused_before_any_work(quantized, tmp_path):
+    """Tokenizer files are copied through Checkpoint.side_files(): one linked out of the folder stops the
+    export before any weight is written, naming the file."""
+    from dsq.dsquant.errors import InputError
+
+    src = tmp_path / "src"
+    shutil.copytree(quantized("llama", "int4"), src)
+    outside = tmp_path / "elsewhere.json"
+    outside.write_text("{}")
+    (src / "tokenizer_config.json").unlink()
+    (src / "tokenizer_config.json").symlink_to(outside)
+    with pytest.raises(InputError, match=r"tokenizer_config\.json: points outside the model directory"):
+        export_mlx(src, tmp_path / "mlx")
+    assert not (tmp_path / "mlx").exists() and not list(tmp_path.glob(".mlx.*"))
+
+
 def test_float_checkpoint_exports_unquantized(model_dir, tmp_path):
     """A plain HF checkpoint becomes a float MLX folder (no quantization key) that mlx_lm loads."""
     report = export_mlx(model_dir("qwen3"), tmp_path / "mlx", dtype="float32")
