@@ -452,10 +452,13 @@ def export(
     accuracy_level: Annotated[
         int | None, typer.Option(help="ONNX: MatMulNBits accuracy_level (0 exact float math; CPU default 4).")
     ] = None,
+    dtype: Annotated[str | None, typer.Option(
+        "--dtype", help="MLX: float16 (default; asymmetric int4 biases rounded within half an fp16 ulp) or float32 "
+                        "(every value exactly dsq's).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the whole export report as JSON.")] = False,
     no_check: Annotated[bool, typer.Option("--no-check", help="Skip `dsq check` of the output against MODEL.")] = False,
 ) -> None:
-    """Export MODEL to a runtime format (GGUF for llama.cpp, ONNX for onnxruntime), keeping dsq's quantized values."""
+    """Export MODEL to a runtime format (GGUF for llama.cpp, ONNX for onnxruntime, MLX for mlx_lm), keeping dsq's quantized values."""
     import json
 
     from dsq.dsquant.progress import progress
@@ -463,7 +466,7 @@ def export(
     from dsq.export import export_model
 
     given = {"type": type_, "recipe": recipe, "split_max_size": split_max_size, "ep": ep, "int4_block": int4_block,
-             "attention": attention, "accuracy_level": accuracy_level, "pure": pure or None}
+             "attention": attention, "accuracy_level": accuracy_level, "pure": pure or None, "dtype": dtype}
     try:
         with progress(f"export → {to}", "tensors") as bar:
             out, report = export_model(model, to, output, overwrite=overwrite, progress=bar, check=not no_check,
