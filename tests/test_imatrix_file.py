@@ -216,3 +216,16 @@ def test_cli_writes_imatrix_and_refuses_rtn(model_dir, tmp_path):
     assert "blk.0.ffn_down.weight" in read_imatrix(out).entries
     res = runner.invoke(app, ["quantize", src, "-o", str(tmp_path / "q2"), "--imatrix-out", str(out)])
     assert res.exit_code == 2 and "needs calibration" in res.output
+
+
+def test_flags_refused_where_the_statistics_would_be_wrong(llama, tmp_path):
+    ckpt, plan, _, _ = llama
+    with pytest.raises(InputError, match="--method awq"):  # AWQ rescales after its statistics are taken
+        run_calibration(ckpt, plan, CalibSpec("awq", "mixed", SAMPLES, SEQLEN, imatrix_out=str(tmp_path / "a.gguf")))
+    path = write_gguf(tmp_path / "im.gguf", _synthetic())
+    with pytest.raises(InputError, match="--method imatrix only"):  # GPTQ needs a Hessian, not a diagonal
+        run_calibration(ckpt, plan, CalibSpec("gptq", "mixed", SAMPLES, SEQLEN, imatrix_in=str(path)))
+    wrong = Imatrix({"blk.0.attn_q.weight": ImatrixEntry(np.ones((1, 7), np.float32), np.ones(1, np.float32))},
+                    [], 1, 1)
+    with pytest.raises(InputError, match="another model"):
+        to_importance(wrong, ckpt)
