@@ -215,6 +215,12 @@ def quantize(
         str | None, typer.Option(help="Ray cluster to use (`auto`: the one `ray start` made here; default: a new "
                                  "local one, or $RAY_ADDRESS).")
     ] = None,
+    imatrix_out: Annotated[Path | None, typer.Option(
+        help="Also write the calibration statistics as a llama.cpp imatrix (GGUF; legacy format if it ends in .dat)."
+    )] = None,
+    imatrix: Annotated[Path | None, typer.Option(
+        help="Use this llama.cpp imatrix file (GGUF or .dat) as the importance of --method imatrix."
+    )] = None,
 ) -> None:
     """Quantize MODEL into a checkpoint transformers and vLLM load, plus dsq-report.json."""
     from dsq.dsquant.progress import progress
@@ -234,12 +240,13 @@ def quantize(
             from dsq.dsquant.ray_executor import RayExecutor
 
             runner = RayExecutor(ray_address, work_dir)
-        if method != "rtn":
+        if method != "rtn" or imatrix_out or imatrix:  # rtn with an imatrix flag: the spec refuses it
             from dsq.dsquant.calib.hook import CalibSpec
             from dsq.dsquant.calib.methods import CalibOptions
 
             calibration = CalibSpec(method, calib, samples, seqlen, seed, str(work_dir) if work_dir else None,
-                                    CalibOptions(fail_below_tokens=min_expert_tokens))
+                                    CalibOptions(fail_below_tokens=min_expert_tokens),
+                                    str(imatrix_out) if imatrix_out else None, str(imatrix) if imatrix else None)
         calib_bar = progress(f"calibrate ({method})", "layers") if calibration else contextlib.nullcontext()
         with calib_bar as calib_progress, progress(f"quantize → {output}", "tensors") as bar:
             report = quantize_checkpoint(

@@ -29,6 +29,8 @@ class CalibSpec:
     seed: int = 0
     work_dir: str | None = None
     options: CalibOptions = field(default_factory=CalibOptions)
+    imatrix_out: str | None = None  # write llama.cpp's imatrix (GGUF, or legacy if it ends in .dat)
+    imatrix_in: str | None = None  # a llama.cpp imatrix file used as importance (--method imatrix)
 
     @property
     def needs_data(self) -> bool:
@@ -57,14 +59,39 @@ def run_calibration(
 ) -> tuple[dict[str, QuantizedTensor | torch.Tensor], dict | None]:
     """(HF name -> calibrated tensor, the report's ``calibration`` section); empty for RTN."""
     if not spec.needs_data:
+        if spec.imatrix_out or spec.imatrix_in:
+            flag = "--imatrix-out" if spec.imatrix_out else "--imatrix"
+            raise InputError(f"{flag} needs calibration: use --method imatrix (or gptq for --imatrix-out)")
         return {}, None
     check_calib_sizes(ckpt.config, spec.samples, spec.seqlen)
+    from .imatrix_file import from_stats, read_imatrix, to_importance, write_imatrix
     from .pipeline import calibrate
 
+    given = None
+    if spec.imatrix_in:
+        if spec.method != "imatrix":
+            raise InputError(f"--imatrix {spec.imatrix_in}: importance from a file is used by --method imatrix only, "
+                             f"not {spec.method}")
+        if spec.work_dir:
+            raise InputError("--imatrix with --work-dir: a resumed run cannot tell which file its earlier layers used; "
+                             "drop --work-dir")
+        given = {k: torch.from_numpy(v) for k, v in to_importance(read_imatrix(spec.imatrix_in), ckpt).items()}
+    if spec.imatrix_out and get_method(spec.method).awq:
+        # AWQ rescales the linears after the statistics are taken, so they no longer describe the inputs
+        raise InputError("--imatrix-out with --method awq: AWQ's statistics are of the inputs before its rescaling; "
+                         "use --method imatrix or gptq")
     result = calibrate(
-        ckpt, plan, spec.method, spec.calib, spec.samples, spec.seqlen, spec.seed, spec.options, spec.work_dir, progress
+        ckpt, plan, spec.method, spec.calib, spec.samples, spec.seqlen, spec.seed, spec.options, spec.work_dir, progress,
+        collect=bool(spec.imatrix_out), given=given,
     )
-    return result.tensors, result.report()
+    report = result.report()
+    if given is not None:
+        report["imatrix_in"] = {"path": spec.imatrix_in, "tensors": len(given)}
+    if spec.imatrix_out:
+        im = from_stats(ckpt, result.stats, [spec.calib], result.batch["samples"], result.batch["seqlen"])
+        path = write_imatrix(spec.imatrix_out, im)
+        report["imatrix_out"] = {"path": str(path), "entries": len(im.entries)}
+    return result.tensors, report
 
 
 def rows_of(value: QuantizedTensor | torch.Tensor, start: int, stop: int) -> QuantizedTensor | torch.Tensor:

@@ -60,6 +60,36 @@ class InputStats:
     def samples(self) -> torch.Tensor:
         return torch.cat(self.rows) if self.rows else torch.zeros(0, self.sum.shape[0])
 
+    @property
+    def sum_sq(self) -> torch.Tensor:
+        """Sum over rows of x^2 per input column, float64 (llama.cpp's imatrix ``in_sum2``)."""
+        return (torch.diagonal(self.sum) if self.full else self.sum).clone()
+
+
+class GivenImportance:
+    """Per-column importance from outside (a llama.cpp imatrix file, ``--imatrix``) standing in for
+    collected statistics; only the imatrix method reads it (it has no Hessian and no rows)."""
+
+    full = False
+
+    def __init__(self, importance: torch.Tensor) -> None:
+        self.importance = importance.to(torch.float32)
+
+
+def use_stats(
+    hf_name: str,
+    stats: InputStats | None,
+    collect: dict[str, tuple[torch.Tensor, int]] | None,
+    given: dict[str, torch.Tensor] | None,
+) -> InputStats | GivenImportance | None:
+    """The statistics a linear is quantized with: records ``stats`` into ``collect`` (for
+    ``--imatrix-out``), and returns the file's importance for ``hf_name`` when ``given`` has one."""
+    if stats is not None and collect is not None:
+        collect[hf_name] = (stats.sum_sq, int(stats.count))
+    if given is not None and hf_name in given and stats is not None:
+        return GivenImportance(given[hf_name])
+    return stats
+
 
 @dataclass(frozen=True)
 class CalibOptions:

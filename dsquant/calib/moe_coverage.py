@@ -22,7 +22,7 @@ from torch import nn
 from ..errors import InputError, UnsupportedError
 from ..formats import FORMATS, QuantizedTensor
 from .awq import search_scale
-from .methods import METHODS, CalibOptions, InputStats, Method
+from .methods import METHODS, CalibOptions, InputStats, Method, use_stats
 
 _EXPERT_RE = re.compile(r"^mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
 PROJS = ("gate", "up", "down")
@@ -96,10 +96,13 @@ class ExpertCapture:
         return torch.bincount(routes, minlength=self.n_experts)
 
     def quantize(
-        self, method: Method, formats: dict[str, str], opts: CalibOptions, layer: int
+        self, method: Method, formats: dict[str, str], opts: CalibOptions, layer: int,
+        collect: dict | None = None, given: dict[str, torch.Tensor] | None = None,
     ) -> tuple[dict[str, QuantizedTensor], list[dict]]:
         """Quantize every routed expert on its own tokens; write the dequantized weights back into
-        the fused parameters; return the tensors and the coverage rows of this layer."""
+        the fused parameters; return the tensors and the coverage rows of this layer. ``collect`` /
+        ``given``: as in ``calibrate_layer`` (per-expert statistics by the expert's HF weight name;
+        their token count includes the ``routed+all`` fallback tokens)."""
         x_all = torch.cat(self.inputs)
         routes = torch.cat(self.routes)
         counts = self.counts()
@@ -139,9 +142,11 @@ class ExpertCapture:
             st_in = self._stats(used, x, opts)
             deq = {}
             for proj in ("gate", "up"):
-                deq[proj] = self._one(used, formats, expert_name(self.prefix, e, proj), w[proj], st_in, opts, out)
+                st = use_stats(names[proj], st_in, collect if names[proj] in formats else None, given)
+                deq[proj] = self._one(used, formats, names[proj], w[proj], st, opts, out)
             h = mod.act_fn(x @ deq["gate"].T) * (x @ deq["up"].T)
-            st_down = self._stats(used, h, opts)
+            st_down = use_stats(names["down"], self._stats(used, h, opts), collect if names["down"] in formats else None,
+                                given)
             deq_down = self._one(used, formats, names["down"], w_down, st_down, opts, out)
             mod.gate_up_proj.data[e] = torch.cat([deq["gate"], deq["up"]])
             mod.down_proj.data[e] = deq_down

@@ -27,12 +27,12 @@ from torch import nn
 
 from ..archs import Role
 from ..checkpoint import Checkpoint, SourceTensor
-from ..errors import UnsupportedError
+from ..errors import InputError, UnsupportedError
 from ..formats import FORMATS, QuantizedTensor
 from ..plan import Plan
 from .awq import apply_awq
 from .data import CalibBatch, calibration_batch, load_tokenizer
-from .methods import CalibOptions, InputStats, Method, get_method
+from .methods import CalibOptions, InputStats, Method, get_method, use_stats
 from .moe_coverage import ExpertCapture, fuse_experts
 from .resume import ResumeState, fingerprint
 
@@ -79,6 +79,8 @@ class CalibResult:
     batch: dict
     resumed_from: int = 0
     lm_head_rel_err: float | None = None
+    # HF weight name -> (sum of x^2 per input column, tokens): filled when calibrate(collect=True)
+    stats: dict[str, tuple[torch.Tensor, int]] = field(default_factory=dict)
 
     @property
     def coverage(self) -> list[dict]:
@@ -193,9 +195,13 @@ def calibrate_layer(
     formats: dict[str, str],
     opts: CalibOptions,
     ref: list[torch.Tensor] | None = None,
+    collect: dict | None = None,
+    given: dict[str, torch.Tensor] | None = None,
 ) -> tuple[Tensors, list[torch.Tensor], list[torch.Tensor] | None, LayerReport]:
     """Calibrate layer ``i`` on the quantized stream ``xs``; ``ref`` is the float model's stream (for the
-    drift metric). Returns (tensors, next xs, next ref, report)."""
+    drift metric). ``collect`` (if a dict) receives each linear's statistics by HF weight name;
+    ``given`` (HF weight name -> importance) replaces them (``--imatrix``). Returns (tensors, next xs,
+    next ref, report)."""
     t0 = time.perf_counter()
     layer = dec.load_layer(i)
     ref_out = [dec.forward(layer, x) for x in ref] if ref is not None else None
@@ -221,13 +227,13 @@ def calibrate_layer(
         out.update(apply_awq(layer, prefix, dec.config, stats, formats, opts, dtypes))
     for name, lin in linears.items():
         hf = f"{prefix}{name}.weight"
-        qt = method.linear(FORMATS[formats[hf]], lin.weight.data, stats.get(name), opts)
+        qt = method.linear(FORMATS[formats[hf]], lin.weight.data, use_stats(hf, stats.get(name), collect, given), opts)
         out[hf] = qt
         lin.weight.data = qt.dequantize()
     stats.clear()
     coverage: list[dict] = []
     if capture:
-        q, coverage = capture.quantize(method, formats, opts, i)
+        q, coverage = capture.quantize(method, formats, opts, i, collect, given)
         out.update(q)
 
     ys_q = [dec.forward(layer, x) for x in xs]
@@ -242,7 +248,8 @@ def calibrate_layer(
     return out, ys_q, ref_out, rep
 
 
-def _lm_head(dec: Decoder, xs: list[torch.Tensor], method: Method, formats: dict[str, str], opts: CalibOptions):
+def _lm_head(dec: Decoder, xs: list[torch.Tensor], method: Method, formats: dict[str, str], opts: CalibOptions,
+             collect: dict | None = None, given: dict[str, torch.Tensor] | None = None):
     t = dec.others.get(Role.LM_HEAD)
     if t is None or t.name not in formats:
         return None, None
@@ -253,7 +260,7 @@ def _lm_head(dec: Decoder, xs: list[torch.Tensor], method: Method, formats: dict
         for x in normed:
             stats.add(x)
     # AWQ has no op before lm_head to fold a scale into; it rounds lm_head by RTN.
-    qt = method.linear(FORMATS[formats[t.name]], w, stats, opts)
+    qt = method.linear(FORMATS[formats[t.name]], w, use_stats(t.name, stats, collect, given), opts)
     deq = qt.dequantize()
     num = sum(float((x @ (deq - w).T).double().square().sum()) for x in normed)
     den = sum(float((x @ w.T).double().square().sum()) for x in normed)
@@ -272,8 +279,15 @@ def calibrate(
     work_dir: str | None = None,
     progress: ProgressFn | None = None,
     batch: CalibBatch | None = None,
+    collect: bool = False,
+    given: dict[str, torch.Tensor] | None = None,
 ) -> CalibResult:
-    """Calibrate every quantized linear of ``plan`` layer by layer; see the module docstring."""
+    """Calibrate every quantized linear of ``plan`` layer by layer; see the module docstring.
+
+    ``collect``: keep every calibrated linear's input statistics in ``CalibResult.stats`` (for
+    ``--imatrix-out``; refused on a resumed run, whose earlier layers' statistics are gone).
+    ``given``: HF weight name -> per-column importance used instead of the collected statistics
+    (``--imatrix FILE``, method imatrix)."""
     opts = options or CalibOptions()
     m = get_method(method)
     formats = {e.name: e.format for e in plan.entries if e.format}
@@ -283,6 +297,7 @@ def calibrate(
     state = ResumeState(work_dir, fingerprint(ckpt, formats, method, opts, batch)) if work_dir else None
     tensors: Tensors = {}
     reports: list[LayerReport] = []
+    stats: dict | None = {} if collect else None
     start = 0
     xs: list[torch.Tensor] | None = None
     ref: list[torch.Tensor] | None = None
@@ -290,6 +305,11 @@ def calibrate(
         start = state.next_layer
         tensors, rows, xs, ref = state.load()
         reports = [LayerReport(**r) for r in rows]
+        if collect:
+            raise InputError(
+                f"--imatrix-out: --work-dir {work_dir} resumes at layer {start}, and the statistics of layers "
+                f"0..{start - 1} are not kept there; rerun without --work-dir (or with an empty one)"
+            )
     if xs is None:
         xs = [dec.embed(ids) for ids in batch.ids.split(opts.batch_size)]
         ref = [x.clone() for x in xs] if opts.track_drift else None
@@ -298,15 +318,15 @@ def calibrate(
         progress(start, dec.n_layers, f"{method} on {tokens} tokens" + (f", resumed at layer {start}" if start else ""))
     with torch.inference_mode():
         for i in range(start, dec.n_layers):
-            out, xs, ref, rep = calibrate_layer(dec, i, xs, m, formats, opts, ref)
+            out, xs, ref, rep = calibrate_layer(dec, i, xs, m, formats, opts, ref, stats, given)
             tensors.update(out)
             reports.append(rep)
             if state is not None:
                 state.save(i, out, rep, xs, ref)
             if progress:
                 progress(i + 1, dec.n_layers, f"{method}, {tokens} tokens; layer {i} output rel. err {rep.rel_err:.4f}")
-        head, head_err = _lm_head(dec, xs, m, formats, opts) if opts.quantize_lm_head else (None, None)
+        head, head_err = _lm_head(dec, xs, m, formats, opts, stats, given) if opts.quantize_lm_head else (None, None)
     if head:
         tensors.update(head)
-    return CalibResult(tensors, reports, method, batch.describe(), start, head_err)
+    return CalibResult(tensors, reports, method, batch.describe(), start, head_err, stats or {})
 
