@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
 
 
@@ -28,7 +31,119 @@ def _flags_without_type() -> None:
 
 _flags_without_type()
 
-app = typer.Typer(
+def _debug() -> bool:
+    """--debug (or DSQ_DEBUG=1): let unexpected exceptions keep their traceback."""
+    return _DEBUG or os.environ.get("DSQ_DEBUG", "") not in ("", "0")
+
+
+_DEBUG = False
+
+
+def _one_line(text: object, limit: int = 2000) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _fail(e: BaseException, where: str | None = None) -> typer.Exit:
+    """The CLI's last line of defence: one ``error:`` line and exit 2 for anything a command raises.
+
+    DsqError carries its own message and exit code. Anything else is a dsq bug or an input dsq did not
+    foresee: it is named by type, message and (when known) the file or argument, without a traceback
+    unless --debug is given, in which case it is re-raised as is. Called without ``where`` (from a
+    command's own ``except``), a non-dsq exception is re-raised for ``_guarded`` to report.
+    """
+    from dsq.dsquant.errors import DsqError
+
+    if isinstance(e, DsqError):
+        typer.secho(f"error: {_one_line(e)}", fg="red", err=True)
+        return typer.Exit(e.exit_code)
+    from dsq.dsquant.extras import missing_extra
+
+    hint = missing_extra(e)
+    if hint and not _debug():  # an optional package a plain `pip install dsq` does not bring
+        typer.secho(f"error: {hint}", fg="red", err=True)
+        return typer.Exit(2)
+    if where is None or _debug():
+        raise e  # the command's guard (_guarded) names the input, or --debug shows the traceback
+    if isinstance(e, RecursionError):
+        what = "input nested too deeply (RecursionError)"
+    elif isinstance(e, MemoryError):
+        what = "out of memory (MemoryError); an input asks for a size this machine cannot hold"
+    else:
+        what = f"{type(e).__name__}: {_one_line(e) or '(no message)'}"
+    fname = getattr(e, "filename", None)
+    if fname and str(fname) not in what:
+        what = f"{fname}: {what}"
+    prefix = f"{where}: " if where else ""  # the command's input: the best guess at what dsq choked on
+    typer.secho(f"error: {prefix}{what} (unexpected; rerun with --debug for the traceback)", fg="red", err=True)
+    return typer.Exit(2)
+
+
+# Parameters that name a command's output (for "nothing written to OUT") and its main input (for errors).
+_OUTPUT_PARAMS = ("output", "json_out", "html_out")
+_INPUT_PARAMS = ("model", "path", "quant")
+
+
+def _guarded(func):
+    """Wrap a command so no exception leaves it as a traceback and Ctrl-C exits 130 naming the output."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except KeyboardInterrupt:
+            raise _interrupted(kwargs) from None
+        except (typer.Exit, typer.Abort, click.exceptions.ClickException):
+            raise
+        except Exception as e:
+            if _caused_by_interrupt(e):  # Ctrl-C inside an import or a library that re-raised it as another error
+                raise _interrupted(kwargs) from None
+            inputs = [kwargs[k] for k in _INPUT_PARAMS if kwargs.get(k) is not None]
+            where = " ".join(str(i) if not isinstance(i, list) else " ".join(map(str, i)) for i in inputs)
+            raise _fail(e, where) from None
+
+    return wrapper
+
+
+def _interrupted(kwargs: dict) -> typer.Exit:
+    """Ctrl-C: say so, naming the outputs. They are written atomically (temp sibling + rename), so none exists."""
+    outs = [str(kwargs[k]) for k in _OUTPUT_PARAMS if kwargs.get(k) is not None]
+    typer.secho(f"interrupted; nothing written{' to ' + ', '.join(outs) if outs else ''}", fg="red", err=True)
+    return typer.Exit(130)
+
+
+def _caused_by_interrupt(e: BaseException | None) -> bool:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _check_report_paths(**flags: Path | None) -> None:
+    """Refuse --json/--html targets that cannot be files before the (long) run, not after it."""
+    from dsq.dsquant.errors import OutputError
+
+    for flag, path in flags.items():
+        if path is None:
+            continue
+        if path.is_dir():
+            raise OutputError(f"--{flag} {path}: is a directory; give a file name")
+        if not path.parent.is_dir():
+            raise OutputError(f"--{flag} {path}: the folder {path.parent} does not exist")
+
+
+class _GuardedTyper(typer.Typer):
+    """A Typer whose every command is wrapped by ``_guarded``."""
+
+    def command(self, *args, **kwargs):
+        register = super().command(*args, **kwargs)
+        return lambda func: (register(_guarded(func)), func)[1]
+
+
+app = _GuardedTyper(
     help="Quantize distilled LLMs (FP8/int8/int4) and deploy them to GGUF and ONNX.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -62,18 +177,15 @@ AllowUnmapped = Annotated[
 ]
 
 
-def _fail(e: Exception) -> typer.Exit:
-    from dsq.dsquant.errors import DsqError
-    from dsq.dsquant.extras import missing_extra
-
-    if isinstance(e, DsqError):
-        typer.secho(f"error: {e}", fg="red", err=True)
-        return typer.Exit(e.exit_code)
-    hint = missing_extra(e)
-    if hint:
-        typer.secho(f"error: {hint}", fg="red", err=True)
-        return typer.Exit(2)
-    raise e
+@app.callback()
+def _options(
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show the Python traceback of unexpected errors (or set DSQ_DEBUG=1).")
+    ] = False,
+) -> None:
+    """Options for every command (before its name: `dsq --debug quantize ...`)."""
+    global _DEBUG
+    _DEBUG = debug
 
 
 @app.command()
@@ -92,7 +204,16 @@ def quantize(
         int, typer.Option(help="Fail if a routed expert sees fewer calibration tokens than this.")
     ] = 0,
     work_dir: Annotated[
-        Path | None, typer.Option(help="Keep per-layer calibration results here; a rerun resumes from them.")
+        Path | None, typer.Option(help="Keep per-layer calibration results (or, with --executor ray, finished "
+                                  "units and the partial output) here; a rerun resumes from them.")
+    ] = None,
+    executor: Annotated[
+        str, typer.Option(help="local (this process), or ray: units of work (attention, each expert, ...) as Ray "
+                          "tasks; needs Ray (dsq's `ray` extra) and a filesystem every node mounts at the same path.")
+    ] = "local",
+    ray_address: Annotated[
+        str | None, typer.Option(help="Ray cluster to use (`auto`: the one `ray start` made here; default: a new "
+                                 "local one, or $RAY_ADDRESS).")
     ] = None,
 ) -> None:
     """Quantize MODEL into a checkpoint transformers and vLLM load, plus dsq-report.json."""
@@ -102,6 +223,17 @@ def quantize(
 
     try:
         calibration = None
+        from dsq.dsquant.errors import InputError, UnsupportedError
+
+        if executor not in ("local", "ray"):
+            raise InputError(f"--executor {executor}: choose local or ray")
+        if executor == "ray" and method != "rtn":
+            raise UnsupportedError(f"--executor ray runs RTN recipes; --method {method} runs with --executor local for now")
+        runner = None
+        if executor == "ray":
+            from dsq.dsquant.ray_executor import RayExecutor
+
+            runner = RayExecutor(ray_address, work_dir)
         if method != "rtn":
             from dsq.dsquant.calib.hook import CalibSpec
             from dsq.dsquant.calib.methods import CalibOptions
@@ -112,7 +244,7 @@ def quantize(
         with calib_bar as calib_progress, progress(f"quantize → {output}", "tensors") as bar:
             report = quantize_checkpoint(
                 model, output, recipe, overwrite=overwrite, allow_unmapped=allow_unmapped, progress=bar,
-                calibration=calibration, calib_progress=calib_progress,
+                calibration=calibration, calib_progress=calib_progress, executor=runner,
             )
     except Exception as e:
         raise _fail(e) from None
@@ -126,6 +258,11 @@ def plan(
     allow_unmapped: AllowUnmapped = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
     summary: Annotated[bool, typer.Option("--summary", help="Print the totals only, not every tensor.")] = False,
+    cluster: Annotated[
+        str | None, typer.Option(help="Estimate `--executor ray` per node instead: 'Nx(cpus=C,mem=M[,gpus=G])', "
+                                 "e.g. '8x(cpus=32,mem=256GB)'.")
+    ] = None,
+    fs_gbps: Annotated[float, typer.Option(help="With --cluster: shared-filesystem GB/s per node.")] = 1.0,
 ) -> None:
     """Show what a recipe will do to every tensor (reads headers only, no weights)."""
     from dsq.dsquant.checkpoint import Checkpoint
@@ -135,6 +272,14 @@ def plan(
 
     try:
         p = make_plan(Checkpoint(model), load_recipe(recipe), allow_unmapped)
+        if cluster is not None:
+            import json
+
+            from dsq.dsquant.cluster_plan import estimate, parse_cluster, render
+
+            est = estimate(p, parse_cluster(cluster), fs_gbps)
+            typer.echo(json.dumps(est, indent=2) if json_out else render(est))
+            return
     except Exception as e:
         raise _fail(e) from None
     print_plan(p, as_json=json_out, summary_only=summary)
@@ -252,6 +397,7 @@ def eval_(
     from dsq.runtimes.console import eval_command
 
     try:
+        _check_report_paths(json=json_out, html=html_out)
         settings = EvalSettings(ctx=ctx, chunks=chunks, top_k=top_k, coverage=coverage, device=device, threads=threads,
                                 ref_runtime=ref_runtime, cache_dir=cache_dir, reasoning_tokens=reasoning)
         limits = {"max_kld": max_kld, "min_top1": min_top1, "max_ppl_ratio": max_ppl_ratio,
@@ -280,6 +426,7 @@ def bench(
     from dsq.runtimes.console import bench_command
 
     try:
+        _check_report_paths(json=json_out, html=html_out)
         bench_command(model, runtime, device, threads, prompt_tokens, new_tokens, runs, warmup, json_out, html_out)
     except Exception as e:
         raise _fail(e) from None
@@ -305,9 +452,13 @@ def export(
     accuracy_level: Annotated[
         int | None, typer.Option(help="ONNX: MatMulNBits accuracy_level (0 exact float math; CPU default 4).")
     ] = None,
+    dtype: Annotated[str | None, typer.Option(
+        "--dtype", help="MLX: float16 (default; asymmetric int4 biases rounded within half an fp16 ulp) or float32 "
+                        "(every value exactly dsq's).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the whole export report as JSON.")] = False,
+    no_check: Annotated[bool, typer.Option("--no-check", help="Skip `dsq check` of the output against MODEL.")] = False,
 ) -> None:
-    """Export MODEL to a runtime format (GGUF for llama.cpp, ONNX for onnxruntime), keeping dsq's quantized values."""
+    """Export MODEL to a runtime format (GGUF for llama.cpp, ONNX for onnxruntime, MLX for mlx_lm), keeping dsq's quantized values."""
     import json
 
     from dsq.dsquant.progress import progress
@@ -315,20 +466,53 @@ def export(
     from dsq.export import export_model
 
     given = {"type": type_, "recipe": recipe, "split_max_size": split_max_size, "ep": ep, "int4_block": int4_block,
-             "attention": attention, "accuracy_level": accuracy_level, "pure": pure or None}
+             "attention": attention, "accuracy_level": accuracy_level, "pure": pure or None, "dtype": dtype}
     try:
         with progress(f"export → {to}", "tensors") as bar:
-            out, report = export_model(model, to, output, overwrite=overwrite, progress=bar,
+            out, report = export_model(model, to, output, overwrite=overwrite, progress=bar, check=not no_check,
                                        **{k: v for k, v in given.items() if v is not None})
     except Exception as e:
         raise _fail(e) from None
+    checked = report.get("check")
     if json_out:
         typer.echo(json.dumps({"output": str(out), **report}, indent=2, default=str))
     else:
         print_export_summary(to, out, report)
+        if checked is not None:
+            from dsq.runtimes.check import print_report
+
+            print_report(checked)
+    if checked is not None and checked.get("passed") is False:
+        typer.secho(f"error: the export does not behave like {model}: {checked['first_failure']}", fg="red", err=True)
+        raise typer.Exit(1)
 
 
-calib_app = typer.Typer(help="Calibration data for --method gptq|awq|imatrix.", no_args_is_help=True)
+@app.command()
+def check(
+    export: Annotated[Path, typer.Argument(help="A .gguf file or an ONNX export folder.")],
+    ref: Annotated[Path, typer.Option("--ref", help="The source model (HF directory with its tokenizer).")],
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON.")] = None,
+    greedy: Annotated[bool, typer.Option(help="Also compare the greedy first 16 tokens with torch on --ref.")] = True,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Does EXPORT behave like --ref with the runtime's own tokenizer: ids, BOS/EOS, chat prompt, stop tokens."""
+    import json
+
+    from dsq.runtimes.check import check_export, print_report
+
+    try:
+        result = check_export(export, ref, greedy=greedy, threads=threads).to_json()
+    except Exception as e:
+        raise _fail(e) from None
+    print_report(result)
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=2))
+    if not result["passed"]:
+        typer.secho(f"error: {export}: {result['first_failure']}", fg="red", err=True)
+        raise typer.Exit(1)
+
+
+calib_app = _GuardedTyper(help="Calibration data for --method gptq|awq|imatrix.", no_args_is_help=True)
 app.add_typer(calib_app, name="calib")
 
 
@@ -346,7 +530,11 @@ def calib_list(json_out: Annotated[bool, typer.Option("--json", help="Print as J
 
 
 def main() -> None:  # pragma: no cover
-    sys.exit(app())
+    try:
+        sys.exit(app())
+    except KeyboardInterrupt:  # Ctrl-C while parsing arguments, before a command's own guard
+        typer.secho("interrupted; nothing written", fg="red", err=True)
+        sys.exit(130)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -7,7 +7,6 @@ never pickles). DeepSeek's block-FP8 checkpoints (``float8_e4m3fn`` weights with
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Iterator
@@ -17,10 +16,12 @@ from pathlib import Path
 
 import torch
 
-from .archs import Architecture, TensorRef, get_architecture
-from .errors import CorruptFileError, InputError, UnsupportedError
+from .archs import Architecture, Role, TensorRef, get_architecture
+from .errors import BadWeightsError, CorruptFileError, InputError, UnsupportedError
 from .formats import FORMATS, QuantizedTensor
+from .paths import resolve_model_file
 from .safetensors_io import TensorInfo, read_header, read_rows, read_tensor
+from .schema import load_config, load_index
 
 # Files copied verbatim into every output (tokenizer, generation settings, chat template).
 SIDE_FILES = (
@@ -108,35 +109,30 @@ class Checkpoint:
         self.source = str(source)
         self.path = resolve(source)
         cfg = self.path / "config.json"
-        if not cfg.is_file():
+        cfg_file = resolve_model_file(self.path, "config.json")
+        if cfg_file is None:
             raise InputError(f"{self.path}: no config.json; not a Hugging Face model directory")
-        try:
-            self.config: dict = json.loads(cfg.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CorruptFileError(f"{cfg}: not valid JSON ({e})") from None
+        self.config: dict = load_config(cfg_file, shown=cfg)
         self.arch: Architecture = get_architecture(self.config, str(cfg))
         self.files = self._weight_files()
 
     # -- layout -----------------------------------------------------------------------------------
     def _weight_files(self) -> list[Path]:
         index = self.path / "model.safetensors.index.json"
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CorruptFileError(f"{index}: not a safetensors index ({e})") from None
+        index_file = resolve_model_file(self.path, index.name)
+        if index_file is not None:
+            weight_map = load_index(index_file, shown=index)
             files = []
             for fname in dict.fromkeys(weight_map.values()):
-                p = (self.path / fname).resolve()
-                if self.path.resolve() not in p.parents:
-                    raise CorruptFileError(f"{index}: shard `{fname}` points outside the model directory")
-                if not p.is_file():
+                # Inside the folder (or the hub cache's blob store for a snapshot), a regular file.
+                p = resolve_model_file(self.path, fname)
+                if p is None:
                     raise InputError(f"{index}: lists `{fname}` but it is missing; the download is incomplete")
                 files.append(p)
             return files
-        files = sorted(self.path.glob("*.safetensors"))
+        files = [resolve_model_file(self.path, f.name) for f in sorted(self.path.glob("*.safetensors"))]
         if files:
-            return files
+            return [f for f in files if f is not None]
         if any(self.path.glob("*.bin")) or any(self.path.glob("*.pt")):
             raise UnsupportedError(
                 f"{self.path}: only pickle weights (*.bin/*.pt); dsq reads safetensors only because pickles can run "
@@ -186,6 +182,7 @@ class Checkpoint:
         orphans = scales - {t.name + FP8_SCALE_SUFFIX for t in out if t.scale_info}
         if orphans:
             raise CorruptFileError(f"{self.path}: scale without weight: {sorted(orphans)[0]}")
+        check_against_config(out, self.config, self.path / "config.json")
         return out
 
     @property
@@ -195,18 +192,23 @@ class Checkpoint:
 
     # -- data -------------------------------------------------------------------------------------
     def load(self, t: SourceTensor) -> torch.Tensor:
-        """The whole tensor in its floating dtype (block-FP8 dequantized to float32 here, block by block)."""
+        """The whole tensor in its floating dtype (block-FP8 dequantized to float32 here, block by block).
+
+        Raises BadWeightsError for NaN/Inf in a tensor dsq keeps as is (norms, biases, router, embeddings,
+        unmapped) and in FP8 scales; linear weights are checked by the format that quantizes them, which
+        names the block as well."""
         if t.scale_info is None:
-            return read_tensor(t.info)
+            return _finite_unless_linear(read_tensor(t.info), t)
         return self.load_rows(t, 0, t.shape[0])
 
     def load_rows(self, t: SourceTensor, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) in floating point (block-FP8 rows dequantized; start on a block boundary)."""
         data = read_rows(t.info, start, stop)
         if t.scale_info is None:
-            return data
+            return _finite_unless_linear(data, t, start)
         br = self.block_size[0]
         scale = read_rows(t.scale_info, start // br, math.ceil(stop / br)).to(torch.float32)
+        check_finite_tensor(scale, t.scale_info.name, t.scale_info.file, start // br)
         return dequantize_block_fp8(data, scale, self.block_size, t.name)
 
     def load_block_fp8(self, t: SourceTensor, start: int = 0, stop: int | None = None) -> QuantizedTensor:
@@ -218,6 +220,16 @@ class Checkpoint:
         br = self.block_size[0]
         codes = read_rows(t.info, start, stop)
         scale = read_rows(t.scale_info, start // br, math.ceil(stop / br)).to(torch.float32)
+        # Passed through unchanged, so checked here: a NaN/Inf scale or a NaN code (E4M3's 0x7F/0xFF).
+        check_finite_tensor(scale, t.scale_info.name, t.scale_info.file, start // br)
+        if codes.dtype == torch.float8_e4m3fn:
+            nan = codes.view(torch.uint8).bitwise_and(0x7F).eq(0x7F)  # E4M3FN has no Inf; NaN is S.1111.111
+            if bool(nan.any()):
+                idx = [int(i) for i in nan.nonzero()[0]]
+                raise BadWeightsError(
+                    f"{t.info.file}: tensor `{t.name}` has {int(nan.sum())} NaN code(s), first at index "
+                    f"{[idx[0] + start, *idx[1:]]}; the checkpoint is damaged: re-download it"
+                )
         return QuantizedTensor(name, tuple(codes.shape), codes, scale)
 
     def stream(self) -> Iterator[tuple[SourceTensor, torch.Tensor]]:
@@ -225,7 +237,96 @@ class Checkpoint:
             yield t, self.load(t)
 
     def side_files(self) -> list[Path]:
-        return [self.path / f for f in SIDE_FILES if (self.path / f).is_file()]
+        """The tokenizer/generation/template files present, as ``self.path / name`` (the name the copy gets);
+        each checked to resolve inside the folder and to be a regular file (``resolve_model_file``)."""
+        return [self.path / f for f in SIDE_FILES if resolve_model_file(self.path, f) is not None]
+
+
+_FLOAT_DTYPES = ("F32", "F16", "BF16")
+# Linear roles whose input (dim 1) is the residual stream, and those whose output (dim 0) is.
+_READS_HIDDEN = (Role.ATTN_Q, Role.ATTN_K, Role.ATTN_V, Role.MLP_GATE, Role.MLP_UP, Role.EXPERT_GATE, Role.EXPERT_UP,
+                 Role.SHARED_GATE, Role.SHARED_UP, Role.MLA_Q_A, Role.MLA_KV_A, Role.LM_HEAD)
+_WRITES_HIDDEN = (Role.ATTN_O, Role.MLP_DOWN, Role.EXPERT_DOWN, Role.SHARED_DOWN)
+
+
+def check_against_config(tensors: list[SourceTensor], config: dict, cfg_path: Path) -> None:
+    """One pass over the tensor headers against config.json and the architecture, before anything is written.
+
+    Refuses (CorruptFileError naming the tensor and the key): a linear weight that is not 2-D float (or
+    block-FP8), has a zero dimension, or whose input/output width is not ``hidden_size`` where the
+    architecture says it must be (a transposed weight); decoder layers outside ``num_hidden_layers``
+    (plus DeepSeek-V3's ``num_nextn_predict_layers`` MTP layers) or missing inside it; an embedding whose
+    rows are not ``vocab_size`` or whose width is not ``hidden_size``.
+    """
+    hidden, vocab = config.get("hidden_size"), config.get("vocab_size")
+    n_layers = config.get("num_hidden_layers")
+    layers: set[int] = set()
+    for t in tensors:
+        ref = t.ref
+        if ref is None:
+            continue
+        if ref.layer is not None:
+            layers.add(ref.layer)
+        where = f"{t.info.file}: tensor `{t.name}`"
+        if ref.info.kind == "linear":
+            if t.info.dtype not in _FLOAT_DTYPES and not t.scale_info:
+                raise CorruptFileError(f"{where} is {t.info.dtype}; a linear weight must be F32/F16/BF16 (or block-FP8)")
+            if len(t.shape) != 2 or 0 in t.shape:
+                raise CorruptFileError(f"{where} has shape {list(t.shape)}; a linear weight is 2-D and non-empty")
+            if isinstance(hidden, int) and ref.role in _READS_HIDDEN and t.shape[1] != hidden:
+                raise CorruptFileError(
+                    f"{where} has shape {list(t.shape)}: its input width {t.shape[1]} is not hidden_size {hidden} "
+                    f"({cfg_path}); transposed or from another model?"
+                )
+            if isinstance(hidden, int) and ref.role in _WRITES_HIDDEN and t.shape[0] != hidden:
+                raise CorruptFileError(
+                    f"{where} has shape {list(t.shape)}: its output width {t.shape[0]} is not hidden_size {hidden} "
+                    f"({cfg_path}); transposed or from another model?"
+                )
+        elif ref.role == Role.EMBED and (
+            len(t.shape) != 2 or (isinstance(vocab, int) and t.shape[0] != vocab)
+            or (isinstance(hidden, int) and t.shape[1] != hidden)
+        ):
+            raise CorruptFileError(
+                f"{where} has shape {list(t.shape)}, but config.json says vocab_size {vocab} x hidden_size "
+                f"{hidden} ({cfg_path})"
+            )
+    if isinstance(n_layers, int) and layers:
+        extra = config.get("num_nextn_predict_layers") or 0
+        allowed = n_layers + (extra if isinstance(extra, int) and extra > 0 else 0)
+        beyond = sorted(i for i in layers if i >= allowed)
+        missing = sorted(set(range(n_layers)) - layers)
+        if beyond:
+            raise CorruptFileError(
+                f"{cfg_path}: num_hidden_layers is {n_layers} but the weights have layer {beyond[0]} "
+                f"({len(layers)} layers in all); the config does not match the weights"
+            )
+        if missing:
+            raise CorruptFileError(
+                f"{cfg_path}: num_hidden_layers is {n_layers} but the weights have no layer {missing[0]}; "
+                "the checkpoint is incomplete or the config is from another model"
+            )
+
+
+def check_finite_tensor(x: torch.Tensor, name: str, file: Path, row0: int = 0) -> None:
+    """BadWeightsError naming the file, tensor and first NaN/Inf element (``row0``: the rows' offset)."""
+    if not x.is_floating_point() or x.numel() == 0:
+        return
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
+        idx = [int(i) for i in bad.nonzero()[0]]
+        if idx:
+            idx[0] += row0
+        raise BadWeightsError(
+            f"{file}: tensor `{name}` has {int(bad.sum())} NaN/Inf value(s), first at index {idx}; "
+            "the checkpoint is damaged: re-download it"
+        )
+
+
+def _finite_unless_linear(x: torch.Tensor, t: SourceTensor, row0: int = 0) -> torch.Tensor:
+    if t.ref is None or t.ref.info.kind != "linear":
+        check_finite_tensor(x, t.name, t.info.file, row0)
+    return x
 
 
 def dequantize_block_fp8(

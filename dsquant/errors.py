@@ -1,8 +1,9 @@
 """User-facing errors.
 
 Every failure a user can cause (bad path, bad file, bad flag, bad weights) raises a subclass of
-:class:`DsqError`. The CLI prints ``error: <message>`` on one line and exits with ``exit_code``;
-anything else is a bug and keeps its traceback.
+:class:`DsqError`. The CLI prints ``error: <message>`` on one line and exits with ``exit_code``.
+Anything else is a bug (or an input dsq did not foresee): the CLI still prints one ``error:`` line
+naming the exception and the input, exits 2, and shows the traceback only with ``--debug``.
 """
 
 from __future__ import annotations

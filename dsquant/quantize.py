@@ -108,11 +108,13 @@ def quantize_checkpoint(
     progress: ProgressFn | None = None,
     calibration: CalibSpec | None = None,
     calib_progress: ProgressFn | None = None,
+    executor=None,
 ) -> dict:
     """Quantize ``source`` into ``output``; returns the report (also written as dsq-report.json).
 
     ``progress(done, total, tensor name)`` is called per tensor written, ``calib_progress(done, total,
-    detail)`` per calibrated decoder layer. Raises the DsqError subclasses of the reader, the recipe and
+    detail)`` per calibrated decoder layer. ``executor``: None runs here; a ``ray_executor.RayExecutor``
+    writes the same shards from Ray workers (``--executor ray``). Raises the DsqError subclasses of the reader, the recipe and
     the writer (InputError, RecipeError, BadWeightsError, OutputError).
     """
     t0 = time.perf_counter()
@@ -129,7 +131,10 @@ def quantize_checkpoint(
     results: list[TensorResult] = []
     with atomic_dir(output, overwrite) as tmp:
         weight_map: dict[str, str] = {}
-        for shard_name, idxs in zip(names, shards, strict=True):
+        local = zip(names, shards, strict=True) if executor is None else ()
+        if executor is not None:  # the same shards, written in place by workers (ray_executor.py)
+            results, weight_map = executor.run(ckpt, items, shards, names, layout, tmp, progress, calibrated)
+        for shard_name, idxs in local:
             planned = [p for i in idxs for p in items[i][1]]
             writer = SafetensorsWriter(tmp / shard_name, planned, {"format": "pt", "producer": f"dsq {__version__}"})
             for i in idxs:
@@ -157,6 +162,8 @@ def quantize_checkpoint(
         if calib_report is not None:
             report["calibration"] = calib_report
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2))
+    if executor is not None:
+        executor.cleanup()
     return report
 
 

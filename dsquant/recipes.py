@@ -21,7 +21,6 @@ quantizing them costs accuracy (DeepSeek-V3 ships its router and embeddings in b
 from __future__ import annotations
 
 import fnmatch
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,9 @@ from pathlib import Path
 from .archs import ROLE_INFO, Role, TensorRef
 from .errors import RecipeError
 from .formats import FORMATS
+from .paths import require_regular_file
+from .sandbox import compile_user_regex, search_user_regex
+from .schema import check_recipe
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -68,7 +70,8 @@ class Recipe:
 
 def _matches(pattern: str, name: str) -> bool:
     if pattern.startswith("re:"):
-        return re.search(pattern[3:], name) is not None
+        # A user regex: run with a timeout (catastrophic backtracking is refused, not a hang).
+        return search_user_regex(pattern[3:], name, f"recipe override `{pattern}`")
     return fnmatch.fnmatchcase(name, pattern)
 
 
@@ -115,9 +118,15 @@ def load_recipe(spec: str) -> Recipe:
     if not path.is_file():
         raise RecipeError(f"recipe {spec!r}: not a preset ({', '.join(PRESETS)}) and no such file")
     try:
-        data = tomllib.loads(path.read_text())
+        if path.stat().st_size > 1024 * 1024:
+            raise RecipeError(f"{path}: larger than 1 MB; not a recipe")
+        data = tomllib.loads(require_regular_file(path, "recipe ").read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise RecipeError(f"{path}: not valid TOML ({e})") from None
+        raise RecipeError(f"{path}: not valid TOML ({' '.join(str(e).split())[:200]})") from None
+    except RecursionError:
+        raise RecipeError(f"{path}: nested too deeply; not a recipe") from None
+    # Types first (a list where a string goes is one clear error naming the key), then meaning.
+    check_recipe(data, path, RecipeError)
     unknown = set(data) - _KNOWN_KEYS
     if unknown:
         raise RecipeError(
@@ -144,10 +153,7 @@ def load_recipe(spec: str) -> Recipe:
         if not isinstance(item, dict) or set(item) != {"pattern", "format"}:
             raise RecipeError(f"{path}: [[override]] #{i + 1} needs exactly `pattern` and `format`")
         if item["pattern"].startswith("re:"):
-            try:
-                re.compile(item["pattern"][3:])
-            except re.error as e:
-                raise RecipeError(f"{path}: [[override]] #{i + 1}: bad regex ({e})") from None
+            compile_user_regex(item["pattern"][3:], f"{path}: [[override]] #{i + 1}")
         overrides.append((item["pattern"], _check_format(item["format"], f"{path}: [[override]] #{i + 1}")))
     default = data.get("default") or (base.default if base else None)
     if not default:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .errors import CorruptFileError, OutputError
+from .schema import check_safetensors_header, parse_json
 
 # safetensors dtype string <-> torch dtype: one table for reading and writing.
 DTYPES: dict[str, torch.dtype] = {
@@ -34,6 +36,7 @@ DTYPES: dict[str, torch.dtype] = {
     "I32": torch.int32,
     "I16": torch.int16,
     "I8": torch.int8,
+    "U32": torch.uint32,  # MLX packs its quantized weights in uint32 words
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
@@ -66,7 +69,10 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse and validate a safetensors header: every check a hostile file could fail."""
     path = Path(path)
     try:
-        size = path.stat().st_size
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):  # a named pipe would block open() forever
+            raise CorruptFileError(f"{path}: not a regular file (a named pipe, device or directory)")
+        size = st.st_size
         with open(path, "rb") as f:
             raw = f.read(8)
             if len(raw) < 8:
@@ -79,23 +85,13 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             header_bytes = f.read(n)
     except OSError as e:
         raise CorruptFileError(f"{path}: cannot read ({e.strerror})") from None
-    try:
-        header = json.loads(header_bytes)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptFileError(f"{path}: header is not valid JSON ({e}); the file is damaged") from None
-    if not isinstance(header, dict):
-        raise CorruptFileError(f"{path}: header is not a JSON object; the file is damaged")
-    metadata = header.pop("__metadata__", None) or {}
+    # Types first (schema): a list where `dtype` or `__metadata__` should be is one clear error.
+    header, metadata = check_safetensors_header(parse_json(header_bytes, f"{path}: header", max_depth=None), path)
     data_start = 8 + n
     infos: dict[str, TensorInfo] = {}
     spans = []
     for name, entry in header.items():
-        try:
-            dtype = entry["dtype"]
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(o) for o in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CorruptFileError(f"{path}: header entry for `{name}` is malformed") from None
+        dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
         if dtype not in DTYPES:
             raise CorruptFileError(f"{path}: tensor `{name}` has unknown dtype {dtype!r}")
         if any(d < 0 for d in shape):
@@ -116,7 +112,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     for (_, e1, a), (b2, _, b) in zip(spans, spans[1:], strict=False):
         if b2 < e1:
             raise CorruptFileError(f"{path}: tensors `{a}` and `{b}` overlap; the header is hostile or damaged")
-    return infos, {str(k): str(v) for k, v in metadata.items()}
+    return infos, metadata
 
 
 def _pread(info: TensorInfo, offset: int, n: int) -> bytearray:

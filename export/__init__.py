@@ -15,6 +15,7 @@ from pathlib import Path
 EXPORTERS: dict[str, tuple[str, str]] = {
     "gguf": ("dsq.export.gguf_writer:export_gguf", ".gguf"),
     "onnx": ("dsq.export.onnx_export:export_onnx", "-onnx"),
+    "mlx": ("dsq.export.mlx_writer:export_mlx", "-mlx"),
 }
 
 
@@ -28,11 +29,14 @@ def default_output(model: str, to: str) -> Path:
     return Path(p.name + suffix)  # a hub id: org/name -> ./name.gguf
 
 
-def export_model(model: str, to: str, output: str | Path | None = None, progress=None, **options) -> tuple[Path, dict]:
+def export_model(model: str, to: str, output: str | Path | None = None, progress=None, check: bool = False,
+                 **options) -> tuple[Path, dict]:
     """Export ``model`` to target ``to``; ``options`` the target does not take are refused by name.
 
-    ``progress(done, total, detail)`` is passed to targets that report progress. Returns (output path,
-    the target's report dict). Raises InputError for an unknown target or option.
+    ``progress(done, total, detail)`` is passed to targets that report progress. ``check``: then run
+    ``dsq check`` on the output against ``model`` (``report["check"]``, see
+    :func:`dsq.runtimes.check.check_after_export`). Returns (output path, the target's report dict).
+    Raises InputError for an unknown target or option.
     """
     from ..dsquant.errors import InputError
 
@@ -48,4 +52,9 @@ def export_model(model: str, to: str, output: str | Path | None = None, progress
     out = Path(output) if output else default_output(model, to)
     if progress is not None and "progress" in accepted:
         options["progress"] = progress
-    return out, fn(model, out, **options)
+    report = fn(model, out, **options)
+    if check:
+        from ..runtimes.check import check_after_export
+
+        report["check"] = check_after_export(model, out, report)
+    return out, report

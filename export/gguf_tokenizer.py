@@ -11,12 +11,12 @@ a wrong name silently changes token ids.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from gguf import GGUFWriter, TokenType
 
-from dsq.dsquant.errors import CorruptFileError, UnsupportedError
+from dsq.dsquant.errors import UnsupportedError
+from dsq.dsquant.tokenizer_facts import resolve_tokenizer
 
 _BL = "ByteLevel(regex)"  # ByteLevel with its own GPT-2 regex
 _BN = "ByteLevel"  # ByteLevel that only maps bytes (a Split before it does the splitting)
@@ -66,27 +66,27 @@ def pre_tokenizer_name(tok: dict, where: str) -> str:
         ) from None
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CorruptFileError(f"{path}: not valid JSON ({e})") from None
-
-
-def _token_text(value) -> str | None:
-    if isinstance(value, dict):
-        return value.get("content")
-    return value
+# llama.cpp's llama-vocab.cpp marks these token texts end-of-generation by name, whatever the GGUF says.
+LLAMA_CPP_EOG_NAMES = frozenset({
+    "<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>", "<EOT>", "_<EOT>",
+    "<|end_of_text|>", "<end_of_utterance>", "</s>",
+})
 
 
 def add_tokenizer(w: GGUFWriter, model_dir: Path, vocab_size: int) -> dict:
-    """Write vocab, merges, token types, special ids and the chat template. Returns a summary."""
+    """Write vocab, merges, token types, special ids, end-of-generation ids and the chat template.
+
+    Every fact comes from :func:`resolve_tokenizer` (as transformers resolves it); returns a summary for the
+    report, with ``notes`` on what llama.cpp cannot reproduce (a normalizer, an end-of-generation list longer
+    than its EOS/EOT/EOM slots, a post-processor adding more than the BOS/EOS).
+    """
     path = model_dir / "tokenizer.json"
-    if not path.is_file():
+    facts = resolve_tokenizer(model_dir)
+    tok = facts.effective_tokenizer
+    if tok is None:
         raise UnsupportedError(
             f"{model_dir}: no tokenizer.json; dsq writes byte-level BPE tokenizers from tokenizer.json only"
         )
-    tok = _read_json(path)
     model = tok.get("model") or {}
     if model.get("type") != "BPE" or model.get("byte_fallback"):
         raise UnsupportedError(
@@ -94,10 +94,8 @@ def add_tokenizer(w: GGUFWriter, model_dir: Path, vocab_size: int) -> dict:
             f"{' with byte_fallback' if model.get('byte_fallback') else ''}; dsq writes byte-level BPE (gpt2) only"
         )
     pre = pre_tokenizer_name(tok, str(path))
-    vocab: dict[str, int] = dict(model.get("vocab") or {})
-    added = {t["id"]: t for t in tok.get("added_tokens") or []}
-    for i, t in added.items():
-        vocab[t["content"]] = i
+    vocab = facts.vocab
+    added = {t.id: t for t in facts.added}
     top = max(vocab.values(), default=-1)
     if top >= vocab_size:
         raise UnsupportedError(f"{path}: token id {top} does not fit config.json vocab_size {vocab_size}")
@@ -109,7 +107,7 @@ def add_tokenizer(w: GGUFWriter, model_dir: Path, vocab_size: int) -> dict:
             types.append(TokenType.UNUSED)
         elif i in added:
             tokens.append(by_id[i])
-            types.append(TokenType.CONTROL if added[i].get("special") else TokenType.USER_DEFINED)
+            types.append(TokenType.CONTROL if added[i].special else TokenType.USER_DEFINED)
         else:
             tokens.append(by_id[i])
             types.append(TokenType.NORMAL)
@@ -120,24 +118,48 @@ def add_tokenizer(w: GGUFWriter, model_dir: Path, vocab_size: int) -> dict:
     w.add_token_types(types)
     w.add_token_merges(merges)
 
-    cfg_path = model_dir / "tokenizer_config.json"
-    tcfg = _read_json(cfg_path) if cfg_path.is_file() else {}
+    notes: list[str] = []
     special: dict[str, int] = {}
     for kind in ("bos", "eos", "unk", "pad"):
-        text = _token_text(tcfg.get(f"{kind}_token"))
-        if text is None:
-            continue
-        if text not in vocab:
-            raise UnsupportedError(f"{cfg_path}: field `{kind}_token` = {text!r} is not in the vocabulary")
-        special[kind] = vocab[text]
-        getattr(w, f"add_{kind}_token_id")(vocab[text])
-    w.add_add_bos_token(bool(tcfg.get("add_bos_token", False)) and "bos" in special)
-    w.add_add_eos_token(bool(tcfg.get("add_eos_token", False)))
-    template = tcfg.get("chat_template")
-    jinja = model_dir / "chat_template.jinja"
-    if template is None and jinja.is_file():
-        template = jinja.read_text(encoding="utf-8")
-    if template:
-        w.add_chat_template(template)
-    return {"pre_tokenizer": pre, "tokens": len(tokens), "merges": len(merges), "special": special,
-            "chat_template": bool(template)}
+        tid = facts.ids[kind]
+        if facts.tokens[kind] is not None and tid is None:
+            raise UnsupportedError(
+                f"{model_dir / facts.sources.get(kind + '_token', 'tokenizer_config.json')}: field `{kind}_token` = "
+                f"{facts.tokens[kind]!r} is not in the vocabulary"
+            )
+        if tid is not None:
+            special[kind] = tid
+    # Without a tokenizer EOS, the first generation EOS (config/generation_config) is the EOS llama.cpp needs:
+    # with none at all it falls back to id 11, an ordinary token in a byte-level vocabulary.
+    if "eos" not in special and facts.eog_ids:
+        special["eos"] = facts.eog_ids[0]
+    for kind, tid in special.items():
+        getattr(w, f"add_{kind}_token_id")(tid)
+    # llama.cpp's end-of-generation set: EOS, EOT, EOM, and tokens it knows by name.
+    rest = [i for i in facts.eog_ids if i != special.get("eos") and by_id.get(i) not in LLAMA_CPP_EOG_NAMES]
+    if facts.template_end is not None and vocab.get(facts.template_end) in rest:
+        rest.remove(vocab[facts.template_end])
+        rest.insert(0, vocab[facts.template_end])  # the chat turn's end is llama.cpp's EOT
+    slots = {}
+    for kind, tid in zip(("eot", "eom"), rest, strict=False):
+        getattr(w, f"add_{kind}_token_id")(tid)
+        slots[kind] = tid
+    if len(rest) > 2:
+        notes.append(f"end-of-generation ids {rest[2:]} do not fit llama.cpp's EOS/EOT/EOM slots: llama.cpp will not stop there")
+    w.add_add_bos_token(facts.add_bos)
+    w.add_add_eos_token(facts.add_eos)
+    if facts.prefix_ids and not facts.add_bos:
+        notes.append(f"the tokenizer adds {list(facts.prefix_ids)} before the text; llama.cpp can add only the BOS")
+    if facts.suffix_ids and not facts.add_eos:
+        notes.append(f"the tokenizer adds {list(facts.suffix_ids)} after the text; llama.cpp can add only the EOS")
+    if facts.normalizer_names:
+        notes.append(f"tokenizer normalizer {'+'.join(facts.normalizer_names)}: llama.cpp does not apply it, so text "
+                     "that it would change tokenizes differently")
+    templates = facts.chat_templates
+    if list(templates) == ["default"]:
+        w.add_chat_template(templates["default"])
+    elif templates:
+        w.add_chat_template([{"name": n, "template": t} for n, t in templates.items()])
+    return {"pre_tokenizer": pre, "tokens": len(tokens), "merges": len(merges), "special": {**special, **slots},
+            "add_bos": facts.add_bos, "eog_ids": list(facts.eog_ids), "chat_template": bool(templates),
+            "notes": notes}

@@ -22,9 +22,9 @@ The file appears atomically: written under a temporary name, renamed when comple
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,8 +33,8 @@ import numpy as np
 from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFWriter
 
 from dsq.dsquant.archs import ROLE_INFO
-from dsq.dsquant.atomic import check_output
-from dsq.dsquant.errors import InputError, UnsupportedError
+from dsq.dsquant.atomic import check_output, make_partial_dir
+from dsq.dsquant.errors import InputError, OutputError, UnsupportedError
 from dsq.dsquant.formats import QuantizedTensor
 from dsq.dsquant.recipes import KEEP, load_recipe
 
@@ -167,7 +167,7 @@ def export_gguf(
 
     # Everything is written into a temporary directory beside the output, then renamed into place
     # (one file, or the shards of a split: <stem>-0000i-of-0000n.gguf, llama.cpp's gguf-split names).
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", suffix=".partial", dir=out_path.resolve().parent))
+    tmp_dir = make_partial_dir(out_path)  # removes what a killed earlier run on out_path left
     rows: list[dict] = []
     try:
         w = GGUFWriter(tmp_dir / out_path.name, src.arch.gguf_arch, split_max_size=split)
@@ -209,6 +209,12 @@ def export_gguf(
                 check_output(final, overwrite)
         for shard, final in zip(shards, finals, strict=True):
             os.replace(shard, final)
+    except OSError as e:  # numpy's tofile reports a short write without errno: name the output instead
+        if e.errno not in (None, errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise
+        raise OutputError(
+            f"{out_path}: cannot write ({e.strerror or e}); is the disk full? Nothing was written"
+        ) from None
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     report = _report(src, finals, type, recipe, rows, notes, tok, time.perf_counter() - t0, mix)
@@ -256,6 +262,7 @@ def _report(src: GGUFSource, files: list[Path], type_: str, recipe, rows, notes,
                          f"largest added relative RMS error {worst['rel_error']:.3g} ({worst['name']})"]
     if not src.quantized and not any(r["status"] == "quantized" for r in rows):
         notes = [*notes, "source is not quantized and no recipe/--type asked for quantization: weights kept as floats"]
+    notes = [*notes, *tok.get("notes", [])]
     return {
         "source": str(src.path),
         "output": str(files[0]),

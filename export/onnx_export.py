@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import time
 from collections import Counter
@@ -20,10 +19,13 @@ import onnx
 
 from ..dsquant.atomic import atomic_dir
 from ..dsquant.checkpoint import SIDE_FILES, Checkpoint
-from ..dsquant.errors import CorruptFileError, InputError, UnsupportedError
+from ..dsquant.errors import InputError, UnsupportedError
 from ..dsquant.formats import FORMATS, QuantizedTensor
+from ..dsquant.paths import resolve_model_file
+from ..dsquant.schema import load_config
 from .onnx_genai import genai_config
 from .onnx_graph import arch_spec, attention_kind, build_decoder
+from .onnx_guard import check_model_dir
 from .onnx_weights import DATA_NAME, InitializerSink, WeightTable
 
 MODEL_NAME = "model.onnx"
@@ -135,12 +137,12 @@ def export_onnx(
     if int4_block is not None and int4_block not in INT4_BLOCKS:
         raise UnsupportedError(f"--int4-block {int4_block}: choose one of {', '.join(map(str, INT4_BLOCKS))}")
     src = Path(src)
-    if not (src / "config.json").is_file():
+    cfg_file = resolve_model_file(src, "config.json")
+    if cfg_file is None:
         raise InputError(f"{src}: no config.json; give a dsq output or Hugging Face model directory")
-    try:
-        cfg = json.loads((src / "config.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CorruptFileError(f"{src / 'config.json'}: not valid JSON ({e})") from None
+    cfg = load_config(cfg_file, src / "config.json")  # types and ranges: before any graph is sized from them
+    # Side files must resolve inside the folder; checked before any work, copied from the checked paths.
+    side_files = {name: f for name in SIDE_FILES if (f := resolve_model_file(src, name)) is not None}
     attention_kind(cfg, attention)  # unsupported architecture / attention: fail before reading any weight
 
     with atomic_dir(out_dir, overwrite) as tmp:
@@ -166,10 +168,12 @@ def export_onnx(
             progress(i + 1, 0, f"writing {MODEL_NAME} and checking it")
         _save(model, tmp, weights.sink.external_bytes, external_threshold)
         onnx.checker.check_model(str(tmp / MODEL_NAME))
-        for name in SIDE_FILES:
-            if (src / name).is_file():
-                shutil.copy2(src / name, tmp / name)
+        for name, f in side_files.items():
+            shutil.copy2(f, tmp / name)
         (tmp / "genai_config.json").write_text(json.dumps(genai_config(cfg, src, ep), indent=2))
+        from .onnx_genai import write_tokenizer_files
+
+        tok_notes = write_tokenizer_files(src, tmp)  # after the side files are copied: it rewrites some of them
         report = {
             "source": str(src),
             "model_type": cfg["model_type"],
@@ -178,7 +182,7 @@ def export_onnx(
             "accuracy_level": accuracy_level,
             "formats": dict(formats),
             "matmulnbits": sorted({f"{lin.format}->bits{lin.packed.bits}" for lin in weights.linears.values() if lin.packed}),
-            "notes": sorted(weights.notes),
+            "notes": sorted(weights.notes) + tok_notes,
             "float32": _float_summary(weights, cfg),
             "external_data": (tmp / DATA_NAME).exists(),
             "bytes": sum(f.stat().st_size for f in tmp.iterdir() if f.name.startswith(MODEL_NAME)),
@@ -216,23 +220,6 @@ def kv_bytes_per_token(cfg: dict) -> int:
 
     key, value = ATTENTION[arch_spec(cfg).attention][1](cfg)
     return 4 * cfg["num_hidden_layers"] * (key[1] * key[3] + value[1] * value[3])
-
-
-def check_model_dir(model_dir: str | Path) -> Path:
-    """Refuse an ONNX folder whose external-data locations leave it (a crafted model could read any file)."""
-    model_dir = Path(model_dir).resolve()
-    path = model_dir / MODEL_NAME
-    if not path.is_file():
-        raise InputError(f"{model_dir}: no {MODEL_NAME}")
-    model = onnx.load(str(path), load_external_data=False)
-    for t in onnx.external_data_helper._get_all_tensors(model):
-        if t.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        loc = next((e.value for e in t.external_data if e.key == "location"), "")
-        target = (model_dir / loc).resolve()
-        if os.path.isabs(loc) or model_dir not in target.parents:
-            raise CorruptFileError(f"{path}: tensor `{t.name}` points its external data outside the folder ({loc})")
-    return path
 
 
 def load_session(model_dir: str | Path, providers: tuple[str, ...] = ("CPUExecutionProvider",), opt_all: bool = True):

@@ -257,17 +257,20 @@ def file_size(path: Path) -> int:
 
 
 # What a model path is, by its bytes and layout (not by the runtime asked for), for "wrong runtime" messages.
-_KINDS = {"gguf": "a GGUF file (llama-cpp)", "onnx": "an ONNX model (onnxruntime)", "hf": "a Hugging Face directory (torch)"}
+_KINDS = {"gguf": "a GGUF file (llama-cpp)", "onnx": "an ONNX model (onnxruntime)", "hf": "a Hugging Face directory (torch)",
+          "mlx": "an MLX-LM folder (mlx)"}
 
 
 def model_format(path: Path) -> str:
-    """'gguf', 'onnx', 'hf' or 'unknown'."""
+    """'gguf', 'onnx', 'mlx', 'hf' or 'unknown'."""
     path = Path(path)
     if path.is_dir():
         if (path / "model.onnx").is_file():
             return "onnx"
         if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
-            return "hf"
+            from .mlx_runtime import is_mlx_dir  # no mlx import: reads config.json and a safetensors header
+
+            return "mlx" if is_mlx_dir(path) else "hf"
         if len(ggufs := list(path.glob("*.gguf"))) == 1:
             return model_format(ggufs[0])
         return "unknown"

@@ -9,40 +9,23 @@ messages, the same restrictions transformers applies (``transformers.utils.chat_
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import date
 
-from jinja2 import TemplateError, Undefined
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-from dsq.dsquant.errors import InputError
+from dsq.dsquant.sandbox import render_chat_template
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
-def _raise(message: str):
-    raise TemplateError(message)
-
-
-class _Lenient(Undefined):
-    """Undefined variables render as empty (templates test optional ones like `tools`), as in transformers."""
-
-
 def render_chat(template: str | None, messages: list[dict[str, str]], special_tokens: dict[str, str],
                 add_generation_prompt: bool = True) -> str:
-    """The prompt text for ``messages``; a model without a template gets a plain "role: content" layout."""
+    """The prompt text for ``messages``; a model without a template gets a plain "role: content" layout.
+
+    The template runs in dsq's bounded sandbox (``dsquant.sandbox``): time, integer and size limits on top
+    of Jinja's immutable sandbox; every failure is an InputError naming the chat template.
+    """
     if not template:
         body = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
         return body + ("assistant: " if add_generation_prompt else "")
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, undefined=_Lenient)
-    env.globals["raise_exception"] = _raise
-    env.globals["strftime_now"] = lambda fmt: date.today().strftime(fmt)
-    try:
-        return env.from_string(template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=special_tokens.get("bos_token", ""), eos_token=special_tokens.get("eos_token", ""),
-        )
-    except TemplateError as e:
-        raise InputError(f"the model's chat template failed to render: {e}") from None
+    return render_chat_template(template, messages, special_tokens, add_generation_prompt)
 
 
 def starts_in_think(prompt: str) -> bool:

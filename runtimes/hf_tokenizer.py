@@ -1,8 +1,11 @@
 """The tokenizer and generation settings of a Hugging Face style model directory.
 
-Shared by the torch and onnxruntime backends (an ONNX export carries the same tokenizer files).
-``tokenizer.json`` is read with the ``tokenizers`` library directly (no torch import); directories
-with only a SentencePiece ``tokenizer.model`` go through ``transformers.AutoTokenizer``.
+Shared by the torch and onnxruntime backends (an ONNX export carries the same tokenizer files). Every
+fact (BOS/EOS/end-of-generation ids, whether BOS is added, the chat template, the normalizer and
+pre-tokenizer transformers really runs) comes from :func:`dsq.dsquant.tokenizer_facts.resolve_tokenizer`,
+the resolver the exporters use too. ``tokenizer.json`` is run with the ``tokenizers`` library directly
+(no torch import), as transformers' tokenizer class would run it; directories with only a SentencePiece
+``tokenizer.model`` go through ``transformers.AutoTokenizer``.
 """
 
 from __future__ import annotations
@@ -12,84 +15,41 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from dsq.dsquant.errors import CorruptFileError, InputError
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CorruptFileError(f"{path}: not valid JSON ({e})") from None
-
-
-def _token_str(v) -> str | None:
-    """tokenizer_config stores special tokens as a string or as {"content": ...}."""
-    if isinstance(v, dict):
-        return v.get("content")
-    return v if isinstance(v, str) else None
-
-
-def _ids(v) -> set[int]:
-    if v is None:
-        return set()
-    return {int(x) for x in v} if isinstance(v, list) else {int(v)}
+from dsq.dsquant.paths import resolve_model_file
+from dsq.dsquant.tokenizer_facts import resolve_tokenizer
 
 
 class HFTokenizer:
     def __init__(self, model_dir: Path):
         self.dir = Path(model_dir)
-        tj = self.dir / "tokenizer.json"
-        self.config = _read_json(self.dir / "tokenizer_config.json")
-        if tj.is_file():
+        if resolve_model_file(self.dir, "tokenizer.json") is None and resolve_model_file(self.dir, "tokenizer.model") is None:
+            raise InputError(f"{self.dir}: no tokenizer.json or tokenizer.model next to the model")
+        self.facts = resolve_tokenizer(self.dir)
+        if self.facts.effective_tokenizer is not None:
             from tokenizers import Tokenizer
 
             try:
-                self._tok = Tokenizer.from_file(str(tj))
+                self._tok = Tokenizer.from_str(json.dumps(self.facts.effective_tokenizer))
             except Exception as e:
-                raise CorruptFileError(f"{tj}: cannot be read as a tokenizer ({e})") from None
+                raise CorruptFileError(f"{self.dir / 'tokenizer.json'}: cannot be read as a tokenizer ({e})") from None
             self._fast = True
-        elif (self.dir / "tokenizer.model").is_file():
+        else:
             from transformers import AutoTokenizer
 
             self._tok = AutoTokenizer.from_pretrained(str(self.dir))
             self._fast = False
-        else:
-            raise InputError(f"{self.dir}: no tokenizer.json or tokenizer.model next to the model")
-
-        self.special_tokens = {k: s for k in ("bos_token", "eos_token") if (s := _token_str(self.config.get(k)))}
-        self.bos_id = self.token_id(self.special_tokens.get("bos_token"))
-        model_cfg = _read_json(self.dir / "config.json")
-        gen_cfg = _read_json(self.dir / "generation_config.json")
-        eos = _ids(gen_cfg.get("eos_token_id")) | _ids(model_cfg.get("eos_token_id"))
-        if (e := self.token_id(self.special_tokens.get("eos_token"))) is not None:
-            eos.add(e)
-        self.eos_ids = frozenset(eos)
-        if self.bos_id is None and model_cfg.get("bos_token_id") is not None:
-            self.bos_id = int(model_cfg["bos_token_id"])
-        self.add_bos = self._wants_bos()
-        tmpl_file = self.dir / "chat_template.jinja"
-        self.chat_template: str | None = tmpl_file.read_text() if tmpl_file.is_file() else None
-        if self.chat_template is None and isinstance(self.config.get("chat_template"), str):
-            self.chat_template = self.config["chat_template"]
+        f = self.facts
+        self.bos_id = f.bos_id
+        self.eos_ids = frozenset(f.eog_ids)
+        self.add_bos = f.add_bos
+        self.chat_template = f.chat_template
+        self.special_tokens = f.special_tokens
 
     def token_id(self, token: str | None) -> int | None:
         if token is None:
             return None
         tid = self._tok.token_to_id(token) if self._fast else self._tok.convert_tokens_to_ids(token)
         return None if tid is None or (not self._fast and tid == self._tok.unk_token_id) else int(tid)
-
-    def _wants_bos(self) -> bool:
-        """tokenizer_config's add_bos_token if set; otherwise whether the post-processor adds the BOS."""
-        if "add_bos_token" in self.config:
-            return bool(self.config["add_bos_token"]) and self.bos_id is not None
-        if self.bos_id is None:
-            return False
-        if self._fast:
-            with_special = self._tok.encode("a", add_special_tokens=True).ids
-        else:
-            with_special = self._tok.encode("a", add_special_tokens=True)
-        return bool(with_special) and with_special[0] == self.bos_id
 
     @property
     def vocab_size(self) -> int:

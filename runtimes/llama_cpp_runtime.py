@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
-from dsq.dsquant.errors import InputError
+from dsq.dsquant.errors import CorruptFileError, InputError
 
 from .base import Availability, Runtime
 
@@ -67,7 +68,10 @@ class LlamaCppRuntime(Runtime):
 
         path = Path(path)
         if path.is_dir():
-            path = next(path.glob("*.gguf"))
+            path = next(path.glob("*.gguf"), None)
+            if path is None:
+                raise InputError(f"{path}: no .gguf file in the folder")
+        check_gguf(path)  # before llama.cpp sees it: its asserts abort the process (SIGABRT), not raise
         self = cls()
         self.path, self.device = path, device
         self.threads = threads or max(1, os.cpu_count() or 1)
@@ -80,6 +84,10 @@ class LlamaCppRuntime(Runtime):
                 )
             except ValueError as e:  # llama-cpp-python raises ValueError("Failed to load model from file")
                 raise InputError(f"{path}: llama.cpp cannot load this GGUF ({e}); run with DSQ_VERBOSE=1 for its log") from None
+            except Exception as e:  # e.g. jinja2's TemplateSyntaxError from its chat-template compile
+                raise InputError(
+                    f"{path}: llama-cpp-python cannot load this GGUF ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+                ) from None
         self.n_ctx = self.llm.n_ctx()
         self.vocab_size = self.llm.n_vocab()
         meta = self.llm.metadata
@@ -141,6 +149,73 @@ class LlamaCppRuntime(Runtime):
         if getattr(self, "llm", None) is not None:
             self.llm.close()
             self.llm = None
+
+
+# Bounds for GGUF hyperparameters (the same reasoning as dsquant.schema: far above released models).
+_GGUF_LIMITS = {"block_count": 2048, "embedding_length": 1 << 20, "attention.head_count": 16384,
+                "attention.head_count_kv": 16384, "feed_forward_length": 1 << 22, "context_length": 1 << 27,
+                "expert_count": 65536, "expert_used_count": 65536}
+_BLOCK = re.compile(r"^blk\.(\d+)\.")
+
+
+def check_gguf(path: Path) -> None:
+    """Refuse a GGUF whose hyperparameters are absurd or disagree with its tensors, before llama.cpp loads it.
+
+    llama.cpp sizes its buffers from ``ARCH.block_count`` and friends and GGML_ASSERTs (aborting the whole
+    process) when they disagree with the tensors; dsq's own bounded GGUF parser (dsquant.inspect) reads the
+    header instead. Also parses the embedded chat template, which llama-cpp-python compiles on load.
+    Raises InputError/CorruptFileError naming the file and key.
+    """
+    from dsq.dsquant.inspect import describe_gguf
+    from dsq.dsquant.paths import require_regular_file
+
+    desc = describe_gguf(require_regular_file(path))
+    meta = desc.facts
+    arch = meta.get("general.architecture")
+    if not isinstance(arch, str) or not arch:
+        raise CorruptFileError(f"{path}: no `general.architecture` string; not a model GGUF")
+    for key, limit in _GGUF_LIMITS.items():
+        v = meta.get(f"{arch}.{key}")
+        if isinstance(v, str) and v.startswith("["):
+            continue  # a long per-layer array, summarized by the parser (llama.cpp checks its length)
+        values = v if isinstance(v, list) else [v]  # head_count_kv may be per layer
+        for x in values:
+            if x is None:
+                continue
+            zero_ok = key == "attention.head_count_kv"  # attention-free layers (hybrid models)
+            in_range = isinstance(x, int) and not isinstance(x, bool) and (0 < x <= limit or (zero_ok and x == 0))
+            if not in_range:
+                raise CorruptFileError(f"{path}: `{arch}.{key}` = {x!r} is out of range (1..{limit})")
+    blocks = meta.get(f"{arch}.block_count")
+    if blocks is None:
+        raise CorruptFileError(f"{path}: no `{arch}.block_count`; not a model GGUF")
+    present = {int(m.group(1)) for name, *_ in desc.tensors if (m := _BLOCK.match(name))}
+    split = meta.get("split.count", 1)
+    # A split GGUF (gguf-split, --split-max-size) holds only some blocks per file: checked by range only.
+    if present and split in (0, 1) and (max(present) + 1 != blocks or len(present) != blocks):
+        raise CorruptFileError(
+            f"{path}: `{arch}.block_count` = {blocks} but the tensors have {len(present)} blocks "
+            f"(blk.0..blk.{max(present)}); the header disagrees with the weights"
+        )
+    heads, width = meta.get(f"{arch}.attention.head_count"), meta.get(f"{arch}.embedding_length")
+    if isinstance(heads, int) and isinstance(width, int) and heads and width % heads and \
+            f"{arch}.attention.key_length" not in meta:
+        raise CorruptFileError(f"{path}: `{arch}.embedding_length` {width} is not a multiple of head_count {heads}")
+    # llama-cpp-python compiles every tokenizer.chat_template[.NAME] on load; a syntax error there escapes as
+    # jinja2's exception, so parse them first (parsing runs nothing).
+    import jinja2
+
+    from dsq.dsquant.sandbox import BoundedEnvironment
+
+    for key, template in meta.items():
+        if not key.startswith("tokenizer.chat_template") or not isinstance(template, str):
+            continue
+        try:
+            BoundedEnvironment().parse(template)
+        except jinja2.TemplateError as e:
+            raise CorruptFileError(f"{path}: `{key}` is not a valid Jinja template ({e})") from None
+        except RecursionError:
+            raise CorruptFileError(f"{path}: `{key}` nests too deeply") from None
 
 
 def _gpu_kinds(llama_cpp) -> list[str]:

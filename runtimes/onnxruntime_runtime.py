@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from dsq.dsquant.errors import CorruptFileError, InputError
+from dsq.export.onnx_guard import check_onnx_file
 
 from .base import Availability, Runtime
 from .hf_tokenizer import HFTokenizer
@@ -70,6 +71,9 @@ class OnnxRuntime(Runtime):
             opts.intra_op_num_threads = threads
         self.threads = threads or 0  # 0: onnxruntime's default (physical cores)
         providers = [PROVIDERS[device]] + (["CPUExecutionProvider"] if device != "cpu" else [])
+        # dsq's own external-data guard on every load: older onnxruntime follows `../x`, absolute paths
+        # and symlinks out of the folder (CVE-2022-25882, CVE-2024-27318, CVE-2025-51480).
+        model = check_onnx_file(model)
         try:
             self.sess = ort.InferenceSession(str(model), sess_options=opts, providers=providers)
         except Exception as e:

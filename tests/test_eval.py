@@ -93,11 +93,12 @@ def test_eval_reference_against_itself_is_zero(model_dir, tmp_path):
 
 def test_eval_refuses_other_tokenizer(model_dir, quantized_dir, tmp_path):
     other = tmp_path / "other"
-    shutil.copytree(quantized_dir("qwen2", "int8"), other)
+    # llama, not qwen2: for model_type qwen2 transformers (and so dsq) runs Qwen2Tokenizer's own pre-tokenizer
+    shutil.copytree(quantized_dir("llama", "int8"), other)
     tj = json.loads((other / "tokenizer.json").read_text())
     tj["pre_tokenizer"]["add_prefix_space"] = True  # same vocabulary, different splits
     (other / "tokenizer.json").write_text(json.dumps(tj))
-    res = runner.invoke(app, ["eval", str(other), "--ref", str(model_dir("qwen2")), "--text", str(TEXT), *FAST,
+    res = runner.invoke(app, ["eval", str(other), "--ref", str(model_dir("llama")), "--text", str(TEXT), *FAST,
                               "--cache-dir", str(tmp_path / "c")])
     assert res.exit_code == 2, res.output
     assert "tokenizer" in res.output and "meaningless" in res.output and "Traceback" not in res.output

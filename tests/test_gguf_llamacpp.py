@@ -135,13 +135,18 @@ def test_f32_gguf_matches_torch_reference_tightly(arch, quantized_dir, tmp_path)
 
 
 def test_tokenizer_ids_equal_hf(quantized_dir, tmp_path):
+    """Against transformers (issue 11: exports behave like the model as transformers loads it; for this
+    model_type qwen2 fixture that is Qwen2Tokenizer's pre-tokenizer, not tokenizer.json's)."""
+    from transformers import AutoTokenizer
+
     src = quantized_dir("qwen2", "int4")
     out = tmp_path / "t.gguf"
     export_gguf(src, out)
     llm = llama_cpp.Llama(str(out), vocab_only=True, verbose=False)
+    ref = AutoTokenizer.from_pretrained(str(src))
     for text in TEXTS:
-        assert llm.tokenize(text.encode(), add_bos=False, special=True) == hf_ids(src, text), text
-    assert llm.detokenize(hf_ids(src, TEXTS[2])).decode() == TEXTS[2]
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == ref(text)["input_ids"], text
+    assert llm.detokenize(ref(TEXTS[2])["input_ids"]).decode() == TEXTS[2]
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

@@ -49,7 +49,7 @@ def test_own_backends_are_entry_points_of_dsq_in_auto_order():
     """dsq's backends come from its own [project.entry-points."dsq.runtimes"], like any plugin's,
     ordered for `auto` by Runtime.priority: native runtimes first, the torch reference last."""
     b = {name: x for name, x in registry.backends().items() if x.source == "dsq"}
-    assert list(b) == ["llama-cpp", "onnxruntime", "torch"]
+    assert list(b) == ["llama-cpp", "onnxruntime", "mlx", "torch"]
     assert b["torch"].availability().ok and "cpu" in b["torch"].availability().devices
 
 

@@ -4,7 +4,7 @@ A calibration *source* is a shipped set name (``prose``, ``code``, ``reasoning``
 (``mixed``), or a user file: ``.txt`` (one text) or ``.jsonl`` (one document a line, either
 ``{"text": ...}`` or ``{"messages": [{"role", "content"}, ...]}``). Chat documents are rendered
 through the model's own chat template, so a reasoning distill is calibrated on ``<think>`` turns in
-the exact shape it reads them.
+the exact shape it writes them (see :func:`render`: the reply is never passed through the template).
 
 Sampling: each source becomes one token stream (documents joined as the tokenizer renders them,
 separated by EOS); sample ``k`` takes a window of ``seqlen`` tokens at a random offset of source
@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
+from ..sandbox import pick_template, render_chat_template
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "calib_data"
 MANIFEST = DATA_DIR / "MANIFEST.json"
@@ -165,13 +166,42 @@ def resolve_source(spec: str) -> list[tuple[str, list[Document]]]:
     return [(n, read_documents(sets[n].file, sets[n].kind)) for n in names]
 
 
+_THINK = "<think>"
+
+
+def _apply_template(tokenizer, template: str, messages: list[dict], add_generation_prompt: bool) -> str:
+    """The chat template's text for ``messages`` (the one place calibration renders a template).
+
+    dsq's bounded sandbox renders it, not transformers' apply_chat_template: the template came with the
+    model (time, integer and size limits; see dsquant/sandbox.py)."""
+    specials = {k: v for k, v in (getattr(tokenizer, "special_tokens_map", None) or {}).items() if isinstance(v, str)}
+    return render_chat_template(template, messages, specials, add_generation_prompt=add_generation_prompt,
+                                source="the model's chat template (rendering calibration chats)")
+
+
 def render(doc: Document, tokenizer) -> str:
-    """Plain text as is; chat messages through the tokenizer's chat template (a plain fallback if none)."""
+    """Plain text as is; chat messages through the tokenizer's chat template (a plain fallback if none).
+
+    A conversation ending in an assistant turn is rendered as the model sees it when it writes that
+    turn: the messages before it with the generation prompt, then the assistant text verbatim. Rendering
+    the whole conversation instead would let the template edit the reply as history (DeepSeek-R1
+    distills' templates delete everything up to ``</think>``, so no reasoning would reach calibration).
+    A generation prompt that already opens ``<think>`` is not repeated by the reply.
+    """
     if isinstance(doc, str):
         return doc
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(doc, tokenize=False)
-    return "".join(f"{m['role']}: {m['content']}\n" for m in doc)
+    template = pick_template(getattr(tokenizer, "chat_template", None))
+    if not template:
+        return "".join(f"{m['role']}: {m['content']}\n" for m in doc)
+    if doc[-1]["role"] != "assistant":
+        return _apply_template(tokenizer, template, doc, add_generation_prompt=False)
+    prompt = _apply_template(tokenizer, template, doc[:-1], add_generation_prompt=True)
+    reply = doc[-1]["content"]
+    if prompt.rstrip().endswith(_THINK) and reply.lstrip().startswith(_THINK):
+        reply = reply.lstrip()[len(_THINK) :]
+        tail = prompt[prompt.rstrip().rfind(_THINK) + len(_THINK) :]  # whitespace the prompt put after <think>
+        reply = reply[len(tail) :] if reply.startswith(tail) else reply
+    return prompt + reply
 
 
 def token_stream(docs: list[Document], tokenizer) -> list[int]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..checkpoint import Checkpoint
+from ..errors import InputError
 from ..formats import QuantizedTensor
 from ..plan import Plan
 from .data import DEFAULT_SOURCE
@@ -34,12 +35,30 @@ class CalibSpec:
         return get_method(self.method).needs_stats
 
 
+MAX_CALIB_TOKENS = 1 << 24  # samples x seqlen: 16M tokens is already hours of calibration on a GPU
+
+
+def check_calib_sizes(config: dict, samples: int, seqlen: int) -> None:
+    """Refuse --seqlen past the model's positions and --samples x --seqlen past MAX_CALIB_TOKENS, before any
+    buffer is sized from them (``--seqlen 10000000`` would allocate tens of GB)."""
+    max_pos = config.get("max_position_embeddings")
+    if isinstance(max_pos, int) and seqlen > max_pos:
+        raise InputError(f"--seqlen {seqlen}: longer than the model's max_position_embeddings ({max_pos}, config.json)")
+    if samples < 1 or seqlen < 2:
+        raise InputError(f"--samples ({samples}) must be >= 1 and --seqlen ({seqlen}) >= 2")
+    if samples * seqlen > MAX_CALIB_TOKENS:
+        raise InputError(
+            f"--samples {samples} x --seqlen {seqlen} = {samples * seqlen} tokens; the limit is {MAX_CALIB_TOKENS}"
+        )
+
+
 def run_calibration(
     ckpt: Checkpoint, plan: Plan, spec: CalibSpec, progress=None
 ) -> tuple[dict[str, QuantizedTensor | torch.Tensor], dict | None]:
     """(HF name -> calibrated tensor, the report's ``calibration`` section); empty for RTN."""
     if not spec.needs_data:
         return {}, None
+    check_calib_sizes(ckpt.config, spec.samples, spec.seqlen)
     from .pipeline import calibrate
 
     result = calibrate(

@@ -1,0 +1,430 @@
+"""``dsq quantize --executor ray``: the plan's tensors, in units of work, quantized over a Ray cluster.
+
+Why the result is the same bytes as ``--executor local``: the plan fixes every output tensor's name,
+dtype and shape before any weight is read, so every output shard's header -- and therefore the byte
+offset of every tensor in every shard -- is known up front. The driver writes each shard's header
+and extends the file to its final size; workers quantize with the local path's own per-tensor
+function (``quantize._process``) and ``pwrite`` the bytes at those offsets. The driver then writes
+the index, config and report exactly as the local path does, last, and renames the directory into
+place (``atomic``).
+
+Units of work are tensor groups (``unit_key``): a layer's attention (MLA projections and norms),
+its dense MLP or router, each routed expert, the shared expert, and every other tensor alone. A Ray
+task runs a few consecutive units (about ``task_bytes`` of input), one after another, so a worker
+holds at most one tensor's row slice at a time (the local path's memory bound); the driver never
+reads a weight.
+
+Assumptions: the source checkpoint and the output's parent (and ``--work-dir``) are on a filesystem
+every node sees at the same path (NFS, Lustre, a FUSE-mounted bucket), and dsq is installed on every
+node. Faults: Ray retries a task whose worker died (``max_retries``); a retried unit writes the same
+bytes at the same offsets, so it is idempotent. With ``work_dir``, the partial output and a log of
+finished units live in ``work_dir/ray-<fingerprint>/`` (the fingerprint covers the model's tensors
+and files, the plan, the output sharding and dsq's version), so a killed driver reruns only the
+units not in the log; without it, a killed driver's partial output is left as a hidden sibling of
+the output and a rerun starts over.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import resource
+import shutil
+import socket
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from .checkpoint import Checkpoint
+from .errors import DsqError, OutputError, UnsupportedError
+from .plan import PlanEntry, human_bytes
+from .safetensors_io import DTYPE_NAMES, PlannedTensor, read_header
+
+# A task runs consecutive units up to about this many input bytes: big enough that Ray's per-task
+# overhead (a few ms) is noise, small enough that a cluster of a few hundred CPUs gets several tasks each.
+DEFAULT_TASK_BYTES = 256 * 1024**2
+DEFAULT_MAX_RETRIES = 3
+DONE_LOG = "done.jsonl"
+
+
+def unit_key(entry: PlanEntry) -> str:
+    """The unit of work a plan entry belongs to (entries with the same key run in one worker call)."""
+    ref = entry.tensor.ref
+    if ref is None or ref.layer is None:
+        return entry.name  # embeddings, final norm, lm_head, unmapped tensors: each alone
+    if ref.expert is not None:
+        return f"layer {ref.layer} expert {ref.expert}"
+    group = ref.info.group
+    if group == "shared_experts":
+        return f"layer {ref.layer} shared expert"
+    if group in ("mlp", "router"):
+        return f"layer {ref.layer} mlp"
+    if group == "mtp":
+        return entry.name  # the MTP layer's embedding and head are vocabulary-sized: alone
+    return f"layer {ref.layer} attention"
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where one output tensor's bytes go: ``file`` at absolute byte ``begin``."""
+
+    file: str
+    begin: int
+    tensor: PlannedTensor
+
+
+@dataclass
+class Unit:
+    key: str
+    items: list[int]  # indices into the planned items (plan order)
+    in_bytes: int
+
+
+def shard_header(planned: list[PlannedTensor], metadata: dict[str, str]) -> bytes:
+    """The 8-byte length + JSON header ``SafetensorsWriter`` writes for these tensors (same bytes)."""
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for t in planned:
+        header[t.name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # 8-byte alignment of the data section, as safetensors does
+    return struct.pack("<Q", len(blob)) + blob
+
+
+def _prepare_shard(path: Path, planned: list[PlannedTensor], metadata: dict[str, str]) -> dict[str, Slot]:
+    """Create (or, resuming, keep) ``path`` at its final size with its header; returns every tensor's slot."""
+    head = shard_header(planned, metadata)
+    size = len(head) + sum(t.nbytes for t in planned)
+    try:
+        keep = False
+        if path.is_file() and path.stat().st_size == size:  # resuming: keep what finished units wrote
+            with open(path, "rb") as f:
+                keep = f.read(len(head)) == head
+        if not keep:
+            with open(path, "wb") as f:
+                f.write(head)
+                f.truncate(size)  # the data region: a hole until workers fill it
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write ({e.strerror})") from None
+    infos, _ = read_header(path)  # offsets as any safetensors reader will see them
+    return {t.name: Slot(str(path), infos[t.name].begin, t) for t in planned}
+
+
+class PwriteWriter:
+    """``SafetensorsWriter``'s write interface over pre-sized files: each planned tensor's rows land at
+    its slot's offset with ``os.pwrite``, in any order across tensors (rows of one tensor in order)."""
+
+    def __init__(self, slots: dict[str, Slot]):
+        self.slots = slots
+        self.written = dict.fromkeys(slots, 0)
+        self._fds: dict[str, int] = {}
+
+    def _fd(self, file: str) -> int:
+        if file not in self._fds:
+            try:
+                self._fds[file] = os.open(file, os.O_WRONLY)
+            except OSError as e:
+                raise OutputError(f"{file}: cannot open for writing ({e.strerror})") from None
+        return self._fds[file]
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write a whole planned tensor."""
+        self.write_part(name, tensor)
+        if self.written[name] != self.slots[name].tensor.nbytes:
+            raise AssertionError(f"`{name}` got {self.written[name]} of its bytes in one write")
+
+    def write_part(self, name: str, part: torch.Tensor) -> None:
+        """Write the next rows (dim 0) of planned tensor ``name``."""
+        slot = self.slots.get(name)
+        if slot is None or part.dtype != slot.tensor.dtype or tuple(part.shape[1:]) != slot.tensor.shape[1:]:
+            planned = f"{slot.tensor.dtype}{list(slot.tensor.shape)}" if slot else "nothing"
+            raise AssertionError(f"writer got {name} {part.dtype}{list(part.shape)}, planned {planned}")
+        data = part.contiguous().reshape(-1).view(torch.uint8).numpy() if part.numel() else b""
+        done = self.written[name]
+        if done + len(data) > slot.tensor.nbytes:
+            raise AssertionError(f"`{name}` got more bytes than planned ({slot.tensor.nbytes})")
+        fd, view, pos = self._fd(slot.file), memoryview(data), 0
+        try:
+            while pos < len(view):
+                pos += os.pwrite(fd, view[pos:], slot.begin + done + pos)
+        except OSError as e:
+            raise OutputError(f"{slot.file}: cannot write ({e.strerror}); is the disk full?") from None
+        self.written[name] = done + len(data)
+
+    def close(self) -> None:
+        """Check every slot is complete, then fsync: a unit is logged as done only once its bytes are durable."""
+        missing = [n for n, w in self.written.items() if w != self.slots[n].tensor.nbytes]
+        try:
+            for fd in self._fds.values():
+                if not missing:
+                    os.fsync(fd)
+                os.close(fd)
+        except OSError as e:
+            raise OutputError(f"cannot write ({e.strerror}); is the disk full?") from None
+        self._fds.clear()
+        if missing:
+            raise AssertionError(f"`{missing[0]}` was not completely written")
+
+
+# One Checkpoint per worker process and source: opening one reads config.json and the index only.
+_CHECKPOINTS: dict[str, Checkpoint] = {}
+
+
+def run_units(source: str, layout, jobs: list[tuple[str, list[tuple[int, PlanEntry, list[PlannedTensor], dict]]]]) -> dict:
+    """Worker side: quantize and write each job's tensors; returns their results by item index.
+
+    ``jobs`` is ``[(unit key, [(item index, entry, outputs, {output name: Slot}), ...]), ...]``; returns
+    ``{"units": [(key, [(item index, TensorResult as a dict)], seconds)], "node", "seconds", "bytes",
+    "max_rss"}`` (input bytes read, this worker process's peak RSS in bytes). The
+    same per-tensor function as ``--executor local`` (``quantize._process``) produces the bytes.
+    Raises what ``_process`` raises (DsqError subclasses for bad weights, OutputError for the disk).
+    """
+    from .quantize import _process  # here: quantize imports this module's caller, not the other way
+
+    t0 = time.perf_counter()
+    ckpt = _CHECKPOINTS.get(source)
+    if ckpt is None:
+        ckpt = _CHECKPOINTS[source] = Checkpoint(source)
+    done: list[tuple[str, list[tuple[int, dict]], float]] = []
+    in_bytes = 0
+    # one writer for the task: files opened once, one fsync per file at the end (the driver logs these
+    # units as done only after this function returns)
+    writer = PwriteWriter({n: slot for _, tensors in jobs for *_, slots in tensors for n, slot in slots.items()})
+    for key, tensors in jobs:
+        results, t_unit = [], time.perf_counter()
+        for idx, entry, outputs, _ in tensors:
+            results.append((idx, asdict(_process(ckpt, entry, outputs, layout, writer))))
+            in_bytes += entry.tensor.info.nbytes + (entry.tensor.scale_info.nbytes if entry.tensor.scale_info else 0)
+        done.append((key, results, time.perf_counter() - t_unit))
+    writer.close()
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return {"units": done, "node": socket.gethostname(), "seconds": time.perf_counter() - t0, "bytes": in_bytes,
+            "max_rss": rss}
+
+
+def _sha(obj: object) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _fingerprint(ckpt: Checkpoint, items, names: list[str], shards: list[list[int]], layout) -> dict:
+    return {
+        "dsq": __version__,
+        "source": str(ckpt.path.resolve()),
+        "model": _sha({
+            "config": ckpt.config,
+            "tensors": [(t.name, list(t.shape), t.source_dtype) for t in ckpt.tensors],
+            "files": [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in ckpt.files],
+        }),
+        "plan": _sha([(e.name, e.format, [(p.name, str(p.dtype), list(p.shape)) for p in ps]) for e, ps in items]),
+        "shards": _sha([names, shards]),
+        "layout": layout.name if layout else None,
+    }
+
+
+class RayExecutor:
+    """Runs ``quantize_checkpoint``'s planned items as Ray tasks (see the module docstring).
+
+    ``address``: ``ray.init``'s (None: the running Ray session if there is one, else a new local
+    cluster; ``auto``: the cluster ``ray start`` made on this machine). ``work_dir``: resumable state
+    (None: not resumable). ``task_bytes``: input bytes per task (0: one unit per task). ``unit_fn``:
+    the worker function (tests wrap ``run_units`` to kill a worker). After ``run``: ``units_total``,
+    ``units_skipped`` (finished by an earlier run), ``nodes`` (input bytes, worker seconds and the
+    largest worker peak RSS per node), ``unit_seconds`` (worker seconds per unit run here).
+    """
+
+    def __init__(self, address: str | None = None, work_dir: str | Path | None = None, *,
+                 task_bytes: int = DEFAULT_TASK_BYTES, max_retries: int = DEFAULT_MAX_RETRIES,
+                 unit_fn: Callable = run_units):
+        self.address = address
+        self.work_dir = Path(work_dir) if work_dir else None
+        self.task_bytes = task_bytes
+        self.max_retries = max_retries
+        self.unit_fn = unit_fn
+        self.state_dir: Path | None = None
+        self.units_total = self.units_skipped = 0
+        self.nodes: dict[str, dict[str, float]] = {}
+        self.unit_seconds: dict[str, float] = {}
+        self._started_ray = False
+
+    def _ray(self):
+        import ray  # optional extra: pip install 'dsq[ray]'
+
+        if not ray.is_initialized():
+            ray.init(address=self.address, log_to_driver=False)
+            self._started_ray = True
+        return ray
+
+    def units(self, items: list[tuple[PlanEntry, list[PlannedTensor]]]) -> list[Unit]:
+        """The plan's units of work, in order of their first tensor."""
+        by_key: dict[str, Unit] = {}
+        for i, (entry, _) in enumerate(items):
+            u = by_key.setdefault(unit_key(entry), Unit(unit_key(entry), [], 0))
+            u.items.append(i)
+            u.in_bytes += entry.tensor.info.nbytes + (entry.tensor.scale_info.nbytes if entry.tensor.scale_info else 0)
+        return list(by_key.values())
+
+    def run(self, ckpt: Checkpoint, items: list[tuple[PlanEntry, list[PlannedTensor]]], shards: list[list[int]],
+            names: list[str], layout, tmp: Path, progress, calibrated: dict | None = None) -> tuple[list, dict]:
+        """Write every shard of ``names`` into ``tmp``; returns (TensorResults in plan order, weight_map)
+        as the local loop builds them. Raises UnsupportedError for calibrated runs, the workers' DsqErrors."""
+        if calibrated:
+            raise UnsupportedError("--executor ray runs RTN and FP8 recipes; calibrated methods (--method) run locally")
+        ray = self._ray()
+        try:
+            return self._run(ray, ckpt, items, shards, names, layout, tmp, progress)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _run(self, ray, ckpt, items, shards, names, layout, tmp, progress) -> tuple[list, dict]:
+        from .quantize import TensorResult
+
+        metadata = {"format": "pt", "producer": f"dsq {__version__}"}  # as quantize_checkpoint's writer
+        if self.work_dir:
+            fp = _fingerprint(ckpt, items, names, shards, layout)
+            self.state_dir = self.work_dir / f"ray-{_sha(fp)}"
+            (self.state_dir / "partial").mkdir(parents=True, exist_ok=True)
+            (self.state_dir / "fingerprint.json").write_text(json.dumps(fp, indent=2))
+            out_dir = self.state_dir / "partial"
+        else:
+            out_dir = tmp
+        slots: dict[str, Slot] = {}
+        weight_map: dict[str, str] = {}
+        for shard_name, idxs in zip(names, shards, strict=True):
+            planned = [p for i in idxs for p in items[i][1]]
+            slots.update(_prepare_shard(out_dir / shard_name, planned, metadata))
+            weight_map.update({p.name: shard_name for p in planned})
+        units = self.units(items)
+        results: list[TensorResult | None] = [None] * len(items)
+        finished = self._load_log(units) if self.state_dir else {}
+        for res in finished.values():
+            for idx, r in res:
+                results[idx] = TensorResult(**r)
+        self.units_total, self.units_skipped = len(units), len(finished)
+        todo = [u for u in units if u.key not in finished]
+        total_bytes = sum(u.in_bytes for u in units)
+        done_bytes = sum(u.in_bytes for u in units if u.key in finished)
+        tasks = self._batches(todo, ray)
+        remote = ray.remote(max_retries=self.max_retries, retry_exceptions=False, num_cpus=1)(self.unit_fn)
+        source = str(ckpt.path.resolve())
+        layout_ref = ray.put(layout)
+        pending = {}
+        for batch in tasks:
+            jobs = [(u.key, [(i, items[i][0], items[i][1], {p.name: slots[p.name] for p in items[i][1]}) for i in u.items])
+                    for u in batch]
+            pending[remote.remote(source, layout_ref, jobs)] = batch
+        n_done_tensors = sum(1 for r in results if r is not None)
+        log = open(self.state_dir / DONE_LOG, "a+") if self.state_dir else None  # noqa: SIM115 - closed below
+        if log and log.tell():  # a killed run's torn last line must not swallow the next record
+            log.seek(log.tell() - 1)
+            if log.read(1) != "\n":
+                log.write("\n")
+        t0 = time.monotonic()
+        try:
+            while pending:
+                # up to 64 finished tasks per wake-up: one wait per task over 15,000 refs would be quadratic
+                ready, _ = ray.wait(list(pending), num_returns=min(len(pending), 64), timeout=1.0)
+                for ref in ready:
+                    batch = pending.pop(ref)
+                    try:
+                        out = ray.get(ref)
+                    except ray.exceptions.RayTaskError as e:
+                        cause = getattr(e, "cause", None)
+                        raise (cause if isinstance(cause, DsqError) else e) from None
+                    for key, res, seconds in out["units"]:
+                        self.unit_seconds[key] = seconds
+                        for idx, r in res:
+                            results[idx] = TensorResult(**r)
+                        if log:
+                            log.write(json.dumps({"unit": key, "results": res}) + "\n")
+                    node = self.nodes.setdefault(out["node"], {"bytes": 0, "seconds": 0.0, "max_rss": 0})
+                    node["bytes"] += out["bytes"]
+                    node["seconds"] += out["seconds"]
+                    node["max_rss"] = max(node["max_rss"], out["max_rss"])
+                    done_bytes += sum(u.in_bytes for u in batch)
+                    n_done_tensors += sum(len(u.items) for u in batch)
+                if log and ready:  # the workers fsynced their bytes before returning: logged units are on disk
+                    log.flush()
+                    os.fsync(log.fileno())
+                if progress and ready:
+                    units_done = self.units_total - sum(len(b) for b in pending.values())
+                    rate = done_bytes / max(time.monotonic() - t0, 1e-9)
+                    per_node = ", ".join(f"{n} {human_bytes(v['bytes'] / max(v['seconds'], 1e-9))}/s"
+                                         for n, v in sorted(self.nodes.items()))
+                    progress(n_done_tensors, len(items),
+                             f"{units_done}/{self.units_total} units, {human_bytes(done_bytes)}/{human_bytes(total_bytes)} "
+                             f"read ({human_bytes(rate)}/s; per node: {per_node})")
+        except BaseException:
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            raise
+        finally:
+            if log:
+                log.close()
+        if self.state_dir:  # the finished shards join the output directory (a hard link: no copy on one filesystem)
+            for shard_name in names:
+                _link_or_copy(out_dir / shard_name, tmp / shard_name)
+        return results, weight_map
+
+    def _batches(self, todo: list[Unit], ray) -> list[list[Unit]]:
+        """Consecutive units of about ``task_bytes``, and at least 4 tasks per cluster CPU while there are units."""
+        if not todo:
+            return []
+        cpus = max(int(ray.cluster_resources().get("CPU", 1)), 1)
+        cap = min(self.task_bytes, math.ceil(sum(u.in_bytes for u in todo) / (4 * cpus)))
+        out: list[list[Unit]] = [[]]
+        size = 0
+        for u in todo:
+            if out[-1] and size + u.in_bytes > cap:
+                out.append([])
+                size = 0
+            out[-1].append(u)
+            size += u.in_bytes
+        return out
+
+    def _load_log(self, units: list[Unit]) -> dict[str, list]:
+        """Units an earlier run finished (a torn last line, from a kill mid-write, is ignored)."""
+        path = self.state_dir / DONE_LOG
+        known = {u.key: len(u.items) for u in units}
+        finished: dict[str, list] = {}
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if known.get(rec.get("unit")) == len(rec.get("results", ())):
+                    finished[rec["unit"]] = rec["results"]
+        return finished
+
+    def cleanup(self) -> None:
+        """After the output is in place: drop the resumable state and stop a Ray this executor started."""
+        if self.state_dir:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        """Stop the local Ray cluster ``run`` started (one it connected to, or found running, stays)."""
+        if self._started_ray:
+            import ray
+
+            ray.shutdown()
+            self._started_ray = False
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem (or no hard links): copy
+        try:
+            shutil.copyfile(src, dst)
+        except OSError as e:
+            raise OutputError(f"{dst}: cannot write ({e.strerror})") from None
