@@ -28,10 +28,11 @@ from gguf import LlamaFileType
 from dsq.dsquant.errors import UnsupportedError
 from dsq.dsquant.formats import FORMATS, QuantizedTensor, check_finite
 
-from .kquants import quantize_q4_k, quantize_q6_k
+from .kquants import quantize_q4_k
 from .q2quants import quantize_q2_k
 from .q3quants import quantize_q3_k
 from .q5quants import quantize_q5_0, quantize_q5_1, quantize_q5_k
+from .q6ref import quantize_q6_k_ref
 
 BLOCK = 32
 # Floats are quantized this many elements at a time, so the temporaries of quantization stay small
@@ -47,7 +48,7 @@ class GGUFType:
     torch_dtype: torch.dtype | None = None  # float types
     file_type: LlamaFileType = LlamaFileType.ALL_F32
     block: int = BLOCK  # weights per block along a row (256 for k-quants)
-    # dsq's own packer (kquants.py, q2quants.py, q3quants.py, q5quants.py): float rows -> (bytes, values held)
+    # dsq's own packer (kquants.py, q2/q3/q5quants.py, q6ref.py): float rows -> (bytes, the values held)
     kquant: Callable[[torch.Tensor], tuple[np.ndarray, torch.Tensor]] | None = None
 
     @property
@@ -72,7 +73,7 @@ GGUF_TYPES: dict[str, GGUFType] = {
         GGUFType("q3_k", GT.Q3_K, file_type=LlamaFileType.MOSTLY_Q3_K_M, block=256, kquant=quantize_q3_k),
         GGUFType("q4_k", GT.Q4_K, file_type=LlamaFileType.MOSTLY_Q4_K_S, block=256, kquant=quantize_q4_k),
         GGUFType("q5_k", GT.Q5_K, file_type=LlamaFileType.MOSTLY_Q5_K_M, block=256, kquant=quantize_q5_k),
-        GGUFType("q6_k", GT.Q6_K, file_type=LlamaFileType.MOSTLY_Q6_K, block=256, kquant=quantize_q6_k),
+        GGUFType("q6_k", GT.Q6_K, file_type=LlamaFileType.MOSTLY_Q6_K, block=256, kquant=quantize_q6_k_ref),
         GGUFType("f16", GT.F16, torch_dtype=torch.float16, file_type=LlamaFileType.MOSTLY_F16),
         GGUFType("bf16", GT.BF16, torch_dtype=torch.bfloat16, file_type=LlamaFileType.MOSTLY_BF16),
         GGUFType("f32", GT.F32, torch_dtype=torch.float32, file_type=LlamaFileType.ALL_F32),

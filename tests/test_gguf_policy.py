@@ -8,9 +8,9 @@ embeddings and rows of 320 (not whole 256-blocks: the Q8_0 output rule and every
 (MLA, 8 routed experts, rows of 128 and 64). Measured: every tensor of every fixture under all 14 mixes
 equals llama.cpp's (also on 80-layer llama and qwen2 models, llama.cpp's "70B" attn_v rule, checked once
 outside the suite: too big for it); file sizes are equal to the byte; Q2_K/Q3_K/Q4_0/Q5_0/Q5_1/Q8_0 tensors
-quantized from floats are byte-identical to llama.cpp's (ggml's reference quantizers, which llama.cpp uses
-without an imatrix); Q4_K/Q5_K blocks >= 99.5% identical (near-ties of the scale search); dsq's Q6_K and its
-Q4_1 from floats are its own roundings (same types and sizes, other bytes).
+quantized from floats are byte-identical to llama.cpp's, Q6_K too (ggml's reference quantizers, which
+llama.cpp uses without an imatrix); Q4_K/Q5_K blocks >= 99.5% identical (near-ties of the scale search); dsq's
+Q4_1 from floats is its own rounding (integer zero points: same types and sizes, other bytes).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from dsq.export.gguf_writer import export_gguf
 from dsq.export.q2quants import quantize_q2_k
 from dsq.export.q3quants import quantize_q3_k
 from dsq.export.q5quants import Q5_K_BYTES, quantize_q5_0, quantize_q5_1, quantize_q5_k
+from dsq.export.q6ref import quantize_q6_k_ref
 
 # name -> (fixtures.SPECS architecture, config overrides)
 VARIANTS: dict[str, tuple[str, dict]] = {
@@ -148,13 +149,13 @@ def test_policy_with_importance_matrix_equals_llama_cpp(variant, llama_cpp, tmp_
 
 # -- files written by dsq, against llama.cpp's files ------------------------------------------------------
 @pytest.mark.parametrize(("name", "mixes"), [
-    ("llama", ("q4_0", "q3_k_m", "q2_k")),
+    ("llama", ("q4_0", "q2_k")),  # Q2_K mix: Q2_K, Q3_K and Q6_K tensors
     ("deepseek_v3", ("q4_k", "q4_k_s", "q5_k_m", "q4_1")),
     ("qwen2-320-tied", ("q4_k_m", "q3_k_l")),
 ])
 def test_export_types_size_and_bytes_equal_llama_cpp(name, mixes, variant, llama_cpp, tmp_path):
     """dsq export HF --to gguf --type X: llama.cpp's type for every tensor, the same file size, and for the
-    types whose reference rounding dsq follows exactly (Q2_K, Q3_K, Q4_0, Q5_0, Q5_1, Q8_0) the same bytes."""
+    types whose reference rounding dsq follows exactly (Q2_K, Q3_K, Q6_K, Q4_0, Q5_0, Q5_1, Q8_0) the same bytes."""
     src, f16 = variant(name)
     for mix in mixes:
         theirs_path, ours_path = tmp_path / f"{mix}-llama.gguf", tmp_path / f"{mix}-dsq.gguf"
@@ -166,7 +167,7 @@ def test_export_types_size_and_bytes_equal_llama_cpp(name, mixes, variant, llama
         assert abs(ours_path.stat().st_size - theirs_path.stat().st_size) <= 4096, mix
         same = 0
         for n, t in theirs.items():
-            if t.tensor_type in (GT.Q2_K, GT.Q3_K, GT.Q4_0, GT.Q5_0, GT.Q5_1, GT.Q8_0):
+            if t.tensor_type in (GT.Q2_K, GT.Q3_K, GT.Q6_K, GT.Q4_0, GT.Q5_0, GT.Q5_1, GT.Q8_0):
                 assert np.array_equal(np.asarray(t.data), np.asarray(ours[n].data)), (mix, n)
                 same += 1
         assert same
@@ -189,7 +190,7 @@ def test_int4_checkpoint_to_q4_0_carries_codes_and_applies_policy(quantized_dir,
     assert abs(out.stat().st_size - theirs_path.stat().st_size) <= 4096
     theirs = {t.name: np.asarray(t.data) for t in GGUFReader(theirs_path).tensors}
     for t in GGUFReader(out).tensors:  # dsq's int4 codes are ggml's reference Q4_0 of the same floats
-        if t.tensor_type == GT.Q4_0:
+        if t.tensor_type in (GT.Q4_0, GT.Q6_K):
             assert np.array_equal(np.asarray(t.data), theirs[t.name]), t.name
 
 
@@ -339,11 +340,15 @@ def test_cli_pure_needs_a_quantized_type(model_dir, tmp_path):
     assert res.exit_code == 2 and "--pure is not an option of --to onnx" in res.output, res.output
 
 
-@pytest.mark.parametrize(("packer", "gt", "bits"), [(quantize_q3_k, GT.Q3_K, 3.4375), (quantize_q2_k, GT.Q2_K, 2.625)])
-def test_q2_k_q3_k_are_ggml_reference_byte_for_byte_and_read_back_exactly(packer, gt, bits, llama_cpp):
-    """quantize_row_q3_K_ref (with its coordinate descent) and quantize_row_q2_K_ref (with its absolute-error
-    scale search): every block identical (measured on gaussian rows and the llama fixture's weights too), and
-    gguf-py reads the bytes back to exactly dsq's values."""
+@pytest.mark.parametrize(("packer", "gt", "bits", "rel_range"), [
+    (quantize_q3_k, GT.Q3_K, 3.4375, (0.05, 0.3)),
+    (quantize_q2_k, GT.Q2_K, 2.625, (0.1, 0.6)),
+    (quantize_q6_k_ref, GT.Q6_K, 6.5625, (0.003, 0.03)),
+])
+def test_k_quants_are_ggml_reference_byte_for_byte_and_read_back_exactly(packer, gt, bits, rel_range, llama_cpp):
+    """quantize_row_q3_K_ref (with its coordinate descent), quantize_row_q2_K_ref (with its absolute-error scale
+    search) and quantize_row_q6_K_ref (with its 19 trial scales): every block identical (measured on gaussian
+    rows and the llama fixture's weights too), and gguf-py reads the bytes back to exactly dsq's values."""
     g = torch.Generator().manual_seed(1)
     w = torch.cat([_edge_rows(), torch.randn(16, 256, generator=g) * 0.02])
     w[5, :16] = 0.0  # an all-zero sub-block
@@ -355,6 +360,6 @@ def test_q2_k_q3_k_are_ggml_reference_byte_for_byte_and_read_back_exactly(packer
     assert np.array_equal(back, values.numpy())
     assert data.size * 8 == w.numel() * bits
     rel = float((values - w).pow(2).sum() / w.pow(2).sum()) ** 0.5
-    assert 0.05 < rel < 0.6, rel
+    assert rel_range[0] < rel < rel_range[1], rel
     with pytest.raises(UnsupportedError, match="whole blocks of 256"):
         packer(torch.zeros(2, 320))
