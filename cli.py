@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated
 
@@ -89,20 +91,46 @@ def _guarded(func):
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        sigint = _SigintSeen()
         try:
-            return func(*args, **kwargs)
+            with sigint:
+                return func(*args, **kwargs)
         except KeyboardInterrupt:
             raise _interrupted(kwargs) from None
         except (typer.Exit, typer.Abort, click.exceptions.ClickException):
             raise
         except Exception as e:
-            if _caused_by_interrupt(e):  # Ctrl-C inside an import or a library that re-raised it as another error
+            # Ctrl-C inside an import, or caught by a library and re-raised as another error (a half-imported
+            # extension module then fails with ImportError): still an interruption.
+            if sigint.seen or _caused_by_interrupt(e):
                 raise _interrupted(kwargs) from None
             inputs = [kwargs[k] for k in _INPUT_PARAMS if kwargs.get(k) is not None]
             where = " ".join(str(i) if not isinstance(i, list) else " ".join(map(str, i)) for i in inputs)
             raise _fail(e, where) from None
 
     return wrapper
+
+
+class _SigintSeen:
+    """While active, records that SIGINT arrived (then raises KeyboardInterrupt as Python's default handler does)."""
+
+    def __init__(self):
+        self.seen = False
+        self._previous = None
+
+    def _handler(self, signum, frame):
+        self.seen = True
+        raise KeyboardInterrupt
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
 
 
 def _interrupted(kwargs: dict) -> typer.Exit:
