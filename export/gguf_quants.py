@@ -99,17 +99,6 @@ def is_exact(qt: QuantizedTensor, t: GGUFType) -> bool:
     return t.twin == qt.format
 
 
-def _fp16_bytes(x: torch.Tensor) -> torch.Tensor:
-    """fp16 values [..., n] -> their little-endian bytes [..., 2n] as uint8."""
-    return x.to(torch.float16).contiguous().view(torch.uint8)
-
-
-def _nibbles(u: torch.Tensor) -> torch.Tensor:
-    """Unsigned 4-bit codes [rows, nb, 32] -> [rows, nb, 16] bytes: j low, j+16 high (ggml's order)."""
-    u = u.to(torch.uint8)
-    return u[..., :16] | (u[..., 16:] << 4)
-
-
 def _block_values(qt: QuantizedTensor) -> torch.Tensor:
     """dsq's dequantization of a block-32 tensor, broadcast per block (no repeat_interleave copies)."""
     rows, cols = qt.shape
@@ -150,27 +139,28 @@ def pack_exact(qt: QuantizedTensor, t: GGUFType, pool: StreamPool | None = None)
     out = np.empty((rows, nb, head_bytes + body_bytes), dtype=np.uint8)  # filled in place: no concat copy
 
     def fill(chunk: tuple[int, int]) -> None:
+        # One row per 32-weight block: its fp16 header as int16 columns, its body as bytes. The nibble pairs
+        # are formed 8 bytes at a time: in an int64 word of 8 codes < 16, ``hi << 4`` moves every code into
+        # its byte's high nibble without crossing bytes, so body word k = lo word k | hi word k << 4.
         r0, r1 = chunk
-        n = r1 - r0
-        o = out[r0:r1]
-        codes = qt.codes[r0:r1].contiguous().numpy().view(np.uint8).reshape(n, nb, BLOCK)
-        scale = qt.scale[r0:r1]
+        m = (r1 - r0) * nb
+        o = torch.from_numpy(out[r0:r1].reshape(m, head_bytes + body_bytes))
+        heads = o.view(torch.int16)
+        codes = qt.codes[r0:r1].reshape(m, BLOCK)
         if t.gtype == GT.Q8_0:
-            o[..., 2:] = codes  # int8 codes are Q8_0's bytes
-            o[..., :2] = _fp16_bytes(scale.reshape(n, nb, 1)).numpy()
+            heads[:, 0] = qt.scale[r0:r1].to(torch.float16).reshape(m).view(torch.int16)
+            o[:, 2:] = codes.view(torch.uint8)  # int8 codes are Q8_0's bytes
             return
         if t.gtype == GT.Q4_0:
-            u = codes + np.uint8(8)  # int4 code c (int8 bit pattern) + 8 wraps to the nibble c + 8
-            o[..., :2] = _fp16_bytes(scale.reshape(n, nb, 1)).numpy()
-        else:
-            u = codes  # Q4_1: dsq's asymmetric codes are the nibbles
-            zero = qt.zero[r0:r1]
-            d_m = torch.stack([scale.to(torch.float16), q4_1_offset(QuantizedTensor(
-                qt.format, (n, cols), qt.codes[r0:r1], scale, zero))], dim=-1)  # d first, then m
-            o[..., :4] = _fp16_bytes(d_m.reshape(n, nb, 2)).numpy()
-        body = o[..., head_bytes:]
-        np.left_shift(u[..., 16:], 4, out=body)
-        body |= u[..., :16]  # byte j: nibble j low, nibble j+16 high (ggml's order)
+            heads[:, 0] = qt.scale[r0:r1].to(torch.float16).reshape(m).view(torch.int16)
+            u = torch.from_numpy(codes.contiguous().numpy().view(np.uint8) + np.uint8(8))  # c + 8, wrapping
+        else:  # Q4_1: dsq's asymmetric codes are the nibbles; header d then m
+            part = QuantizedTensor(qt.format, (r1 - r0, cols), qt.codes[r0:r1], qt.scale[r0:r1], qt.zero[r0:r1])
+            heads[:, 0] = part.scale.to(torch.float16).reshape(m).view(torch.int16)
+            heads[:, 1] = q4_1_offset(part).reshape(m).view(torch.int16)
+            u = codes.contiguous()
+        words = u.view(torch.int64)  # [m, 4]: codes 0-7, 8-15 (low nibbles), 16-23, 24-31 (high nibbles)
+        o[:, head_bytes:] = (words[:, :2] | (words[:, 2:] << 4)).view(torch.uint8)
 
     chunks = row_chunks(rows, cols)
     if pool is None or len(chunks) == 1:
