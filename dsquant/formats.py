@@ -319,15 +319,36 @@ class Int8Sym(QuantFormat):
         self.name = f"int8_g{group}" if group else "int8_channel"
 
     def quantize(self, w: torch.Tensor, name: str = "<tensor>") -> QuantizedTensor:
-        w = self._prepare(w, name)
-        b = self._blocks(w)
-        d = b.abs().amax(dim=-1, keepdim=True) / 127.0
-        inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
-        x = b * inv
-        q = torch.sign(x) * torch.floor(x.abs() + 0.5)  # C roundf: half away from zero
-        return QuantizedTensor(
-            self.name, tuple(w.shape), q.to(torch.int8).reshape(w.shape), self._fp16_scale(d[..., 0], name)
-        )
+        """ggml's ``quantize_row_q8_0_ref`` over row chunks: d = amax / 127, q = roundf(x * (1/d)).
+
+        roundf (half away from zero) is trunc(x + copysign(0.5, x)): the same float32 sum as
+        sign(x) * floor(|x| + 0.5), and the int8 cast truncates."""
+        why = self.check_shape(tuple(w.shape))
+        if why:
+            raise UnsupportedError(f"{name}: {why}; pick another format or block size in the recipe")
+        rows, cols = w.shape
+        _, g = self.block((rows, cols))
+        nb = cols // g if g else 0
+        codes = torch.empty(rows, cols, dtype=torch.int8)
+        d_all = torch.empty(rows, nb, dtype=torch.float32)
+        out = codes.numpy()
+        for r0, r1 in row_chunks(rows, cols):
+            n = r1 - r0
+            b = w[r0:r1].to(torch.float32).reshape(n, nb, g)
+            d = b.abs().amax(dim=-1) / 127.0
+            if not bool(torch.isfinite(d).all()):
+                check_finite(w.to(torch.float32), name, (1, g))
+            inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
+            d_all[r0:r1] = d
+            if not bool(torch.isfinite(inv).all()):  # d subnormal: 1/d overflows; keep the literal formula
+                x = b * inv[..., None]
+                q = torch.sign(x) * torch.floor(x.abs() + 0.5)
+                out[r0:r1] = q.to(torch.int8).reshape(n, cols).numpy()
+                continue
+            x = (b * inv[..., None]).numpy()
+            x += np.copysign(np.float32(0.5), x)
+            out[r0:r1] = x.astype(np.int8).reshape(n, cols)
+        return QuantizedTensor(self.name, (rows, cols), codes, self._fp16_scale(d_all, name))
 
 
 class Fp8Block(QuantFormat):

@@ -53,6 +53,29 @@ def test_int4_sym_equals_the_literal_q4_0_rounding(group, chunk, monkeypatch):
         assert torch.equal(qt.scale.view(torch.int16), scale.view(torch.int16)), case  # -0.0 kept apart
 
 
+def _q8_0_literal(w: torch.Tensor, g: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml's quantize_row_q8_0_ref as dsq wrote it before: d = amax / 127, sign(x) * floor(|x| + 0.5)."""
+    w = w.to(torch.float32)
+    b = w.reshape(w.shape[0], -1, g)
+    d = b.abs().amax(dim=-1, keepdim=True) / 127.0
+    inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
+    x = b * inv
+    q = torch.sign(x) * torch.floor(x.abs() + 0.5)
+    return q.to(torch.int8).reshape(w.shape), d[..., 0].to(torch.float16)
+
+
+@pytest.mark.parametrize("name", ["int8_g32", "int8_g128", "int8_channel"])
+@pytest.mark.parametrize("chunk", [1, 1 << 18])
+def test_int8_equals_the_literal_q8_0_rounding(name, chunk, monkeypatch):
+    monkeypatch.setattr(formats, "CACHE_ELEMENTS", chunk)
+    cases = {**_cases(), "halves": torch.arange(-128, 128).float().repeat(4, 1) / 127 * 0.5}  # exact .5 ties
+    for case, w in cases.items():
+        qt = FORMATS[name].quantize(w, "w")
+        codes, scale = _q8_0_literal(w, FORMATS[name].block(tuple(w.shape))[1])
+        assert torch.equal(qt.codes, codes), case
+        assert torch.equal(qt.scale.view(torch.int16), scale.view(torch.int16)), case
+
+
 def test_non_finite_in_a_later_chunk_is_named_like_the_whole_tensor_check(monkeypatch):
     monkeypatch.setattr(formats, "CACHE_ELEMENTS", 1)
     w = torch.randn(40, 64)
