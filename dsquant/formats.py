@@ -34,7 +34,9 @@ FP16_MAX = 65504.0
 FP8_E4M3_MAX = 448.0
 # The fast quantizers work through a weight this many elements at a time: a float32 chunk and its few
 # temporaries then stay in a core's L2 cache (1 MiB here), where a whole-slice pass would stream every
-# temporary through memory. Measured on a 2-core EPYC: 2.9 ns/weight at 4 Mi elements, 1.1 at 256 Ki.
+# temporary through memory, and the ~30 ops per chunk still amortise torch's per-op overhead. Measured
+# (2-core EPYC, load ~7): quantize + error + pack of int4_sym_g32, 5.9 ns/weight in chunks of 256 Ki
+# elements, 8.1 at 4 Mi, 8.7 at 64 Ki.
 CACHE_ELEMENTS = 1 << 18
 
 
@@ -172,7 +174,7 @@ class QuantFormat:
             if qt.zero is not None:
                 codes = codes - self._expand(qt.zero.to(torch.float32), qt.shape)
             return codes * self._expand(qt.scale.to(torch.float32), qt.shape)
-        codes = qt.codes.to(torch.float32).reshape(rows, cols // bc, bc)
+        codes = qt.codes.to(torch.float32, copy=True).reshape(rows, cols // bc, bc)  # updated in place below
         if qt.zero is not None:
             codes -= qt.zero.to(torch.float32)[..., None]
         codes *= qt.scale.to(torch.float32)[..., None]
@@ -212,7 +214,7 @@ def check_finite(w: torch.Tensor, name: str, block: tuple[int, int]) -> None:
     Screened first with one min/max reduction (NaN propagates through it and Inf is an extreme, so
     both extremes are finite exactly when every element is): ~10x cheaper than ``isfinite`` + ``any``,
     which runs only to locate a bad element."""
-    if w.numel() and w.is_floating_point():
+    if w.numel() and w.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         lo, hi = torch.aminmax(w)
         if math.isfinite(float(lo)) and math.isfinite(float(hi)):
             return
