@@ -20,15 +20,76 @@ Rounding rules are those of the reference implementations they must stay exact w
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 
 from .errors import BadWeightsError, UnsupportedError
 
 FP16_MAX = 65504.0
 FP8_E4M3_MAX = 448.0
+# The fast quantizers work through a weight this many elements at a time: a float32 chunk and its few
+# temporaries then stay in a core's L2 cache (1 MiB here), where a whole-slice pass would stream every
+# temporary through memory, and the ~30 ops per chunk still amortise torch's per-op overhead. Measured
+# (2-core EPYC, load ~7): quantize + error + pack of int4_sym_g32, 5.9 ns/weight in chunks of 256 Ki
+# elements, 8.1 at 4 Mi, 8.7 at 64 Ki.
+CACHE_ELEMENTS = 1 << 18
+
+
+def row_chunks(rows: int, cols: int, block_rows: int = 1) -> list[tuple[int, int]]:
+    """[start, stop) row ranges of about ``CACHE_ELEMENTS`` elements, on ``block_rows`` boundaries."""
+    step = max(block_rows, CACHE_ELEMENTS // max(cols, 1) // block_rows * block_rows)
+    return [(r, min(r + step, rows)) for r in range(0, rows, step)] or [(0, 0)]
+
+
+def stream_threads() -> int:
+    """Worker threads for the streaming loops: ``DSQ_THREADS``, else the CPUs this process may use (max 8)."""
+    env = os.environ.get("DSQ_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+class _Inline:
+    """The part of ``ThreadPoolExecutor`` the streaming loops use, run in the calling thread."""
+
+    def map(self, fn, *iterables):
+        return list(map(fn, *iterables))
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        pass
+
+
+class StreamPool:
+    """Threads for quantizing/exporting a stream of tensors, as a context manager.
+
+    ``workers`` run cache-sized chunks in parallel (torch and numpy release the GIL inside their kernels);
+    ``reader`` reads the next slice while the current one is worked on. While the pool is open torch's own
+    intra-op threads are set to 1 (restored on exit): its OpenMP threads split every small op and then
+    spin-wait between ops, which on a loaded 2-core machine cost ~5x the CPU seconds of the work itself
+    (measured: ``dsq quantize`` of 0.7 G weights, 69 s CPU with torch's 2 threads vs 12.7 s with 1).
+    Callers keep results in submission order (``workers.map``), so outputs never depend on timing."""
+
+    def __init__(self, workers: int | None = None):
+        self.n_workers = workers or stream_threads()
+
+    def __enter__(self) -> StreamPool:
+        self._torch_threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        # one worker: run chunks inline (measured ~5% fewer CPU seconds than handing them to a thread)
+        self.workers = ThreadPoolExecutor(self.n_workers, thread_name_prefix="dsq-work") if self.n_workers > 1 \
+            else _Inline()
+        self.reader = ThreadPoolExecutor(1, thread_name_prefix="dsq-read")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.workers.shutdown(wait=True, cancel_futures=True)
+        self.reader.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(self._torch_threads)
 
 
 @dataclass(frozen=True)
@@ -114,11 +175,22 @@ class QuantFormat:
         raise NotImplementedError
 
     def dequantize(self, qt: QuantizedTensor) -> torch.Tensor:
-        """(codes - zero) * scale, per block, in float32: the same for every format."""
-        codes = qt.codes.to(torch.float32)
+        """(codes - zero) * scale, per block, in float32: the same for every format.
+
+        Blocks of one row whose width divides the row (every int format) broadcast their scale over a
+        [rows, blocks, width] view, the same products without ``repeat_interleave``'s full-size copies."""
+        rows, cols = qt.shape
+        br, bc = self.block(qt.shape)
+        if br != 1 or cols % bc or qt.codes.numel() == 0:
+            codes = qt.codes.to(torch.float32)
+            if qt.zero is not None:
+                codes = codes - self._expand(qt.zero.to(torch.float32), qt.shape)
+            return codes * self._expand(qt.scale.to(torch.float32), qt.shape)
+        codes = qt.codes.to(torch.float32, copy=True).reshape(rows, cols // bc, bc)  # updated in place below
         if qt.zero is not None:
-            codes = codes - self._expand(qt.zero.to(torch.float32), qt.shape)
-        return codes * self._expand(qt.scale.to(torch.float32), qt.shape)
+            codes -= qt.zero.to(torch.float32)[..., None]
+        codes *= qt.scale.to(torch.float32)[..., None]
+        return codes.reshape(rows, cols)
 
     # -- shared helpers ---------------------------------------------------------------------------
     def _prepare(self, w: torch.Tensor, name: str) -> torch.Tensor:
@@ -149,7 +221,15 @@ class QuantFormat:
 
 
 def check_finite(w: torch.Tensor, name: str, block: tuple[int, int]) -> None:
-    """Raise BadWeightsError naming the tensor, the first bad element and its block."""
+    """Raise BadWeightsError naming the tensor, the first bad element and its block.
+
+    Screened first with one min/max reduction (NaN propagates through it and Inf is an extreme, so
+    both extremes are finite exactly when every element is): ~10x cheaper than ``isfinite`` + ``any``,
+    which runs only to locate a bad element."""
+    if w.numel() and w.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        lo, hi = torch.aminmax(w)
+        if math.isfinite(float(lo)) and math.isfinite(float(hi)):
+            return
     bad = ~torch.isfinite(w)
     if bool(bad.any()):
         idx = tuple(int(i) for i in bad.nonzero()[0])
@@ -171,15 +251,52 @@ class Int4Sym(QuantFormat):
         self.name = f"int4_sym_g{group}"
 
     def quantize(self, w: torch.Tensor, name: str = "<tensor>") -> QuantizedTensor:
-        w = self._prepare(w, name)
-        b = self._blocks(w)
-        imax = b.abs().argmax(dim=-1, keepdim=True)  # first max, as ggml's strict '>' scan
-        d = torch.gather(b, -1, imax) / -8.0
-        inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
-        q = torch.trunc(b * inv + 8.5).clamp(0, 15) - 8
-        return QuantizedTensor(
-            self.name, tuple(w.shape), q.to(torch.int8).reshape(w.shape), self._fp16_scale(d[..., 0], name)
-        )
+        """ggml's ``quantize_row_q4_0_ref`` over whole row chunks at once (no per-block Python).
+
+        Per block: the element of largest magnitude, sign kept (the first one on ties), d = it / -8,
+        code = min(15, trunc(x * (1/d) + 8.5)) - 8, in the same float32 operations as the C reference.
+        The signed extreme comes from the block's max and min (two cheap reductions); only blocks where
+        +m and -m both occur (or that are all zeros) need the first-occurrence scan of ``argmax``."""
+        why = self.check_shape(tuple(w.shape))
+        if why:
+            raise UnsupportedError(f"{name}: {why}; pick another format or block size in the recipe")
+        rows, cols = w.shape
+        g = self.block_cols
+        nb = cols // g
+        codes = torch.empty(rows, cols, dtype=torch.int8)
+        d_all = np.empty((rows, nb), dtype=np.float32)
+        out = codes.numpy().view(np.uint8)
+        for r0, r1 in row_chunks(rows, cols):
+            n = r1 - r0
+            b = w[r0:r1].to(torch.float32).reshape(n, nb, g)
+            # the small per-block steps in numpy (a few us each); full-size ones in torch (vectorised)
+            mx, mn = b.amax(dim=-1).numpy(), b.amin(dim=-1).numpy()
+            if not np.isfinite(mx - mn).all():  # NaN/Inf propagate into the extremes (or overflow: rechecked)
+                check_finite(w.to(torch.float32), name, (1, g))
+            neg = -mn
+            signed = np.where(mx > neg, mx, mn)
+            tie = mx == neg
+            if tie.any():
+                at = torch.from_numpy(tie).nonzero(as_tuple=True)
+                sub = b[at]
+                signed[at[0].numpy(), at[1].numpy()] = torch.gather(
+                    sub, -1, sub.abs().argmax(dim=-1, keepdim=True))[:, 0].numpy()
+            d = signed / np.float32(-8.0)
+            inv = np.zeros_like(d)
+            with np.errstate(over="ignore"):  # 1/d of a subnormal d: inf, handled below
+                np.divide(np.float32(1.0), d, out=inv, where=d != 0)  # one IEEE division, as C's 1.0f/d
+            d_all[r0:r1] = d
+            if not np.isfinite(inv).all():  # d subnormal: 1/d overflows; keep the literal formula
+                ti = torch.from_numpy(inv)[..., None]
+                q = torch.trunc(b * ti + 8.5).clamp(0, 15) - 8
+                out[r0:r1] = q.to(torch.int8).reshape(n, cols).numpy().view(np.uint8)
+                continue
+            t = b * torch.from_numpy(inv)[..., None]
+            t += 8.5  # x * id + 8.5 in two roundings, as the C code (never fused into an FMA)
+            t.clamp_(max=15.0)  # trunc(min(t, 15)) == min(trunc(t), 15): C's MIN(15, ...)
+            u = t.numpy().astype(np.uint8)  # t >= 0.5: the cast truncates, as C's (int8_t)
+            np.subtract(u.reshape(n, cols), np.uint8(8), out=out[r0:r1])  # wraps to int8 code - 8
+        return QuantizedTensor(self.name, (rows, cols), codes, self._fp16_scale(torch.from_numpy(d_all), name))
 
 
 class Int4Asym(QuantFormat):
@@ -216,15 +333,36 @@ class Int8Sym(QuantFormat):
         self.name = f"int8_g{group}" if group else "int8_channel"
 
     def quantize(self, w: torch.Tensor, name: str = "<tensor>") -> QuantizedTensor:
-        w = self._prepare(w, name)
-        b = self._blocks(w)
-        d = b.abs().amax(dim=-1, keepdim=True) / 127.0
-        inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
-        x = b * inv
-        q = torch.sign(x) * torch.floor(x.abs() + 0.5)  # C roundf: half away from zero
-        return QuantizedTensor(
-            self.name, tuple(w.shape), q.to(torch.int8).reshape(w.shape), self._fp16_scale(d[..., 0], name)
-        )
+        """ggml's ``quantize_row_q8_0_ref`` over row chunks: d = amax / 127, q = roundf(x * (1/d)).
+
+        roundf (half away from zero) is trunc(x + copysign(0.5, x)): the same float32 sum as
+        sign(x) * floor(|x| + 0.5), and the int8 cast truncates."""
+        why = self.check_shape(tuple(w.shape))
+        if why:
+            raise UnsupportedError(f"{name}: {why}; pick another format or block size in the recipe")
+        rows, cols = w.shape
+        _, g = self.block((rows, cols))
+        nb = cols // g if g else 0
+        codes = torch.empty(rows, cols, dtype=torch.int8)
+        d_all = torch.empty(rows, nb, dtype=torch.float32)
+        out = codes.numpy()
+        for r0, r1 in row_chunks(rows, cols):
+            n = r1 - r0
+            b = w[r0:r1].to(torch.float32).reshape(n, nb, g)
+            d = b.abs().amax(dim=-1) / 127.0
+            if not bool(torch.isfinite(d).all()):
+                check_finite(w.to(torch.float32), name, (1, g))
+            inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
+            d_all[r0:r1] = d
+            if not bool(torch.isfinite(inv).all()):  # d subnormal: 1/d overflows; keep the literal formula
+                x = b * inv[..., None]
+                q = torch.sign(x) * torch.floor(x.abs() + 0.5)
+                out[r0:r1] = q.to(torch.int8).reshape(n, cols).numpy()
+                continue
+            x = (b * inv[..., None]).numpy()
+            x += np.copysign(np.float32(0.5), x)
+            out[r0:r1] = x.astype(np.int8).reshape(n, cols)
+        return QuantizedTensor(self.name, (rows, cols), codes, self._fp16_scale(d_all, name))
 
 
 class Fp8Block(QuantFormat):

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 
+import numpy as np
 import torch
 
 from .errors import RecipeError, UnsupportedError
@@ -29,11 +31,24 @@ def module_of(weight_name: str) -> str:
 def pack_int32(u: torch.Tensor, bits: int) -> torch.Tensor:
     """Unsigned codes [rows, cols] -> int32 [rows, ceil(cols * bits / 32)], element j of a word at bits j*bits.
 
-    Built one code position at a time in int32 (the top code's shift wraps into the sign bit, which is
-    the two's-complement word compressed-tensors stores), so it needs no int64 copy of the codes."""
+    4- and 8-bit codes are packed as bytes (two nibbles, or one code, per byte) whose little-endian int32
+    view is the word compressed-tensors stores: one pass over uint8, no int32 or int64 copy of the codes.
+    Other widths are built one code position at a time in int32 (the top code's shift wraps into the
+    sign bit, which is the two's-complement word compressed-tensors stores)."""
     per = 32 // bits
     rows, cols = u.shape
     n_words = math.ceil(cols / per)
+    if bits in (4, 8) and sys.byteorder == "little":
+        b = u.to(torch.uint8).numpy() if u.dtype != torch.uint8 else u.numpy()
+        if n_words * per != cols:
+            b = np.pad(b, ((0, 0), (0, n_words * per - cols)))
+        b = np.ascontiguousarray(b)
+        if bits == 8:
+            return torch.from_numpy(b.view(np.int32).reshape(rows, n_words))
+        out = np.empty((rows, n_words * 4), dtype=np.uint8)
+        np.left_shift(b[:, 1::2], 4, out=out)
+        out |= b[:, 0::2]  # codes < 16: low nibble = even element, high nibble = odd element
+        return torch.from_numpy(out.view(np.int32).reshape(rows, n_words))
     if n_words * per != cols:
         u = torch.nn.functional.pad(u, (0, n_words * per - cols))
     u = u.reshape(rows, n_words, per)
@@ -44,10 +59,33 @@ def pack_int32(u: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_int32(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
+    """int32 words [rows, n] -> unsigned codes [rows, cols] (uint8 for 4- and 8-bit codes, else int64)."""
+    rows = packed.shape[0]
+    if bits in (4, 8) and sys.byteorder == "little":
+        b = packed.contiguous().numpy().view(np.uint8).reshape(rows, -1)
+        if bits == 8:
+            return torch.from_numpy(b[:, :cols].copy())
+        # each 32-bit word's 8 nibbles spread into 8 bytes of a 64-bit word (nibble j -> byte j) with three
+        # shift-or-mask steps on whole words: contiguous passes over 1/8 as many elements as there are codes
+        x = packed.contiguous().numpy().view(np.uint32).reshape(-1).astype(np.uint64)
+        for shift, mask in ((16, 0x0000FFFF0000FFFF), (8, 0x00FF00FF00FF00FF), (4, 0x0F0F0F0F0F0F0F0F)):
+            x |= x << np.uint64(shift)
+            x &= np.uint64(mask)
+        u = x.view(np.uint8).reshape(rows, -1)
+        return torch.from_numpy(u if u.shape[1] == cols else np.ascontiguousarray(u[:, :cols]))
     per = 32 // bits
     shifts = torch.arange(per, dtype=torch.int64) * bits
     u = (packed.to(torch.int64).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return u.reshape(packed.shape[0], -1)[:, :cols]
+    return u.reshape(rows, -1)[:, :cols]
+
+
+def _unsigned(codes: torch.Tensor, offset: int) -> torch.Tensor:
+    """Codes + offset as uint8 (codes of 8 bits or fewer): int8 code c is stored as the byte c + offset,
+    which wrapping uint8 arithmetic on c's bit pattern gives in one pass."""
+    if codes.dtype in (torch.int8, torch.uint8):
+        b = codes.numpy().view(np.uint8)
+        return torch.from_numpy(b + np.uint8(offset) if offset else b)
+    return (codes.to(torch.int16) + offset).to(torch.uint8)
 
 
 class CompressedTensorsLayout:
@@ -77,14 +115,14 @@ class CompressedTensorsLayout:
         mod = module_of(name)
         # dsq's asymmetric codes are unsigned [0, 2^b); symmetric ones are signed. Either way the
         # stored unsigned value is signed_code + offset, and the stored zero point likewise.
-        unsigned = qt.codes.to(torch.int16) + (0 if qt.zero is not None else self.offset(fmt))
+        unsigned = _unsigned(qt.codes, 0 if qt.zero is not None else self.offset(fmt))
         out = {
             f"{mod}.weight_packed": pack_int32(unsigned, fmt.bits),
             f"{mod}.weight_scale": qt.scale.to(fmt.scale_dtype),
             f"{mod}.weight_shape": torch.tensor(full_shape or qt.shape, dtype=torch.int64),
         }
         if qt.zero is not None:
-            out[f"{mod}.weight_zero_point"] = pack_int32(qt.zero.to(torch.int16).T, fmt.bits).T.contiguous()
+            out[f"{mod}.weight_zero_point"] = pack_int32(qt.zero.to(torch.uint8).T, fmt.bits).T.contiguous()
         return out
 
     def decode(self, fmt: QuantFormat, tensors: dict[str, torch.Tensor], mod: str) -> QuantizedTensor:
@@ -94,7 +132,12 @@ class CompressedTensorsLayout:
         zp = tensors.get(f"{mod}.weight_zero_point")
         if zp is not None:
             zero = unpack_int32(zp.T.contiguous(), fmt.bits, scale.shape[0]).T.to(torch.uint8)
-            return QuantizedTensor(fmt.name, shape, u.to(torch.uint8), scale, zero.contiguous())
+            return QuantizedTensor(fmt.name, shape, u.to(torch.uint8).contiguous(), scale, zero.contiguous())
+        if u.dtype == torch.uint8:  # stored byte - offset, wrapping, is the int8 code's bit pattern
+            codes = u.numpy()
+            np.subtract(codes, np.uint8(self.offset(fmt)), out=codes)  # in place: u is decode's own buffer
+            codes = codes.view(np.int8)
+            return QuantizedTensor(fmt.name, shape, torch.from_numpy(codes), scale)
         return QuantizedTensor(fmt.name, shape, (u - self.offset(fmt)).to(torch.int8), scale)
 
     @staticmethod

@@ -20,7 +20,7 @@ from .. import __version__
 from .atomic import atomic_dir
 from .calib.hook import CalibSpec, rows_of, run_calibration
 from .checkpoint import Checkpoint
-from .formats import FORMATS, QuantizedTensor
+from .formats import FORMATS, QuantizedTensor, StreamPool, row_chunks
 from .layouts import layout_for_formats, module_of
 from .plan import Plan, PlanEntry, make_plan, row_slices
 from .recipes import load_recipe
@@ -57,15 +57,25 @@ class ErrorStats:
     sq_ref: float = 0.0
     max_abs: float = 0.0
 
-    def add(self, w: torch.Tensor, deq: torch.Tensor) -> None:
+    @staticmethod
+    def measure(w: torch.Tensor, deq: torch.Tensor) -> tuple[float, float, float]:
+        """(sum of squared error, sum of squared weights, max |error|) of one chunk."""
         w = w.to(torch.float32).reshape(-1)
         diff = deq.reshape(-1) - w
         # dot products: no squared copies (float32 accumulation: ~1e-6 relative on a 4 Mi-element slice)
-        self.sq_err += float(torch.dot(diff, diff))
-        self.sq_ref += float(torch.dot(w, w))
-        if diff.numel():
-            lo, hi = torch.aminmax(diff)
-            self.max_abs = max(self.max_abs, float(-lo), float(hi))
+        sq_err, sq_ref = float(torch.dot(diff, diff)), float(torch.dot(w, w))
+        if not diff.numel():
+            return sq_err, sq_ref, 0.0
+        lo, hi = torch.aminmax(diff)
+        return sq_err, sq_ref, max(float(-lo), float(hi))
+
+    def merge(self, measured: tuple[float, float, float]) -> None:
+        self.sq_err += measured[0]
+        self.sq_ref += measured[1]
+        self.max_abs = max(self.max_abs, measured[2])
+
+    def add(self, w: torch.Tensor, deq: torch.Tensor) -> None:
+        self.merge(self.measure(w, deq))
 
     @property
     def rel_rmse(self) -> float:
@@ -129,7 +139,7 @@ def quantize_checkpoint(
     if len(shards) == 1:
         names = ["model.safetensors"]
     results: list[TensorResult] = []
-    with atomic_dir(output, overwrite) as tmp:
+    with atomic_dir(output, overwrite) as tmp, StreamPool() as pool:
         weight_map: dict[str, str] = {}
         local = zip(names, shards, strict=True) if executor is None else ()
         if executor is not None:  # the same shards, written in place by workers (ray_executor.py)
@@ -139,7 +149,7 @@ def quantize_checkpoint(
             writer = SafetensorsWriter(tmp / shard_name, planned, {"format": "pt", "producer": f"dsq {__version__}"})
             for i in idxs:
                 entry, outputs = items[i]
-                results.append(_process(ckpt, entry, outputs, layout, writer, calibrated.get(entry.name)))
+                results.append(_process(ckpt, entry, outputs, layout, writer, calibrated.get(entry.name), pool))
                 if progress:
                     progress(len(results), len(plan.entries), entry.name)
             writer.close()
@@ -174,33 +184,53 @@ def _process(
     layout,
     writer: SafetensorsWriter,
     calibrated: QuantizedTensor | torch.Tensor | None = None,
+    pool: StreamPool | None = None,
 ) -> TensorResult:
     """Quantize (or copy) one tensor a row slice at a time. The first stored tensor of a quantized weight
     (its codes) streams to disk slice by slice; the small ones (scales, zero points) are kept until the end."""
     ref = entry.tensor.ref
     src = entry.tensor
+    if pool is None:
+        with StreamPool() as own:
+            return _process(ckpt, entry, outputs, layout, writer, calibrated, own)
     stats = ErrorStats() if entry.format else None
     fp8_passthrough = bool(src.scale_info) and entry.format == f"fp8_b{ckpt.block_size[0]}"
     small: dict[str, list[torch.Tensor]] = {p.name: [] for p in outputs[1:]}
-    for start, stop in row_slices(entry.shape):
-        data = ckpt.load_rows(src, start, stop)
+    fmt = FORMATS[entry.format] if entry.format else None
+    slices = row_slices(entry.shape)
+    ahead = pool.reader.submit(ckpt.load_rows, src, *slices[0])
+    for i, (start, stop) in enumerate(slices):
+        data = ahead.result()
+        if i + 1 < len(slices):  # read-ahead: the next slice's pread (GIL released) overlaps this one's work
+            ahead = pool.reader.submit(ckpt.load_rows, src, *slices[i + 1])
         if not entry.format and calibrated is not None:  # AWQ-rescaled float tensor
             data = rows_of(calibrated, start, stop)
         if not entry.format:
             writer.write_part(entry.name, data if data.dtype == outputs[0].dtype else data.to(outputs[0].dtype))
             continue
-        if fp8_passthrough:  # already in this format: carry codes and scales over, never re-round
-            qt = ckpt.load_block_fp8(src, start, stop)
-        elif isinstance(calibrated, QuantizedTensor):
-            qt = rows_of(calibrated, start, stop)
-        else:
-            qt = FORMATS[entry.format].quantize(data, entry.name)
-        stats.add(data, qt.dequantize())
-        parts = layout.encode(entry.name, qt, full_shape=entry.shape)
-        writer.write_part(outputs[0].name, parts[outputs[0].name])
-        for name in small:
-            small[name].append(parts[name])
-        del data, qt, parts
+
+        # The slice (one large pread) is quantized, measured and packed in cache-sized row chunks, so each
+        # step's temporaries stay in L2 instead of streaming a 16 MB float32 copy through memory per step.
+        # Chunks are whole 8-row groups (4-bit zero points pack 8 rows per int32) and whole block rows.
+        def work(chunk: tuple[int, int], data=data, start=start):
+            c0, c1 = chunk
+            part = data[c0:c1]
+            if fp8_passthrough:  # already in this format: carry codes and scales over, never re-round
+                qt = ckpt.load_block_fp8(src, start + c0, start + c1)
+            elif isinstance(calibrated, QuantizedTensor):
+                qt = rows_of(calibrated, start + c0, start + c1)
+            else:
+                qt = fmt.quantize(part, entry.name)
+            return layout.encode(entry.name, qt, full_shape=entry.shape), ErrorStats.measure(part, qt.dequantize())
+
+        chunks = [(0, stop - start)] if fp8_passthrough else row_chunks(stop - start, entry.shape[1], max(fmt.block_rows, 8))
+        # in order, whatever thread computed them: the bytes and the summed statistics never depend on timing
+        for parts, measured in pool.workers.map(work, chunks):
+            stats.merge(measured)
+            writer.write_part(outputs[0].name, parts[outputs[0].name])
+            for name in small:
+                small[name].append(parts[name])
+        del data
     for p in outputs[1:]:
         pieces = small[p.name]
         # per-slice tensors concatenate along rows; constant ones (weight_shape) repeat whole in each slice

@@ -45,6 +45,7 @@ DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 # A header larger than this is refused before it is read: real ones are a few MB at most
 # (safetensors' own reader uses the same 100 MB bound).
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+WRITE_BUFFER = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -115,10 +116,12 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     return infos, metadata
 
 
-def _pread(info: TensorInfo, offset: int, n: int) -> bytearray:
-    buf = bytearray(n)
+def _pread(info: TensorInfo, offset: int, n: int) -> torch.Tensor:
+    """n bytes at ``offset`` as a fresh uint8 tensor, read straight into it with large preads: the buffer
+    comes from ``torch.empty`` (a ``bytearray`` would first be zero-filled, one more pass over memory)."""
+    buf = torch.empty(n, dtype=torch.uint8)
     with open(info.file, "rb", buffering=0) as f:
-        view = memoryview(buf)
+        view = memoryview(buf.numpy())
         pos, fd = 0, f.fileno()
         while pos < n:
             got = os.preadv(fd, [view[pos:]], offset + pos)
@@ -132,7 +135,7 @@ def read_tensor(info: TensorInfo) -> torch.Tensor:
     """Read one tensor with pread into a fresh buffer (no mmap, so RSS holds only this tensor)."""
     if info.nbytes == 0:
         return torch.empty(info.shape, dtype=info.torch_dtype)
-    flat = torch.frombuffer(_pread(info, info.begin, info.nbytes), dtype=torch.uint8)
+    flat = _pread(info, info.begin, info.nbytes)
     return flat.view(info.torch_dtype).reshape(info.shape)
 
 
@@ -145,7 +148,7 @@ def read_rows(info: TensorInfo, start: int, stop: int) -> torch.Tensor:
     n = (stop - start) * row_bytes
     if n == 0:
         return torch.empty((0, *info.shape[1:]), dtype=info.torch_dtype)
-    flat = torch.frombuffer(_pread(info, info.begin + start * row_bytes, n), dtype=torch.uint8)
+    flat = _pread(info, info.begin + start * row_bytes, n)
     return flat.view(info.torch_dtype).reshape(stop - start, *info.shape[1:])
 
 
@@ -182,7 +185,8 @@ class SafetensorsWriter:
         self._next = 0
         self._written = 0  # bytes of order[_next] written so far (tensors may arrive in row slices)
         try:
-            self._f = open(self.path, "wb")  # noqa: SIM115 - closed in close()
+            # a 1 MiB buffer: quantized tensors arrive in cache-sized chunks of tens of KB each
+            self._f = open(self.path, "wb", buffering=WRITE_BUFFER)  # noqa: SIM115 - closed in close()
             self._f.write(struct.pack("<Q", len(blob)))
             self._f.write(blob)
         except OSError as e:

@@ -17,6 +17,7 @@ follows ggml's reference rounding (see dsquant/formats.py), then packed the same
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,7 +27,7 @@ from gguf import GGMLQuantizationType as GT
 from gguf import LlamaFileType
 
 from dsq.dsquant.errors import UnsupportedError
-from dsq.dsquant.formats import FORMATS, QuantizedTensor, check_finite
+from dsq.dsquant.formats import FORMATS, QuantizedTensor, StreamPool, check_finite, row_chunks
 
 from .kquants import quantize_q4_k
 from .q2quants import quantize_q2_k
@@ -35,9 +36,6 @@ from .q5quants import quantize_q5_0, quantize_q5_1, quantize_q5_k
 from .q6ref import quantize_q6_k_ref
 
 BLOCK = 32
-# Floats are quantized this many elements at a time, so the temporaries of quantization stay small
-# next to the tensor itself (a 150k-vocab embedding would otherwise need several float32 copies).
-CHUNK_ELEMENTS = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -111,17 +109,6 @@ def is_exact(qt: QuantizedTensor, t: GGUFType) -> bool:
     return t.twin == qt.format
 
 
-def _fp16_bytes(x: torch.Tensor) -> torch.Tensor:
-    """fp16 values [..., n] -> their little-endian bytes [..., 2n] as uint8."""
-    return x.to(torch.float16).contiguous().view(torch.uint8)
-
-
-def _nibbles(u: torch.Tensor) -> torch.Tensor:
-    """Unsigned 4-bit codes [rows, nb, 32] -> [rows, nb, 16] bytes: j low, j+16 high (ggml's order)."""
-    u = u.to(torch.uint8)
-    return u[..., :16] | (u[..., 16:] << 4)
-
-
 def _block_values(qt: QuantizedTensor) -> torch.Tensor:
     """dsq's dequantization of a block-32 tensor, broadcast per block (no repeat_interleave copies)."""
     rows, cols = qt.shape
@@ -142,84 +129,116 @@ def q4_1_offset_bound(qt: QuantizedTensor) -> torch.Tensor:
     return torch.maximum(exact * 2.0**-11, torch.full_like(exact, 2.0**-25))
 
 
-def pack_exact(qt: QuantizedTensor, t: GGUFType) -> np.ndarray:
-    """Re-pack dsq's codes and scales into GGUF blocks without re-rounding the codes. -> uint8 bytes."""
+KQUANT_ELEMENTS = 1 << 22
+
+
+def _kquant_chunks(rows: int, cols: int) -> list[tuple[int, int]]:
+    step = max(1, KQUANT_ELEMENTS // max(cols, 1))
+    return [(r, min(r + step, rows)) for r in range(0, rows, step)] or [(0, 0)]
+
+
+def pack_exact(qt: QuantizedTensor, t: GGUFType, pool: StreamPool | None = None) -> np.ndarray:
+    """Re-pack dsq's codes and scales into GGUF blocks without re-rounding the codes. -> uint8 bytes.
+
+    Works through cache-sized row chunks (on ``pool``'s workers when given), each written straight into
+    its rows of the output: byte operations on the codes' uint8 view, no int16 or concatenated copies."""
     rows, cols = qt.shape
     nb = cols // BLOCK
     head_bytes = {GT.Q4_0: 2, GT.Q4_1: 4, GT.Q8_0: 2}[t.gtype]
     body_bytes = BLOCK if t.gtype == GT.Q8_0 else BLOCK // 2
-    out = torch.empty(rows, nb, head_bytes + body_bytes, dtype=torch.uint8)  # filled in place: no concat copy
-    if t.gtype == GT.Q4_0:
-        out[..., 2:] = _nibbles((qt.codes.to(torch.int16) + 8).reshape(rows, nb, BLOCK))
-        out[..., :2] = _fp16_bytes(qt.scale.reshape(rows, nb, 1))
-    elif t.gtype == GT.Q4_1:
-        out[..., 4:] = _nibbles(qt.codes.reshape(rows, nb, BLOCK))
-        d_m = torch.stack([qt.scale.to(torch.float16), q4_1_offset(qt)], dim=-1)  # d first, then m
-        out[..., :4] = _fp16_bytes(d_m.reshape(rows, nb, 2))
+    out = np.empty((rows, nb, head_bytes + body_bytes), dtype=np.uint8)  # filled in place: no concat copy
+
+    def fill(chunk: tuple[int, int]) -> None:
+        # One row per 32-weight block: its fp16 header as int16 columns, its body as bytes. The nibble pairs
+        # are formed 8 bytes at a time: in an int64 word of 8 codes < 16, ``hi << 4`` moves every code into
+        # its byte's high nibble without crossing bytes, so body word k = lo word k | hi word k << 4.
+        r0, r1 = chunk
+        m = (r1 - r0) * nb
+        o = torch.from_numpy(out[r0:r1].reshape(m, head_bytes + body_bytes))
+        heads = o.view(torch.int16)
+        codes = qt.codes[r0:r1].reshape(m, BLOCK)
+        if t.gtype == GT.Q8_0:
+            heads[:, 0] = qt.scale[r0:r1].to(torch.float16).reshape(m).view(torch.int16)
+            o[:, 2:] = codes.view(torch.uint8)  # int8 codes are Q8_0's bytes
+            return
+        if t.gtype == GT.Q4_0:
+            heads[:, 0] = qt.scale[r0:r1].to(torch.float16).reshape(m).view(torch.int16)
+            u = torch.from_numpy(codes.contiguous().numpy().view(np.uint8) + np.uint8(8))  # c + 8, wrapping
+        else:  # Q4_1: dsq's asymmetric codes are the nibbles; header d then m
+            part = QuantizedTensor(qt.format, (r1 - r0, cols), qt.codes[r0:r1], qt.scale[r0:r1], qt.zero[r0:r1])
+            heads[:, 0] = part.scale.to(torch.float16).reshape(m).view(torch.int16)
+            heads[:, 1] = q4_1_offset(part).reshape(m).view(torch.int16)
+            u = codes.contiguous()
+        words = u.view(torch.int64)  # [m, 4]: codes 0-7, 8-15 (low nibbles), 16-23, 24-31 (high nibbles)
+        o[:, head_bytes:] = (words[:, :2] | (words[:, 2:] << 4)).view(torch.uint8)
+
+    chunks = row_chunks(rows, cols)
+    if pool is None or len(chunks) == 1:
+        for c in chunks:
+            fill(c)
     else:
-        out[..., 2:] = qt.codes.to(torch.int8).reshape(rows, nb, BLOCK).view(torch.uint8)
-        out[..., :2] = _fp16_bytes(qt.scale.reshape(rows, nb, 1))
-    return out.reshape(-1).numpy()
+        list(pool.workers.map(fill, chunks))
+    return out.reshape(-1)
 
 
-def encode(value: QuantizedTensor | torch.Tensor, t: GGUFType, name: str) -> tuple[np.ndarray, tuple[float, float] | None]:
+def encode(
+    value: QuantizedTensor | torch.Tensor, t: GGUFType, name: str, pool: StreamPool | None = None
+) -> tuple[np.ndarray, tuple[float, float] | None]:
     """Bytes of one tensor (or one row-block of a stacked tensor) in GGUF type ``t``, plus, when values were
     re-rounded, (sum of squared change, sum of squared source values) for the report's relative error.
 
     A QuantizedTensor in ``t``'s twin format is packed exactly (None: nothing changed); anything else is
-    dequantized and quantized with the twin format (ggml's reference rounding) or cast to a float type (None).
+    dequantized and quantized with the twin format (ggml's reference rounding, byte-identical with gguf-py's
+    quantizer, which tests check) or cast to a float type (None).
     The change is measured on dsq's dequantization of what was packed: equal to the GGUF's values for
     Q4_0/Q8_0, within ``q4_1_offset_bound`` for Q4_1 (tests check both), so no bytes are decoded.
+    Row chunks go to ``pool``'s workers when given; each writes its own rows of the output, and the sums
+    are added in row order, so neither the bytes nor the report depend on the thread count.
     """
     if isinstance(value, QuantizedTensor) and is_exact(value, t):
-        return pack_exact(value, t), None
-    w = value.dequantize() if isinstance(value, QuantizedTensor) else value
+        return pack_exact(value, t, pool), None
     if not t.quantized:
+        w = value.dequantize() if isinstance(value, QuantizedTensor) else value
         return w.to(t.torch_dtype).contiguous().view(torch.uint8).reshape(-1).numpy(), None
-    shape = tuple(w.shape)
+    shape = tuple(value.shape)
     if not t.fits(shape):
         raise UnsupportedError(
             f"{name}: rows of {shape[-1]} are not a multiple of {t.block}, which {t.name.upper()} needs"
         )
-    rows = w.reshape(-1, shape[-1])
-    step = max(1, CHUNK_ELEMENTS // shape[-1])
-    parts, change, norm = [], 0.0, 0.0
-    for i in range(0, rows.shape[0], step):  # row chunks: blocks never span rows, so results are identical
-        chunk = rows[i : i + step].float()
+    n_rows, k = math.prod(shape[:-1]), shape[-1]
+    row_bytes = nbytes(t, (k,))
+    out = np.empty((n_rows, row_bytes), dtype=np.uint8)
+    if isinstance(value, QuantizedTensor):  # re-quantized a chunk at a time: no whole float32 copy
+        if value.fmt.block_rows != 1:
+            value = value.dequantize()
+        rows = value
+    else:
+        rows = value.reshape(n_rows, k)
+
+    def work(chunk: tuple[int, int]) -> tuple[float, float]:
+        r0, r1 = chunk
+        src = rows.rows(r0, r1).dequantize() if isinstance(rows, QuantizedTensor) else rows[r0:r1]
+        x = src.to(torch.float32)
         if t.kquant is not None:
-            check_finite(chunk, name, (1, t.block))
-            data, held = t.kquant(chunk)
-            c = float((held - chunk).pow(2).sum())
+            check_finite(x, name, (1, t.block))
+            data, held = t.kquant(x)
         else:
-            data, c = _quantize_fast(chunk, t) if t.gtype in FAST_REFERENCE else (None, 0.0)
-        if data is None:
-            qt = FORMATS[t.twin].quantize(chunk, name)  # also where NaN/Inf and fp16 overflow get their error
-            data, c = pack_exact(qt, t), float((_block_values(qt) - chunk).pow(2).sum())
-        parts.append(data)
+            qt = FORMATS[t.twin].quantize(x, name)  # also where NaN/Inf and fp16 overflow get their error
+            data, held = pack_exact(qt, t), _block_values(qt)
+        out[r0:r1] = data.reshape(r1 - r0, row_bytes)
+        diff = (held - x).reshape(-1)
+        xf = x.reshape(-1)
+        return float(torch.dot(diff, diff)), float(torch.dot(xf, xf))
+
+    # k-quants' scale search runs ~400 small torch/numpy ops per chunk: per-op overhead, not cache misses,
+    # dominates it, so it takes chunks of KQUANT_ELEMENTS (measured 570 ns/weight at 64 Ki, ~60 at 4 Mi)
+    chunks = row_chunks(n_rows, k) if t.kquant is None else _kquant_chunks(n_rows, k)
+    results = map(work, chunks) if pool is None or len(chunks) == 1 else pool.workers.map(work, chunks)
+    change = norm = 0.0
+    for c, n in results:
         change += c
-        norm += float(chunk.pow(2).sum())
-    return (np.concatenate(parts) if len(parts) > 1 else parts[0]), (change, norm)
-
-
-# Types whose gguf-py numpy quantizer is ggml's reference rounding, i.e. byte-identical to dsq's twin
-# format (test_gguf_quants checks it): used for floats because it is ~8x faster than the generic path.
-FAST_REFERENCE = {GT.Q4_0, GT.Q8_0}
-
-
-def _quantize_fast(chunk: torch.Tensor, t: GGUFType) -> tuple[np.ndarray | None, float]:
-    """gguf-py's reference quantizer on finite input whose scales fit fp16; (None, 0) to take dsq's path."""
-    from gguf.quants import dequantize, quantize
-
-    x = chunk.numpy()
-    if not np.isfinite(x).all():
-        return None, 0.0
-    data = quantize(x, t.gtype)
-    block_bytes = data.shape[-1] // (x.shape[-1] // BLOCK)
-    d = data.reshape(-1, block_bytes)[:, :2].copy().view(np.float16)
-    if not np.isfinite(d).all():
-        return None, 0.0
-    diff = dequantize(data, t.gtype) - x
-    return data.reshape(-1), float(np.square(diff, dtype=np.float64).sum())
+        norm += n
+    return out.reshape(-1), (change, norm)
 
 
 def nbytes(t: GGUFType, shape: tuple[int, ...]) -> int:

@@ -22,6 +22,7 @@ The file appears atomically: written under a temporary name, renamed when comple
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -35,7 +36,7 @@ from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFWriter
 from dsq.dsquant.archs import ROLE_INFO
 from dsq.dsquant.atomic import check_output, make_partial_dir
 from dsq.dsquant.errors import InputError, OutputError, UnsupportedError
-from dsq.dsquant.formats import QuantizedTensor
+from dsq.dsquant.formats import QuantizedTensor, StreamPool
 from dsq.dsquant.recipes import KEEP, load_recipe
 
 from .gguf_meta import add_hparams
@@ -169,6 +170,7 @@ def export_gguf(
     # (one file, or the shards of a split: <stem>-0000i-of-0000n.gguf, llama.cpp's gguf-split names).
     tmp_dir = make_partial_dir(out_path)  # removes what a killed earlier run on out_path left
     rows: list[dict] = []
+    stack = contextlib.ExitStack()
     try:
         w = GGUFWriter(tmp_dir / out_path.name, src.arch.gguf_arch, split_max_size=split)
         w.add_name(src.path.name)
@@ -186,10 +188,11 @@ def export_gguf(
         w.write_ti_data_to_file()
         for _, arr in extra:
             w.write_tensor_data(arr)
+        pool = stack.enter_context(StreamPool())  # chunk workers; torch single-threaded meanwhile
         for i, t in enumerate(outs):
             gt, tnotes, why = chosen[t.name]
             values = build_value(t, src)
-            encoded = [encode(v, gt, t.name) for v in values]
+            encoded = [encode(v, gt, t.name, pool) for v in values]
             data = np.concatenate([e[0] for e in encoded]) if len(encoded) > 1 else encoded[0][0]
             status = _status(values, gt)
             err = _rel_error([e[1] for e in encoded])
@@ -216,6 +219,7 @@ def export_gguf(
             f"{out_path}: cannot write ({e.strerror or e}); is the disk full? Nothing was written"
         ) from None
     finally:
+        stack.close()
         shutil.rmtree(tmp_dir, ignore_errors=True)
     report = _report(src, finals, type, recipe, rows, notes, tok, time.perf_counter() - t0, mix)
     return report

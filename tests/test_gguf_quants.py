@@ -47,7 +47,7 @@ def test_float_quantization_matches_gguf_reference_bytes(fmt, tname):
     ours, (change, norm) = encode(w, t, "w")
     ref = quantize(w.numpy(), t.gtype).reshape(-1)
     assert np.array_equal(ours, ref)
-    # the writer's fast path (gguf-py's numpy quantizer) and dsq's twin format write the same bytes
+    # the writer quantizes floats with dsq's twin format: the same bytes as packing that format's codes
     assert np.array_equal(ours, pack_exact(FORMATS[fmt].quantize(w), t))
     got = _gguf_values(ours, t.gtype, tuple(w.shape))
     assert (change / norm) ** 0.5 == pytest.approx(float((got - w).norm() / w.norm()), rel=1e-4)
