@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -163,6 +164,24 @@ def _cache_of(out):
     return out["cache"] if "cache" in out else out.get("past_key_values")
 
 
+_EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.(mlp\.experts\.\d+\.(?:gate|up|down)_proj\.weight)$")
+
+
+def _fuse_experts(model, state: dict) -> dict:
+    """Per-expert checkpoint tensors (how dsq and DeepSeek write MoE layers) -> the fused ``gate_up_proj`` /
+    ``down_proj`` parameters transformers' MoE modules hold, layer by layer (calibration's own rule)."""
+    from dsq.dsquant.calib.moe_coverage import fuse_experts
+
+    by_layer: dict[int, dict] = {}
+    for key in [k for k in state if _EXPERT_KEY.match(k)]:
+        m = _EXPERT_KEY.match(key)
+        by_layer.setdefault(int(m.group(1)), {})[m.group(2)] = state.pop(key)
+    for i, experts in by_layer.items():
+        fused = fuse_experts(model.model.layers[i], experts)
+        state.update({f"model.layers.{i}.{k}": v for k, v in fused.items()})
+    return state
+
+
 def _load_model(path: Path, dtype):
     """A transformers model for ``path``; a quantized checkpoint comes back dequantized to ``dtype``."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -179,7 +198,7 @@ def _load_model(path: Path, dtype):
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    state = QuantizedCheckpoint(path).dequantized_state_dict(dtype)
+    state = _fuse_experts(model, QuantizedCheckpoint(path).dequantized_state_dict(dtype))
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or ())
     if isinstance(getattr(model, "_tied_weights_keys", None), dict):

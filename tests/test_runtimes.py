@@ -184,6 +184,28 @@ def test_torch_loads_dsq_quantized_output_dequantized(torch_rt, quantized_dir):
     assert 0 < diff < 0.5  # the same model, rounded
 
 
+def test_torch_loads_dsq_quantized_deepseek_v3_with_fused_experts(model_dir, quantized_dir):
+    """dsq writes routed experts one tensor each (as DeepSeek does); transformers' MoE holds them fused."""
+    import torch
+
+    from dsq.dsquant.quantized import QuantizedCheckpoint
+    from dsq.runtimes.torch_runtime import TorchRuntime
+
+    q = quantized_dir("deepseek_v3", "int4")
+    deq = QuantizedCheckpoint(q).dequantized_state_dict(torch.float32)
+    with TorchRuntime.load(q, "cpu") as rt, TorchRuntime.load(model_dir("deepseek_v3"), "cpu") as ref:
+        layer = next(i for i, m in enumerate(rt.model.model.layers) if hasattr(m.mlp, "experts"))
+        experts = rt.model.model.layers[layer].mlp.experts
+        for e in range(experts.gate_up_proj.shape[0]):
+            p = f"model.layers.{layer}.mlp.experts.{e}."
+            want = torch.cat([deq[p + "gate_proj.weight"], deq[p + "up_proj.weight"]])
+            assert torch.equal(experts.gate_up_proj[e], want)
+            assert torch.equal(experts.down_proj[e], deq[p + "down_proj.weight"])
+        ids = [3, 17, 42, 5, 99]
+        diff = np.abs(rt.logits(ids) - ref.logits(ids)).max()
+    assert 0 < diff < 0.5  # the same model, rounded to int4
+
+
 # -- CLI -----------------------------------------------------------------------------------------------
 def test_cli_run_and_chat_through_runner(model_dir):
     m = str(model_dir("qwen2"))
