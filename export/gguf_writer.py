@@ -3,9 +3,9 @@
 Choosing a GGUF type per tensor (``choose_type``):
 
 * norms, biases, the MoE router and its bias: F32 (what llama.cpp's converter writes for them);
-* a dsq-quantized weight: its exact twin (int4_sym_g32 -> Q4_0, int4_asym_g32 -> Q4_1, int8_g32 ->
-  Q8_0), codes and scales carried over; other layouts (block 64/128, per-channel, FP8) go to the
-  nearest type (``NEAREST``) and are re-quantized, with the added error in the report;
+* a dsq-quantized weight: its exact twin (int4_sym_g* -> Q4_0, int4_asym_g* -> Q4_1, int8_g*/channel ->
+  Q8_0; blocks of 64/128 become 2/4 blocks of 32 that repeat the scale), codes and scales carried over;
+  FP8 goes to the nearest type (``NEAREST``) and is re-quantized, with the added error in the report;
 * a float weight: its own float type, or what ``recipe`` asks for (quantized straight into the
   GGUF type, from the float values, with ggml's reference rounding);
 * ``type`` (``--type``) names a llama.cpp file type (q4_0, q5_1, q4_k_m, q6_k, ...; ``q4_k`` is llama-quantize's
@@ -192,7 +192,15 @@ def export_gguf(
             encoded = [encode(v, gt, t.name) for v in values]
             data = np.concatenate([e[0] for e in encoded]) if len(encoded) > 1 else encoded[0][0]
             status = _status(values, gt)
-            err = _rel_error([e[1] for e in encoded])
+            stats = [e[1] for e in encoded]
+            # What the reader itself re-rounded (GPTQ act-order blocks, dsquant/foreign.py) counts as requantized.
+            read = [r for s in t.sources if (r := getattr(src.ckpt, "rerounded", {}).get(s.name.removesuffix(".weight")))]
+            if read:
+                status = "requantized"
+                stats += [(r["change"], r["norm"]) for r in read]
+                tnotes = [*tnotes, f"GPTQ act-order: {sum(r['blocks'] for r in read)} of {sum(r['of'] for r in read)} "
+                                   "column blocks of 32 mix groups and were re-rounded on reading"]
+            err = _rel_error(stats)
             w.write_tensor_data(data)
             rows.append({"name": t.name, "type": gt.name, "shape": list(t.shape), "status": status,
                          "rel_error": err, "bytes": int(data.nbytes), "notes": tnotes,
