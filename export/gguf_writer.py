@@ -256,11 +256,18 @@ def _report(src: GGUFSource, files: list[Path], type_: str, recipe, rows, notes,
     by_type: dict[str, int] = {}
     for r in rows:
         by_type[r["type"]] = by_type.get(r["type"], 0) + 1
-    if requant:
-        worst = max(requant, key=lambda r: r["rel_error"])
+    act = [r for r in requant if any("act-order" in n for n in r["notes"])]
+    if act:  # re-rounded by the GPTQ reader (dsquant/foreign.py), not by a type mismatch
+        worst = max(act, key=lambda r: r["rel_error"])
+        notes = [*notes, f"{len(act)} tensor(s) of a GPTQ act-order checkpoint have groups scattered along the row "
+                         "(desc_act g_idx) and were re-rounded into blocks of 32; largest added relative RMS error "
+                         f"{worst['rel_error']:.3g} ({worst['name']})"]
+    requant_other = [r for r in requant if r not in act]
+    if requant_other:
+        worst = max(requant_other, key=lambda r: r["rel_error"])
         why = (f"are stored in a dsq format other than the type llama.cpp's {mix.name} gives them"
                if mix is not None else "had no exact GGUF twin")
-        notes = [*notes, f"{len(requant)} tensor(s) {why} and were re-quantized from their dequantized values; "
+        notes = [*notes, f"{len(requant_other)} tensor(s) {why} and were re-quantized from their dequantized values; "
                          f"largest added relative RMS error {worst['rel_error']:.3g} ({worst['name']})"]
     if not src.quantized and not any(r["status"] == "quantized" for r in rows):
         notes = [*notes, "source is not quantized and no recipe/--type asked for quantization: weights kept as floats"]

@@ -208,17 +208,31 @@ def test_act_order_reports_what_it_re_rounds(foreign, tmp_path):
     down = rows["blk.0.ffn_down.weight"]
     assert down["status"] == "requantized" and down["rel_error"] > 0
     assert any("act-order" in n for n in down["notes"])
+    assert report["requantized"] == 12 and any("GPTQ act-order" in n for n in report["notes"])  # all but 2 q_proj
 
 
-def test_onnx_matmulnbits_carries_the_values(foreign):
-    from dsq.export.onnx_weights import pack_matmulnbits, unpack_matmulnbits
+@pytest.mark.parametrize("case", ["gptq_sym_g128_v2", "awq_g128"])
+def test_onnx_matmulnbits_carries_the_values(case, foreign, tmp_path):
+    """`dsq export --to onnx`: each weight's MatMulNBits initializers (B, scales, zero_points) hold the layout's
+    values exactly, at the checkpoint's own block of 128."""
+    import onnx
+    from onnx import numpy_helper
 
-    for case in ("gptq_sym_g128_v2", "awq_g128"):
-        src, want = foreign(case)
-        for name, qt in QuantizedCheckpoint(src).iter_weights():
-            if name in want:
-                p = pack_matmulnbits(qt)
-                assert p.block_size == 128 and torch.equal(unpack_matmulnbits(p), want[name]), name
+    from dsq.export.onnx_export import export_onnx
+    from dsq.export.onnx_weights import PackedNBits, unpack_matmulnbits
+
+    src, want = foreign(case)
+    out = tmp_path / "onnx"
+    export_onnx(src, out, accuracy_level=0)
+    model = onnx.load(out / "model.onnx")
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    blocks = {a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "block_size"}
+    assert blocks == {128}
+    for name, w in want.items():
+        n, k = w.shape
+        p = PackedNBits(inits[f"{name}.B"], inits[f"{name}.scales"], inits.get(f"{name}.zero_points"), k, n, 4, 128)
+        assert (p.zero_points is None) == (CASES[case][2]), name  # symmetric: MatMulNBits' default zero point 8
+        assert torch.equal(unpack_matmulnbits(p), w), name
 
 
 def test_unsupported_foreign_configs_fail_cleanly(foreign, tmp_path):
