@@ -19,6 +19,8 @@ Layouts (each module ``M`` of an ``nn.Linear`` with ``in`` inputs and ``out`` ou
 Mapping to dsq formats: symmetric GPTQ -> ``int4_sym_g{g}`` with code ``q - 8``; asymmetric GPTQ and AWQ ->
 ``int4_asym_g{g}`` with the stored ``q`` and ``z``. Groups 32/64/128 are dsq formats; GGUF carries all three
 exactly (g64/g128 blocks split into Q4_0/Q4_1 blocks that repeat the scale), ONNX MatMulNBits takes them as is.
+Other multiples of 32 (256, a whole row with ``group_size: -1``) are read as g32 blocks that repeat each scale:
+still exact, with more scales stored.
 
 Act-order (``desc_act`` with a ``g_idx`` that is not ``i // g``): each input column takes its scale from its own
 group, scattered along the row, which no contiguous-block format holds. Such a weight becomes ``int4_*_g32``:
@@ -96,13 +98,27 @@ class ForeignLayout:
         raise NotImplementedError
 
     def group_of(self, mod: str) -> int:
-        group = self.shape_of(mod)[1] if self.group == -1 else self.group
-        if f"int4_sym_g{group}" not in FORMATS:
+        """The checkpoint's group along the input dim (``group_size: -1`` is the whole row)."""
+        cols = self.shape_of(mod)[1]
+        group = cols if self.group == -1 else self.group
+        if group % 32 or cols % group:
             raise UnsupportedError(
-                f"{mod}: {self.name} group size {self.group} has no dsq int4 format (dsq has groups 32, 64, 128); "
-                "re-quantize from the float model with `dsq quantize`"
+                f"{mod}: {self.name} group size {self.group} is not a multiple of 32 that divides in_features "
+                f"({cols}); dsq's int4 formats and GGUF blocks are 32 wide: re-quantize from the float model"
             )
         return group
+
+    def dsq_group(self, mod: str) -> int:
+        """dsq's group for it: the same when dsq has that format (32/64/128), else 32 with the scale repeated."""
+        group = self.group_of(mod)
+        return group if f"int4_sym_g{group}" in FORMATS else 32
+
+    def _regroup(self, mod: str, scale: torch.Tensor, zero: torch.Tensor | None):
+        """Per-group scale/zero [out, in / group] -> per dsq block (exact: each value repeated group / 32 times)."""
+        k = self.group_of(mod) // self.dsq_group(mod)
+        if k == 1:
+            return scale, zero
+        return scale.repeat_interleave(k, 1), None if zero is None else zero.repeat_interleave(k, 1)
 
     def _parts(self, mod: str) -> dict[str, torch.Tensor]:
         return {n: read_tensor(self.ckpt.headers[n]) for n in (mod + p for p in PARTS) if n in self.ckpt.headers}
@@ -143,7 +159,7 @@ class GPTQLayout(ForeignLayout):
         return self._act_order[mod]
 
     def format_of(self, qconfig: dict, mod: str) -> QuantFormat:
-        group = 32 if self.act_order(mod) else self.group_of(mod)
+        group = 32 if self.act_order(mod) else self.dsq_group(mod)
         return FORMATS[f"int4_{'sym' if self.sym else 'asym'}_g{group}"]
 
     def _codes_zeros(self, mod: str, parts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,6 +184,7 @@ class GPTQLayout(ForeignLayout):
                 f"(checkpoint_format {'gptq' if self.zero_offset else 'gptq_v2'}); fix `sym` or the format in config.json"
             )
         if not self.act_order(mod):
+            scale, z = self._regroup(mod, scale, z)
             if self.sym:
                 return QuantizedTensor(fmt.name, (out, cols), (q.to(torch.int8) - 8), scale)
             return QuantizedTensor(fmt.name, (out, cols), q, scale, z.to(torch.uint8))
@@ -226,13 +243,13 @@ class AWQLayout(ForeignLayout):
         return int(self.ckpt.headers[mod + ".scales"].shape[1]) or int(words) * PER_WORD, int(rows)
 
     def format_of(self, qconfig: dict, mod: str) -> QuantFormat:
-        return FORMATS[f"int4_asym_g{self.group_of(mod)}"]
+        return FORMATS[f"int4_asym_g{self.dsq_group(mod)}"]
 
     def decode(self, fmt: QuantFormat, parts: dict[str, torch.Tensor], mod: str) -> QuantizedTensor:
         out, cols = self.shape_of(mod)
         q = _awq_unpack(parts[mod + ".qweight"], out).T.contiguous()
         z = _awq_unpack(parts[mod + ".qzeros"], out).T.contiguous()
-        scale = _fp16_scales(parts[mod + ".scales"], mod).T.contiguous()
+        scale, z = self._regroup(mod, _fp16_scales(parts[mod + ".scales"], mod).T.contiguous(), z)
         return QuantizedTensor(fmt.name, (out, cols), q.to(torch.uint8), scale, z.to(torch.uint8))
 
 

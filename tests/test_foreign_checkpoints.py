@@ -93,7 +93,7 @@ def build(src, out, kind: str, group: int, sym: bool = True, v1: bool = True, ac
             tensors[name] = w
             continue
         cols = w.shape[1]
-        g_idx = np.arange(cols) // group
+        g_idx = np.arange(cols) // (cols if group == -1 else group)
         if act_order:
             if "q_proj" in name:  # non-trivial, but every block of 32 columns stays inside one group: exact
                 chunks = rng.permutation(cols // 32)
@@ -118,12 +118,13 @@ def build(src, out, kind: str, group: int, sym: bool = True, v1: bool = True, ac
     return out, want
 
 
-CASES = {  # id -> (kind, group, sym, v1, dsq format)
-    "gptq_sym_g32_v1": ("gptq", 32, True, True, "int4_sym_g32"),
-    "gptq_sym_g128_v2": ("gptq", 128, True, False, "int4_sym_g128"),
-    "gptq_asym_g64_v1": ("gptq", 64, False, True, "int4_asym_g64"),
-    "gptq_asym_g32_v2": ("gptq", 32, False, False, "int4_asym_g32"),
-    "awq_g128": ("awq", 128, False, False, "int4_asym_g128"),
+CASES = {  # id -> (kind, group, sym, v1, dsq format, fixture)
+    "gptq_sym_g32_v1": ("gptq", 32, True, True, "int4_sym_g32", "llama"),
+    "gptq_sym_g128_v2": ("gptq", 128, True, False, "int4_sym_g128", "llama"),
+    "gptq_sym_channel_v1": ("gptq", -1, True, True, "int4_sym_g32", "llama"),  # whole rows: g32, scale repeated
+    "gptq_asym_g64_v1": ("gptq", 64, False, True, "int4_asym_g64", "llama"),
+    "gptq_asym_g256_v2": ("gptq", 256, False, False, "int4_asym_g32", "llama"),
+    "awq_g128": ("awq", 128, False, False, "int4_asym_g128", "qwen2"),  # q/k/v biases stay plain tensors
 }
 
 
@@ -133,9 +134,9 @@ def foreign(model_dir, tmp_path_factory):
 
     def get(case: str):
         if case not in cache:
-            kind, group, sym, v1, _ = CASES.get(case, ("gptq", 128, True, True, None))
+            kind, group, sym, v1, _, arch = CASES.get(case, ("gptq", 128, True, True, None, "llama"))
             out = tmp_path_factory.mktemp("foreign") / case
-            cache[case] = build(model_dir("llama"), out, kind, group, sym, v1, act_order=case == "act_order")
+            cache[case] = build(model_dir(arch), out, kind, group, sym, v1, act_order=case == "act_order")
         return cache[case]
     return get
 
@@ -144,15 +145,18 @@ def foreign(model_dir, tmp_path_factory):
 def test_reader_equals_the_layouts_dequantization(case, foreign):
     src, want = foreign(case)
     ck = QuantizedCheckpoint(src)
-    got = {n: t for n, t in ck.iter_weights() if n in want}
+    every = dict(ck.iter_weights())
+    got = {n: t for n, t in every.items() if n in want}
     assert set(got) == set(want)
+    if CASES[case][5] == "qwen2":  # a GPTQ/AWQ module's bias is a plain tensor beside its packed weight
+        assert isinstance(every["model.layers.0.self_attn.q_proj.bias"], torch.Tensor)
     for name, qt in got.items():
         assert qt.format == CASES[case][4], name
         assert torch.equal(qt.dequantize(), want[name]), name
     assert ck.rerounded == {}
 
 
-@pytest.mark.parametrize("case", ["gptq_sym_g32_v1", "gptq_sym_g128_v2"])
+@pytest.mark.parametrize("case", ["gptq_sym_g32_v1", "gptq_sym_g128_v2", "gptq_sym_channel_v1"])
 def test_symmetric_gptq_to_q4_0_adds_no_error(case, foreign, tmp_path):
     """GGUF Q4_0 (gguf-py's dequantizer) equals GPTQ's own dequantization bit for bit; g128 blocks are split into
     four Q4_0 blocks that repeat the fp16 scale."""
@@ -169,7 +173,7 @@ def test_symmetric_gptq_to_q4_0_adds_no_error(case, foreign, tmp_path):
     assert report["requantized"] == 0
 
 
-@pytest.mark.parametrize("case", ["gptq_asym_g64_v1", "awq_g128"])
+@pytest.mark.parametrize("case", ["gptq_asym_g64_v1", "gptq_asym_g256_v2", "awq_g128"])
 def test_asymmetric_to_q4_1_within_the_fp16_offset(case, foreign, tmp_path):
     """Q4_1 stores m = -z*s as fp16: exact codes and d, m within half an fp16 ulp (gguf_quants.q4_1_offset_bound)."""
     src, want = foreign(case)
