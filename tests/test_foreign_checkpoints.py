@@ -249,3 +249,28 @@ def test_unsupported_foreign_configs_fail_cleanly(foreign, tmp_path):
         (d / "config.json").write_text(json.dumps(cfg))
         with pytest.raises(DsqError):
             dict(QuantizedCheckpoint(d).iter_weights())
+
+
+def _rewrite_qzeros(src, dst, words: int, cfg_update: dict | None = None):
+    shutil.copytree(src, dst)
+    t = load_file(dst / "model.safetensors")
+    t["model.layers.0.mlp.up_proj.qzeros"] = torch.full_like(t["model.layers.0.mlp.up_proj.qzeros"], words)
+    save_file(t, dst / "model.safetensors", metadata={"format": "pt"})
+    if cfg_update:
+        cfg = json.loads((dst / "config.json").read_text())
+        cfg["quantization_config"].update(cfg_update)
+        (dst / "config.json").write_text(json.dumps(cfg))
+
+
+def test_damaged_zero_points_are_named(foreign, tmp_path):
+    """v1's wrapped zero (stored -1: nibble 15 -> zero 16) and sym configs whose zeros are not 8 raise, naming the tensor."""
+    from dsq.dsquant.errors import BadWeightsError
+
+    src, _ = foreign("gptq_asym_g64_v1")
+    _rewrite_qzeros(src, tmp_path / "wrap", -1)
+    with pytest.raises(BadWeightsError, match=r"up_proj\.qzeros.*wrapped"):
+        dict(QuantizedCheckpoint(tmp_path / "wrap").iter_weights())
+    src, _ = foreign("gptq_sym_g32_v1")
+    _rewrite_qzeros(src, tmp_path / "sym", 0x66666666)  # v1 stored 6 -> zero 7, not 8
+    with pytest.raises(BadWeightsError, match=r"up_proj\.qzeros.*sym"):
+        dict(QuantizedCheckpoint(tmp_path / "sym").iter_weights())
