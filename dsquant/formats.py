@@ -388,6 +388,29 @@ class Fp8Block(QuantFormat):
         return QuantizedTensor(self.name, (rows, cols), q.to(torch.float8_e4m3fn), s)
 
 
+def split_blocks(qt: QuantizedTensor, target: str) -> QuantizedTensor | None:
+    """``qt`` re-expressed in format ``target`` with bit-identical values, or None when that is impossible.
+
+    A block of g columns with one scale (and zero) is also g/g' blocks of g' columns with that same scale:
+    when ``target`` is the same kind of format (int4 sym, int4 asym or int8) with a group g' that divides
+    ``qt``'s group (or ``qt`` is per-channel and g' divides the row), the codes are unchanged and every
+    scale/zero is repeated g/g' times. This is how an int4_sym_g128 weight (GPTQ's usual group) becomes
+    GGUF Q4_0 blocks exactly: four Q4_0 blocks that share one fp16 d.
+    """
+    src, dst = qt.fmt, FORMATS[target]
+    if src.name == dst.name:
+        return qt
+    if type(src) is not type(dst) or src.block_rows != 1 or dst.block_rows != 1 or not dst.block_cols:
+        return None
+    cols = qt.shape[1]
+    group = src.block_cols or cols
+    if group % dst.block_cols or cols % dst.block_cols:
+        return None
+    k, n = group // dst.block_cols, cols // dst.block_cols
+    zero = None if qt.zero is None else qt.zero.repeat_interleave(k, 1)[:, :n]
+    return QuantizedTensor(dst.name, qt.shape, qt.codes, qt.scale.repeat_interleave(k, 1)[:, :n], zero)
+
+
 def _registry(*formats: QuantFormat) -> dict[str, QuantFormat]:
     return {f.name: f for f in formats}
 

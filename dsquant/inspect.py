@@ -76,8 +76,13 @@ def _describe_safetensors_files(p: Path, files: list[Path], config: dict) -> Des
         d.facts["quantization"] = q.get("quant_method")
         if q.get("weight_block_size"):
             d.facts["block_size"] = q["weight_block_size"]
+        if q.get("quant_method") in ("gptq", "awq"):  # AutoGPTQ/GPTQModel, AutoAWQ: one scheme for every module
+            sym = q.get("sym", True) if q["quant_method"] == "gptq" else not q.get("zero_point", True)
+            extra = [q.get("checkpoint_format") or q.get("version") or "", "act-order" if q.get("desc_act") else ""]
+            d.facts["schemes"] = [" ".join(x for x in (f"int{q.get('bits')}", "sym" if sym else "asym", "group",
+                                                       str(q.get("group_size")), *extra) if x)]
         groups = q.get("config_groups") or {}
-        d.facts["schemes"] = sorted(
+        d.facts["schemes"] = d.facts.get("schemes") or sorted(
             {
                 f"int{g['weights']['num_bits']} {'sym' if g['weights'].get('symmetric', True) else 'asym'} "
                 f"{g['weights'].get('strategy')} {g['weights'].get('group_size') or ''}".strip()

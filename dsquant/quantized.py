@@ -1,5 +1,6 @@
-"""Reading a quantized checkpoint back (dsq's own output, or compressed-tensors / DeepSeek-FP8 ones):
-each weight as the ``QuantizedTensor`` it was written from, so exporters re-pack and never re-round.
+"""Reading a quantized checkpoint back (dsq's own output, compressed-tensors / DeepSeek-FP8 ones, and GPTQ /
+AutoAWQ-GEMM ones through ``foreign.py``): each weight as the ``QuantizedTensor`` it was written from, so
+exporters re-pack and never re-round.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import torch
 
 from .checkpoint import Checkpoint
 from .errors import InputError
+from .foreign import PARTS as FOREIGN_PARTS
+from .foreign import foreign_layout
 from .formats import QuantizedTensor
 from .layouts import layout_for_config, module_of
 from .safetensors_io import read_tensor
@@ -24,14 +27,30 @@ class QuantizedCheckpoint(Checkpoint):
         super().__init__(source)
         if not self.quantization_config:
             raise InputError(f"{self.path}: not a quantized checkpoint (config.json has no quantization_config)")
-        self.layout = layout_for_config(self.quantization_config)
+        # GPTQ / AWQ readers need the checkpoint (act-order is decided per module from its g_idx).
+        self.layout = foreign_layout(self, self.quantization_config) or layout_for_config(self.quantization_config)
+        self._parts = FOREIGN_PARTS if hasattr(self.layout, "shape_of") else _PARTS
+
+    def module_shape(self, mod: str) -> tuple[int, int]:
+        """[out, in] of a quantized module, from its stored tensors' headers (no data read)."""
+        if hasattr(self.layout, "shape_of"):
+            return self.layout.shape_of(mod)
+        shape_info = self.headers.get(mod + ".weight_shape")
+        if shape_info is not None:
+            return tuple(int(x) for x in read_tensor(shape_info).tolist())
+        return tuple(self.headers[mod + ".weight"].shape)
+
+    @property
+    def rerounded(self) -> dict[str, dict]:
+        """Module -> what reading it re-rounded (GPTQ act-order only; filled as modules are decoded)."""
+        return getattr(self.layout, "rerounded", {})
 
     @cached_property
     def modules(self) -> dict[str, list[str]]:
         """Quantized module -> its stored tensor names."""
         out: dict[str, list[str]] = {}
         for name in self.headers:
-            for suffix in _PARTS:
+            for suffix in self._parts:
                 if name.endswith(suffix):
                     out.setdefault(name[: -len(suffix)], []).append(name)
         for mod in out:

@@ -157,7 +157,7 @@ def print_export_summary(to: str, out: Path, report: dict) -> None:
         exact, requant = report.get("exact", 0), report.get("requantized", 0)
         types = ", ".join(f"{t.upper()} x{n}" for t, n in sorted(report["types"].items(), key=lambda kv: -kv[1]))
         console.print(f"  tensor types: {types}; {exact} carried dsq's quantized values exactly"
-                      f"{f', {requant} re-quantized (no GGUF twin; errors in the report)' if requant else ''}",
+                      f"{f', {requant} re-quantized (errors and reasons in the report)' if requant else ''}",
                       markup=False)
         floats: dict[str, list] = {}
         for r in report.get("tensors", []):

@@ -4,7 +4,8 @@ Block layouts (ggml-common.h, and gguf-py's ``gguf.quants`` which the tests chec
 
 * ``Q4_0``: 32 weights in 18 bytes: fp16 ``d``, then 16 bytes where byte j holds nibble j (low 4 bits)
   and nibble j+16 (high 4 bits); w = (nibble - 8) * d. dsq's ``int4_sym_g32`` codes + 8 are the nibbles
-  and its fp16 scale is ``d``: carried over bit for bit.
+  and its fp16 scale is ``d``: carried over bit for bit. ``int4_sym_g64``/``g128`` too: each block of 64/128
+  is 2/4 Q4_0 blocks that repeat the same ``d`` (``split_blocks``), so GPTQ's usual g128 is carried exactly.
 * ``Q4_1``: 32 weights in 20 bytes: fp16 ``d``, fp16 ``m``, 16 nibble bytes as Q4_0; w = nibble * d + m.
   dsq's ``int4_asym_g32`` is w = (q - z) * s, so d = s (already fp16) and m = -z * s rounded to fp16.
   z * s needs up to 4 more mantissa bits than fp16 holds, so m moves by at most half an fp16 ulp:
@@ -27,7 +28,7 @@ from gguf import GGMLQuantizationType as GT
 from gguf import LlamaFileType
 
 from dsq.dsquant.errors import UnsupportedError
-from dsq.dsquant.formats import FORMATS, QuantizedTensor, StreamPool, check_finite, row_chunks
+from dsq.dsquant.formats import FORMATS, QuantizedTensor, StreamPool, check_finite, row_chunks, split_blocks
 
 from .kquants import quantize_q4_k
 from .q2quants import quantize_q2_k
@@ -78,7 +79,8 @@ GGUF_TYPES: dict[str, GGUFType] = {
     )
 }
 
-#: dsq format -> the GGUF type that holds it exactly (block 32) or most nearly (other blocks, FP8).
+#: dsq format -> the GGUF type that holds it exactly (block 32, or a multiple of 32 split into blocks of 32 that
+#: repeat the scale: ``is_exact``) or most nearly (FP8).
 NEAREST: dict[str, str] = {
     "int4_sym_g32": "q4_0",
     "int4_sym_g64": "q4_0",
@@ -106,7 +108,16 @@ def get_type(name: str) -> GGUFType:
 
 
 def is_exact(qt: QuantizedTensor, t: GGUFType) -> bool:
-    return t.twin == qt.format
+    """Whether ``qt`` goes into ``t`` without re-rounding: its twin format, or a larger group of the same kind
+    (int4_sym_g64/g128 -> Q4_0, int4_asym_g* -> Q4_1, int8_g128/channel -> Q8_0; ``split_blocks``)."""
+    if t.twin is None:
+        return False
+    src, dst = qt.fmt, FORMATS[t.twin]
+    if t.twin == qt.format:
+        return True
+    group = src.block_cols or qt.shape[1]
+    return (type(src) is type(dst) and src.block_rows == 1 and group % dst.block_cols == 0
+            and qt.shape[1] % dst.block_cols == 0)
 
 
 def _block_values(qt: QuantizedTensor) -> torch.Tensor:
@@ -196,7 +207,7 @@ def encode(
     are added in row order, so neither the bytes nor the report depend on the thread count.
     """
     if isinstance(value, QuantizedTensor) and is_exact(value, t):
-        return pack_exact(value, t, pool), None
+        return pack_exact(split_blocks(value, t.twin), t, pool), None
     if not t.quantized:
         w = value.dequantize() if isinstance(value, QuantizedTensor) else value
         return w.to(t.torch_dtype).contiguous().view(torch.uint8).reshape(-1).numpy(), None

@@ -1,7 +1,7 @@
 """What the GGUF writer reads: any checkpoint dsq opens, one tensor at a time, by HF name.
 
 * A quantized checkpoint (dsq's compressed-tensors output, other tools' compressed-tensors, DeepSeek
-  block-FP8): quantized weights come back as the ``QuantizedTensor`` they were written from, so the
+  block-FP8, GPTQ and AutoAWQ-GEMM through dsquant/foreign.py): quantized weights come back as the ``QuantizedTensor`` they were written from, so the
   writer re-packs codes and scales instead of re-rounding dequantized floats.
 * A plain HF checkpoint (bf16/fp16/fp32): float tensors; a recipe may ask for quantization on the way.
 
@@ -62,12 +62,7 @@ class GGUFSource:
             if name in out:
                 continue
             fmt = ck.layout.format_of(ck.quantization_config, mod)
-            shape_info = ck.headers.get(mod + ".weight_shape")
-            if shape_info is not None:
-                shape = tuple(int(x) for x in read_tensor(shape_info).tolist())
-            else:
-                shape = tuple(ck.headers[name].shape)
-            out[name] = SourceEntry(name, shape, ck.arch.match(name), fmt.name, torch.bfloat16)
+            out[name] = SourceEntry(name, ck.module_shape(mod), ck.arch.match(name), fmt.name, torch.bfloat16)
         return out
 
     def load(self, name: str) -> QuantizedTensor | torch.Tensor:

@@ -3,9 +3,9 @@
 Choosing a GGUF type per tensor (``choose_type``):
 
 * norms, biases, the MoE router and its bias: F32 (what llama.cpp's converter writes for them);
-* a dsq-quantized weight: its exact twin (int4_sym_g32 -> Q4_0, int4_asym_g32 -> Q4_1, int8_g32 ->
-  Q8_0), codes and scales carried over; other layouts (block 64/128, per-channel, FP8) go to the
-  nearest type (``NEAREST``) and are re-quantized, with the added error in the report;
+* a dsq-quantized weight: its exact twin (int4_sym_g* -> Q4_0, int4_asym_g* -> Q4_1, int8_g*/channel ->
+  Q8_0; blocks of 64/128 become 2/4 blocks of 32 that repeat the scale), codes and scales carried over;
+  FP8 goes to the nearest type (``NEAREST``) and is re-quantized, with the added error in the report;
 * a float weight: its own float type, or what ``recipe`` asks for (quantized straight into the
   GGUF type, from the float values, with ggml's reference rounding);
 * ``type`` (``--type``) names a llama.cpp file type (q4_0, q5_1, q4_k_m, q6_k, ...; ``q4_k`` is llama-quantize's
@@ -195,7 +195,15 @@ def export_gguf(
             encoded = [encode(v, gt, t.name, pool) for v in values]
             data = np.concatenate([e[0] for e in encoded]) if len(encoded) > 1 else encoded[0][0]
             status = _status(values, gt)
-            err = _rel_error([e[1] for e in encoded])
+            stats = [e[1] for e in encoded]
+            # What the reader itself re-rounded (GPTQ act-order blocks, dsquant/foreign.py) counts as requantized.
+            read = [r for s in t.sources if (r := getattr(src.ckpt, "rerounded", {}).get(s.name.removesuffix(".weight")))]
+            if read:
+                status = "requantized"
+                stats += [(r["change"], r["norm"]) for r in read]
+                tnotes = [*tnotes, f"GPTQ act-order: {sum(r['blocks'] for r in read)} of {sum(r['of'] for r in read)} "
+                                   "column blocks of 32 mix groups and were re-rounded on reading"]
+            err = _rel_error(stats)
             w.write_tensor_data(data)
             rows.append({"name": t.name, "type": gt.name, "shape": list(t.shape), "status": status,
                          "rel_error": err, "bytes": int(data.nbytes), "notes": tnotes,
@@ -258,11 +266,18 @@ def _report(src: GGUFSource, files: list[Path], type_: str, recipe, rows, notes,
     by_type: dict[str, int] = {}
     for r in rows:
         by_type[r["type"]] = by_type.get(r["type"], 0) + 1
-    if requant:
-        worst = max(requant, key=lambda r: r["rel_error"])
+    act = [r for r in requant if any("act-order" in n for n in r["notes"])]
+    if act:  # re-rounded by the GPTQ reader (dsquant/foreign.py), not by a type mismatch
+        worst = max(act, key=lambda r: r["rel_error"])
+        notes = [*notes, f"{len(act)} tensor(s) of a GPTQ act-order checkpoint have groups scattered along the row "
+                         "(desc_act g_idx) and were re-rounded into blocks of 32; largest added relative RMS error "
+                         f"{worst['rel_error']:.3g} ({worst['name']})"]
+    requant_other = [r for r in requant if r not in act]
+    if requant_other:
+        worst = max(requant_other, key=lambda r: r["rel_error"])
         why = (f"are stored in a dsq format other than the type llama.cpp's {mix.name} gives them"
                if mix is not None else "had no exact GGUF twin")
-        notes = [*notes, f"{len(requant)} tensor(s) {why} and were re-quantized from their dequantized values; "
+        notes = [*notes, f"{len(requant_other)} tensor(s) {why} and were re-quantized from their dequantized values; "
                          f"largest added relative RMS error {worst['rel_error']:.3g} ({worst['name']})"]
     if not src.quantized and not any(r["status"] == "quantized" for r in rows):
         notes = [*notes, "source is not quantized and no recipe/--type asked for quantization: weights kept as floats"]

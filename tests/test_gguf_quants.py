@@ -8,7 +8,7 @@ import torch
 from gguf import GGMLQuantizationType as GT
 from gguf.quants import dequantize, quantize
 
-from dsq.dsquant.formats import FORMATS
+from dsq.dsquant.formats import FORMATS, split_blocks
 from dsq.export.gguf_quants import GGUF_TYPES, encode, nbytes, pack_exact, q4_1_offset_bound
 from dsq.export.gguf_tensors import permute_rows, select_rows
 
@@ -78,9 +78,26 @@ def test_q4_1_offset_rounding_stays_within_stated_bound():
     assert torch.equal(d, qt.scale.to(torch.float16))
 
 
+def test_larger_groups_split_into_exact_blocks():
+    """int4_sym_g128 -> Q4_0 and int4_asym_g64 -> Q4_1: every block of 32 repeats its group's scale, codes kept."""
+    w = _weights(seed=3)
+    for fmt, tname in (("int4_sym_g128", "q4_0"), ("int4_sym_g64", "q4_0"), ("int4_asym_g64", "q4_1"),
+                       ("int8_g128", "q8_0"), ("int8_channel", "q8_0")):
+        qt = FORMATS[fmt].quantize(w)
+        t = GGUF_TYPES[tname]
+        data, change = encode(qt, t, "w")
+        assert change is None, fmt
+        got, deq = _gguf_values(data, t.gtype, qt.shape), qt.dequantize()
+        if qt.zero is None:
+            assert torch.equal(got, deq), fmt
+        else:  # Q4_1's m = fp16(-z*s): its half-ulp rounding, as for int4_asym_g32
+            bound = q4_1_offset_bound(split_blocks(qt, "int4_asym_g32")).repeat_interleave(32, 1)
+            assert bool(((got - deq).abs() <= bound * 1.0001).all()), fmt
+
+
 def test_non_twin_layouts_are_requantized_not_rejected():
     w = _weights(seed=3)
-    qt = FORMATS["int4_sym_g128"].quantize(w)
+    qt = FORMATS["int4_asym_g128"].quantize(w)  # asymmetric codes have no Q4_0 twin
     t = GGUF_TYPES["q4_0"]
     data, (change, norm) = encode(qt, t, "w")
     got = _gguf_values(data, t.gtype, qt.shape)
