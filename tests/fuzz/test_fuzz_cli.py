@@ -430,20 +430,21 @@ def test_keyboard_interrupt_names_the_output(m, tmp_path, monkeypatch):
 def test_ctrl_c_on_a_running_quantize(m, tmp_path):
     """A real SIGINT to a running `dsq quantize --method gptq`: exit 130, the message, no output, no partial."""
     out = tmp_path / "q"
-    env = {**os.environ, "PYTHONPATH": PYTHONPATH}
+    # progress lines at once (DSQ_PROGRESS_SECONDS=0): the first calibration line says the layer loop started
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH, "DSQ_PROGRESS_SECONDS": "0"}
     args = [sys.executable, "-m", "dsq.cli", "quantize", str(m), "-o", str(out), "--method", "gptq",
-            "--samples", "64", "--seqlen", "128"]
+            "--samples", "128", "--seqlen", "256"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    # Wait until the command runs: calibration has loaded the model's tokenizer (the `tokenizers` library is
-    # mapped), past the imports; then interrupt.
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline and proc.poll() is None:
-        if _mapped(proc.pid, "tokenizers"):
+    seen = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        seen.append(line)
+        if not line or line.startswith("calibrate (gptq):"):
             break
-        time.sleep(0.2)
-    time.sleep(3)  # into the layer-by-layer calibration (tens of seconds on 2 cores)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)  # inside the layer-by-layer calibration
     stdout, stderr = proc.communicate(timeout=60)
+    stderr = "".join(seen) + stderr
     if proc.returncode == 0:
         pytest.skip("quantize finished before the signal arrived")
     assert proc.returncode == 130, stdout + stderr
