@@ -189,7 +189,15 @@ def describe_gguf(p: Path) -> Description:
                 raise CorruptFileError(f"{p}: tensor `{name}` row of {dims[0]} is not a multiple of {qtype.name}'s block")
             infos.append((name, qtype.name, dims, numel // block * type_size, offset))
         data_start = -(-c.f.tell() // alignment) * alignment
+        seen: set[str] = set()
         for name, tname, dims, nbytes, offset in infos:
+            # gguf.cpp refuses both: a name twice makes lookups ambiguous, an unaligned offset is not ggml's layout
+            if name in seen:
+                raise CorruptFileError(f"{p}: tensor `{name}` is listed twice; hostile or damaged GGUF")
+            seen.add(name)
+            if offset % alignment:
+                raise CorruptFileError(f"{p}: tensor `{name}` starts at offset {offset}, not a multiple of the file's "
+                                       f"alignment {alignment}; hostile or damaged GGUF")
             if data_start + offset + nbytes > c.size:
                 raise CorruptFileError(f"{p}: tensor `{name}` lies past the end of the file; truncated or hostile GGUF")
             d.tensors.append((name, tname, dims, nbytes))
@@ -240,6 +248,8 @@ def describe_onnx(p: Path) -> Description:
         model = onnx.load(str(p), load_external_data=False)
     except Exception as e:  # onnx raises DecodeError and others for damaged protobufs
         raise CorruptFileError(f"{p}: not a readable ONNX model ({type(e).__name__}: {e})") from None
+    if not model.graph.node or not model.opset_import:  # an empty file parses as an empty ModelProto
+        raise CorruptFileError(f"{p}: not an ONNX model (no graph nodes or opset; {p.stat().st_size} bytes)")
     from onnx import TensorProto
 
     d = Description(str(p), "onnx", None)

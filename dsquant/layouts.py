@@ -19,9 +19,26 @@ import sys
 import numpy as np
 import torch
 
-from .errors import RecipeError, UnsupportedError
+from .errors import CorruptFileError, RecipeError, UnsupportedError
 from .formats import FORMATS, QuantFormat, QuantizedTensor
 from .safetensors_io import PlannedTensor
+
+
+def _check_stored(planned, tensors: dict[str, torch.Tensor], mod: str, scale_name: str) -> None:
+    """A quantized checkpoint's stored tensors against the shapes its own weight shape implies (what dsq
+    would write), and its scales finite: a hostile or damaged file is refused by name, never unpacked
+    into wrong values or an exported GGUF/ONNX with NaN scales."""
+    for p in planned:
+        t = tensors.get(p.name)
+        if t is None:
+            raise CorruptFileError(f"{p.name}: missing; the quantized checkpoint is incomplete")
+        if tuple(t.shape) != tuple(p.shape):
+            raise CorruptFileError(
+                f"{p.name}: shape {list(t.shape)}, but {mod}'s weight shape implies {list(p.shape)}; damaged checkpoint"
+            )
+    scale = tensors[scale_name]
+    if scale.is_floating_point() and not bool(torch.isfinite(scale).all()):
+        raise CorruptFileError(f"{scale_name}: NaN/Inf scale; the quantized checkpoint is damaged")
 
 
 def module_of(weight_name: str) -> str:
@@ -126,7 +143,11 @@ class CompressedTensorsLayout:
         return out
 
     def decode(self, fmt: QuantFormat, tensors: dict[str, torch.Tensor], mod: str) -> QuantizedTensor:
-        shape = tuple(int(x) for x in tensors[f"{mod}.weight_shape"].tolist())
+        stored = tensors[f"{mod}.weight_shape"]
+        shape = tuple(int(x) for x in stored.reshape(-1).tolist())
+        if len(shape) != 2 or min(shape) <= 0:
+            raise CorruptFileError(f"{mod}.weight_shape = {list(shape)}: not the [rows, columns] of a weight")
+        _check_stored(self.planned(mod + ".weight", fmt, shape), tensors, mod, f"{mod}.weight_scale")
         u = unpack_int32(tensors[f"{mod}.weight_packed"], fmt.bits, shape[1])
         scale = tensors[f"{mod}.weight_scale"]
         zp = tensors.get(f"{mod}.weight_zero_point")
@@ -212,6 +233,9 @@ class DeepSeekFp8Layout:
 
     def decode(self, fmt: QuantFormat, tensors: dict[str, torch.Tensor], mod: str) -> QuantizedTensor:
         w = tensors[mod + ".weight"]
+        if w.ndim != 2:
+            raise CorruptFileError(f"{mod}.weight: FP8 weight of shape {list(w.shape)}, not [rows, columns]")
+        _check_stored(self.planned(mod + ".weight", fmt, tuple(w.shape)), tensors, mod, mod + ".weight_scale_inv")
         return QuantizedTensor(fmt.name, tuple(w.shape), w, tensors[mod + ".weight_scale_inv"])
 
     def quantization_config(self, quantized: dict[str, str], ignored: list[str]) -> dict:

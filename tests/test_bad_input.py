@@ -241,3 +241,28 @@ def test_hub_id_offline_is_a_clear_error(tmp_path, monkeypatch):
 def test_wrong_flag_is_a_usage_error(model_dir):
     r = dsq("quantize", model_dir("llama"), "--bits", "3")
     assert r.exit_code == 2 and "--bits" in r.output
+
+
+@pytest.mark.parametrize("damage", ["scale_shape", "nan_scale", "weight_shape"])
+def test_damaged_quantized_checkpoint_is_refused_by_name(quantized_dir, tmp_path, damage):
+    """A quantized checkpoint whose weight_shape or scales disagree with its packed data (or a NaN scale) is
+    refused naming the tensor, before any export unpacks it into wrong values."""
+    from safetensors.torch import load_file
+
+    src = quantized_dir("llama", "int4")
+    dst = tmp_path / "q"
+    shutil.copytree(src, dst)
+    f = next(dst.glob("*.safetensors"))
+    sd = load_file(f)
+    mod = "model.layers.0.self_attn.q_proj"
+    if damage == "scale_shape":
+        sd[mod + ".weight_scale"] = sd[mod + ".weight_scale"][:, :-1].contiguous()
+    elif damage == "nan_scale":
+        sd[mod + ".weight_scale"][0, 0] = float("nan")
+    else:
+        sd[mod + ".weight_shape"] = torch.tensor([7, 3], dtype=torch.int64)
+    save_file(sd, f)
+    r = dsq("export", dst, "--to", "gguf", "-o", tmp_path / "o.gguf", "--no-check")
+    assert r.exit_code == 2, r.output
+    assert mod in r.output and "Traceback" not in r.output and "unexpected" not in r.output
+    assert not (tmp_path / "o.gguf").exists()

@@ -116,3 +116,33 @@ def test_zero_alignment_is_rejected(tmp_path):
     p.write_bytes(one_f32_tensor(extra_kv=kv_u32("general.alignment", 0), n_kv=2))
     with pytest.raises(CorruptFileError):
         describe(p)
+
+
+def _two_f32_tensors(names: tuple[str, str], second_offset: int) -> bytes:
+    body = header(2, 1) + s("general.architecture") + struct.pack("<I", STRING) + s("llama")
+    body += tensor_info(names[0], [8], 0, 0) + tensor_info(names[1], [8], 0, second_offset)
+    body += b"\0" * (-len(body) % 32)
+    return body + b"\0" * 4 * 8 * 3
+
+
+@pytest.mark.parametrize("names,offset,why", [(("a", "b"), 32, None), (("a", "a"), 32, "listed twice"),
+                                              (("a", "b"), 36, "not a multiple of the file's alignment")])
+def test_duplicate_names_and_unaligned_offsets_are_refused(tmp_path, names, offset, why):
+    """gguf.cpp refuses both; dsq inspect must not describe such a file as valid."""
+    p = tmp_path / "d.gguf"
+    p.write_bytes(_two_f32_tensors(names, offset))
+    if why is None:
+        assert [t[0] for t in describe(p).tensors] == ["a", "b"]
+        return
+    with pytest.raises(CorruptFileError, match=why):
+        describe(p)
+
+
+def test_empty_onnx_file_is_not_a_model(tmp_path):
+    pytest.importorskip("onnx")
+    p = tmp_path / "model.onnx"
+    p.write_bytes(b"")
+    with pytest.raises(CorruptFileError, match="not an ONNX model"):
+        describe(p)
+    with pytest.raises(CorruptFileError, match="not an ONNX model"):
+        describe(tmp_path)  # the folder form, as `dsq export --to onnx` writes it
