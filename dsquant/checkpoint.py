@@ -261,12 +261,16 @@ def check_against_config(tensors: list[SourceTensor], config: dict, cfg_path: Pa
     hidden, vocab = config.get("hidden_size"), config.get("vocab_size")
     n_layers = config.get("num_hidden_layers")
     layers: set[int] = set()
+    experts: dict[int, dict[int, set[Role]]] = {}  # layer -> expert -> the projections present
     for t in tensors:
         ref = t.ref
         if ref is None:
             continue
         if ref.layer is not None:
             layers.add(ref.layer)
+        if ref.expert is not None and ref.layer is not None:
+            experts.setdefault(ref.layer, {}).setdefault(ref.expert, set()).add(ref.role)
+        _check_mla_width(t, config, cfg_path)
         where = f"{t.info.file}: tensor `{t.name}`"
         if ref.info.kind == "linear":
             if t.info.dtype not in _FLOAT_DTYPES and not t.scale_info:
@@ -291,6 +295,7 @@ def check_against_config(tensors: list[SourceTensor], config: dict, cfg_path: Pa
                 f"{where} has shape {list(t.shape)}, but config.json says vocab_size {vocab} x hidden_size "
                 f"{hidden} ({cfg_path})"
             )
+    _check_experts(experts, config, cfg_path)
     if isinstance(n_layers, int) and layers:
         extra = config.get("num_nextn_predict_layers") or 0
         allowed = n_layers + (extra if isinstance(extra, int) and extra > 0 else 0)
@@ -306,6 +311,51 @@ def check_against_config(tensors: list[SourceTensor], config: dict, cfg_path: Pa
                 f"{cfg_path}: num_hidden_layers is {n_layers} but the weights have no layer {missing[0]}; "
                 "the checkpoint is incomplete or the config is from another model"
             )
+
+
+# MLA widths config.json fixes (DeepSeek-V2/V3): role -> (dim of the weight, the config keys whose sum it is)
+_MLA_WIDTHS = {
+    Role.MLA_KV_A: (0, ("kv_lora_rank", "qk_rope_head_dim")),  # kv_a_proj_with_mqa: latent + shared rope key
+    Role.MLA_KV_B: (1, ("kv_lora_rank",)),
+    Role.MLA_Q_A: (0, ("q_lora_rank",)),
+    Role.MLA_Q_B: (1, ("q_lora_rank",)),
+}
+
+
+def _check_mla_width(t: SourceTensor, config: dict, cfg_path: Path) -> None:
+    rule = _MLA_WIDTHS.get(t.ref.role)
+    if rule is None or len(t.shape) != 2:
+        return
+    dim, keys = rule
+    values = [config.get(k) for k in keys]
+    if not all(isinstance(v, int) and v > 0 for v in values):
+        return
+    if t.shape[dim] != sum(values):
+        raise CorruptFileError(
+            f"{t.info.file}: tensor `{t.name}` has shape {list(t.shape)}, but {' + '.join(keys)} in {cfg_path} "
+            f"give {sum(values)}; the config does not match the weights"
+        )
+
+
+def _check_experts(experts: dict[int, dict[int, set[Role]]], config: dict, cfg_path: Path) -> None:
+    """Every MoE layer has all ``n_routed_experts`` experts, each with gate, up and down."""
+    n = config.get("n_routed_experts") or config.get("num_experts")
+    if not isinstance(n, int) or n <= 0:
+        return
+    want = {Role.EXPERT_GATE, Role.EXPERT_UP, Role.EXPERT_DOWN}
+    for layer, by_expert in sorted(experts.items()):
+        missing = [e for e in range(n) if e not in by_expert]
+        if missing:
+            raise CorruptFileError(
+                f"{cfg_path}: n_routed_experts is {n} but layer {layer} has no weights for expert {missing[0]} "
+                f"({len(missing)} missing); the checkpoint is incomplete"
+            )
+        for e, roles in sorted(by_expert.items()):
+            if e >= n:
+                raise CorruptFileError(f"{cfg_path}: n_routed_experts is {n} but layer {layer} has expert {e}")
+            if not want <= roles:
+                lack = sorted(r.value for r in want - roles)[0]
+                raise CorruptFileError(f"layer {layer} expert {e} has no {lack} weight; the checkpoint is incomplete")
 
 
 def check_finite_tensor(x: torch.Tensor, name: str, file: Path, row0: int = 0) -> None:

@@ -266,3 +266,36 @@ def test_damaged_quantized_checkpoint_is_refused_by_name(quantized_dir, tmp_path
     assert r.exit_code == 2, r.output
     assert mod in r.output and "Traceback" not in r.output and "unexpected" not in r.output
     assert not (tmp_path / "o.gguf").exists()
+
+
+@pytest.mark.parametrize("damage", ["kv_lora_rank", "missing_expert"])
+def test_deepseek_config_and_experts_must_match_the_weights(model_dir, tmp_path, damage):
+    """A DeepSeek kv_lora_rank that disagrees with the MLA weights, or a routed expert with no weights, is
+    refused before anything is written (silently wrong outputs before)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    src = model_dir("deepseek_v3")
+    m = tmp_path / "m"
+    m.mkdir()
+    for f in src.iterdir():
+        if f.suffix != ".safetensors" and f.name != "model.safetensors.index.json":
+            shutil.copy(f, m)
+    sd = {}
+    for f in shards(src):
+        sd.update(load_file(f))
+    cfg = json.loads((m / "config.json").read_text())
+    if damage == "kv_lora_rank":
+        cfg["kv_lora_rank"] += 8
+        (m / "config.json").write_text(json.dumps(cfg))
+        needles = ("kv_lora_rank", "kv_a_proj_with_mqa")
+    else:
+        layer = cfg.get("first_k_dense_replace", 0)
+        gone = f"model.layers.{layer}.mlp.experts.1."
+        sd = {k: v for k, v in sd.items() if not k.startswith(gone)}
+        needles = (f"layer {layer} has no weights for expert 1",)
+    save_file(sd, m / "model.safetensors")
+    r = dsq("quantize", m, "-o", tmp_path / "out")
+    assert_clean_failure(r, *needles)
+    assert not (tmp_path / "out").exists()
