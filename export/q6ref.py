@@ -23,13 +23,20 @@ def _signed_max(x: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, -1, x.abs().argmax(dim=-1, keepdim=True))[..., 0]
 
 
-def _sums(wx: torch.Tensor, w: torch.Tensor, lq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum w*x*l, sum w*l*l) in index order, float32 (ggml's loop)."""
-    sumlx = torch.zeros(wx.shape[0])
-    suml2 = torch.zeros(wx.shape[0])
-    for i in range(wx.shape[1]):
-        sumlx = sumlx + wx[:, i] * lq[:, i]
-        suml2 = suml2 + (w[:, i] * lq[:, i]) * lq[:, i]
+def _sums(wx_t: torch.Tensor, w_t: torch.Tensor, lq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum w*x*l, sum w*l*l) in index order, float32 (ggml's loop). ``wx_t``/``w_t`` are [n, m] (transposed,
+    contiguous), so each step reads one contiguous column: the same operations in the same order as a loop
+    over ``[:, i]`` (bit-identical), without strided reads, which were 70 % of the packer's time."""
+    lq_t = lq.t().contiguous()
+    sumlx = torch.zeros(wx_t.shape[1])
+    suml2 = torch.zeros(wx_t.shape[1])
+    prod = torch.empty(wx_t.shape[1])
+    for i in range(wx_t.shape[0]):
+        torch.mul(wx_t[i], lq_t[i], out=prod)
+        sumlx.add_(prod)
+        torch.mul(w_t[i], lq_t[i], out=prod)
+        prod.mul_(lq_t[i])
+        suml2.add_(prod)
     return sumlx, suml2
 
 
@@ -40,11 +47,12 @@ def _make_qx(x: torch.Tensor, nmax: int = 32) -> tuple[torch.Tensor, torch.Tenso
     safe = torch.where(zero, torch.ones_like(mx), mx)
     w = x * x
     wx = w * x
+    w_t, wx_t = w.t().contiguous(), wx.t().contiguous()
 
     def trial(numerator: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         iscale = torch.full_like(mx, numerator) / safe
         lq = torch.round(iscale[:, None] * x).clamp(-nmax, nmax - 1)
-        return (lq, *_sums(wx, w, lq))
+        return (lq, *_sums(wx_t, w_t, lq))
 
     lq, sumlx, suml2 = trial(-float(nmax))
     scale = torch.where(suml2 != 0, sumlx / torch.where(suml2 != 0, suml2, torch.ones_like(suml2)), 0.0)
