@@ -1,7 +1,9 @@
 """Q6_K as llama.cpp writes it: ggml's ``quantize_row_q6_K_ref`` (ggml-quants.c), byte for byte.
 
-Same block as kquants.quantize_q6_k (whose bytes it shares the layout with): 16 sub-blocks of 16 weights, an
-int8 scale each, fp16 ``d``; w = d * scale_j * (q - 32). The difference is the sub-block scale: ggml's
+``block_q6_K`` (ggml-common.h, 210 bytes per 256 weights): ``ql[128]`` low 4 bits, ``qh[64]`` high 2 bits,
+``scales[16]`` int8 (one per sub-block of 16 weights), fp16 ``d``; w = d * scale_j * (q - 32), q in [0, 63].
+Within each half of 128 weights, element e's low nibble is in byte e % 64 (shifted by 4 when e >= 64) and its
+high bits in qh byte e % 32, shifted by 2 * (e // 32) (ggml's ``dequantize_row_q6_K``). The difference is the sub-block scale: ggml's
 ``make_qx_quants(16, nmax 32, rmse_type 1)`` starts from round(-32 x / m) (m the signed largest) and tries 18
 other trial scales -(32 + 0.1 i) / m, i = -9..9, keeping the one whose least-squares fit with weights x^2 explains
 most (largest (sum w x l)^2 / sum w l^2); the fitted scale, not the trial one, is the sub-block's. Sums run
