@@ -146,6 +146,13 @@ class _LlamaSide:
         vocab = self.llm._model.vocab
         return {t for t in range(self.llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t)}
 
+    def written_eog_ids(self) -> set[int]:
+        """The end ids the GGUF itself states (eos/eot/eom keys). llama.cpp adds more on its own: tokens it
+        knows by name (``</s>``, ``<|endoftext|>``, ...) become end-of-generation whatever the file says."""
+        meta = self.llm.metadata
+        keys = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+        return {int(meta[k]) for k in keys if str(meta.get(k, "")).lstrip("-").isdigit()}
+
     def close(self) -> None:
         self.llm.close()
 
@@ -363,9 +370,16 @@ def _check_eog(report: CheckReport, facts: TokenizerFacts, side) -> None:
         report.add("end of generation", "eog set", "fail",
                    f"{side.name} does not stop at {[(t, by_id.get(t)) for t in missing]} (reference stops at "
                    f"{sorted(want)})")
-    elif ordinary:
+    elif ordinary and (written := getattr(side, "written_eog_ids", lambda: set(ordinary))()) & set(ordinary):
+        wrong = sorted(written & set(ordinary))
         report.add("end of generation", "eog set", "fail",
-                   f"{side.name} stops at ordinary token(s) {[(t, by_id.get(t)) for t in ordinary]}")
+                   f"{side.name} stops at ordinary token(s) {[(t, by_id.get(t)) for t in wrong]} the export names "
+                   "as end-of-generation")
+    elif ordinary:  # not in the file: llama.cpp's own by-name rule, which no GGUF key can switch off
+        report.add("end of generation", "eog set", "warn",
+                   f"{side.name} also stops at ordinary token(s) {[(t, by_id.get(t)) for t in ordinary]}: it treats "
+                   "tokens with these names as end-of-generation whatever the GGUF says (any GGUF of this model "
+                   "does the same); the model stops early if it writes one")
     elif extra:
         report.add("end of generation", "eog set", "warn",
                    f"{side.name} also stops at special token(s) {[(t, by_id.get(t)) for t in extra]} (known by name)")

@@ -207,6 +207,22 @@ def test_check_passes_good_exports_and_warns_what_runtimes_cannot_do(layout, tmp
     assert greedy.status == "ok" and greedy.detail.startswith("16/16")  # bf16 weights in a bf16 GGUF
 
 
+def test_check_warns_about_an_end_token_llama_cpp_adds_by_name(layout, tmp_path):
+    """``</s>`` is an ordinary token of DeepSeek-R1-Distill-Qwen's vocabulary, and llama.cpp makes it
+    end-of-generation by its name whatever the GGUF says: a warning (no GGUF can avoid it), not a failure."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    from dsq.runtimes.check import check_export
+
+    src = layout("ordinary_named_end")
+    out = _gguf(src, tmp_path)
+    named = _vocab(out).tokenize(b"</s>", add_bos=False, special=True)
+    assert len(named) == 1 and named[0] in _eog(_vocab(out))  # llama.cpp's own rule, the premise of the test
+    report = check_export(out, src, greedy=False)
+    row = next(r for r in report.rows if r.check == "end of generation")
+    assert row.status == "warn" and "</s>" in row.detail and "whatever the GGUF says" in row.detail
+    assert report.passed, report.first_failure
+
+
 def test_check_fails_a_gguf_with_a_wrong_eos_written_by_hand(layout, tmp_path):
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
     from gguf import GGUFReader

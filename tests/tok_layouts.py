@@ -140,6 +140,15 @@ def legacy_added_tokens(folder: Path) -> None:
           cfg={"eos_token_id": tok.token_to_id("<|eos|>")})
 
 
+def ordinary_named_end(folder: Path) -> None:
+    """ChatML whose vocabulary also has ``</s>`` as an ordinary (non-special) token, as DeepSeek-R1-Distill-Qwen's
+    does: llama.cpp makes tokens with that name end-of-generation whatever the GGUF says."""
+    tok = _tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>"], plain=("</s>",))
+    _save(folder, tok, {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>",
+                        "pad_token": "<|endoftext|>", "bos_token": None, "chat_template": CHATML},
+          cfg={"eos_token_id": 2})
+
+
 def qwen2_nfc(folder: Path) -> None:
     """Qwen2: an NFC normalizer and Qwen2's split regex (llama.cpp does not normalize)."""
     from tokenizers import Regex, normalizers, pre_tokenizers
@@ -173,6 +182,7 @@ LAYOUTS = {
     "legacy_added_tokens": legacy_added_tokens,
     "qwen2_nfc": qwen2_nfc,
     "r1_distill": r1_distill,
+    "ordinary_named_end": ordinary_named_end,
 }
 
 
