@@ -152,3 +152,30 @@ def make_fp8_checkpoint(arch: str, out: Path) -> Path:
     }
     (out / "config.json").write_text(json.dumps(config, indent=2))
     return out
+
+
+def tied_copy(src: Path, dst: Path) -> Path:
+    """A copy of checkpoint ``src`` at ``dst`` made tie_word_embeddings: lm_head.weight dropped from the shards
+    and the index (safetensors metadata kept), the flag set in config.json."""
+    import json
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps(dict(cfg, tie_word_embeddings=True)))
+    index = dst / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text())
+        data["weight_map"].pop("lm_head.weight", None)
+        index.write_text(json.dumps(data))
+    for shard in dst.glob("*.safetensors"):
+        tensors = load_file(shard)
+        if "lm_head.weight" in tensors:
+            with safe_open(str(shard), "pt") as f:
+                meta = f.metadata()
+            del tensors["lm_head.weight"]
+            save_file(tensors, shard, metadata=meta)
+    return dst

@@ -32,6 +32,8 @@ from dsq.dsquant.formats import FORMATS  # noqa: E402
 from dsq.dsquant.quantized import QuantizedCheckpoint  # noqa: E402
 from dsq.export.mlx_writer import bias_bound, export_mlx, to_mlx  # noqa: E402
 
+from fixtures import tied_copy  # noqa: E402
+
 ATOL = 1e-4  # float32 export: max |logit difference| (observed <= 1.1e-6); logits are O(1)
 FP16_ATOL = 0.03  # float16 export: MLX computes activations in float16 (observed <= 0.0075)
 RECIPES = {
@@ -210,25 +212,7 @@ def test_to_mlx_packing_is_mlx_quantize_order():
 
 def test_tied_embeddings_are_reused_as_the_output_layer(quantized_dir, tmp_path):
     """tie_word_embeddings: no lm_head tensor is written; mlx_lm uses the embedding, and the logits match."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
-    src = tmp_path / "tied"
-    shutil.copytree(quantized_dir("llama", "int4"), src)
-    cfg = json.loads((src / "config.json").read_text())
-    (src / "config.json").write_text(json.dumps(dict(cfg, tie_word_embeddings=True)))
-    index = src / "model.safetensors.index.json"
-    if index.is_file():
-        data = json.loads(index.read_text())
-        data["weight_map"].pop("lm_head.weight", None)
-        index.write_text(json.dumps(data))
-    for shard in src.glob("*.safetensors"):
-        tensors = load_file(shard)
-        if "lm_head.weight" in tensors:
-            with safe_open(str(shard), "pt") as f:
-                meta = f.metadata()
-            del tensors["lm_head.weight"]
-            save_file(tensors, shard, metadata=meta)
+    src = tied_copy(quantized_dir("llama", "int4"), tmp_path / "tied")
     export_mlx(src, tmp_path / "mlx", dtype="float32")
     assert not any(k.startswith("lm_head") for k in mlx_weights(tmp_path / "mlx"))
     assert json.loads((tmp_path / "mlx" / "config.json").read_text())["tie_word_embeddings"] is True

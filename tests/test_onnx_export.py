@@ -19,6 +19,8 @@ import torch
 
 from dsq.export.onnx_export import export_onnx, load_session
 
+from fixtures import tied_copy
+
 ATOL = 1e-4  # max |logit difference|; logits are O(1)
 EXACT = 0  # MatMulNBits accuracy_level 0: float math on dsq's exact weights (the CPU default 4 quantizes activations)
 PROMPT = [5, 17, 33, 2, 99, 150, 7, 8, 61, 240]
@@ -223,25 +225,7 @@ def test_onnxruntime_genai_generates_the_reference_tokens(arch, exported, refere
 
 def test_tied_embeddings_share_one_matrix(quantized_dir, tmp_path):
     """tie_word_embeddings: the logits come from the embedding matrix itself (Gemm transB), stored once."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
-    src = tmp_path / "tied"
-    shutil.copytree(quantized_dir("llama", "int4"), src)
-    cfg = json.loads((src / "config.json").read_text())
-    (src / "config.json").write_text(json.dumps(dict(cfg, tie_word_embeddings=True)))
-    index = src / "model.safetensors.index.json"
-    if index.is_file():
-        data = json.loads(index.read_text())
-        data["weight_map"].pop("lm_head.weight", None)
-        index.write_text(json.dumps(data))
-    for shard in src.glob("*.safetensors"):
-        tensors = load_file(shard)
-        if "lm_head.weight" in tensors:
-            with safe_open(str(shard), "pt") as f:
-                meta = f.metadata()
-            del tensors["lm_head.weight"]
-            save_file(tensors, shard, metadata=meta)
+    src = tied_copy(quantized_dir("llama", "int4"), tmp_path / "tied")
     report = export_onnx(src, tmp_path / "onnx", accuracy_level=EXACT)
     assert any("tied" in n for n in report["notes"])
     model = onnx.load(str(tmp_path / "onnx" / "model.onnx"))
