@@ -52,9 +52,15 @@ def _seqsum(t: torch.Tensor) -> torch.Tensor:
 
 
 def _qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int = 15, rmin: float = -1.0, rdelta: float = 0.1,
-          nstep: int = 20) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ggml's ``make_qkx2_quants`` for every row of x [m, 32] at once -> (scale, min >= 0, codes uint8).
-    The weighted error is w * (scale * L - min - x)^2; returns min as a positive offset (ggml's the_min)."""
+          nstep: int = 20, use_mad: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ggml's ``make_qkx2_quants`` for every row of x [m, n] at once -> (scale, min >= 0, codes uint8).
+    The weighted error is w * (scale * L - min - x)^2, or w * |scale * L - min - x| with ``use_mad`` (ggml's
+    flag of the same name, Q2_K's search); returns min as a positive offset (ggml's the_min)."""
+
+    def error(scale: torch.Tensor, mn: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        diff = scale[:, None] * codes + mn[:, None] - x
+        return _seqsum(w * (diff.abs() if use_mad else diff.pow(2)))
+
     lo = x.min(dim=-1).values.clamp(max=0.0)
     hi = x.max(dim=-1).values
     rng = hi - lo
@@ -65,7 +71,7 @@ def _qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int = 15, rmin: float = -1.0, 
     iscale = _rdiv(nmax, safe_rng)
     scale = _rdiv(1.0, iscale)
     codes = torch.round(iscale[:, None] * (x - lo[:, None])).clamp(0, nmax)
-    best = _seqsum(w * (scale[:, None] * codes + lo[:, None] - x).pow(2))
+    best = error(scale, lo, codes)
     mn = lo.clone()
     for step in range(nstep + 1):
         # as in ggml, each trial is taken from the best min so far (``min`` is updated inside its loop)
@@ -85,7 +91,7 @@ def _qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int = 15, rmin: float = -1.0, 
         pos = this_min > 0  # a positive offset is not allowed: refit the scale alone through zero
         this_scale = torch.where(pos, sum_xl / torch.where(sum_l2 > 0, sum_l2, torch.ones_like(sum_l2)), this_scale)
         this_min = torch.where(pos, torch.zeros_like(this_min), this_min)
-        err = _seqsum(w * (this_scale[:, None] * la + this_min[:, None] - x).pow(2))
+        err = error(this_scale, this_min, la)
         better = ok & (err < best)
         codes = torch.where(better[:, None], la, codes)
         best = torch.where(better, err, best)
@@ -94,6 +100,37 @@ def _qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int = 15, rmin: float = -1.0, 
     scale = torch.where(flat, torch.zeros_like(scale), scale)
     codes = torch.where(flat[:, None], torch.zeros_like(codes), codes)
     return scale, -mn, codes.to(torch.uint8)
+
+
+def six_bit_scales(x: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor, codes: torch.Tensor, nmax: int):
+    """The step Q4_K and Q5_K share after the sub-block search (ggml's ``quantize_row_q4_K_ref`` /
+    ``quantize_row_q5_K_ref``): 8 scales and mins per super-block rounded to 6 bits against the largest of each
+    (d = max_scale / 63, dmin = max_min / 63), codes re-rounded with the stored values (0..nmax), scales packed.
+
+    x [nb, 8, 32] float32; scale, mins [nb, 8]; codes [nb, 8, 32] from the search. Returns (d fp16 [nb],
+    dmin fp16 [nb], packed scales uint8 [nb, 12], codes uint8 [nb, 8, 32], values float32 [nb, 256] as gguf-py
+    dequantizes them).
+    """
+    nb = x.shape[0]
+    max_scale = scale.max(-1).values
+    max_min = mins.max(-1).values
+    inv_scale = torch.where(max_scale > 0, _rdiv(63.0, torch.where(max_scale > 0, max_scale, 1.0)), 0.0)
+    inv_min = torch.where(max_min > 0, _rdiv(63.0, torch.where(max_min > 0, max_min, 1.0)), 0.0)
+    ls = torch.round(inv_scale[:, None] * scale).clamp(max=63).to(torch.uint8)
+    lm = torch.round(inv_min[:, None] * mins).clamp(max=63).to(torch.uint8)
+    d = (max_scale / torch.full_like(max_scale, 63.0)).to(torch.float16)  # a true division (see _rdiv)
+    dmin = (max_min / torch.full_like(max_min, 63.0)).to(torch.float16)
+    step = d.to(torch.float32)[:, None] * ls.to(torch.float32)  # [nb, 8], gguf-py's order of products
+    off = dmin.to(torch.float32)[:, None] * lm.to(torch.float32)
+    safe = torch.where(step == 0, torch.ones_like(step), step)
+    requant = torch.round((x + off[..., None]) / safe[..., None]).clamp(0, nmax).to(torch.uint8)
+    codes = torch.where(step[..., None] == 0, codes, requant)  # ggml keeps the search's codes when d == 0
+    values = (step[..., None] * codes.to(torch.float32) - off[..., None]).reshape(nb, -1)
+    sc = torch.zeros(nb, 12, dtype=torch.uint8)
+    sc[:, 0:4] = ls[:, :4] | ((ls[:, 4:] >> 4) << 6)
+    sc[:, 4:8] = lm[:, :4] | ((lm[:, 4:] >> 4) << 6)
+    sc[:, 8:12] = (ls[:, 4:] & 0x0F) | ((lm[:, 4:] & 0x0F) << 4)
+    return d, dmin, sc, codes, values
 
 
 def quantize_q4_k(rows: torch.Tensor, importance: torch.Tensor | None = None) -> tuple[np.ndarray, torch.Tensor]:
@@ -118,28 +155,11 @@ def quantize_q4_k(rows: torch.Tensor, importance: torch.Tensor | None = None) ->
         w = imp * (sigma2[:, None, None] + x * x).sqrt()
     scale, mins, codes = _qkx2(x.reshape(-1, 32), w.reshape(-1, 32))
     scale, mins, codes = scale.reshape(nb, 8), mins.reshape(nb, 8), codes.reshape(nb, 8, 32)
-    max_scale = scale.max(-1).values
-    max_min = mins.max(-1).values
-    inv_scale = torch.where(max_scale > 0, _rdiv(63.0, torch.where(max_scale > 0, max_scale, 1.0)), 0.0)
-    inv_min = torch.where(max_min > 0, _rdiv(63.0, torch.where(max_min > 0, max_min, 1.0)), 0.0)
-    ls = torch.round(inv_scale[:, None] * scale).clamp(max=63).to(torch.uint8)
-    lm = torch.round(inv_min[:, None] * mins).clamp(max=63).to(torch.uint8)
-    d = (max_scale / torch.full_like(max_scale, 63.0)).to(torch.float16)  # a true division (see _rdiv)
-    dmin = (max_min / torch.full_like(max_min, 63.0)).to(torch.float16)
-    step = d.to(torch.float32)[:, None] * ls.to(torch.float32)  # [nb, 8], gguf-py's order of products
-    off = dmin.to(torch.float32)[:, None] * lm.to(torch.float32)
-    safe = torch.where(step == 0, torch.ones_like(step), step)
-    requant = torch.round((x + off[..., None]) / safe[..., None]).clamp(0, 15).to(torch.uint8)
-    codes = torch.where(step[..., None] == 0, codes, requant)  # ggml keeps the search's codes when d == 0
-    values = (step[..., None] * codes.to(torch.float32) - off[..., None]).reshape(n, k)
-    sc = torch.zeros(nb, 12, dtype=torch.uint8)
-    sc[:, 0:4] = ls[:, :4] | ((ls[:, 4:] >> 4) << 6)
-    sc[:, 4:8] = lm[:, :4] | ((lm[:, 4:] >> 4) << 6)
-    sc[:, 8:12] = (ls[:, 4:] & 0x0F) | ((lm[:, 4:] & 0x0F) << 4)
+    d, dmin, sc, codes, values = six_bit_scales(x, scale, mins, codes, nmax=15)
     q = codes.reshape(nb, 4, 2, 32)
     out = torch.empty(nb, Q4_K_BYTES, dtype=torch.uint8)
     out[:, 0:2] = d.reshape(nb, 1).view(torch.uint8)
     out[:, 2:4] = dmin.reshape(nb, 1).view(torch.uint8)
     out[:, 4:16] = sc
     out[:, 16:] = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(nb, 128)
-    return out.reshape(-1).numpy(), values
+    return out.reshape(-1).numpy(), values.reshape(n, k)

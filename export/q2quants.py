@@ -17,55 +17,9 @@ import torch
 
 from dsq.dsquant.errors import UnsupportedError
 
-from .kquants import QK_K, _rdiv, _seqsum
+from .kquants import QK_K, _qkx2, _rdiv
 
 Q2_K_BYTES = 84
-
-
-def _qkx2_mad(x: torch.Tensor, w: torch.Tensor, nmax: int = 3, rmin: float = -0.5, rdelta: float = 0.1,
-              nstep: int = 15) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``make_qkx2_quants(..., use_mad=true)`` for every row of x [m, n] -> (scale, min >= 0, codes uint8).
-
-    Same search as kquants._qkx2 (trial scales from the best min so far, least-squares refit of scale and
-    min, minimum not above 0), scored by the weighted absolute error sum w * |scale * L + min - x|.
-    """
-    lo = x.min(dim=-1).values.clamp(max=0.0)
-    hi = x.max(dim=-1).values
-    flat = (hi - lo) == 0
-    safe_rng = torch.where(flat, torch.ones_like(hi), hi - lo)
-    sum_w = _seqsum(w)
-    sum_x = _seqsum(w * x)
-    iscale = _rdiv(nmax, safe_rng)
-    scale = _rdiv(1.0, iscale)
-    codes = torch.round(iscale[:, None] * (x - lo[:, None])).clamp(0, nmax)
-    best = _seqsum(w * (scale[:, None] * codes + lo[:, None] - x).abs())
-    mn = lo.clone()
-    f32 = np.float32
-    for step in range(nstep + 1):
-        span = hi - mn
-        span = torch.where(flat | (span == 0), torch.ones_like(span), span)
-        iscale = _rdiv(float(f32(f32(f32(rmin) + f32(rdelta) * f32(step)) + f32(nmax))), span)
-        la = torch.round(iscale[:, None] * (x - mn[:, None])).clamp(0, nmax)
-        sum_l = _seqsum(w * la)
-        sum_l2 = _seqsum(w * la * la)
-        sum_xl = _seqsum(w * la * x)
-        det = sum_w * sum_l2 - sum_l * sum_l
-        ok = det > 0
-        sdet = torch.where(ok, det, torch.ones_like(det))
-        this_scale = (sum_w * sum_xl - sum_x * sum_l) / sdet
-        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / sdet
-        pos = this_min > 0
-        this_scale = torch.where(pos, sum_xl / torch.where(sum_l2 > 0, sum_l2, torch.ones_like(sum_l2)), this_scale)
-        this_min = torch.where(pos, torch.zeros_like(this_min), this_min)
-        err = _seqsum(w * (this_scale[:, None] * la + this_min[:, None] - x).abs())
-        better = ok & (err < best)
-        codes = torch.where(better[:, None], la, codes)
-        best = torch.where(better, err, best)
-        scale = torch.where(better, this_scale, scale)
-        mn = torch.where(better, this_min, mn)
-    scale = torch.where(flat, torch.zeros_like(scale), scale)
-    codes = torch.where(flat[:, None], torch.zeros_like(codes), codes)
-    return scale, -mn, codes.to(torch.uint8)
 
 
 def quantize_q2_k(rows: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
@@ -75,7 +29,8 @@ def quantize_q2_k(rows: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
         raise UnsupportedError(f"Q2_K needs rows that are whole blocks of {QK_K}; got rows of {k}")
     x = rows.to(torch.float32).reshape(-1, 16, 16)  # super-blocks x 16 sub-blocks x 16 weights
     nb = x.shape[0]
-    scale, mins, codes = _qkx2_mad(x.reshape(-1, 16), x.reshape(-1, 16).abs())
+    scale, mins, codes = _qkx2(x.reshape(-1, 16), x.reshape(-1, 16).abs(), nmax=3, rmin=-0.5, rdelta=0.1,
+                               nstep=15, use_mad=True)
     scale, mins, codes = scale.reshape(nb, 16), mins.reshape(nb, 16), codes.reshape(nb, 16, 16)
     max_scale = scale.clamp(min=0).max(-1).values  # ggml starts both maxima at 0
     max_min = mins.clamp(min=0).max(-1).values

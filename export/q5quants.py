@@ -112,7 +112,7 @@ Q5_K_BYTES = 176
 
 def quantize_q5_k(rows: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
     """[n, k] finite float rows (k a multiple of 256) -> (Q5_K bytes, the float32 values gguf-py reads back)."""
-    from .kquants import QK_K, _qkx2, _rdiv, _seqsum
+    from .kquants import QK_K, _qkx2, _seqsum, six_bit_scales
 
     n, k = rows.shape
     if k % QK_K:
@@ -122,24 +122,7 @@ def quantize_q5_k(rows: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
     w = (_seqsum(x * x) / 32.0).sqrt()[..., None] + x.abs()
     scale, mins, codes = _qkx2(x.reshape(-1, 32), w.reshape(-1, 32), nmax=31, rmin=-0.5, rdelta=0.1, nstep=15)
     scale, mins, codes = scale.reshape(nb, 8), mins.reshape(nb, 8), codes.reshape(nb, 8, 32)
-    max_scale = scale.max(-1).values
-    max_min = mins.max(-1).values
-    inv_scale = torch.where(max_scale > 0, _rdiv(63.0, torch.where(max_scale > 0, max_scale, 1.0)), 0.0)
-    inv_min = torch.where(max_min > 0, _rdiv(63.0, torch.where(max_min > 0, max_min, 1.0)), 0.0)
-    ls = torch.round(inv_scale[:, None] * scale).clamp(max=63).to(torch.uint8)
-    lm = torch.round(inv_min[:, None] * mins).clamp(max=63).to(torch.uint8)
-    d = (max_scale / torch.full_like(max_scale, 63.0)).to(torch.float16)  # one true division, as in C
-    dmin = (max_min / torch.full_like(max_min, 63.0)).to(torch.float16)
-    step = d.to(torch.float32)[:, None] * ls.to(torch.float32)  # [nb, 8], gguf-py's order of products
-    off = dmin.to(torch.float32)[:, None] * lm.to(torch.float32)
-    safe = torch.where(step == 0, torch.ones_like(step), step)
-    requant = torch.round((x + off[..., None]) / safe[..., None]).clamp(0, 31).to(torch.uint8)
-    codes = torch.where(step[..., None] == 0, codes, requant)  # ggml keeps the search's codes when d == 0
-    values = (step[..., None] * codes.to(torch.float32) - off[..., None]).reshape(n, k)
-    sc = torch.zeros(nb, 12, dtype=torch.uint8)
-    sc[:, 0:4] = ls[:, :4] | ((ls[:, 4:] >> 4) << 6)
-    sc[:, 4:8] = lm[:, :4] | ((lm[:, 4:] >> 4) << 6)
-    sc[:, 8:12] = (ls[:, 4:] & 0x0F) | ((lm[:, 4:] & 0x0F) << 4)
+    d, dmin, sc, codes, values = six_bit_scales(x, scale, mins, codes, nmax=31)
     high = (codes >> 4).to(torch.int64)  # [nb, 8, 32]: bit j of qh[l] is sub-block j's fifth bit
     qh = (high << torch.arange(8, dtype=torch.int64)[None, :, None]).sum(1).to(torch.uint8)
     low = (codes & 0x0F).reshape(nb, 4, 2, 32)
@@ -149,4 +132,4 @@ def quantize_q5_k(rows: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
     out[:, 4:16] = sc
     out[:, 16:48] = qh
     out[:, 48:] = (low[:, :, 0] | (low[:, :, 1] << 4)).reshape(nb, 128)
-    return out.reshape(-1).numpy(), values
+    return out.reshape(-1).numpy(), values.reshape(n, k)
