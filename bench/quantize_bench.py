@@ -131,26 +131,7 @@ def write_checkpoint(out: Path, layers: int, shard_bytes: int, seed: int = 0) ->
     return total, max(p.nbytes for p in planned)
 
 
-# Runs the measured program inside this wrapper and, at exit, writes the process's own VmHWM (peak RSS
-# of its address space, /proc/self/status). Not ru_maxrss: on Linux a child's ru_maxrss starts from the
-# parent's RSS at fork time (it survives exec), which would charge this benchmark's own memory to it.
-HWM_WRAPPER = """
-import atexit, runpy, sys
-out, kind, target = sys.argv[1:4]
-del sys.argv[1:4]
-def dump():
-    with open('/proc/self/status') as f:
-        kib = next(int(line.split()[1]) for line in f if line.startswith('VmHWM:'))
-    with open(out, 'w') as f:
-        f.write(str(kib * 1024))
-atexit.register(dump)
-if kind == '-m':
-    sys.argv[0] = target
-    runpy.run_module(target, run_name='__main__', alter_sys=True)
-else:
-    sys.argv[0] = '-c'
-    exec(compile(target, '<bench>', 'exec'), {'__name__': '__main__'})
-"""
+from measure import HWM_WRAPPER  # noqa: E402 - bench/ is the script's own folder on sys.path
 
 
 def run_child(name: str, kind: str, target: str, args: list[str], work: Path) -> Run:

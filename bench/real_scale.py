@@ -43,28 +43,7 @@ MAKER = HERE.parent.parent / "shared" / "models" / "make_r1distill.py"
 CKPT_NAME = "r1-distill-qwen-7b-perm0-synth-bf16"
 GiB = 1024**3
 
-# Runs the measured program and writes its own VmHWM at exit (same approach as quantize_bench.py).
-HWM_WRAPPER = """
-import atexit, runpy, sys
-out, kind, target = sys.argv[1:4]
-del sys.argv[1:4]
-def dump():
-    with open('/proc/self/status') as f:
-        kib = next(int(line.split()[1]) for line in f if line.startswith('VmHWM:'))
-    with open(out, 'w') as f:
-        f.write(str(kib * 1024))
-atexit.register(dump)
-if kind == '-m':
-    sys.argv[0] = target
-    runpy.run_module(target, run_name='__main__', alter_sys=True)
-elif kind == 'path':
-    sys.argv[0] = target
-    sys.path.insert(0, target.rsplit('/', 1)[0])
-    runpy.run_path(target, run_name='__main__')
-else:
-    sys.argv[0] = '-c'
-    exec(compile(target, '<bench>', 'exec'), {'__name__': '__main__'})
-"""
+from measure import HWM_WRAPPER  # noqa: E402 - bench/ is the script's own folder on sys.path
 
 QUANTIZE = """
 import sys, llama_cpp
