@@ -38,11 +38,11 @@ from dsq.dsquant.atomic import check_output, make_partial_dir
 from dsq.dsquant.errors import InputError, OutputError, UnsupportedError
 from dsq.dsquant.formats import QuantizedTensor, StreamPool
 from dsq.dsquant.recipes import KEEP, load_recipe
+from dsq.dsquant.source import Source
 
 from .gguf_meta import add_hparams
 from .gguf_policy import Mix, ModelFacts, get_mix, plan_types
 from .gguf_quants import FLOAT_OF, GGUF_TYPES, NEAREST, GGUFType, encode, get_type, is_exact, nbytes
-from .gguf_source import GGUFSource
 from .gguf_tensors import OutTensor, build_value, plan_tensors
 from .gguf_tokenizer import add_tokenizer
 
@@ -92,7 +92,7 @@ TYPE_NAMES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q3_k_s", 
               "q4_k_m", "q5_k", "q5_k_s", "q5_k_m", "q6_k", "f16", "bf16", "f32")
 
 
-def policy_types(outs: list[OutTensor], mix: Mix, src: GGUFSource, pure: bool = False) -> dict:
+def policy_types(outs: list[OutTensor], mix: Mix, src: Source, pure: bool = False) -> dict:
     """{GGUF name: (GGUFType, notes, why)} under llama.cpp's ``mix`` (gguf_policy.plan_types).
 
     Raises UnsupportedError before anything is written when the policy needs a type dsq has no packer for.
@@ -148,7 +148,7 @@ def export_gguf(
     """
     t0 = time.perf_counter()
     out_path = Path(out_path)
-    src = GGUFSource(src_dir)
+    src = Source(src_dir)
     if recipe is not None and src.quantized:
         raise InputError(
             f"{src.path}: already quantized; --recipe applies to float checkpoints (use --type to force a GGUF type)"
@@ -197,7 +197,7 @@ def export_gguf(
             status = _status(values, gt)
             stats = [e[1] for e in encoded]
             # What the reader itself re-rounded (GPTQ act-order blocks, dsquant/foreign.py) counts as requantized.
-            read = [r for s in t.sources if (r := getattr(src.ckpt, "rerounded", {}).get(s.name.removesuffix(".weight")))]
+            read = [r for s in t.sources if (r := src.rerounded.get(s.name.removesuffix(".weight")))]
             if read:
                 status = "requantized"
                 stats += [(r["change"], r["norm"]) for r in read]
@@ -258,7 +258,7 @@ def _file_type(outs: list[OutTensor], chosen: dict) -> int:
     return int(GGUF_TYPES[max(weight, key=weight.get)].file_type) if weight else int(GGUF_TYPES["f32"].file_type)
 
 
-def _report(src: GGUFSource, files: list[Path], type_: str, recipe, rows, notes, tok, seconds: float,
+def _report(src: Source, files: list[Path], type_: str, recipe, rows, notes, tok, seconds: float,
             mix: Mix | None = None) -> dict:
     total = sum(f.stat().st_size for f in files)
     params = sum(int(np.prod(r["shape"])) for r in rows)

@@ -56,9 +56,9 @@ from dsq.dsquant.errors import BadWeightsError, UnsupportedError
 from dsq.dsquant.formats import FORMATS, FP16_MAX, QuantizedTensor
 from dsq.dsquant.layouts import pack_int32
 from dsq.dsquant.safetensors_io import PlannedTensor, SafetensorsWriter
+from dsq.dsquant.source import Source
 
 from .gguf_quants import q4_1_offset, q4_1_offset_bound
-from .gguf_source import GGUFSource
 
 MLX_GROUPS = (32, 64, 128)
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -160,7 +160,7 @@ def mlx_module(module: str) -> str:
     return f"{m.group(1)}.switch_mlp.{m.group(2)}" if m else module
 
 
-def _plan(src: GGUFSource, cfg: dict, dtype: torch.dtype) -> tuple[list[_Out], list[str]]:
+def _plan(src: Source, cfg: dict, dtype: torch.dtype) -> tuple[list[_Out], list[str]]:
     outs: list[_Out] = []
     skipped: Counter[str] = Counter()
     stacked: dict[str, tuple[str, str | None]] = {}  # switch_mlp module -> (first expert weight, its format)
@@ -274,10 +274,10 @@ def export_mlx(
             f"dtype {dtype}: MLX export writes float16 or float32 (bfloat16 cannot hold dsq's fp16 scales exactly)"
         )
     tdt = DTYPES[dtype]
-    src = GGUFSource(src_dir)
+    src = Source(src_dir)
     cfg = src.config
     outs, notes = _plan(src, cfg, tdt)  # every refusal happens here, before anything is written
-    side_files = src.ckpt.side_files()  # tokenizer, template, generation settings: checked to lie inside the folder
+    side_files = src.side_files()  # tokenizer, template, generation settings: checked to lie inside the folder
     shards = _shards(outs, max_shard_bytes)
     names = ["model.safetensors"] if len(shards) == 1 else [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))

@@ -23,6 +23,7 @@ from ..dsquant.errors import InputError, UnsupportedError
 from ..dsquant.formats import FORMATS, QuantizedTensor
 from ..dsquant.paths import resolve_model_file
 from ..dsquant.schema import load_config
+from ..dsquant.source import Source
 from .onnx_genai import genai_config
 from .onnx_graph import arch_spec, attention_kind, build_decoder
 from .onnx_guard import check_model_dir
@@ -45,28 +46,25 @@ DEFAULT_ACCURACY: dict[str, int] = {"cpu": 4, "cuda": 0, "dml": 0, "coreml": 0}
 def _source_weights(src: Path, cfg: dict, recipe: str | None, int4_block: int | None) -> Iterator[tuple]:
     """(name, QuantizedTensor | tensor, kind) from a quantized checkpoint as stored, or from an HF checkpoint
     quantized in memory by ``recipe`` (float when no recipe)."""
-    from ..dsquant.quantized import QuantizedCheckpoint
-
     if cfg.get("quantization_config"):
         if recipe:
             raise InputError(f"{src}: already quantized; --recipe applies to unquantized checkpoints only")
-        q = QuantizedCheckpoint(src)
-        for name, t in q.iter_weights():
+        for name, t in (s := Source(src)).iter_weights():
             stored = t.fmt.block_cols if isinstance(t, QuantizedTensor) and t.format.startswith("int4") else None
             if int4_block and stored and stored != int4_block:
                 raise UnsupportedError(
                     f"{name}: stored as {t.format}; --int4-block {int4_block} would re-round dsq's values. "
                     f"Drop the flag, or re-quantize with a g{int4_block} recipe"
                 )
-            yield name, t, _kind(q, name)
+            yield name, t, s.entries[name].kind
         return
-    ckpt = Checkpoint(src)
     if recipe is None and int4_block is not None:
         recipe = "int4"
     if recipe is None:
-        for t, data in ckpt.stream():
-            yield t.name, data, t.ref.info.kind if t.ref else "unmapped"
+        for name, data in (s := Source(src)).iter_weights():
+            yield name, data, s.entries[name].kind
         return
+    ckpt = Checkpoint(src)
     from ..dsquant.plan import make_plan
     from ..dsquant.recipes import load_recipe
 
@@ -90,11 +88,6 @@ def _with_int4_block(rec, block: int):
         roles={k: swap(v) for k, v in rec.roles.items()},
         overrides=tuple((p, swap(f)) for p, f in rec.overrides),
     )
-
-
-def _kind(ckpt: Checkpoint, name: str) -> str:
-    ref = ckpt.arch.match(name)
-    return ref.info.kind if ref else "unmapped"
 
 
 def _skip(name: str, cfg: dict) -> bool:
