@@ -177,6 +177,36 @@ def quantize_checkpoint(
     return report
 
 
+def _passthrough(ckpt: Checkpoint, entry: PlanEntry) -> bool:
+    """A block-FP8 source tensor planned in its own format: carried over as stored, never re-rounded."""
+    return bool(entry.tensor.scale_info) and entry.format == f"fp8_b{ckpt.block_size[0]}"
+
+
+def quantize_rows(ckpt: Checkpoint, entry: PlanEntry, rows: torch.Tensor, start: int = 0) -> QuantizedTensor:
+    """Rows ``[start, start + len(rows))`` of a quantized plan entry in its format (round to nearest).
+
+    ``rows``: those rows of the source as floats ([n, in], any float dtype; ``start`` on a block-row
+    boundary). A block-FP8 source planned as its own format is read as stored instead (codes and scales
+    unchanged). Raises BadWeightsError (NaN/Inf, fp16 scale overflow) and UnsupportedError (shape) from
+    the format, naming the tensor."""
+    if _passthrough(ckpt, entry):
+        return ckpt.load_block_fp8(entry.tensor, start, start + rows.shape[0])
+    return FORMATS[entry.format].quantize(rows, entry.name)
+
+
+def quantize_entry(ckpt: Checkpoint, entry: PlanEntry) -> QuantizedTensor | torch.Tensor:
+    """One plan entry's whole value, as ``dsq quantize`` writes it: a QuantizedTensor ([out, in] codes and
+    per-block scales, see ``formats.QuantizedTensor``) for a quantized entry, else the source tensor in
+    its floating dtype. What exporters given a recipe (``source.Source``) hold in memory, one tensor at a
+    time; the same values as a quantized checkpoint read back (rounding is row-local, so quantizing the
+    whole tensor equals ``quantize_checkpoint``'s slice-by-slice pass). Raises as ``quantize_rows``."""
+    if not entry.format:
+        return ckpt.load(entry.tensor)
+    if _passthrough(ckpt, entry):
+        return ckpt.load_block_fp8(entry.tensor)
+    return quantize_rows(ckpt, entry, ckpt.load(entry.tensor))
+
+
 def _process(
     ckpt: Checkpoint,
     entry: PlanEntry,
@@ -194,7 +224,7 @@ def _process(
         with StreamPool() as own:
             return _process(ckpt, entry, outputs, layout, writer, calibrated, own)
     stats = ErrorStats() if entry.format else None
-    fp8_passthrough = bool(src.scale_info) and entry.format == f"fp8_b{ckpt.block_size[0]}"
+    fp8_passthrough = _passthrough(ckpt, entry)
     small: dict[str, list[torch.Tensor]] = {p.name: [] for p in outputs[1:]}
     fmt = FORMATS[entry.format] if entry.format else None
     slices = row_slices(entry.shape)
@@ -215,12 +245,10 @@ def _process(
         def work(chunk: tuple[int, int], data=data, start=start):
             c0, c1 = chunk
             part = data[c0:c1]
-            if fp8_passthrough:  # already in this format: carry codes and scales over, never re-round
-                qt = ckpt.load_block_fp8(src, start + c0, start + c1)
-            elif isinstance(calibrated, QuantizedTensor):
+            if isinstance(calibrated, QuantizedTensor) and not fp8_passthrough:
                 qt = rows_of(calibrated, start + c0, start + c1)
             else:
-                qt = fmt.quantize(part, entry.name)
+                qt = quantize_rows(ckpt, entry, part, start + c0)
             return layout.encode(entry.name, qt, full_shape=entry.shape), ErrorStats.measure(part, qt.dequantize())
 
         chunks = [(0, stop - start)] if fp8_passthrough else row_chunks(stop - start, entry.shape[1], max(fmt.block_rows, 8))

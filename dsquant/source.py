@@ -5,6 +5,9 @@
   ``QuantizedTensor`` it was written from (``QuantizedCheckpoint``'s layout decodes it), so writers
   re-pack codes and scales instead of re-rounding dequantized floats; other tensors as stored.
 * A float HF checkpoint (bf16/fp16/fp32, or DeepSeek block-FP8 read as floats): float tensors.
+* A float checkpoint with a recipe (``export --recipe``): the recipe's plan (``plan.make_plan``) decides
+  every tensor's format and ``quantize.quantize_entry`` quantizes it as ``dsq quantize`` would, so an
+  export with ``--recipe R`` holds the values of ``dsq quantize -r R`` followed by an export.
 
 Reads are random access (GGUF visits tensors in its own order and stacks MoE experts), and only one
 logical tensor is materialised per ``load``.
@@ -20,8 +23,11 @@ import torch
 
 from .archs import TensorRef
 from .checkpoint import Checkpoint
+from .errors import InputError
 from .formats import QuantizedTensor
+from .plan import make_plan
 from .quantized import QuantizedCheckpoint
+from .recipes import load_recipe
 from .safetensors_io import read_tensor
 
 
@@ -47,25 +53,42 @@ class Source:
     """A checkpoint seen as ``entries`` ({HF name: SourceEntry}, in file order) plus ``load(name)``.
 
     ``checkpoint``: a path (local directory, hub id or ``default``) or an open ``Checkpoint``.
+    ``recipe``: a preset name, recipe TOML path or ``Recipe``; only for float checkpoints.
 
-    Raises what opening the checkpoint raises (InputError, CorruptFileError, UnsupportedError)."""
+    Raises InputError when a recipe is given for an already quantized checkpoint, and what opening the
+    checkpoint raises (InputError, CorruptFileError, UnsupportedError, RecipeError)."""
 
-    def __init__(self, checkpoint: str | Path | Checkpoint):
+    def __init__(self, checkpoint: str | Path | Checkpoint, recipe=None):
         probe = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
         stored = bool(probe.quantization_config)
+        if recipe is not None and stored:
+            raise InputError(
+                f"{probe.path}: already quantized; --recipe applies to float checkpoints only (export it as it is)"
+            )
         if stored and not isinstance(probe, QuantizedCheckpoint):
             probe = QuantizedCheckpoint(probe.path)
         self.ckpt: Checkpoint = probe
         self.config: dict = probe.config
         self.arch = probe.arch
         self.path: Path = probe.path
-        #: whether weights come back as QuantizedTensors (stored quantized)
-        self.quantized = stored
+        self.plan = None
+        if recipe is not None:
+            # Unmapped tensors are the exporters' to refuse or carry (as without a recipe), not the plan's.
+            self.plan = make_plan(probe, load_recipe(recipe) if isinstance(recipe, str) else recipe,
+                                  allow_unmapped=True)
+        #: whether weights come back as QuantizedTensors: stored quantized, or quantized by ``recipe``
+        self.quantized = stored or self.plan is not None
         self.entries: dict[str, SourceEntry] = self._entries()
 
     def _entries(self) -> dict[str, SourceEntry]:
         ck = self.ckpt
         out: dict[str, SourceEntry] = {}
+        if self.plan is not None:
+            self._planned = {e.name: e for e in self.plan.entries}
+            for e in self.plan.entries:
+                t = e.tensor
+                out[t.name] = SourceEntry(t.name, tuple(t.shape), t.ref, e.format, t.float_dtype)
+            return out
         if not isinstance(ck, QuantizedCheckpoint):
             self._tensors = {t.name: t for t in ck.tensors}
             for t in ck.tensors:
@@ -91,6 +114,10 @@ class Source:
         tensor in its floating dtype (block-FP8 dequantized). KeyError for a name not in ``entries``."""
         ck = self.ckpt
         entry = self.entries[name]
+        if self.plan is not None:
+            from .quantize import quantize_entry  # quantize.py imports the calibration stack: only when used
+
+            return quantize_entry(ck, self._planned[name])
         if not isinstance(ck, QuantizedCheckpoint):
             return ck.load(self._tensors[name])
         if entry.format is None:

@@ -6,8 +6,9 @@ Choosing a GGUF type per tensor (``choose_type``):
 * a dsq-quantized weight: its exact twin (int4_sym_g* -> Q4_0, int4_asym_g* -> Q4_1, int8_g*/channel ->
   Q8_0; blocks of 64/128 become 2/4 blocks of 32 that repeat the scale), codes and scales carried over;
   FP8 goes to the nearest type (``NEAREST``) and is re-quantized, with the added error in the report;
-* a float weight: its own float type, or what ``recipe`` asks for (quantized straight into the
-  GGUF type, from the float values, with ggml's reference rounding);
+* a float weight: its own float type. ``recipe`` quantizes a float checkpoint first, through the plan and
+  quantizer ``dsq quantize`` uses (``dsquant/source.py``): the file is the one ``dsq quantize -r RECIPE``
+  followed by an export writes, its tensors chosen as for any dsq-quantized weight;
 * ``type`` (``--type``) names a llama.cpp file type (q4_0, q5_1, q4_k_m, q6_k, ...; ``q4_k`` is llama-quantize's
   alias for Q4_K_M): every tensor gets the type llama.cpp's ``llama_model_quantize`` gives it in that file
   (gguf_policy.py: output matrix Q6_K/Q8_0, attn_v/ffn_down bumps, fallbacks for rows that are not whole
@@ -37,7 +38,6 @@ from dsq.dsquant.archs import ROLE_INFO
 from dsq.dsquant.atomic import check_output, make_partial_dir
 from dsq.dsquant.errors import InputError, OutputError, UnsupportedError
 from dsq.dsquant.formats import QuantizedTensor, StreamPool
-from dsq.dsquant.recipes import KEEP, load_recipe
 from dsq.dsquant.source import Source
 
 from .gguf_meta import add_hparams
@@ -51,7 +51,7 @@ F32_KINDS = ("norm", "bias", "router")
 _PRECISION = ("q8_0", "q4_1", "q4_0")
 
 
-def choose_type(t: OutTensor, forced: GGUFType | None, recipe) -> tuple[GGUFType, list[str]]:
+def choose_type(t: OutTensor, forced: GGUFType | None) -> tuple[GGUFType, list[str]]:
     """The GGUF type of one output tensor, and notes on any fallback."""
     kind = ROLE_INFO[t.role].kind
     notes: list[str] = []
@@ -67,12 +67,6 @@ def choose_type(t: OutTensor, forced: GGUFType | None, recipe) -> tuple[GGUFType
         if t.transform == "k_b" and chosen.name != "q8_0":
             chosen = GGUF_TYPES["q8_0"]
             notes.append("kv_b transposed into k_b: blocks run along a new axis, re-quantized to Q8_0")
-    elif recipe is not None and kind == "linear":
-        ref = t.sources[0].ref
-        fmt = recipe.format_for(ref)
-        chosen = own if fmt == KEEP else GGUF_TYPES[NEAREST[fmt]]
-        if fmt != KEEP and GGUF_TYPES[NEAREST[fmt]].twin != fmt:
-            notes.append(f"recipe format {fmt} has no GGUF twin: quantized directly to {chosen.name.upper()}")
     else:
         chosen = own
     if chosen.quantized and not chosen.fits(t.shape):
@@ -148,12 +142,7 @@ def export_gguf(
     """
     t0 = time.perf_counter()
     out_path = Path(out_path)
-    src = Source(src_dir)
-    if recipe is not None and src.quantized:
-        raise InputError(
-            f"{src.path}: already quantized; --recipe applies to float checkpoints (use --type to force a GGUF type)"
-        )
-    rec = load_recipe(recipe) if recipe else None
+    src = Source(src_dir, recipe)  # a recipe: quantized as `dsq quantize` does, one tensor at a time
     mix = None if type in ("auto", *FLOAT_OF.values()) else get_mix(type)
     forced = None if type == "auto" or mix is not None else get_type(type)
     if pure and mix is None:
@@ -162,7 +151,7 @@ def export_gguf(
     if mix is not None:
         chosen = policy_types(outs, mix, src, pure)
     else:
-        chosen = {t.name: (*choose_type(t, forced, rec), None) for t in outs}
+        chosen = {t.name: (*choose_type(t, forced), None) for t in outs}
     split = parse_size(split_max_size) if split_max_size else 0
     check_output(out_path, overwrite)
 

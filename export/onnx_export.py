@@ -18,10 +18,11 @@ from pathlib import Path
 import onnx
 
 from ..dsquant.atomic import atomic_dir
-from ..dsquant.checkpoint import SIDE_FILES, Checkpoint
+from ..dsquant.checkpoint import SIDE_FILES
 from ..dsquant.errors import InputError, UnsupportedError
-from ..dsquant.formats import FORMATS, QuantizedTensor
+from ..dsquant.formats import QuantizedTensor
 from ..dsquant.paths import resolve_model_file
+from ..dsquant.recipes import load_recipe
 from ..dsquant.schema import load_config
 from ..dsquant.source import Source
 from .onnx_genai import genai_config
@@ -45,37 +46,24 @@ DEFAULT_ACCURACY: dict[str, int] = {"cpu": 4, "cuda": 0, "dml": 0, "coreml": 0}
 
 def _source_weights(src: Path, cfg: dict, recipe: str | None, int4_block: int | None) -> Iterator[tuple]:
     """(name, QuantizedTensor | tensor, kind) from a quantized checkpoint as stored, or from an HF checkpoint
-    quantized in memory by ``recipe`` (float when no recipe)."""
-    if cfg.get("quantization_config"):
-        if recipe:
-            raise InputError(f"{src}: already quantized; --recipe applies to unquantized checkpoints only")
-        for name, t in (s := Source(src)).iter_weights():
-            stored = t.fmt.block_cols if isinstance(t, QuantizedTensor) and t.format.startswith("int4") else None
-            if int4_block and stored and stored != int4_block:
-                raise UnsupportedError(
-                    f"{name}: stored as {t.format}; --int4-block {int4_block} would re-round dsq's values. "
-                    f"Drop the flag, or re-quantize with a g{int4_block} recipe"
-                )
-            yield name, t, s.entries[name].kind
-        return
-    if recipe is None and int4_block is not None:
-        recipe = "int4"
-    if recipe is None:
-        for name, data in (s := Source(src)).iter_weights():
-            yield name, data, s.entries[name].kind
-        return
-    ckpt = Checkpoint(src)
-    from ..dsquant.plan import make_plan
-    from ..dsquant.recipes import load_recipe
-
-    rec = load_recipe(recipe)
-    if int4_block is not None:
-        rec = _with_int4_block(rec, int4_block)
-    plan = make_plan(ckpt, rec)
-    for entry in plan.entries:
-        data = ckpt.load(entry.tensor)
-        kind = entry.tensor.ref.info.kind if entry.tensor.ref else "unmapped"
-        yield entry.name, (FORMATS[entry.format].quantize(data, entry.name) if entry.format else data), kind
+    quantized by ``recipe`` as ``dsq quantize`` does (``dsquant/source.py``; float when no recipe)."""
+    stored = bool(cfg.get("quantization_config"))
+    rec = None
+    if not stored and (recipe is not None or int4_block is not None):
+        rec = load_recipe(recipe or "int4")
+        if int4_block is not None:
+            rec = _with_int4_block(rec, int4_block)
+    elif recipe is not None:
+        rec = recipe  # refused by Source: already quantized
+    s = Source(src, rec)
+    for name, t in s.iter_weights():
+        stored_block = t.fmt.block_cols if stored and isinstance(t, QuantizedTensor) and t.format.startswith("int4") else None
+        if int4_block and stored_block and stored_block != int4_block:
+            raise UnsupportedError(
+                f"{name}: stored as {t.format}; --int4-block {int4_block} would re-round dsq's values. "
+                f"Drop the flag, or re-quantize with a g{int4_block} recipe"
+            )
+        yield name, t, s.entries[name].kind
 
 
 def _with_int4_block(rec, block: int):
