@@ -179,7 +179,7 @@ def quantize_checkpoint(
 
 def _passthrough(ckpt: Checkpoint, entry: PlanEntry) -> bool:
     """A block-FP8 source tensor planned in its own format: carried over as stored, never re-rounded."""
-    return bool(entry.tensor.scale_info) and entry.format == f"fp8_b{ckpt.block_size[0]}"
+    return bool(entry.tensor.scale_info) and entry.format == ckpt.block_fp8_format
 
 
 def quantize_rows(ckpt: Checkpoint, entry: PlanEntry, rows: torch.Tensor, start: int = 0) -> QuantizedTensor:

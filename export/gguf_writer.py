@@ -5,7 +5,7 @@ Choosing a GGUF type per tensor (``choose_type``):
 * norms, biases, the MoE router and its bias: F32 (what llama.cpp's converter writes for them);
 * a dsq-quantized weight: its exact twin (int4_sym_g* -> Q4_0, int4_asym_g* -> Q4_1, int8_g*/channel ->
   Q8_0; blocks of 64/128 become 2/4 blocks of 32 that repeat the scale), codes and scales carried over;
-  FP8 goes to the nearest type (``NEAREST``) and is re-quantized, with the added error in the report;
+  FP8 goes to the nearest type (``nearest_type``) and is re-quantized, with the added error in the report;
 * a float weight: its own float type. ``recipe`` quantizes a float checkpoint first, through the plan and
   quantizer ``dsq quantize`` uses (``dsquant/source.py``): the file is the one ``dsq quantize -r RECIPE``
   followed by an export writes, its tensors chosen as for any dsq-quantized weight;
@@ -41,14 +41,12 @@ from dsq.dsquant.formats import QuantizedTensor, StreamPool
 from dsq.dsquant.source import Source
 
 from .gguf_meta import add_hparams
-from .gguf_policy import Mix, ModelFacts, get_mix, plan_types
-from .gguf_quants import FLOAT_OF, GGUF_TYPES, NEAREST, GGUFType, encode, get_type, is_exact, nbytes
+from .gguf_policy import TYPE_NAMES, Mix, ModelFacts, get_mix, plan_types
+from .gguf_quants import FLOAT_OF, GGUF_TYPES, GGUFType, encode, get_type, is_exact, nbytes, nearest_type
 from .gguf_tensors import OutTensor, build_value, plan_tensors
 from .gguf_tokenizer import add_tokenizer
 
 F32_KINDS = ("norm", "bias", "router")
-# Among mixed formats in one stacked tensor, the type that loses least.
-_PRECISION = ("q8_0", "q4_1", "q4_0")
 
 
 def choose_type(t: OutTensor, forced: GGUFType | None) -> tuple[GGUFType, list[str]]:
@@ -62,8 +60,9 @@ def choose_type(t: OutTensor, forced: GGUFType | None) -> tuple[GGUFType, list[s
     if forced is not None:
         chosen = forced
     elif None not in formats:
-        nearest = {NEAREST[f] for f in formats}
-        chosen = GGUF_TYPES[next(n for n in _PRECISION if n in nearest)]
+        # mixed formats in one stacked tensor (experts): the type that loses least, the most bits per weight
+        chosen = max({nearest_type(f).name: nearest_type(f) for f in formats}.values(),
+                     key=lambda g: nbytes(g, (g.block,)) / g.block)
         if t.transform == "k_b" and chosen.name != "q8_0":
             chosen = GGUF_TYPES["q8_0"]
             notes.append("kv_b transposed into k_b: blocks run along a new axis, re-quantized to Q8_0")
@@ -79,11 +78,6 @@ def choose_type(t: OutTensor, forced: GGUFType | None) -> tuple[GGUFType, list[s
 
 
 _BY_GGML = {t.gtype: t for t in GGUF_TYPES.values()}
-
-#: What ``--type`` accepts and the CLI lists: llama.cpp's file types (every mix in gguf_policy.MIXES, whose
-#: tensor types dsq all packs; q3_k/q4_k/q5_k are llama-quantize's aliases of the _M mixes), then floats.
-TYPE_NAMES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k", "q4_k_s",
-              "q4_k_m", "q5_k", "q5_k_s", "q5_k_m", "q6_k", "f16", "bf16", "f32")
 
 
 def policy_types(outs: list[OutTensor], mix: Mix, src: Source, pure: bool = False) -> dict:

@@ -81,10 +81,11 @@ class MlxQuant:
 def mlx_quant(fmt_name: str, tensor: str) -> MlxQuant:
     """The MLX twin of a dsq format; UnsupportedError naming ``tensor`` when there is none."""
     fmt = FORMATS[fmt_name]
-    if fmt_name.startswith(("int4", "int8")) and fmt.block_rows == 1 and fmt.block_cols in MLX_GROUPS:
+    if fmt.packing == "int" and fmt.block_rows == 1 and fmt.block_cols in MLX_GROUPS:
         return MlxQuant(fmt.bits, fmt.block_cols, (1 << (fmt.bits - 1)) if fmt.symmetric else 0)
-    why = ("one scale per row; MLX groups are 32, 64 or 128 inputs wide" if fmt_name == "int8_channel"
-           else "MLX's affine quantization has no FP8 codes")
+    why = ("one scale per row; MLX groups are 32, 64 or 128 inputs wide" if fmt.packing == "int" and not fmt.block_cols
+           else "MLX's affine quantization has no FP8 codes" if fmt.float_codes
+           else f"MLX groups are {', '.join(map(str, MLX_GROUPS))} inputs wide")
     raise UnsupportedError(
         f"{tensor}: {fmt_name} has no exact MLX layout ({why}); re-quantize the source with an int4 or "
         "int8_g32 recipe (e.g. `dsq quantize MODEL -o OUT --recipe int4`)"

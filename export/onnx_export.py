@@ -7,7 +7,6 @@ never re-rounded: dsq's int4/int8 codes and scales go into ``MatMulNBits`` as th
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import time
@@ -20,7 +19,7 @@ import onnx
 from ..dsquant.atomic import atomic_dir
 from ..dsquant.checkpoint import SIDE_FILES
 from ..dsquant.errors import InputError, UnsupportedError
-from ..dsquant.formats import QuantizedTensor
+from ..dsquant.formats import FORMATS, QuantizedTensor
 from ..dsquant.paths import resolve_model_file
 from ..dsquant.recipes import load_recipe
 from ..dsquant.schema import load_config
@@ -32,7 +31,8 @@ from .onnx_weights import DATA_NAME, InitializerSink, WeightTable
 
 MODEL_NAME = "model.onnx"
 PROTOBUF_LIMIT = 2 * 1024**3
-INT4_BLOCKS = (32, 64, 128)
+# --int4-block: the blocks of dsq's 4-bit integer formats (each is a MatMulNBits block_size as it is)
+INT4_BLOCKS = tuple(sorted({f.block_cols for f in FORMATS.values() if f.packing == "int" and f.bits == 4 and f.block_cols}))
 
 # Execution provider -> the MatMulNBits bit widths it has kernels for (onnxruntime's contrib op registry:
 # CPU and CUDA register 4 and 8 bits; DirectML 4 bits; CoreML has no com.microsoft kernels, so a
@@ -57,7 +57,7 @@ def _source_weights(src: Path, cfg: dict, recipe: str | None, int4_block: int | 
         rec = recipe  # refused by Source: already quantized
     s = Source(src, rec)
     for name, t in s.iter_weights():
-        stored_block = t.fmt.block_cols if stored and isinstance(t, QuantizedTensor) and t.format.startswith("int4") else None
+        stored_block = t.fmt.block_cols if stored and isinstance(t, QuantizedTensor) and _is_int4(t.fmt) else None
         if int4_block and stored_block and stored_block != int4_block:
             raise UnsupportedError(
                 f"{name}: stored as {t.format}; --int4-block {int4_block} would re-round dsq's values. "
@@ -66,16 +66,13 @@ def _source_weights(src: Path, cfg: dict, recipe: str | None, int4_block: int | 
         yield name, t, s.entries[name].kind
 
 
-def _with_int4_block(rec, block: int):
-    def swap(fmt: str) -> str:
-        return fmt.rsplit("_g", 1)[0] + f"_g{block}" if fmt.startswith("int4") else fmt
+def _is_int4(fmt) -> bool:
+    return fmt.packing == "int" and fmt.bits == 4
 
-    return dataclasses.replace(
-        rec,
-        default=swap(rec.default),
-        roles={k: swap(v) for k, v in rec.roles.items()},
-        overrides=tuple((p, swap(f)) for p, f in rec.overrides),
-    )
+
+def _with_int4_block(rec, block: int):
+    """``rec`` with each 4-bit integer format it names in blocks of ``block`` (sym/asym kept)."""
+    return rec.map_formats(lambda name: FORMATS[name].regrouped(block).name if _is_int4(FORMATS[name]) else name)
 
 
 def _skip(name: str, cfg: dict) -> bool:
