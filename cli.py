@@ -425,8 +425,8 @@ def eval_(
     threads: ThreadsOpt = None,
 ) -> None:
     """Accuracy gate: PPL, KL divergence and top-1 agreement of each model/runtime against the reference."""
-    from dsq.dsquant.evaluate import EvalSettings
     from dsq.runtimes.console import eval_command
+    from dsq.runtimes.eval.evaluate import EvalSettings
 
     try:
         _check_report_paths(json=json_out, html=html_out)

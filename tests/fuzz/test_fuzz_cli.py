@@ -360,7 +360,7 @@ def test_unexpected_exception_is_one_line_and_debug_shows_it(m, monkeypatch):
 
 # -- kind 6: the eval reference cache sees every byte -------------------------------------------------------
 def test_reference_fingerprint_covers_the_whole_file(tmp_path):
-    from dsq.dsquant.evaluate import model_fingerprint
+    from dsq.runtimes.eval.evaluate import model_fingerprint
 
     ref = tmp_path / "ref"
     ref.mkdir()
