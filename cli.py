@@ -328,6 +328,10 @@ def inspect(
 
     try:
         desc = describe(path)
+        if desc.kind == "onnx":  # refuse external data that points outside the folder, as every ONNX load does
+            from dsq.export.onnx_guard import check_onnx_file
+
+            check_onnx_file(path if path.is_file() else path / "model.onnx")
     except Exception as e:
         raise _fail(e) from None
     print_description(desc, as_json=json_out)
