@@ -122,10 +122,22 @@ def quantize_checkpoint(
 ) -> dict:
     """Quantize ``source`` into ``output``; returns the report (also written as dsq-report.json).
 
+    ``source``: a float (bf16/fp16/fp32) or DeepSeek block-FP8 HF checkpoint (directory, hub id or
+    ``default``); ``recipe``: a preset name or recipe TOML path (``make_plan`` decides every tensor's
+    format). ``output``: a new directory (replaced only with ``overwrite``) holding safetensors shards of at
+    most ``max_shard_bytes`` bytes (compressed-tensors ``pack-quantized`` for int formats, DeepSeek's
+    ``weight_scale_inv`` layout for FP8), config.json with its ``quantization_config``, the tokenizer files
+    and the report: per tensor shape, format, bytes in/out, bits per weight and the relative RMS error
+    ||w - deq(q(w))|| / ||w||; totals and wall seconds. Written atomically: on any error nothing is left.
+    ``calibration``: GPTQ/AWQ/imatrix (``calib.hook.CalibSpec``) instead of round to nearest.
+
     ``progress(done, total, tensor name)`` is called per tensor written, ``calib_progress(done, total,
     detail)`` per calibrated decoder layer. ``executor``: None runs here; a ``ray_executor.RayExecutor``
-    writes the same shards from Ray workers (``--executor ray``). Raises the DsqError subclasses of the reader, the recipe and
-    the writer (InputError, RecipeError, BadWeightsError, OutputError).
+    writes the same shards from Ray workers (``--executor ray``). Raises the DsqError subclasses of the
+    reader, the recipe and the writer: InputError (no such model, bad calibration input), RecipeError,
+    UnsupportedError (unmapped tensor without ``allow_unmapped``, a shape no format holds), CorruptFileError,
+    BadWeightsError (NaN/Inf, fp16 scale overflow, naming the tensor and block), OutputError (output exists,
+    disk full).
     """
     t0 = time.perf_counter()
     ckpt = Checkpoint(source)

@@ -131,8 +131,19 @@ def export_gguf(
 ) -> dict:
     """Write ``src_dir`` as a GGUF file at ``out_path``; returns a report dict.
 
-    ``type``: "auto", a llama.cpp file type name (``TYPE_NAMES``; its per-tensor policy applies) or a float type.
-    Raises UnsupportedError for an unknown type or one whose policy needs a type dsq cannot pack.
+    ``src_dir``: a dsq (or other tool's) quantized checkpoint, or a float HF checkpoint; ``recipe`` quantizes
+    a float one first, exactly as ``dsq quantize -r recipe`` would (``dsquant.source.Source``).
+    ``type``: "auto", a llama.cpp file type name (``TYPE_NAMES``; its per-tensor policy applies) or a float type;
+    ``pure``: that type everywhere. ``split_max_size``: bytes (or "500M"/"2G", decimal units) per shard,
+    named as llama.cpp's gguf-split does. Tensors are in GGUF's order and shapes (ggml's ne reversed:
+    [experts, rows, cols]); the report lists per tensor its GGUF type, shape, status (exact: dsq's codes and
+    scales carried; requantized/quantized: re-rounded, with ``rel_error`` = relative RMS change; cast) and
+    bytes, plus totals, bits per weight (file bytes * 8 / parameters) and seconds.
+
+    Raises UnsupportedError for an unknown type, one whose policy needs a type dsq cannot pack, an architecture
+    or tensor with no GGUF name, rows a type cannot hold, or a tokenizer llama.cpp cannot take; InputError for
+    ``recipe`` on a quantized source, ``pure`` without a quantized type or a bad ``split_max_size``; OutputError when ``out_path``
+    exists (without ``overwrite``) or cannot be written (nothing is left behind).
     """
     t0 = time.perf_counter()
     out_path = Path(out_path)

@@ -268,7 +268,10 @@ def export_mlx(
     value exact). Returns the report (also written as mlx-report.json): per format counts, notes, the
     largest asymmetric bias rounding and float cast change. Raises UnsupportedError for a format without an
     MLX twin (int8_channel, fp8_b128), BadWeightsError for values float16 cannot hold, OutputError for an
-    existing output without ``overwrite``."""
+    existing output without ``overwrite``.
+
+    Shapes: each quantized linear [out, in] becomes ``weight`` uint32 [out, in * bits / 32] and ``scales``/
+    ``biases`` [out, in / group_size] (see the module docstring); shards hold at most ``max_shard_bytes`` bytes."""
     t0 = time.perf_counter()
     if dtype not in DTYPES:
         raise UnsupportedError(

@@ -104,7 +104,22 @@ def export_onnx(
     external_threshold: int = PROTOBUF_LIMIT,
     progress=None,
 ) -> dict:
-    """Export ``src`` to an ONNX folder at ``out_dir``; returns the report (also written as onnx-report.json)."""
+    """Export ``src`` to an ONNX folder at ``out_dir``; returns the report (also written as onnx-report.json).
+
+    ``src``: a dsq quantized checkpoint (int formats go into ``com.microsoft::MatMulNBits`` unchanged, FP8 is
+    dequantized to float32) or a float HF checkpoint, optionally quantized first by ``recipe`` exactly as
+    ``dsq quantize -r recipe`` would; ``int4_block`` (``INT4_BLOCKS``) picks the group of a float source's int4
+    formats and must match a quantized source's. ``out_dir`` gets model.onnx (inputs ``input_ids``,
+    ``attention_mask``, ``position_ids`` [batch, seq] int64 and float32 ``past_key_values.{i}.key/value``
+    [batch, kv_heads, past, head_dim]; outputs ``logits`` [batch, seq, vocab] float32 and ``present.*``),
+    model.onnx.data when the model reaches ``external_threshold`` bytes (protobuf's 2 GiB), the tokenizer
+    files and genai_config.json. ``ep``: the execution provider to target (``EP_NBITS``);
+    ``accuracy_level``: MatMulNBits' 0-4 (None: the EP's default); ``attention``: plain or contrib.
+
+    Raises UnsupportedError for an unknown EP, accuracy level, int4 block, architecture or attention, a
+    MatMulNBits width the EP lacks, or an ``int4_block`` that would re-round stored values; InputError for a
+    missing config.json or ``recipe`` on a quantized source; OutputError when ``out_dir`` exists (without
+    ``overwrite``). Written atomically: on any error nothing is left."""
     t0 = time.time()
     if ep not in EP_NBITS:
         raise UnsupportedError(f"--ep {ep}: unknown execution provider; choose one of {', '.join(EP_NBITS)}")
