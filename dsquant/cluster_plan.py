@@ -83,7 +83,7 @@ def tensor_seconds(entry: PlanEntry) -> float:
     """Estimated worker CPU seconds for one tensor (see COSTS)."""
     fmt = FORMATS[entry.format] if entry.format else None
     # the measured row of its kind of codes and bits (int4, int8, fp8), from the format's facts
-    family = f"{'fp' if fmt.float_codes else 'int'}{fmt.bits}" if fmt else "keep"
+    family = ("fp8" if fmt.packing == "fp8" else f"int{fmt.bits}") if fmt else "keep"
     return PER_TENSOR_S + entry.tensor.numel * NS_PER_ELEMENT.get(family, NS_PER_ELEMENT["int4"]) * 1e-9
 
 

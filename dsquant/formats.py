@@ -139,7 +139,10 @@ class QuantFormat:
       bounds the value); ``scale_dtype`` of the per-block scales;
     * ``packing``: how codes reach a runtime. ``"int"``: integer codes with one scale (and zero point) per
       block of one row, the layout of GGUF Q4_0/Q4_1/Q8_0, ONNX MatMulNBits and MLX's affine mode;
-      ``"fp8"``: e4m3 codes with float32 block scales (DeepSeek-V3), which those runtimes do not compute with.
+      ``"fp8"``: e4m3 codes with float32 block scales (DeepSeek-V3), which those runtimes do not compute with;
+      ``""`` (the default): a format with a layout of its own, which no writer packs by these facts (a
+      writer that knows it does so by its name, e.g. a GGUF type's own grid), so it is never matched by
+      ``find_format`` or taken for an int/fp8 format.
     """
 
     name: str
@@ -150,7 +153,7 @@ class QuantFormat:
     qmin: ClassVar[float]
     qmax: ClassVar[float]
     code_dtype: ClassVar[torch.dtype]
-    packing: ClassVar[str] = "int"
+    packing: ClassVar[str] = ""
     scale_dtype: ClassVar[torch.dtype] = torch.float16
     # Edge blocks: a format that allows partial blocks (DeepSeek FP8) sets this to True; the others
     # need in_features to be a multiple of the block and raise UnsupportedError otherwise.
@@ -277,6 +280,7 @@ def check_finite(w: torch.Tensor, name: str, block: tuple[int, int]) -> None:
 class Int4Sym(QuantFormat):
     bits = 4
     qmin, qmax, code_dtype = -8, 7, torch.int8
+    packing = "int"
 
     def __init__(self, group: int) -> None:
         self.block_cols = group
@@ -335,6 +339,7 @@ class Int4Asym(QuantFormat):
     bits = 4
     symmetric = False
     qmin, qmax, code_dtype = 0, 15, torch.uint8
+    packing = "int"
 
     def __init__(self, group: int) -> None:
         self.block_cols = group
@@ -361,6 +366,7 @@ class Int4Asym(QuantFormat):
 class Int8Sym(QuantFormat):
     bits = 8
     qmin, qmax, code_dtype = -127, 127, torch.int8
+    packing = "int"
 
     def __init__(self, group: int) -> None:
         self.block_cols = group

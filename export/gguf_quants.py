@@ -80,10 +80,13 @@ GGUF_TYPES: dict[str, GGUFType] = {
 }
 
 def nearest_type(fmt_name: str) -> GGUFType:
-    """The GGUF type for a dsq format, from the format's facts: its twin; else the type whose twin has the same
-    packing, bits and symmetry (int4_sym_g128 -> Q4_0, int8_channel -> Q8_0: exact when the row splits into
-    blocks of 32, ``is_exact``); else the one of the same bits and symmetry, re-quantized (FP8 -> Q8_0).
+    """The GGUF type for a dsq format, from the format's facts: a format named as a GGUF type is that type's
+    own grid; else its twin; else the type whose twin has the same packing, bits and symmetry (int4_sym_g128
+    -> Q4_0, int8_channel -> Q8_0: exact when the row splits into blocks of 32, ``is_exact``); else the one
+    of the same bits and symmetry, re-quantized (FP8 -> Q8_0).
     Raises UnsupportedError naming the format when no GGUF type dsq writes is like it."""
+    if fmt_name in GGUF_TYPES:
+        return GGUF_TYPES[fmt_name]
     fmt = FORMATS[fmt_name]
     twins = [t for t in GGUF_TYPES.values() if t.twin is not None]
     for facts in (lambda f: f.name, lambda f: (f.packing, f.bits, f.symmetric), lambda f: (f.bits, f.symmetric)):

@@ -61,8 +61,9 @@ def choose_type(t: OutTensor, forced: GGUFType | None) -> tuple[GGUFType, list[s
         chosen = forced
     elif None not in formats:
         # mixed formats in one stacked tensor (experts): the type that loses least, the most bits per weight
+        # (a tie: the larger block, i.e. the k-quant, whose sub-block scales fit the values more closely)
         chosen = max({nearest_type(f).name: nearest_type(f) for f in formats}.values(),
-                     key=lambda g: nbytes(g, (g.block,)) / g.block)
+                     key=lambda g: (nbytes(g, (g.block,)) / g.block, g.block))
         if t.transform == "k_b" and chosen.name != "q8_0":
             chosen = GGUF_TYPES["q8_0"]
             notes.append("kv_b transposed into k_b: blocks run along a new axis, re-quantized to Q8_0")

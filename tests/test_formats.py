@@ -66,6 +66,8 @@ def test_declared_facts_are_what_quantize_produces(name):
     for the codes the format's own quantizer writes (the extremes reached on a weight with both signs);
     find_format maps the facts back to the format."""
     fmt = FORMATS[name]
+    if not fmt.packing:
+        pytest.skip(f"{name} has a layout of its own (packing ''): no shared code facts to check")
     qt = fmt.quantize(weight(), "w")
     codes = qt.codes.to(torch.float32)
     assert qt.codes.dtype == fmt.code_dtype and fmt.float_codes == (fmt.packing == "fp8")
