@@ -53,19 +53,22 @@ class Source:
     """A checkpoint seen as ``entries`` ({HF name: SourceEntry}, in file order) plus ``load(name)``.
 
     ``checkpoint``: a path (local directory, hub id or ``default``) or an open ``Checkpoint``.
-    ``recipe``: a preset name, recipe TOML path or ``Recipe``; only for float checkpoints.
+    ``recipe``: a preset name, recipe TOML path or ``Recipe``; only for float checkpoints (DeepSeek's
+    block-FP8 ones included: ``dsq quantize`` reads them too, an FP8 recipe keeps their codes as stored).
 
-    Raises InputError when a recipe is given for an already quantized checkpoint, and what opening the
+    Raises InputError when a recipe is given for an otherwise quantized checkpoint, and what opening the
     checkpoint raises (InputError, CorruptFileError, UnsupportedError, RecipeError)."""
 
     def __init__(self, checkpoint: str | Path | Checkpoint, recipe=None):
         probe = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
         stored = bool(probe.quantization_config)
-        if recipe is not None and stored:
+        if recipe is not None and stored and not probe.is_block_fp8:
             raise InputError(
                 f"{probe.path}: already quantized; --recipe applies to float checkpoints only (export it as it is)"
             )
-        if stored and not isinstance(probe, QuantizedCheckpoint):
+        if recipe is not None:  # a block-FP8 source is read as floats, as `dsq quantize` reads it
+            stored = False
+        elif stored and not isinstance(probe, QuantizedCheckpoint):
             probe = QuantizedCheckpoint(probe.path)
         self.ckpt: Checkpoint = probe
         self.config: dict = probe.config
@@ -77,7 +80,7 @@ class Source:
             self.plan = make_plan(probe, load_recipe(recipe) if isinstance(recipe, str) else recipe,
                                   allow_unmapped=True)
         #: whether weights come back as QuantizedTensors: stored quantized, or quantized by ``recipe``
-        self.quantized = stored or self.plan is not None
+        self.quantized = stored or bool(self.plan and self.plan.quantized)
         self.entries: dict[str, SourceEntry] = self._entries()
 
     def _entries(self) -> dict[str, SourceEntry]:

@@ -47,15 +47,13 @@ DEFAULT_ACCURACY: dict[str, int] = {"cpu": 4, "cuda": 0, "dml": 0, "coreml": 0}
 def _source_weights(src: Path, cfg: dict, recipe: str | None, int4_block: int | None) -> Iterator[tuple]:
     """(name, QuantizedTensor | tensor, kind) from a quantized checkpoint as stored, or from an HF checkpoint
     quantized by ``recipe`` as ``dsq quantize`` does (``dsquant/source.py``; float when no recipe)."""
-    stored = bool(cfg.get("quantization_config"))
+    stored = bool(cfg.get("quantization_config")) and recipe is None  # values as stored, never re-rounded
     rec = None
     if not stored and (recipe is not None or int4_block is not None):
         rec = load_recipe(recipe or "int4")
         if int4_block is not None:
             rec = _with_int4_block(rec, int4_block)
-    elif recipe is not None:
-        rec = recipe  # refused by Source: already quantized
-    s = Source(src, rec)
+    s = Source(src, rec)  # a recipe on a quantized checkpoint (block-FP8 aside) is refused here
     for name, t in s.iter_weights():
         stored_block = t.fmt.block_cols if stored and isinstance(t, QuantizedTensor) and _is_int4(t.fmt) else None
         if int4_block and stored_block and stored_block != int4_block:

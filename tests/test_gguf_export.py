@@ -219,11 +219,12 @@ def test_float_checkpoint_with_recipe_and_forced_type(model_dir, tmp_path):
     assert "bf16" in plain["types"] and any("kept as floats" in n for n in plain["notes"])
 
 
-@pytest.mark.parametrize("arch,recipe", [("deepseek_v3", "int4"), ("llama", "fp8")])
+@pytest.mark.parametrize("arch,recipe", [("deepseek_v3", "int4"), ("llama", "fp8"), ("deepseek_v3-fp8", "int4")])
 def test_export_recipe_is_quantize_then_export(arch, recipe, model_dir, quantized_dir, tmp_path):
     """`export --recipe R` quantizes through dsq's plan and quantizer: every tensor (type and bytes) is what
     `dsq quantize -r R` followed by an export writes, also where the GGUF type re-rounds (DeepSeek's
-    transposed k_b goes to Q8_0 from the int4 values; FP8 to Q8_0 from the FP8 values)."""
+    transposed k_b goes to Q8_0 from the int4 values; FP8 to Q8_0 from the FP8 values), and from a DeepSeek
+    block-FP8 source, which `dsq quantize` reads too."""
     direct = export_gguf(model_dir(arch), tmp_path / "direct.gguf", recipe=recipe)
     export_gguf(quantized_dir(arch, recipe), tmp_path / "via.gguf")
     a = {t.name: (t.tensor_type, bytes(t.data)) for t in GGUFReader(tmp_path / "direct.gguf").tensors}
