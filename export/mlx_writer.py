@@ -51,6 +51,7 @@ from pathlib import Path
 import torch
 
 from dsq import __version__
+from dsq.dsquant.archs import ARCHITECTURES
 from dsq.dsquant.atomic import atomic_dir
 from dsq.dsquant.errors import BadWeightsError, UnsupportedError
 from dsq.dsquant.formats import FORMATS, FP16_MAX, QuantizedTensor
@@ -146,8 +147,13 @@ def _skip(name: str, cfg: dict) -> str | None:
 
 
 def _requantized_at_load(name: str, cfg: dict) -> bool:
-    """DeepSeek-V3's kv_b_proj: mlx_lm splits it per head and re-runs mx.quantize on it when it is quantized."""
-    return cfg.get("model_type") == "deepseek_v3" and name.endswith("self_attn.kv_b_proj.weight")
+    """A role the record lists in ``mlx_requantized`` (DeepSeek-V3's kv_b_proj: mlx_lm splits it per head and
+    re-runs mx.quantize on it when it is quantized)."""
+    rec = ARCHITECTURES.get(cfg.get("model_type"))
+    if rec is None or not rec.mlx_requantized:
+        return False
+    ref = rec.match(name)
+    return ref is not None and ref.role in rec.mlx_requantized
 
 
 _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp)\.experts\.\d+\.((?:gate|up|down)_proj)$")
@@ -223,7 +229,8 @@ def mlx_config(cfg: dict, outs: list[_Out]) -> dict:
             out.setdefault("rope_theta", rope["rope_theta"])
         if rope.get("rope_type", "default") != "default":
             out.setdefault("rope_scaling", rope)
-    if cfg.get("model_type") == "deepseek_v2" and not out.get("rope_scaling"):
+    rec = ARCHITECTURES.get(cfg.get("model_type"))
+    if rec is not None and rec.mlx_yarn_rope and not out.get("rope_scaling"):
         # mlx_lm's deepseek_v2 always builds its YaRN rotary embedding from rope_scaling; with factor 1 and
         # no mscale that embedding is the plain rotary one the source uses.
         out["rope_scaling"] = {"type": "yarn", "factor": 1.0}

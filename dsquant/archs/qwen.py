@@ -1,0 +1,35 @@
+"""Qwen2 (DeepSeek-R1-Distill-Qwen), Qwen3 and Qwen3-MoE: GQA; Qwen2 adds q/k/v biases, Qwen3 per-head
+q/k RMSNorm; Qwen3-MoE routes every (sparse) layer's tokens to top-k of its experts by softmax, no shared
+experts."""
+
+from __future__ import annotations
+
+from .base import AWQ_DENSE, COMMON, DENSE_ATTN, DENSE_MLP, QK_NORM, QKV_BIAS, Architecture
+
+QWEN2 = Architecture(
+    model_type="qwen2",
+    gguf_arch="qwen2",
+    roles=COMMON + DENSE_ATTN + QKV_BIAS + DENSE_MLP,
+    hf_classes=("Qwen2ForCausalLM",),
+    decoder_layer="Qwen2DecoderLayer",
+    rotary="Qwen2RotaryEmbedding",
+    attention="gqa",
+    gguf_hparams="dense",
+    genai_type="qwen2",
+    awq_groups=AWQ_DENSE,
+)
+
+QWEN3 = Architecture(
+    model_type="qwen3",
+    gguf_arch="qwen3",
+    roles=COMMON + DENSE_ATTN + QK_NORM + DENSE_MLP,
+    hf_classes=("Qwen3ForCausalLM",),
+    decoder_layer="Qwen3DecoderLayer",
+    rotary="Qwen3RotaryEmbedding",
+    attention="gqa",
+    gguf_hparams="dense",
+    genai_type="qwen3",
+    awq_groups=AWQ_DENSE,
+)
+
+RECORDS = (QWEN2, QWEN3)
