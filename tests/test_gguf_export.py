@@ -18,6 +18,8 @@ from dsq.dsquant.errors import DsqError, InputError, OutputError, UnsupportedErr
 from dsq.dsquant.quantized import QuantizedCheckpoint
 from dsq.export.gguf_writer import export_gguf
 
+from fixtures import ARCHS
+
 # HF name (per layer after "model.layers.N.") -> GGUF name (after "blk.N."), written out here
 # independently of the writer's table, from llama.cpp's tensor names.
 LAYER = {
@@ -100,7 +102,7 @@ def field(reader: GGUFReader, key: str):
 EXACT_TYPES = {GT.Q4_0, GT.Q8_0, GT.F32, GT.BF16}
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "deepseek_v2", "deepseek_v3"])
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("recipe", ["int4", "int8"])
 def test_every_tensor_carries_dsq_values(arch, recipe, quantized_dir, tmp_path):
     src = quantized_dir(arch, recipe)
