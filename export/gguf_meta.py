@@ -145,11 +145,6 @@ def _dense_moe(w: GGUFWriter, cfg: dict, arch: Architecture) -> None:
             f"config.json: norm_topk_prob is false, but llama.cpp's {arch.gguf_arch} always renormalises the "
             "top-k expert weights; this model has no GGUF equivalent"
         )
-    if conf.mlp_only_layers or conf.decoder_sparse_step != 1:
-        raise UnsupportedError(
-            f"config.json: mlp_only_layers/decoder_sparse_step give dense layers among the MoE ones, which "
-            f"llama.cpp's {arch.gguf_arch} does not load"
-        )
     w.add_expert_count(int(need(cfg, ("n_routed_experts", "num_experts", "num_local_experts"))))
     w.add_expert_used_count(int(need(cfg, ("num_experts_per_tok",))))
     w.add_expert_feed_forward_length(int(need(cfg, ("moe_intermediate_size",))))
