@@ -86,6 +86,10 @@ class Architecture:
     # MLX: roles mlx_lm splits and re-quantizes at load (written float); whether its rotary is always YaRN
     mlx_requantized: tuple[Role, ...] = ()
     mlx_yarn_rope: bool = False
+    # transformers' registered tokenizer class for the type (tokenization_auto) where it changes behaviour, and
+    # whether transformers uses it even over a declared tokenizer_class (its MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS)
+    hf_tokenizer: str | None = None
+    hf_tokenizer_forced: bool = False
     notes: str = ""
     modeling: str = field(default="")  # transformers module; default transformers.models.<mt>.modeling_<mt>
 

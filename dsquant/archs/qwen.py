@@ -16,6 +16,8 @@ QWEN2 = Architecture(
     attention="gqa",
     gguf_hparams="dense",
     genai_type="qwen2",
+    hf_tokenizer="Qwen2Tokenizer",
+    hf_tokenizer_forced=True,
     awq_groups=AWQ_DENSE,
 )
 
@@ -29,6 +31,7 @@ QWEN3 = Architecture(
     attention="gqa",
     gguf_hparams="dense",
     genai_type="qwen3",
+    hf_tokenizer="Qwen2Tokenizer",
     awq_groups=AWQ_DENSE,
 )
 
