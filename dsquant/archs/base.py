@@ -39,10 +39,12 @@ class AwqGroup:
     when: str = ""
 
 
-# AWQ groups of a Llama-style block (Lin et al. 2023's reference grouping).
-AWQ_DENSE = (
+# AWQ groups of a Llama-style block (Lin et al. 2023's reference grouping): attention, then the dense MLP.
+AWQ_ATTN = (
     AwqGroup(Role.ATTN_NORM, (Role.ATTN_Q, Role.ATTN_K, Role.ATTN_V)),
     AwqGroup(Role.ATTN_V, (Role.ATTN_O,), "mha"),  # under GQA v rows are shared by several query heads
+)
+AWQ_DENSE = AWQ_ATTN + (
     AwqGroup(Role.FFN_NORM, (Role.MLP_GATE, Role.MLP_UP)),  # dense layers only (MoE layers lack them)
     AwqGroup(Role.MLP_UP, (Role.MLP_DOWN,)),
 )
