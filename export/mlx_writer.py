@@ -230,6 +230,9 @@ def mlx_config(cfg: dict, outs: list[_Out]) -> dict:
         if rope.get("rope_type", "default") != "default":
             out.setdefault("rope_scaling", rope)
     rec = ARCHITECTURES.get(cfg.get("model_type"))
+    for mlx_key, hf_key in rec.mlx_keys if rec is not None else ():
+        if mlx_key not in out and hf_key in cfg:
+            out[mlx_key] = cfg[hf_key]
     if rec is not None and rec.mlx_yarn_rope and not out.get("rope_scaling"):
         # mlx_lm's deepseek_v2 always builds its YaRN rotary embedding from rope_scaling; with factor 1 and
         # no mscale that embedding is the plain rotary one the source uses.

@@ -88,6 +88,8 @@ class Architecture:
     # MLX: roles mlx_lm splits and re-quantizes at load (written float); whether its rotary is always YaRN
     mlx_requantized: tuple[Role, ...] = ()
     mlx_yarn_rope: bool = False
+    # config keys mlx_lm's ModelArgs requires under another name than transformers 5 writes: (mlx_lm key, HF key)
+    mlx_keys: tuple[tuple[str, str], ...] = ()
     # transformers' registered tokenizer class for the type (tokenization_auto) where it changes behaviour, and
     # whether transformers uses it even over a declared tokenizer_class (its MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS)
     hf_tokenizer: str | None = None
