@@ -170,6 +170,7 @@ def _plan(src: GGUFSource, cfg: dict, dtype: torch.dtype) -> tuple[list[_Out], l
     outs: list[_Out] = []
     skipped: Counter[str] = Counter()
     stacked: dict[str, tuple[str, str | None]] = {}  # switch_mlp module -> (first expert weight, its format)
+    rec = ARCHITECTURES.get(cfg.get("model_type"))
     for name, e in src.entries.items():
         why = _skip(name, cfg)
         if why:
@@ -177,6 +178,11 @@ def _plan(src: GGUFSource, cfg: dict, dtype: torch.dtype) -> tuple[list[_Out], l
             continue
         mod = name.removesuffix(".weight")
         if (target := mlx_module(mod)) != mod:
+            if e.format is not None and rec is not None and not rec.mlx_quantized_experts:
+                raise UnsupportedError(
+                    f"{name}: mlx_lm's {rec.model_type} stacks only float expert weights when it loads (not their "
+                    "scales and biases); keep the experts 16-bit in the recipe (experts = \"keep\") for an MLX export"
+                )
             first, fmt = stacked.setdefault(target, (name, e.format))
             if fmt != e.format:
                 raise UnsupportedError(
