@@ -42,7 +42,7 @@ _QWEN2_REGEX = (
 )
 # transformers' registered tokenizer class per model type (tokenization_auto): dsq's architectures carry theirs in
 # their record (hf_tokenizer, hf_tokenizer_forced); this lists the related types dsq reads tokenizers of only.
-_REGISTERED_OTHER = {"qwen2_moe": "Qwen2Tokenizer", "qwen3_moe": "Qwen2Tokenizer"}
+_REGISTERED_OTHER = {"qwen2_moe": "Qwen2Tokenizer"}
 _PROBE_USER, _PROBE_REPLY = "dsq-probe-user", "dsq-probe-reply"
 
 

@@ -75,7 +75,8 @@ def test_decoder_layers_reproduce_the_transformers_model(model_dir, arch):
 
 @pytest.mark.parametrize(
     "arch, method",
-    [("llama", "gptq"), ("llama", "awq"), ("llama", "imatrix"), ("deepseek_v3", "gptq"), ("deepseek_v3", "awq")],
+    [("llama", "gptq"), ("llama", "awq"), ("llama", "imatrix"), ("deepseek_v3", "gptq"), ("deepseek_v3", "awq"),
+     ("qwen3_moe", "gptq")],
 )
 def test_per_layer_error_below_rtn_at_the_same_format(results, arch, method):
     rtn, calib = results(arch, "rtn"), results(arch, method)

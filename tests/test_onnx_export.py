@@ -205,7 +205,7 @@ def test_folder_contents_and_external_data(quantized_dir, exported, tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "deepseek_v3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "deepseek_v3", "qwen3_moe"])
 def test_onnxruntime_genai_generates_the_reference_tokens(arch, exported, reference):
     og = pytest.importorskip("onnxruntime_genai")
     out, _ = exported(arch, "int4")

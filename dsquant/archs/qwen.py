@@ -4,7 +4,7 @@ experts."""
 
 from __future__ import annotations
 
-from .base import AWQ_DENSE, COMMON, DENSE_ATTN, DENSE_MLP, QK_NORM, QKV_BIAS, Architecture
+from .base import AWQ_ATTN, AWQ_DENSE, COMMON, DENSE_ATTN, DENSE_MLP, QK_NORM, QKV_BIAS, ROUTED, Architecture
 
 QWEN2 = Architecture(
     model_type="qwen2",
@@ -35,4 +35,26 @@ QWEN3 = Architecture(
     awq_groups=AWQ_DENSE,
 )
 
-RECORDS = (QWEN2, QWEN3)
+QWEN3_MOE = Architecture(
+    model_type="qwen3_moe",
+    gguf_arch="qwen3moe",
+    # every layer routed (mlp_only_layers empty, decoder_sparse_step 1, as in the released models): llama.cpp's
+    # qwen3moe has no dense-MLP tensors
+    roles=COMMON + DENSE_ATTN + QK_NORM + ROUTED,
+    hf_classes=("Qwen3MoeForCausalLM",),
+    decoder_layer="Qwen3MoeDecoderLayer",
+    rotary="Qwen3MoeRotaryEmbedding",
+    attention="gqa",
+    gguf_hparams="dense_moe",
+    genai_type="qwen3",
+    hf_tokenizer="Qwen2Tokenizer",
+    # routed experts: each down_proj's scale goes into its up_proj (moe_coverage); their gate/up inputs are not
+    # scaled (the norm also feeds the router)
+    awq_groups=AWQ_ATTN,
+    routers=((None, "softmax_topk"),),
+    scoring="softmax",
+    mlx_keys=(("num_experts", "num_local_experts"),),  # transformers 5 writes num_local_experts
+    mlx_quantized_experts=False,  # mlx_lm's qwen3_moe sanitize stacks expert .weight only
+)
+
+RECORDS = (QWEN2, QWEN3, QWEN3_MOE)
