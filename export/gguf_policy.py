@@ -90,6 +90,8 @@ class ModelFacts:
 
     @classmethod
     def from_config(cls, gguf_arch: str, cfg: dict) -> ModelFacts:
+        """Facts of config.json ``cfg`` for GGUF architecture ``gguf_arch`` (kv heads and experts as
+        ``ModelConfig`` resolves them). Raises KeyError for a config without num_hidden_layers/num_attention_heads."""
         conf = ModelConfig.from_dict(cfg)
         return cls(gguf_arch, int(cfg["num_hidden_layers"]), int(cfg["num_attention_heads"]), int(conf.n_kv_heads),
                    conf.n_experts)

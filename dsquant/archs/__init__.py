@@ -32,17 +32,7 @@ def get_architecture(config: dict, source: str = "config.json") -> Architecture:
         ) from None
 
 
-def record(model_type: str | None, what: str = "this export") -> Architecture:
-    """The record for ``model_type``; UnsupportedError naming ``what`` and the supported types otherwise."""
-    try:
-        return ARCHITECTURES[model_type]  # type: ignore[index]
-    except KeyError:
-        raise UnsupportedError(
-            f"config.json: model_type `{model_type}` is not supported by {what}; supported: {', '.join(ARCHITECTURES)}"
-        ) from None
-
-
 __all__ = [
     "ARCHITECTURES", "AWQ_DENSE", "Architecture", "AwqGroup", "ROLES", "ROLE_INFO", "ROLE_NAMES", "Role", "RoleInfo",
-    "TensorRef", "get_architecture", "hf_name", "module_path", "record",
+    "TensorRef", "get_architecture", "hf_name", "module_path",
 ]
