@@ -33,7 +33,10 @@ Refused, one line naming the tensor: ``int8_channel`` (one scale per row: MLX gr
 and ``fp8_b128`` (MLX's affine mode has no FP8 codes); re-quantize those with an int4/int8_g32 recipe.
 DeepSeek-V3: mlx_lm re-quantizes a quantized ``kv_b_proj`` at load (it splits it into per-head
 ``embed_q``/``unembed_out``), so that one matrix is written as float32 dsq-dequantized values (exact) and
-mlx_lm keeps it unquantized. Tensors stream one at a time into shards written header-first.
+mlx_lm keeps it unquantized. Qwen3-MoE: mlx_lm's ``sanitize`` stacks only the routed experts' ``.weight``, so
+for records with ``mlx_stack_experts`` the writer stacks each layer's quantized experts itself into
+``mlp.switch_mlp.{gate,up,down}_proj`` ``[n_expert, ...]`` (weight, scales, biases; the same values).
+Tensors stream one at a time (a layer's experts together when stacked) into shards written header-first.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -130,8 +133,9 @@ class _Out:
 
     source: str
     planned: list[PlannedTensor]
-    kind: str  # "quantized" | "float" | "dequantized"
+    kind: str  # "quantized" | "float" | "dequantized" | "stacked" (one layer's routed experts, quantized)
     quant: MlxQuant | None = None
+    sources: list[str] = field(default_factory=list)  # "stacked": the experts' weights, in expert order
 
 
 def _skip(name: str, cfg: dict) -> str | None:
@@ -171,6 +175,8 @@ def _plan(src: GGUFSource, cfg: dict, dtype: torch.dtype) -> tuple[list[_Out], l
     skipped: Counter[str] = Counter()
     stacked: dict[str, tuple[str, str | None]] = {}  # switch_mlp module -> (first expert weight, its format)
     rec = ARCHITECTURES.get(cfg.get("model_type"))
+    pending: dict[str, list[tuple[int, str, tuple[int, ...]]]] = {}  # switch_mlp module -> (expert, name, shape)
+    slots: dict[str, _Out] = {}
     for name, e in src.entries.items():
         why = _skip(name, cfg)
         if why:
@@ -178,17 +184,21 @@ def _plan(src: GGUFSource, cfg: dict, dtype: torch.dtype) -> tuple[list[_Out], l
             continue
         mod = name.removesuffix(".weight")
         if (target := mlx_module(mod)) != mod:
-            if e.format is not None and rec is not None and not rec.mlx_quantized_experts:
-                raise UnsupportedError(
-                    f"{name}: mlx_lm's {rec.model_type} stacks only float expert weights when it loads (not their "
-                    "scales and biases); keep the experts 16-bit in the recipe (experts = \"keep\") for an MLX export"
-                )
             first, fmt = stacked.setdefault(target, (name, e.format))
             if fmt != e.format:
                 raise UnsupportedError(
                     f"{name}: {e.format or 'float'} but {first} is {fmt or 'float'}; mlx_lm stacks a layer's experts "
                     "into one tensor, so they need one format: give them the same one in the recipe"
                 )
+            if e.format is not None and rec is not None and rec.mlx_stack_experts:
+                # mlx_lm's sanitize stacks only the experts' .weight here: write switch_mlp's tensors ourselves
+                if target not in pending:
+                    pending[target] = []
+                    outs.append(_Out(name, [], "stacked", mlx_quant(e.format, name)))
+                    slots[target] = outs[-1]
+                ref = rec.match(name)
+                pending[target].append((ref.expert if ref is not None else 0, name, e.shape))
+                continue
         if e.format is None:
             if not e.float_dtype.is_floating_point:
                 raise UnsupportedError(f"{name}: {e.float_dtype} tensor; MLX-LM models hold float tensors only")
@@ -205,6 +215,17 @@ def _plan(src: GGUFSource, cfg: dict, dtype: torch.dtype) -> tuple[list[_Out], l
             PlannedTensor(mod + ".scales", dtype, groups),
             PlannedTensor(mod + ".biases", dtype, groups),
         ], "quantized", mq))
+    for target, parts in pending.items():
+        parts.sort()
+        o, (rows, cols) = slots[target], parts[0][2]
+        mq = o.quant
+        n = len(parts)
+        o.sources = [name for _, name, _ in parts]
+        o.planned = [
+            PlannedTensor(target + ".weight", torch.uint32, (n, rows, cols * mq.bits // 32)),
+            PlannedTensor(target + ".scales", dtype, (n, rows, cols // mq.group_size)),
+            PlannedTensor(target + ".biases", dtype, (n, rows, cols // mq.group_size)),
+        ]
     notes = [f"{n} tensor(s) left out: {why}" for why, n in skipped.items()]
     return outs, notes
 
@@ -306,6 +327,22 @@ def export_mlx(
         for shard_name, shard in zip(names, shards, strict=True):
             writer = SafetensorsWriter(tmp / shard_name, [p for o in shard for p in o.planned], METADATA)
             for o in shard:
+                if o.kind == "stacked":
+                    values = [src.load(name) for name in o.sources]
+                    packed = [to_mlx(v, name, tdt) for v, name in zip(values, o.sources, strict=True)]
+                    for i, p in enumerate(o.planned):
+                        writer.write(p.name, torch.stack([parts[i] for parts in packed]))
+                    for v, name in zip(values, o.sources, strict=True):
+                        bound = bias_bound(v, tdt)
+                        if bound.numel() and (b := float(bound.max())) > worst_bias[0]:
+                            worst_bias = (b, name)
+                        formats[v.format] += 1
+                    weight_map.update({p.name: shard_name for p in o.planned})
+                    done += 1
+                    if progress:
+                        progress(done, len(outs), o.source)
+                    del values, packed
+                    continue
                 value = src.load(o.source)
                 if o.kind == "quantized":
                     assert isinstance(value, QuantizedTensor)

@@ -90,8 +90,8 @@ class Architecture:
     mlx_yarn_rope: bool = False
     # config keys mlx_lm's ModelArgs requires under another name than transformers 5 writes: (mlx_lm key, HF key)
     mlx_keys: tuple[tuple[str, str], ...] = ()
-    # whether mlx_lm's sanitize stacks quantized routed experts (their scales/biases too), or float ones only
-    mlx_quantized_experts: bool = True
+    # mlx_lm's sanitize stacks only the routed experts' .weight (not scales/biases): the writer stacks quantized ones
+    mlx_stack_experts: bool = False
     # transformers' registered tokenizer class for the type (tokenization_auto) where it changes behaviour, and
     # whether transformers uses it even over a declared tokenizer_class (its MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS)
     hf_tokenizer: str | None = None

@@ -54,7 +54,7 @@ QWEN3_MOE = Architecture(
     routers=((None, "softmax_topk"),),
     scoring="softmax",
     mlx_keys=(("num_experts", "num_local_experts"),),  # transformers 5 writes num_local_experts
-    mlx_quantized_experts=False,  # mlx_lm's qwen3_moe sanitize stacks expert .weight only
+    mlx_stack_experts=True,  # mlx_lm's qwen3_moe sanitize stacks expert .weight only
 )
 
 RECORDS = (QWEN2, QWEN3, QWEN3_MOE)
