@@ -19,7 +19,7 @@ from collections.abc import Callable
 import numpy as np
 from gguf import ExpertGatingFuncType, GGUFWriter, RopeScalingType
 
-from dsq.dsquant.archs import Architecture
+from dsq.dsquant.archs import Architecture, get_architecture
 from dsq.dsquant.config import ModelConfig
 from dsq.dsquant.errors import UnsupportedError
 
@@ -175,14 +175,18 @@ HPARAMS: dict[str, Callable[[GGUFWriter, dict, Architecture], None]] = {
 }
 
 
-def add_hparams(w: GGUFWriter, cfg: dict, arch: Architecture) -> list[tuple[str, np.ndarray]]:
-    """Write every hyper-parameter key of ``cfg`` (config.json) for record ``arch``; returns extra tensors
-    the metadata implies (name, float32 array), e.g. llama3's ``rope_freqs``.
+def add_hparams(w: GGUFWriter, cfg: dict, arch: str) -> list[tuple[str, np.ndarray]]:
+    """Write every hyper-parameter key of ``cfg`` (config.json) for GGUF architecture ``arch``, by the set its
+    record names (``Architecture.gguf_hparams``); returns extra tensors the metadata implies (name, float32
+    array), e.g. llama3's ``rope_freqs``.
 
-    Raises UnsupportedError naming the config key llama.cpp needs and the config lacks, or a setting
-    (scoring function, rope type) with no GGUF equivalent."""
+    Raises UnsupportedError naming the config key llama.cpp needs and the config lacks, a model_type without a
+    record, or a setting (scoring function, rope type) with no GGUF equivalent."""
+    rec = get_architecture(cfg)
+    if rec.gguf_arch != arch:
+        raise UnsupportedError(f"config.json: model_type `{rec.model_type}` is GGUF `{rec.gguf_arch}`, not `{arch}`")
     for method, keys in COMMON:
         value = need(cfg, keys)
         getattr(w, method)(float(value) if method == "add_layer_norm_rms_eps" else int(value))
-    HPARAMS[arch.gguf_hparams](w, cfg, arch)
-    return add_rope(w, cfg, arch.gguf_arch)
+    HPARAMS[rec.gguf_hparams](w, cfg, rec)
+    return add_rope(w, cfg, arch)

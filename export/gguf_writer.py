@@ -175,7 +175,7 @@ def export_gguf(
         w = GGUFWriter(tmp_dir / out_path.name, src.arch.gguf_arch, split_max_size=split)
         w.add_name(src.path.name)
         w.add_quantization_version(GGML_QUANT_VERSION)
-        extra = add_hparams(w, src.config, src.arch)
+        extra = add_hparams(w, src.config, src.arch.gguf_arch)
         tok = add_tokenizer(w, src.path, int(src.config["vocab_size"]))
         w.add_file_type(int(mix.file_type) if mix is not None else _file_type(outs, chosen))
         for name, arr in extra:
