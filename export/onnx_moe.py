@@ -108,6 +108,9 @@ def router_for(cfg: dict) -> RouterFn:
 
 
 def moe_ffn(g: GraphBuilder, ctx: Ctx, i: int, x: str) -> str:
+    """Layer ``i``'s MoE FFN on hidden states ``x`` [batch, seq, hidden] -> [batch, seq, hidden]: the record's
+    router, each routed expert on the tokens that chose it, plus shared experts when the config has them.
+    Raises UnsupportedError (router_for) when the record names no router for the config's topk_method."""
     cfg, p = ctx.cfg, f"model.layers.{i}.mlp"
     flat = g.reshape(x, [-1, cfg["hidden_size"]])  # [N, hidden]
     weights, idx = router_for(cfg)(g, ctx, linear(g, flat, f"{p}.gate.weight"), p)
