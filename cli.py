@@ -187,16 +187,13 @@ def _targets_help() -> str:
     return ", ".join(EXPORTERS)
 
 
-# The GGUF type names live beside torch (export/gguf_writer.py TYPE_NAMES); `dsq --help` must not import
-# torch, so they are repeated here and tests/test_cli_ux.py fails when the two differ.
-GGUF_TYPES_HELP = ("auto (default: carry dsq's values, nearest type otherwise; a type applies llama.cpp's "
-                   "per-tensor policy for that file type; q3_k, q4_k, q5_k = the _M mixes), "
-                   "q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q3_k_s, q3_k_m, q3_k_l, q4_k, q4_k_s, q4_k_m, q5_k, q5_k_s, "
-                   "q5_k_m, q6_k, f16, bf16, f32")
-
-
 def _gguf_types_help() -> str:
-    return GGUF_TYPES_HELP
+    """--type's help, from the registry (export/gguf_policy.py: gguf-py and numpy, no torch)."""
+    from dsq.export.gguf_policy import ALIASES, TYPE_NAMES
+
+    aliases = ", ".join(ALIASES)
+    return ("auto (default: carry dsq's values, nearest type otherwise; a type applies llama.cpp's "
+            f"per-tensor policy for that file type; {aliases} = the _M mixes), " + ", ".join(TYPE_NAMES))
 
 
 Recipe = Annotated[str, typer.Option("--recipe", "-r", help="Preset (int4, int8, fp8) or a recipe TOML file.")]
@@ -331,6 +328,10 @@ def inspect(
 
     try:
         desc = describe(path)
+        if desc.kind == "onnx":  # refuse external data that points outside the folder, as every ONNX load does
+            from dsq.export.onnx_guard import check_onnx_file
+
+            check_onnx_file(path if path.is_file() else path / "model.onnx")
     except Exception as e:
         raise _fail(e) from None
     print_description(desc, as_json=json_out)
@@ -428,8 +429,8 @@ def eval_(
     threads: ThreadsOpt = None,
 ) -> None:
     """Accuracy gate: PPL, KL divergence and top-1 agreement of each model/runtime against the reference."""
-    from dsq.dsquant.evaluate import EvalSettings
     from dsq.runtimes.console import eval_command
+    from dsq.runtimes.eval.evaluate import EvalSettings
 
     try:
         _check_report_paths(json=json_out, html=html_out)

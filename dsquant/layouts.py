@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .errors import CorruptFileError, RecipeError, UnsupportedError
-from .formats import FORMATS, QuantFormat, QuantizedTensor
+from .formats import FORMATS, QuantFormat, QuantizedTensor, find_format
 from .safetensors_io import PlannedTensor
 
 
@@ -249,10 +249,11 @@ class DeepSeekFp8Layout:
 
     def format_of(self, qconfig: dict, mod: str) -> QuantFormat:
         bs = qconfig.get("weight_block_size") or [128, 128]
-        name = f"fp8_b{bs[0]}"
-        if bs[0] != bs[1] or name not in FORMATS:
-            raise UnsupportedError(f"{mod}: FP8 block size {bs} is not supported (dsq knows 128x128)")
-        return FORMATS[name]
+        fmt = find_format(packing="fp8", bits=8, block_rows=bs[0], block_cols=bs[1]) if len(bs) == 2 else None
+        if fmt is None:
+            known = [f"{f.block_rows}x{f.block_cols}" for f in FORMATS.values() if f.packing == "fp8"]
+            raise UnsupportedError(f"{mod}: FP8 block size {bs} is not supported (dsq knows {', '.join(known)})")
+        return fmt
 
 
 LAYOUTS = {layout.name: layout for layout in (CompressedTensorsLayout(), DeepSeekFp8Layout())}
@@ -262,7 +263,7 @@ def layout_for_formats(formats: set[str]) -> CompressedTensorsLayout | DeepSeekF
     """The layout that holds every format in a plan: int formats -> compressed-tensors, FP8 -> DeepSeek."""
     if not formats:
         return None
-    fp8 = {f for f in formats if f.startswith("fp8")}
+    fp8 = {f for f in formats if FORMATS[f].packing == "fp8"}
     if fp8 and fp8 != formats:
         raise RecipeError(
             "a checkpoint cannot mix FP8 blocks with int formats yet (formats: "

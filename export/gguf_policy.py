@@ -209,6 +209,24 @@ FALLBACK: dict[GT, GT] = {
 }
 
 
+# The float file types llama-quantize also takes (every 2-D weight cast, no policy).
+FLOAT_TYPES = (GT.F16, GT.BF16, GT.F32)
+
+
+def _type_names() -> tuple[str, ...]:
+    """What ``--type`` accepts, in llama-quantize's order: each mix, an alias just before the mixes it stands
+    among (q4_k before q4_k_s, q4_k_m), then the float types."""
+    names: list[str] = []
+    for mix in MIXES:
+        names += [a for a in ALIASES if mix.startswith(a + "_") and a not in names]
+        names.append(mix)
+    return (*names, *(t.name.lower() for t in FLOAT_TYPES))
+
+
+#: What ``--type`` accepts and the CLI lists (torch-free, so ``dsq --help`` reads it from here).
+TYPE_NAMES: tuple[str, ...] = _type_names()
+
+
 def block_of(t: GT) -> int:
     return GGML_QUANT_SIZES[t][0]
 

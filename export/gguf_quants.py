@@ -79,21 +79,21 @@ GGUF_TYPES: dict[str, GGUFType] = {
     )
 }
 
-#: dsq format -> the GGUF type that holds it exactly (block 32, or a multiple of 32 split into blocks of 32 that
-#: repeat the scale: ``is_exact``) or most nearly (FP8).
-NEAREST: dict[str, str] = {
-    "int4_sym_g32": "q4_0",
-    "int4_sym_g64": "q4_0",
-    "int4_sym_g128": "q4_0",
-    "int4_asym_g32": "q4_1",
-    "int4_asym_g64": "q4_1",
-    "int4_asym_g128": "q4_1",
-    "int8_g32": "q8_0",
-    "int8_g128": "q8_0",
-    "int8_channel": "q8_0",
-    "fp8_b128": "q8_0",
-}
-assert set(NEAREST) == set(FORMATS), "every dsq format needs a nearest GGUF type"
+def nearest_type(fmt_name: str) -> GGUFType:
+    """The GGUF type for a dsq format, from the format's facts: a format named as a GGUF type is that type's
+    own grid; else its twin; else the type whose twin has the same packing, bits and symmetry (int4_sym_g128
+    -> Q4_0, int8_channel -> Q8_0: exact when the row splits into blocks of 32, ``is_exact``); else the one
+    of the same bits and symmetry, re-quantized (FP8 -> Q8_0).
+    Raises UnsupportedError naming the format when no GGUF type dsq writes is like it."""
+    if fmt_name in GGUF_TYPES:
+        return GGUF_TYPES[fmt_name]
+    fmt = FORMATS[fmt_name]
+    twins = [t for t in GGUF_TYPES.values() if t.twin is not None]
+    for facts in (lambda f: f.name, lambda f: (f.packing, f.bits, f.symmetric), lambda f: (f.bits, f.symmetric)):
+        for t in twins:
+            if facts(FORMATS[t.twin]) == facts(fmt):
+                return t
+    raise UnsupportedError(f"format {fmt_name}: no GGUF type dsq writes is like it; choose one with --type")
 
 FLOAT_OF: dict[torch.dtype, str] = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}
 

@@ -26,8 +26,7 @@ from dsq.dsquant.archs import Role
 from dsq.dsquant.config import ModelConfig
 from dsq.dsquant.errors import UnsupportedError
 from dsq.dsquant.formats import QuantizedTensor
-
-from .gguf_source import GGUFSource, SourceEntry
+from dsq.dsquant.source import Source, SourceEntry
 
 # dsq role -> (gguf-py tensor, suffix). Roles absent here are not written (MTP).
 ROLE_TENSORS: dict[Role, tuple[MODEL_TENSOR, str]] = {
@@ -132,7 +131,7 @@ class OutTensor:
         return self.sources[0].float_dtype
 
 
-def plan_tensors(src: GGUFSource) -> tuple[list[OutTensor], list[str]]:
+def plan_tensors(src: Source) -> tuple[list[OutTensor], list[str]]:
     """The GGUF tensors for ``src`` in write order, plus notes on what was left out."""
     arch, cfg = src.arch, src.config
     n_layers = int(cfg["num_hidden_layers"])
@@ -192,7 +191,7 @@ def _order(t: OutTensor) -> tuple[int, str]:
     return (0 if t.name.startswith("token_embd") else 1 << 30), t.name
 
 
-def build_value(t: OutTensor, src: GGUFSource) -> list[QuantizedTensor | torch.Tensor]:
+def build_value(t: OutTensor, src: Source) -> list[QuantizedTensor | torch.Tensor]:
     """The values of ``t`` as a list of row-blocks (one per stacked expert), transforms applied."""
     values = []
     for s in t.sources:

@@ -60,9 +60,9 @@ from dsq.dsquant.errors import BadWeightsError, UnsupportedError
 from dsq.dsquant.formats import FORMATS, FP16_MAX, QuantizedTensor
 from dsq.dsquant.layouts import pack_int32
 from dsq.dsquant.safetensors_io import PlannedTensor, SafetensorsWriter
+from dsq.dsquant.source import Source
 
 from .gguf_quants import q4_1_offset, q4_1_offset_bound
-from .gguf_source import GGUFSource
 
 MLX_GROUPS = (32, 64, 128)
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -85,10 +85,11 @@ class MlxQuant:
 def mlx_quant(fmt_name: str, tensor: str) -> MlxQuant:
     """The MLX twin of a dsq format; UnsupportedError naming ``tensor`` when there is none."""
     fmt = FORMATS[fmt_name]
-    if fmt_name.startswith(("int4", "int8")) and fmt.block_rows == 1 and fmt.block_cols in MLX_GROUPS:
+    if fmt.packing == "int" and fmt.block_rows == 1 and fmt.block_cols in MLX_GROUPS:
         return MlxQuant(fmt.bits, fmt.block_cols, (1 << (fmt.bits - 1)) if fmt.symmetric else 0)
-    why = ("one scale per row; MLX groups are 32, 64 or 128 inputs wide" if fmt_name == "int8_channel"
-           else "MLX's affine quantization has no FP8 codes")
+    why = ("one scale per row; MLX groups are 32, 64 or 128 inputs wide" if fmt.packing == "int" and not fmt.block_cols
+           else "MLX's affine quantization has no FP8 codes" if fmt.float_codes
+           else f"MLX groups are {', '.join(map(str, MLX_GROUPS))} inputs wide")
     raise UnsupportedError(
         f"{tensor}: {fmt_name} has no exact MLX layout ({why}); re-quantize the source with an int4 or "
         "int8_g32 recipe (e.g. `dsq quantize MODEL -o OUT --recipe int4`)"
@@ -170,7 +171,7 @@ def mlx_module(module: str) -> str:
     return f"{m.group(1)}.switch_mlp.{m.group(2)}" if m else module
 
 
-def _plan(src: GGUFSource, cfg: dict, dtype: torch.dtype) -> tuple[list[_Out], list[str]]:
+def _plan(src: Source, cfg: dict, dtype: torch.dtype) -> tuple[list[_Out], list[str]]:
     outs: list[_Out] = []
     skipped: Counter[str] = Counter()
     stacked: dict[str, tuple[str, str | None]] = {}  # switch_mlp module -> (first expert weight, its format)
@@ -304,17 +305,20 @@ def export_mlx(
     value exact). Returns the report (also written as mlx-report.json): per format counts, notes, the
     largest asymmetric bias rounding and float cast change. Raises UnsupportedError for a format without an
     MLX twin (int8_channel, fp8_b128), BadWeightsError for values float16 cannot hold, OutputError for an
-    existing output without ``overwrite``."""
+    existing output without ``overwrite``.
+
+    Shapes: each quantized linear [out, in] becomes ``weight`` uint32 [out, in * bits / 32] and ``scales``/
+    ``biases`` [out, in / group_size] (see the module docstring); shards hold at most ``max_shard_bytes`` bytes."""
     t0 = time.perf_counter()
     if dtype not in DTYPES:
         raise UnsupportedError(
             f"dtype {dtype}: MLX export writes float16 or float32 (bfloat16 cannot hold dsq's fp16 scales exactly)"
         )
     tdt = DTYPES[dtype]
-    src = GGUFSource(src_dir)
+    src = Source(src_dir)
     cfg = src.config
     outs, notes = _plan(src, cfg, tdt)  # every refusal happens here, before anything is written
-    side_files = src.ckpt.side_files()  # tokenizer, template, generation settings: checked to lie inside the folder
+    side_files = src.side_files()  # tokenizer, template, generation settings: checked to lie inside the folder
     shards = _shards(outs, max_shard_bytes)
     names = ["model.safetensors"] if len(shards) == 1 else [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))

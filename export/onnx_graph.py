@@ -234,6 +234,14 @@ def attention_kind(cfg: dict, impl: str) -> str:
 
 
 def build_decoder(cfg: dict, weights: WeightTable, attention: str = "plain") -> onnx.ModelProto:
+    """The decoder graph of ``cfg``'s architecture over the initializers already in ``weights`` (by HF name).
+
+    Inputs ``input_ids``/``position_ids`` [batch, sequence] and ``attention_mask`` [batch, total_sequence]
+    int64, ``past_key_values.{i}.key/value`` float32 (cache shapes of the attention kind: [batch, kv_heads,
+    past_sequence, head_dim] for GQA); outputs ``logits`` [batch, sequence, vocab] float32 and
+    ``present.{i}.key/value`` [.., total_sequence, ..]. ``attention``: plain (standard ops) or contrib
+    (GroupQueryAttention). Raises UnsupportedError for an architecture, activation, RoPE scaling or
+    attention choice the exporter has no graph for, and for a weight the graph needs that ``weights`` lacks."""
     spec = arch_spec(cfg)
     kind = attention_kind(cfg, attention)
     attn_fn, cache_shapes = ATTENTION[kind][0](), ATTENTION[kind][1]

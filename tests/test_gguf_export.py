@@ -240,11 +240,29 @@ def test_float_checkpoint_with_recipe_and_forced_type(model_dir, tmp_path):
     report = export_gguf(model_dir("llama"), out, recipe="int8")
     types = {r["name"]: r["type"] for r in report["tensors"]}
     assert types["blk.0.attn_q.weight"] == "q8_0" and types["output.weight"] == "bf16"  # recipe keeps lm_head
-    assert all(r["rel_error"] < 0.01 for r in report["tensors"] if r["status"] == "quantized")
+    status = {r["name"]: r["status"] for r in report["tensors"]}
+    assert status["blk.0.attn_q.weight"] == "exact" and status["output.weight"] == "cast"  # int8_g32 is Q8_0
+    assert not any("kept as floats" in n for n in report["notes"])
     forced = export_gguf(model_dir("llama"), tmp_path / "f16.gguf", type="f16")
     assert {r["type"] for r in forced["tensors"]} == {"f16", "f32"}
     plain = export_gguf(model_dir("llama"), tmp_path / "bf16.gguf")
     assert "bf16" in plain["types"] and any("kept as floats" in n for n in plain["notes"])
+
+
+@pytest.mark.parametrize("arch,recipe", [("deepseek_v3", "int4"), ("llama", "fp8"), ("deepseek_v3-fp8", "int4")])
+def test_export_recipe_is_quantize_then_export(arch, recipe, model_dir, quantized_dir, tmp_path):
+    """`export --recipe R` quantizes through dsq's plan and quantizer: every tensor (type and bytes) is what
+    `dsq quantize -r R` followed by an export writes, also where the GGUF type re-rounds (DeepSeek's
+    transposed k_b goes to Q8_0 from the int4 values; FP8 to Q8_0 from the FP8 values), and from a DeepSeek
+    block-FP8 source, which `dsq quantize` reads too."""
+    direct = export_gguf(model_dir(arch), tmp_path / "direct.gguf", recipe=recipe)
+    export_gguf(quantized_dir(arch, recipe), tmp_path / "via.gguf")
+    a = {t.name: (t.tensor_type, bytes(t.data)) for t in GGUFReader(tmp_path / "direct.gguf").tensors}
+    b = {t.name: (t.tensor_type, bytes(t.data)) for t in GGUFReader(tmp_path / "via.gguf").tensors}
+    assert a.keys() == b.keys() and all(a[n] == b[n] for n in a), [n for n in a if a[n] != b.get(n)][:3]
+    rerounded = {r["name"] for r in direct["tensors"] if r["status"] in ("requantized", "quantized")}
+    assert rerounded == ({n for n in a if "attn_k_b" in n} if recipe == "int4" else
+                         {r["name"] for r in direct["tensors"] if r["type"] == "q8_0"})
 
 
 def test_bad_inputs_fail_cleanly(model_dir, quantized_dir, tmp_path):

@@ -261,10 +261,23 @@ def calibrate(
 ) -> CalibResult:
     """Calibrate every quantized linear of ``plan`` layer by layer; see the module docstring.
 
+    ``samples`` sequences of ``seqlen`` tokens are drawn from ``calib`` (a shipped set or a .txt/.jsonl
+    file) with ``seed``, unless ``batch`` gives the token ids ([samples, seqlen] int64) directly; ``method``:
+    gptq, awq, imatrix or rtn (``calib.methods.METHODS``). Returns ``CalibResult``: HF weight name ->
+    QuantizedTensor in the plan's format (AWQ: also the rescaled float norms/linears), and per decoder layer
+    the relative error of its update to the residual stream and the drift from the float model.
+    ``work_dir``: per-layer results are kept there and a rerun with the same inputs resumes after the last
+    finished layer. ``progress(done, total, detail)`` per layer.
+
     ``collect``: keep every calibrated linear's input statistics in ``CalibResult.stats`` (for
     ``--imatrix-out``; refused on a resumed run, whose earlier layers' statistics are gone).
     ``given``: HF weight name -> per-column importance used instead of the collected statistics
-    (``--imatrix FILE``, method imatrix)."""
+    (``--imatrix FILE``, method imatrix).
+
+    Raises InputError (unknown method, bad calibration data or tokenizer, a stale or damaged ``work_dir``,
+    ``collect`` on a resumed run, experts seeing fewer tokens than ``options.fail_below_tokens``),
+    UnsupportedError (an architecture or checkpoint layout calibration does not handle) and the formats'
+    BadWeightsError."""
     opts = options or CalibOptions()
     m = get_method(method)
     formats = {e.name: e.format for e in plan.entries if e.format}
