@@ -426,6 +426,11 @@ FORMATS: dict[str, QuantFormat] = _registry(
 )
 
 
+from .kformats import K_FORMATS  # noqa: E402 - GGUF K-quant grids (kformats.py builds on the classes above)
+
+FORMATS.update(K_FORMATS)
+
+
 def get_format(name: str) -> QuantFormat:
     try:
         return FORMATS[name]

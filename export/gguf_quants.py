@@ -30,8 +30,8 @@ from gguf import LlamaFileType
 
 from dsq.dsquant.errors import UnsupportedError
 from dsq.dsquant.formats import FORMATS, QuantizedTensor, StreamPool, check_finite, row_chunks, split_blocks
+from dsq.dsquant.kq_types import KSPEC, pack, quantize_k, quantize_legacy
 
-from .kq_types import quantize_k, quantize_legacy
 from .q5quants import quantize_q5_0, quantize_q5_1
 
 BLOCK = 32
@@ -96,6 +96,7 @@ NEAREST: dict[str, str] = {
     "int8_g128": "q8_0",
     "int8_channel": "q8_0",
     "fp8_b128": "q8_0",
+    **{k: k for k in KSPEC},  # the GGUF-grid formats (dsquant/kformats.py) are their own type
 }
 assert set(NEAREST) == set(FORMATS), "every dsq format needs a nearest GGUF type"
 
@@ -114,6 +115,8 @@ def get_type(name: str) -> GGUFType:
 def is_exact(qt: QuantizedTensor, t: GGUFType) -> bool:
     """Whether ``qt`` goes into ``t`` without re-rounding: its twin format, or a larger group of the same kind
     (int4_sym_g64/g128 -> Q4_0, int4_asym_g* -> Q4_1, int8_g128/channel -> Q8_0; ``split_blocks``)."""
+    if qt.format in KSPEC:  # a GGUF-grid tensor (kformats.py): exact in its own type only
+        return qt.format == t.name
     if t.twin is None:
         return False
     src, dst = qt.fmt, FORMATS[t.twin]
@@ -214,6 +217,9 @@ def encode(
     imatrix path, byte-equal to ``llama-quantize --imatrix`` (Q8_0 and float types ignore it, as ggml does).
     """
     if isinstance(value, QuantizedTensor) and is_exact(value, t):
+        if value.format in KSPEC:  # its grid and codes are the block's numbers: packed as they are
+            codes = value.codes.numpy().reshape(-1, KSPEC[value.format].block)
+            return pack(value.format, value.grid(), codes).reshape(-1), None
         return pack_exact(split_blocks(value, t.twin), t, pool), None
     if not t.quantized:
         w = value.dequantize() if isinstance(value, QuantizedTensor) else value

@@ -48,7 +48,7 @@ from .gguf_tokenizer import add_tokenizer
 
 F32_KINDS = ("norm", "bias", "router")
 # Among mixed formats in one stacked tensor, the type that loses least.
-_PRECISION = ("q8_0", "q4_1", "q4_0")
+_PRECISION = ("q8_0", "q6_k", "q5_1", "q5_k", "q5_0", "q4_1", "q4_k", "q4_0", "q3_k", "q2_k")
 
 
 def choose_type(t: OutTensor, forced: GGUFType | None, recipe) -> tuple[GGUFType, list[str]]:
@@ -71,7 +71,7 @@ def choose_type(t: OutTensor, forced: GGUFType | None, recipe) -> tuple[GGUFType
         ref = t.sources[0].ref
         fmt = recipe.format_for(ref)
         chosen = own if fmt == KEEP else GGUF_TYPES[NEAREST[fmt]]
-        if fmt != KEEP and GGUF_TYPES[NEAREST[fmt]].twin != fmt:
+        if fmt != KEEP and GGUF_TYPES[NEAREST[fmt]].twin != fmt and NEAREST[fmt] != fmt:
             notes.append(f"recipe format {fmt} has no GGUF twin: quantized directly to {chosen.name.upper()}")
     else:
         chosen = own

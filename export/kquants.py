@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .kq_types import QK_K, quantize_k
+from dsq.dsquant.kq_types import QK_K, quantize_k
 
 Q4_K_BYTES = 144
 __all__ = ["QK_K", "Q4_K_BYTES", "quantize_q4_k"]

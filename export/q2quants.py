@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .kq_types import quantize_k
+from dsq.dsquant.kq_types import quantize_k
 
 Q2_K_BYTES = 84
 

@@ -107,6 +107,6 @@ Q5_K_BYTES = 176
 
 def quantize_q5_k(rows: torch.Tensor, importance: torch.Tensor | None = None) -> tuple[np.ndarray, torch.Tensor]:
     """[n, k] finite float rows (k a multiple of 256) -> (Q5_K bytes, the float32 values gguf-py reads back)."""
-    from .kq_types import quantize_k
+    from dsq.dsquant.kq_types import quantize_k
 
     return quantize_k("q5_k", rows, importance)

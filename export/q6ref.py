@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .kq_types import quantize_k
+from dsq.dsquant.kq_types import quantize_k
 
 
 def quantize_q6_k_ref(rows: torch.Tensor, importance: torch.Tensor | None = None) -> tuple[np.ndarray, torch.Tensor]:

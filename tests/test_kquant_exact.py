@@ -19,7 +19,7 @@ from gguf import GGMLQuantizationType as GT
 from gguf.quants import dequantize
 
 from dsq.dsquant.errors import InputError, UnsupportedError
-from dsq.export.kq_types import KSPEC, quantize_k, quantize_legacy
+from dsq.dsquant.kq_types import K_KINDS, quantize_k, quantize_legacy
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def importance(k: int = 768, seed: int = 3) -> torch.Tensor:
     return imp
 
 
-@pytest.mark.parametrize("kind", list(KSPEC))
+@pytest.mark.parametrize("kind", K_KINDS)
 @pytest.mark.parametrize("with_importance", [False, True])
 def test_k_quants_equal_ggml_block_for_block(kind, with_importance, ggml):
     w = rows()

@@ -27,8 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dsq.dsquant.errors import UnsupportedError
-
+from .errors import UnsupportedError
 from .kq_search import f32, make_q3, make_qkx, make_qp, make_qx, rowsum, seqsum, signed_max
 
 QK_K = 256
@@ -43,14 +42,27 @@ class KSpec:
     nbytes: int  # bytes per super-block
     asym: bool
 
+    @property
+    def block(self) -> int:
+        return self.sub * self.nsub
 
+    @property
+    def bits(self) -> int:
+        return int(self.qmax).bit_length()
+
+
+#: The K-quants, and the 5-bit 32-blocks as one-sub-block grids (Q5_0: w = d * (q - 16); Q5_1: w = d * q + m,
+#: held as dmin = -m with one min of 1, which is the same float32 value: x - (-m) == x + m).
 KSPEC: dict[str, KSpec] = {
     "q2_k": KSpec(16, 16, 3, 0, 84, True),
     "q3_k": KSpec(16, 16, 7, 4, 110, False),
     "q4_k": KSpec(32, 8, 15, 0, 144, True),
     "q5_k": KSpec(32, 8, 31, 0, 176, True),
     "q6_k": KSpec(16, 16, 63, 32, 210, False),
+    "q5_0": KSpec(32, 1, 31, 16, 22, False),
+    "q5_1": KSpec(32, 1, 31, 0, 24, True),
 }
+K_KINDS = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
 
 
 @dataclass
@@ -93,13 +105,16 @@ def _max_based(v: np.ndarray, levels: float) -> tuple[np.ndarray, np.ndarray]:
     return q, (top / f32(levels)).astype(np.float16)
 
 
-def fit(kind: str, x: np.ndarray, importance: np.ndarray | None = None) -> KGrid:
-    """ggml's choice of the stored scales for float32 super-blocks ``x`` [nb, 256].
+def fit(kind: str, x: np.ndarray, importance: np.ndarray | None = None, sigma2: np.ndarray | None = None) -> KGrid:
+    """ggml's choice of the stored scales for float32 super-blocks ``x`` [nb, 256] (Q5_0/Q5_1: blocks [nb, 32]).
 
-    ``importance`` [nb, 256] (each super-block's columns' imatrix entries) selects ggml's imatrix path
-    (``quantize_row_qX_K_impl``); None its reference path (``quantize_row_qX_K_ref``)."""
+    ``importance`` [nb, block] (each block's columns' imatrix entries) selects ggml's imatrix path
+    (``quantize_row_qX_K_impl``); None its reference path (``quantize_row_qX_K_ref``). Q5_0/Q5_1 need
+    ``sigma2`` [nb] with importance (ggml's mean x^2 over the block's whole row)."""
     sp = KSPEC[kind]
     nb = x.shape[0]
+    if kind in ("q5_0", "q5_1"):
+        return _fit_32(kind, x, importance, sigma2)
     xt = _sub_t(x, sp.sub)  # [sub, nb * nsub]
     zeros = np.zeros((nb, sp.nsub), np.uint8)
     with np.errstate(all="ignore"):
@@ -169,6 +184,35 @@ def fit(kind: str, x: np.ndarray, importance: np.ndarray | None = None) -> KGrid
     raise UnsupportedError(f"no K-quant {kind!r}; known: {', '.join(KSPEC)}")
 
 
+def _fit_32(kind: str, x: np.ndarray, importance: np.ndarray | None, sigma2: np.ndarray | None) -> KGrid:
+    """Q5_0/Q5_1 grids: ggml's ``quantize_row_q5_X_ref`` scale (and min) without importance, its ``_impl``
+    search with importance (codes kept as the search's)."""
+    nb = x.shape[0]
+    ones = np.ones((nb, 1), np.int16)
+    xt = np.ascontiguousarray(x.T)
+    with np.errstate(all="ignore"):
+        if importance is None:
+            if kind == "q5_0":
+                d = signed_max(xt) / f32(-16)
+                inv = np.where(d == 0, f32(0), f32(1) / np.where(d == 0, f32(1), d))
+                q = np.minimum(np.trunc(x * inv[:, None] + f32(16.5)), f32(31)).astype(np.uint8)
+                return KGrid(d.astype(np.float16), np.zeros(nb, np.float16), ones, np.zeros((nb, 1), np.uint8), q[:, None])
+            lo, hi = xt.min(0), xt.max(0)
+            d = (hi - lo) / f32(31)
+            inv = np.where(d == 0, f32(0), f32(1) / np.where(d == 0, f32(1), d))
+            q = np.minimum(np.trunc((x - lo[:, None]) * inv[:, None] + f32(0.5)), f32(31)).astype(np.uint8)
+            return KGrid(d.astype(np.float16), (-lo.astype(np.float16)), ones, np.ones((nb, 1), np.uint8), q[:, None])
+        w = np.ascontiguousarray(importance.T) * np.sqrt(sigma2[None, :] + xt * xt)
+        if kind == "q5_0":
+            scale, codes = make_qx(xt, 16, w)
+            return KGrid(scale.astype(np.float16), np.zeros(nb, np.float16), ones, np.zeros((nb, 1), np.uint8),
+                         codes.T[:, None])
+        scale, the_min, codes = make_qkx(xt, w, 31, -0.9, 0.05, 36)
+        # ggml stores m = fp16(-the_min); dmin = -m is the same fp16 negated (exact)
+        return KGrid(scale.astype(np.float16), -((-the_min).astype(np.float16)), ones, np.ones((nb, 1), np.uint8),
+                     codes.T[:, None])
+
+
 def requant(kind: str, x: np.ndarray, grid: KGrid) -> np.ndarray:
     """Codes uint8 [nb, nsub, sub] of ``x`` [nb, 256] on ``grid``: ggml's last loop (nearest code to
     (x + dmin * m_j) / (d * s_j)); sub-blocks whose step is 0 keep the search's codes (ggml's ``continue``)."""
@@ -183,11 +227,11 @@ def requant(kind: str, x: np.ndarray, grid: KGrid) -> np.ndarray:
 
 
 def values(kind: str, grid: KGrid, codes: np.ndarray) -> np.ndarray:
-    """float32 [nb, 256]: what gguf-py (and ggml) dequantize ``grid`` + ``codes`` to."""
+    """float32 [nb, block]: what gguf-py (and ggml) dequantize ``grid`` + ``codes`` to."""
     sp = KSPEC[kind]
     step, off = grid.step_offset()
     q = codes.astype(np.float32) - f32(sp.zp)
-    return (step[..., None] * q - off[..., None]).reshape(codes.shape[0], QK_K)
+    return (step[..., None] * q - off[..., None]).reshape(codes.shape[0], sp.block)
 
 
 def _pack_2bit(q: np.ndarray) -> np.ndarray:
@@ -211,10 +255,17 @@ def pack(kind: str, grid: KGrid, codes: np.ndarray) -> np.ndarray:
     """Block bytes uint8 [nb, nbytes] (ggml-common.h ``block_qX_K``)."""
     sp = KSPEC[kind]
     nb = codes.shape[0]
-    q = codes.reshape(nb, QK_K).astype(np.uint8)
+    q = codes.reshape(nb, sp.block).astype(np.uint8)
     out = np.zeros((nb, sp.nbytes), np.uint8)
     d = grid.d.astype(np.float16).view(np.uint8).reshape(nb, 2)
     dmin = grid.dmin.astype(np.float16).view(np.uint8).reshape(nb, 2)
+    if kind in ("q5_0", "q5_1"):
+        qh, qs = _qh_qs(q)
+        out[:, 0:2] = d
+        if kind == "q5_1":
+            out[:, 2:4] = (-grid.dmin.astype(np.float16)).view(np.uint8).reshape(nb, 2)  # m = -dmin
+        out[:, -20:-16], out[:, -16:] = qh, qs
+        return out
     if kind in ("q4_k", "q5_k"):
         ls, lm = grid.scale.astype(np.uint8), grid.mins.astype(np.uint8)
         out[:, 0:2], out[:, 2:4], out[:, 4:16] = d, dmin, _pack_scales_k4(ls, lm)
@@ -362,6 +413,6 @@ def quantize_legacy(kind: str, rows: torch.Tensor, importance: torch.Tensor | np
 
 
 def nbytes(kind: str, shape: tuple[int, ...]) -> int:
-    block = QK_K if kind in KSPEC else 32
-    size = KSPEC[kind].nbytes if kind in KSPEC else LEGACY[kind][1]
-    return math.prod(shape) // block * size
+    """GGUF bytes of a tensor of ``shape`` in ``kind`` (a KSPEC kind)."""
+    sp = KSPEC[kind]
+    return math.prod(shape) // sp.block * sp.nbytes
