@@ -40,6 +40,11 @@ class KQuantTensor(QuantizedTensor):
         return KQuantTensor(self.format, (stop - start, self.shape[1]), self.codes[start:stop], self.scale[start:stop],
                             None, self.dmin[start:stop], self.sub_scale[start:stop], self.sub_min[start:stop])
 
+    def select_rows(self, idx: torch.Tensor) -> KQuantTensor:
+        """Rows ``idx`` (a permutation or selection), every per-row part with them."""
+        return KQuantTensor(self.format, (len(idx), self.shape[1]), self.codes[idx], self.scale[idx], None,
+                            self.dmin[idx], self.sub_scale[idx], self.sub_min[idx])
+
     def grid(self) -> KGrid:
         """The blocks as kq_types' [nb] / [nb, nsub] arrays (row-major over [out, blocks])."""
         sp = KSPEC[self.format]
