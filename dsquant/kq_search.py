@@ -38,6 +38,15 @@ def seqsum(a: np.ndarray) -> np.ndarray:
     return s
 
 
+def seqsums(a: np.ndarray) -> np.ndarray:
+    """``seqsum`` of several [n, M] arrays stacked as [k, n, M] -> [k, M], one vector add per element index
+    for all k at once (the add count, not the data, is what costs at these sizes)."""
+    s = a[:, 0].copy()
+    for i in range(1, a.shape[1]):
+        s += a[:, i]
+    return s
+
+
 def rowsum(a: np.ndarray) -> np.ndarray:
     """Sum over the last axis in index order, float32 (``add.accumulate`` is a running sum)."""
     return np.add.accumulate(a, axis=-1, dtype=np.float32)[..., -1].copy()
@@ -77,6 +86,7 @@ def make_qkx(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float
             d *= w
             return seqsum(d)
 
+        stack = np.empty((3, *x.shape), np.float32)  # w*l, w*l*x, w*l*l of a trial
         iscale = fmax / _safe(mx - mn)
         scale = f32(1) / iscale
         best_l = codes(iscale, mn)
@@ -85,11 +95,10 @@ def make_qkx(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float
             num = f32(f32(f32(rmin) + f32(rdelta) * f32(step)) + fmax)
             iscale = num / _safe(mx - mn)
             la = codes(iscale, mn)
-            wl = w * la
-            sum_l = seqsum(wl)
-            sum_xl = seqsum(wl * x)
-            wl *= la
-            sum_l2 = seqsum(wl)
+            np.multiply(w, la, out=stack[0])
+            np.multiply(stack[0], x, out=stack[1])
+            np.multiply(stack[0], la, out=stack[2])
+            sum_l, sum_xl, sum_l2 = seqsums(stack)
             det = sum_w * sum_l2 - sum_l * sum_l
             ok = (det > 0) & ~flat
             sdet = np.where(ok, det, f32(1))
@@ -128,14 +137,17 @@ def make_qx(x: np.ndarray, nmax: int, w: np.ndarray | None = None) -> tuple[np.n
             w = x * x
         wx = w * x
 
+        stack = np.empty((2, *x.shape), np.float32)
+
         def trial(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             lq = x * iscale
             np.rint(lq, out=lq)
             np.clip(lq, f32(-nmax), f32(nmax - 1), out=lq)
-            sumlx = seqsum(wx * lq)
-            t = w * lq
-            t *= lq
-            return lq, sumlx, seqsum(t)
+            np.multiply(wx, lq, out=stack[0])
+            np.multiply(w, lq, out=stack[1])
+            stack[1] *= lq
+            sumlx, suml2 = seqsums(stack)
+            return lq, sumlx, suml2
 
         lq, sumlx, suml2 = trial(f32(-nmax) / smx)
         scale = np.where(suml2 != 0, sumlx / np.where(suml2 != 0, suml2, f32(1)), f32(0)).astype(np.float32)

@@ -307,9 +307,9 @@ def pack(kind: str, grid: KGrid, codes: np.ndarray) -> np.ndarray:
     raise UnsupportedError(f"no K-quant {kind!r}; known: {', '.join(KSPEC)}")
 
 
-# Row chunks for the packers: the search loops ~40 numpy ops over [sub, M] arrays per trial; 64 Ki weights
+# Row chunks for the packers: the search loops ~40 numpy ops over [sub, M] arrays per trial; 128 Ki weights
 # keep those arrays in L2 while amortising numpy's per-call overhead.
-CHUNK = 1 << 16
+CHUNK = 1 << 17
 
 
 def _chunks(n: int, k: int) -> list[tuple[int, int]]:
