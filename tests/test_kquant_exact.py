@@ -180,3 +180,32 @@ def test_export_refuses_an_imatrix_for_another_model(model_dir, tmp_path):
     path = write_imatrix(tmp_path / "bad.gguf", bad)
     with pytest.raises(InputError, match="blk.0.attn_q.weight.*another model"):
         export_gguf(model_dir("llama"), tmp_path / "x.gguf", type="q4_k_m", imatrix=path)
+
+
+def test_cli_export_imatrix_flag(model_dir, tmp_path):
+    """``dsq export --imatrix F`` writes what ``export_gguf(..., imatrix=F)`` writes (the flag reaches the packers:
+    the file differs from the one without it), and other targets refuse the flag by name."""
+    from typer.testing import CliRunner
+
+    from dsq.cli import app
+    from dsq.dsquant.calib.imatrix_file import Imatrix, ImatrixEntry, write_imatrix
+    from dsq.export.gguf_writer import export_gguf
+
+    src = model_dir("llama")
+    g = torch.Generator().manual_seed(1)
+    entry = ImatrixEntry(torch.exp(torch.randn(1, 256, generator=g)).numpy(), np.ones(1, np.float32))
+    path = write_imatrix(tmp_path / "im.gguf", Imatrix({"blk.0.attn_q.weight": entry}))
+    res = CliRunner().invoke(app, ["export", str(src), "--to", "gguf", "-o", str(tmp_path / "cli.gguf"), "--type",
+                                   "q4_k_m", "--imatrix", str(path), "--no-check"])
+    assert res.exit_code == 0, res.output
+    export_gguf(src, tmp_path / "api.gguf", type="q4_k_m", imatrix=path)
+    export_gguf(src, tmp_path / "plain.gguf", type="q4_k_m")
+
+    def data(p: Path, name: str) -> bytes:
+        return next(np.asarray(t.data).tobytes() for t in GGUFReader(p).tensors if t.name == name)
+
+    assert data(tmp_path / "cli.gguf", "blk.0.attn_q.weight") == data(tmp_path / "api.gguf", "blk.0.attn_q.weight")
+    assert data(tmp_path / "cli.gguf", "blk.0.attn_q.weight") != data(tmp_path / "plain.gguf", "blk.0.attn_q.weight")
+    assert data(tmp_path / "cli.gguf", "blk.1.attn_q.weight") == data(tmp_path / "plain.gguf", "blk.1.attn_q.weight")
+    res = CliRunner().invoke(app, ["export", str(src), "--to", "onnx", "-o", str(tmp_path / "o"), "--imatrix", str(path)])
+    assert res.exit_code == 2 and "--imatrix is not an option of --to onnx" in res.output, res.output

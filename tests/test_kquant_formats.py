@@ -61,7 +61,7 @@ def test_rtn_is_ggml_and_gguf_holds_it_exactly(kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_gptq_beats_rtn_and_imatrix_and_is_carried_exactly(kind):
-    x, w, h = layer(seed=1)
+    x, w, h = layer(seed=1, n=1024, out=32)
     fmt = FORMATS[kind]
 
     def out_err(qt) -> float:
@@ -79,8 +79,8 @@ def test_gptq_beats_rtn_and_imatrix_and_is_carried_exactly(kind):
 
 @pytest.mark.parametrize("kind", ["q4_k", "q6_k", "q5_1"])
 def test_checkpoint_storage_round_trip(kind):
-    _, w, h = layer(k=512, out=8)
-    qt = gptq_quantize(FORMATS[kind], w, h)
+    _, w, h = layer(n=256, k=512, out=8)
+    qt = FORMATS[kind].quantize(w, "w", importance=torch.diagonal(h))
     layout = LAYOUTS["compressed-tensors"]
     stored = layout.encode("m.weight", qt)
     planned = {p.name: (p.dtype, tuple(p.shape)) for p in layout.planned("m.weight", FORMATS[kind], qt.shape)}
