@@ -32,7 +32,7 @@ from dsq.dsquant.errors import UnsupportedError
 from dsq.dsquant.formats import FORMATS, QuantizedTensor, StreamPool, check_finite, row_chunks, split_blocks
 from dsq.dsquant.kq_types import KSPEC, pack, quantize_k, quantize_legacy
 
-from .q5quants import quantize_q5_0, quantize_q5_1
+from .q5quants import quantize_q4_1, quantize_q5_0, quantize_q5_1
 
 BLOCK = 32
 
@@ -68,7 +68,8 @@ GGUF_TYPES: dict[str, GGUFType] = {
     t.name: t
     for t in (
         GGUFType("q4_0", GT.Q4_0, twin="int4_sym_g32", file_type=LlamaFileType.MOSTLY_Q4_0),
-        GGUFType("q4_1", GT.Q4_1, twin="int4_asym_g32", file_type=LlamaFileType.MOSTLY_Q4_1),
+        GGUFType("q4_1", GT.Q4_1, twin="int4_asym_g32", file_type=LlamaFileType.MOSTLY_Q4_1,
+                 kquant=partial(_legacy, "q4_1", quantize_q4_1)),  # floats: ggml's rounding; int4_asym: carried
         GGUFType("q5_0", GT.Q5_0, file_type=LlamaFileType.MOSTLY_Q5_0, kquant=partial(_legacy, "q5_0", quantize_q5_0)),
         GGUFType("q5_1", GT.Q5_1, file_type=LlamaFileType.MOSTLY_Q5_1, kquant=partial(_legacy, "q5_1", quantize_q5_1)),
         GGUFType("q8_0", GT.Q8_0, twin="int8_g32", file_type=LlamaFileType.MOSTLY_Q8_0),
@@ -246,7 +247,7 @@ def encode(
         if t.kquant is not None:
             check_finite(x, name, (1, t.block))
             data, held = t.kquant(x, importance)
-        elif importance is not None and t.name in ("q4_0", "q4_1"):
+        elif importance is not None and t.name == "q4_0":
             check_finite(x, name, (1, t.block))
             data, held = quantize_legacy(t.name, x, importance)
         else:

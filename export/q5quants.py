@@ -99,6 +99,28 @@ def quantize_q5_1(rows: torch.Tensor, name: str = "tensor") -> tuple[np.ndarray,
     return out.reshape(-1).numpy(), values
 
 
+def quantize_q4_1(rows: torch.Tensor, name: str = "tensor") -> tuple[np.ndarray, torch.Tensor]:
+    """ggml's ``quantize_row_q4_1_ref``: [n, k] finite float rows (k a multiple of 32) -> (Q4_1 bytes, the float32
+    values gguf-py reads back). Q5_1's rule with 15 levels: m = the block minimum, d = (max - min) / 15, codes
+    trunc((x - min) / d + 0.5) clamped to 15; ``block_q4_1`` is fp16 d, fp16 m, then 16 bytes of nibble pairs
+    (byte j: weight j low, weight j+16 high). Raises BadWeightsError when d or m overflows fp16."""
+    n, k = rows.shape
+    x = _blocks(rows)
+    lo = x.min(dim=-1, keepdim=True).values
+    hi = x.max(dim=-1, keepdim=True).values
+    d = (hi - lo) / 15.0
+    inv = torch.where(d == 0, torch.zeros_like(d), torch.ones_like(d) / d)
+    q = torch.trunc((x - lo) * inv + 0.5).clamp(0, 15).to(torch.uint8)
+    dh = _fp16(d[:, 0], "step", name)
+    mh = _fp16(lo[:, 0], "minimum", name)
+    values = (dh.to(torch.float32)[:, None] * q.to(torch.float32) + mh.to(torch.float32)[:, None]).reshape(n, k)
+    out = torch.empty(x.shape[0], 20, dtype=torch.uint8)
+    out[:, 0:2] = dh.reshape(-1, 1).view(torch.uint8)
+    out[:, 2:4] = mh.reshape(-1, 1).view(torch.uint8)
+    out[:, 4:] = (q[:, :16] & 0x0F) | (q[:, 16:] << 4)
+    return out.reshape(-1).numpy(), values
+
+
 # Q5_K (ggml-common.h ``block_q5_K``, 176 bytes per 256 weights): fp16 ``d``, fp16 ``dmin``, ``scales[12]`` (6-bit
 # scale and min per sub-block of 32, packed as Q4_K's), ``qh[32]``, ``qs[128]``; w = d * ls_j * q - dmin * lm_j with
 # q in [0, 31]. The quantizer is ggml's, byte for byte (kq_types.py).

@@ -20,6 +20,7 @@ from gguf.quants import dequantize
 
 from dsq.dsquant.errors import InputError, UnsupportedError
 from dsq.dsquant.kq_types import K_KINDS, quantize_k, quantize_legacy
+from dsq.export.gguf_quants import GGUF_TYPES, encode
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +98,9 @@ def test_32_blocks_with_importance_equal_ggml(kind, ggml):
     assert np.array_equal(data, ggml(gt, w, imp))
     back = np.asarray(dequantize(data.reshape(w.shape[0], -1), gt), dtype=np.float32)
     assert np.array_equal(back, values.numpy())
+    for given in (None, imp):  # what the GGUF writer does with float rows: ggml's bytes with or without importance
+        data, _ = encode(w, GGUF_TYPES[kind], "w", importance=None if given is None else given.numpy())
+        assert np.array_equal(data, ggml(gt, w, given)), given is None
 
 
 def test_importance_lowers_the_weighted_error():
