@@ -117,7 +117,7 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=2048)
     ap.add_argument("--window", type=int, default=512)
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # two intra-op threads on a loaded machine wait on each other (see formats.StreamPool)
 
     import transformers
     from gguf import GGUFReader
