@@ -477,6 +477,8 @@ def export(
     )] = None,
     type_: Annotated[str | None, typer.Option("--type", help=f"GGUF file type: {_gguf_types_help()}.")] = None,
     pure: Annotated[bool, typer.Option("--pure", help="GGUF: the --type everywhere, no llama.cpp policy (llama-quantize --pure).")] = False,
+    imatrix: Annotated[Path | None, typer.Option(
+        "--imatrix", help="GGUF: a llama.cpp imatrix file (GGUF or .dat) weighting every re-rounded tensor, as llama-quantize --imatrix.")] = None,
     recipe: Annotated[str | None, typer.Option("--recipe", "-r", help="Quantize a float checkpoint on the way.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
     split_max_size: Annotated[
@@ -502,7 +504,7 @@ def export(
     from dsq.export import export_model
 
     given = {"type": type_, "recipe": recipe, "split_max_size": split_max_size, "ep": ep, "int4_block": int4_block,
-             "attention": attention, "accuracy_level": accuracy_level, "pure": pure or None, "dtype": dtype}
+             "attention": attention, "accuracy_level": accuracy_level, "pure": pure or None, "dtype": dtype, "imatrix": imatrix}
     try:
         with progress(f"export → {to}", "tensors") as bar:
             out, report = export_model(model, to, output, overwrite=overwrite, progress=bar, check=not no_check,

@@ -478,6 +478,11 @@ def find_format(*, bits: int, block_cols: int, symmetric: bool = True, block_row
     return None
 
 
+from .kformats import K_FORMATS  # noqa: E402 - GGUF K-quant grids (kformats.py builds on the classes above)
+
+FORMATS.update(K_FORMATS)
+
+
 def get_format(name: str) -> QuantFormat:
     try:
         return FORMATS[name]

@@ -19,7 +19,8 @@ from .layouts import layout_for_config, module_of
 from .safetensors_io import read_tensor
 
 # Stored tensors that belong to a quantized module, by suffix (compressed-tensors, DeepSeek-FP8).
-_PARTS = (".weight_packed", ".weight_scale", ".weight_zero_point", ".weight_shape", ".weight_scale_inv")
+_PARTS = (".weight_packed", ".weight_scale", ".weight_zero_point", ".weight_shape", ".weight_scale_inv",
+          ".weight_dmin", ".weight_sub_scale", ".weight_sub_min")  # the last three: GGUF-grid formats (kformats.py)
 
 
 class QuantizedCheckpoint(Checkpoint):

@@ -71,6 +71,8 @@ def gguf_name(t: MODEL_TENSOR, suffix: str, layer: int | None = None) -> str:
 # -- transforms: (value, config) -> value; row selections keep QuantizedTensors quantized ----------
 def select_rows(value: QuantizedTensor | torch.Tensor, idx: torch.Tensor) -> QuantizedTensor | torch.Tensor:
     if isinstance(value, QuantizedTensor):
+        if hasattr(value, "select_rows"):  # a GGUF-grid tensor (dsquant/kformats.py) carries more per-row parts
+            return value.select_rows(idx)
         if value.fmt.block_rows != 1:  # a block spans rows (FP8 128x128): only floats can be permuted
             return value.dequantize()[idx]
         zero = value.zero[idx] if value.zero is not None else None

@@ -81,13 +81,40 @@ def choose_type(t: OutTensor, forced: GGUFType | None) -> tuple[GGUFType, list[s
 _BY_GGML = {t.gtype: t for t in GGUF_TYPES.values()}
 
 
-def policy_types(outs: list[OutTensor], mix: Mix, src: Source, pure: bool = False) -> dict:
+
+def _imatrix_entries(path: str | Path) -> dict:
+    from dsq.dsquant.calib.imatrix_file import read_imatrix
+
+    return read_imatrix(path).entries
+
+
+def _importances(entries: dict, name: str, values: list) -> list[np.ndarray | None]:
+    """Per row-block (expert) importance of GGUF tensor ``name`` from the imatrix entries (mean x^2 per column,
+    llama-quantize's reading), or Nones when the file has no entry for it (llama-quantize then quantizes it
+    without one too)."""
+    entry = entries.get(name)
+    if entry is None:
+        return [None] * len(values)
+    cols = int(values[0].shape[-1])
+    try:
+        imp = entry.importance(cols)
+    except InputError:
+        imp = None
+    if imp is None or imp.shape[1] != cols or imp.shape[0] not in (1, len(values)):
+        raise InputError(
+            f"--imatrix: entry `{name}` has {entry.sums.size} values over {entry.counts.size} matrices, which does not "
+            f"fit the tensor ({len(values)} x {cols} input columns); is the imatrix for another model?"
+        )
+    return [imp[min(i, imp.shape[0] - 1)] for i in range(len(values))]
+
+
+def policy_types(outs: list[OutTensor], mix: Mix, src: Source, pure: bool = False, imatrix: bool = False) -> dict:
     """{GGUF name: (GGUFType, notes, why)} under llama.cpp's ``mix`` (gguf_policy.plan_types).
 
     Raises UnsupportedError before anything is written when the policy needs a type dsq has no packer for.
     """
     facts = ModelFacts.from_config(src.arch.gguf_arch, src.config)
-    plan = plan_types(mix, [(t.name, tuple(t.shape)) for t in outs], facts, pure=pure)
+    plan = plan_types(mix, [(t.name, tuple(t.shape)) for t in outs], facts, pure=pure, imatrix=imatrix)
     missing = {n: c.type.name for n, c in plan.items() if c.type not in _BY_GGML}
     if missing:
         first = next(iter(missing))
@@ -129,6 +156,7 @@ def export_gguf(
     split_max_size: int | str | None = None,
     progress: Callable[[int, int, str], None] | None = None,
     pure: bool = False,
+    imatrix: str | Path | None = None,
 ) -> dict:
     """Write ``src_dir`` as a GGUF file at ``out_path``; returns a report dict.
 
@@ -145,6 +173,10 @@ def export_gguf(
     or tensor with no GGUF name, rows a type cannot hold, or a tokenizer llama.cpp cannot take; InputError for
     ``recipe`` on a quantized source, ``pure`` without a quantized type or a bad ``split_max_size``; OutputError when ``out_path``
     exists (without ``overwrite``) or cannot be written (nothing is left behind).
+
+    ``imatrix``: a llama.cpp imatrix file (GGUF or legacy .dat); every tensor it has an entry for is re-rounded
+    on ggml's imatrix path (bytes as ``llama-quantize --imatrix`` writes them) and the policy's imatrix rule
+    applies. Raises InputError when an entry does not fit its tensor.
     """
     t0 = time.perf_counter()
     out_path = Path(out_path)
@@ -154,8 +186,9 @@ def export_gguf(
     if pure and mix is None:
         raise InputError("--pure applies to a quantized --type (q4_0, q4_k_m, ...): it puts that type everywhere")
     outs, notes = plan_tensors(src)
+    entries = _imatrix_entries(imatrix) if imatrix is not None else None
     if mix is not None:
-        chosen = policy_types(outs, mix, src, pure)
+        chosen = policy_types(outs, mix, src, pure, imatrix=entries is not None)
     else:
         chosen = {t.name: (*choose_type(t, forced), None) for t in outs}
     split = parse_size(split_max_size) if split_max_size else 0
@@ -187,7 +220,8 @@ def export_gguf(
         for i, t in enumerate(outs):
             gt, tnotes, why = chosen[t.name]
             values = build_value(t, src)
-            encoded = [encode(v, gt, t.name, pool) for v in values]
+            imps = _importances(entries, t.name, values) if entries is not None and gt.quantized else [None] * len(values)
+            encoded = [encode(v, gt, t.name, pool, imp) for v, imp in zip(values, imps, strict=True)]
             data = np.concatenate([e[0] for e in encoded]) if len(encoded) > 1 else encoded[0][0]
             status = _status(values, gt)
             stats = [e[1] for e in encoded]
