@@ -487,6 +487,12 @@ def export(
     accuracy_level: Annotated[
         int | None, typer.Option(help="ONNX: MatMulNBits accuracy_level (0 exact float math; CPU default 4).")
     ] = None,
+    embed: Annotated[str | None, typer.Option(
+        "--embed", help="ONNX: quantize the embedding to this dsq format (int8_g32, int4_sym_g32, ...; "
+                        "GatherBlockQuantized); default: the recipe's embed role, else float.")] = None,
+    lm_head: Annotated[str | None, typer.Option(
+        "--lm-head", help="ONNX: the lm_head's dsq format (a tied model's one shared matrix); default: the "
+                          "recipe's lm_head role.")] = None,
     dtype: Annotated[str | None, typer.Option(
         "--dtype", help="MLX: float16 (default; asymmetric int4 biases rounded within half an fp16 ulp) or float32 "
                         "(every value exactly dsq's).")] = None,
@@ -501,7 +507,8 @@ def export(
     from dsq.export import export_model
 
     given = {"type": type_, "recipe": recipe, "split_max_size": split_max_size, "ep": ep, "int4_block": int4_block,
-             "attention": attention, "accuracy_level": accuracy_level, "pure": pure or None, "dtype": dtype}
+             "attention": attention, "accuracy_level": accuracy_level, "pure": pure or None, "dtype": dtype,
+             "embed": embed, "lm_head": lm_head}
     try:
         with progress(f"export → {to}", "tensors") as bar:
             out, report = export_model(model, to, output, overwrite=overwrite, progress=bar, check=not no_check,

@@ -103,6 +103,79 @@ def _skip(name: str, cfg: dict) -> bool:
     return len(parts) > 2 and parts[1] == "layers" and int(parts[2]) >= cfg["num_hidden_layers"]
 
 
+# The matrices an export may quantize itself (recipe roles ``embed`` / ``lm_head``, see Recipe.export_format).
+HEAD_ROLES = {"model.embed_tokens.weight": "embed", "lm_head.weight": "lm_head"}
+
+
+def _recorded_recipe(src: Path):
+    """The recipe a dsq checkpoint was quantized with (its dsq-report.json), None when there is no report."""
+    from ..dsquant.errors import CorruptFileError
+    from ..dsquant.recipes import Recipe
+
+    f = resolve_model_file(src, "dsq-report.json")
+    if f is None:
+        return None
+    try:
+        rec = json.loads(f.read_text(encoding="utf-8"))["recipe"]
+        return Recipe(str(rec["name"]), str(rec["default"]), dict(rec.get("roles") or {}))
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise CorruptFileError(f"{f}: not a dsq report with a `recipe` entry; remove it or re-quantize") from None
+
+
+def head_formats(src: Path, cfg: dict, recipe: str | None, embed: str | None, lm_head: str | None) -> dict[str, str]:
+    """{role: dsq format} for the embedding and the lm_head the export quantizes (roles absent stay float).
+
+    Explicit ``embed``/``lm_head`` win; otherwise the recipe's ``[roles]`` entries (``--recipe`` for a float
+    source, the recipe recorded in a dsq checkpoint's dsq-report.json). ``keep`` means float. A tied model has
+    one matrix, so both roles name the same format (giving two different ones is refused). The format must
+    pack for MatMulNBits/GatherBlockQuantized (int4_sym, int4_asym, int8 with blocks of 16..., a power of 2).
+    Raises UnsupportedError / RecipeError naming the role."""
+    from ..dsquant.recipes import KEEP, load_recipe
+
+    asked = {"embed": embed, "lm_head": lm_head}
+    rec = load_recipe(recipe) if recipe else _recorded_recipe(src) if cfg.get("quantization_config") else None
+    for role, fmt in asked.items():
+        if fmt is None and rec is not None:
+            asked[role] = rec.export_format(role)
+    out = {}
+    for role, fmt in asked.items():
+        if fmt in (None, KEEP):
+            continue
+        if fmt not in FORMATS:
+            raise UnsupportedError(f"{role} = {fmt!r}: unknown format; use keep or one of {', '.join(FORMATS)}")
+        from .onnx_weights import packing_for
+
+        if packing_for(fmt).op != "MatMulNBits":
+            raise UnsupportedError(f"{role} = {fmt}: no quantized ONNX lookup/head for it (int4_* or int8_g* only)")
+        out[role] = fmt
+    if cfg.get("tie_word_embeddings") and out:
+        if len(set(out.values())) > 1:
+            raise UnsupportedError(
+                f"embed = {out['embed']}, lm_head = {out['lm_head']}: tie_word_embeddings makes them one matrix; "
+                "give one format (lm_head's decides in llama.cpp's policy too)"
+            )
+        fmt = next(iter(out.values()))
+        out = {"embed": fmt, "lm_head": fmt}
+    return out
+
+
+def _quantize_head(name: str, t, fmt: str):
+    """The embedding / lm_head in ``fmt``: quantized here from a float tensor (dsq's own rounding, as
+    ``dsq quantize`` would), or kept when the checkpoint already stores it in ``fmt``."""
+    from .onnx_weights import nbits_block_ok
+
+    if isinstance(t, QuantizedTensor):
+        if t.format != fmt:
+            raise UnsupportedError(f"{name}: stored as {t.format}; {HEAD_ROLES[name]} = {fmt} would re-round "
+                                   "dsq's values. Ask for its stored format, or re-quantize")
+        return t
+    q = FORMATS[fmt].quantize(t, name)
+    if not nbits_block_ok(q):
+        raise UnsupportedError(f"{name}: {fmt} on rows of {t.shape[1]} has no GatherBlockQuantized/MatMulNBits block "
+                               "(a power of two >= 16 dividing the row); pick int4_*_g32 or int8_g32")
+    return q
+
+
 def check_ep(ep: str, lin) -> None:
     """Refuse (at export, at the first such weight) a MatMulNBits width the EP has no kernel for."""
     if lin is not None and lin.packed is not None and lin.packed.bits not in EP_NBITS[ep]:
@@ -123,10 +196,15 @@ def export_onnx(
     recipe: str | None = None,
     accuracy_level: int | None = None,
     attention: str = "plain",
+    embed: str | None = None,
+    lm_head: str | None = None,
     external_threshold: int = PROTOBUF_LIMIT,
     progress=None,
 ) -> dict:
-    """Export ``src`` to an ONNX folder at ``out_dir``; returns the report (also written as onnx-report.json)."""
+    """Export ``src`` to an ONNX folder at ``out_dir``; returns the report (also written as onnx-report.json).
+
+    ``embed`` / ``lm_head``: dsq formats for the embedding and output matrix (see :func:`head_formats`);
+    by default the recipe's roles decide, and without any they stay float32."""
     t0 = time.time()
     if ep not in EP_NBITS:
         raise UnsupportedError(f"--ep {ep}: unknown execution provider; choose one of {', '.join(EP_NBITS)}")
@@ -144,6 +222,7 @@ def export_onnx(
     # Side files must resolve inside the folder; checked before any work, copied from the checked paths.
     side_files = {name: f for name in SIDE_FILES if (f := resolve_model_file(src, name)) is not None}
     attention_kind(cfg, attention)  # unsupported architecture / attention: fail before reading any weight
+    heads = head_formats(src, cfg, recipe, embed, lm_head)
 
     with atomic_dir(out_dir, overwrite) as tmp:
         weights = WeightTable(InitializerSink(tmp), accuracy_level=accuracy_level)
@@ -154,6 +233,8 @@ def export_onnx(
                     progress(i + 1, 0, f"weights: {name}")
                 if _skip(name, cfg):
                     continue
+                if name in HEAD_ROLES and HEAD_ROLES[name] in heads:
+                    t = _quantize_head(name, t, heads[HEAD_ROLES[name]])
                 formats[t.format if isinstance(t, QuantizedTensor) else "float:" + str(t.dtype).removeprefix("torch.")] += 1
                 weights.ingest(name, t, kind)
                 check_ep(ep, weights.linears.get(name))
@@ -180,6 +261,7 @@ def export_onnx(
             "ep": ep,
             "attention": attention,
             "accuracy_level": accuracy_level,
+            "heads": heads,
             "formats": dict(formats),
             "matmulnbits": sorted({f"{lin.format}->bits{lin.packed.bits}" for lin in weights.linears.values() if lin.packed}),
             "notes": sorted(weights.notes) + tok_notes,

@@ -28,6 +28,7 @@ from .onnx_ops import (
     Rope,
     apply_rope,
     attention_bias,
+    embedding_lookup,
     fused_linears,
     grouped_attention,
     linear,
@@ -252,7 +253,7 @@ def build_decoder(cfg: dict, weights: WeightTable, attention: str = "plain") -> 
     bias = attention_bias(g, "attention_mask", g.dim("past_key_values.0.key", 2), g.dim("input_ids", 1))
     ctx = Ctx(cfg, spec, rope, bias, eps)
 
-    x = g.op("Gather", weights.float("model.embed_tokens.weight"), "input_ids", axis=0)
+    x = embedding_lookup(g, "model.embed_tokens.weight", "input_ids")
     for i in range(n_layers):
         p = f"model.layers.{i}"
         h = rms_norm(g, x, f"{p}.input_layernorm.weight", eps)

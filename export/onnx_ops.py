@@ -1,7 +1,8 @@
 """A small ONNX graph builder and the blocks every decoder shares: RMSNorm, linear layers (MatMulNBits
 or float MatMul), RoPE, the causal/padding mask, SwiGLU MLP and softmax attention over a KV cache.
 
-Everything is built from standard ONNX ops (opset 21) plus ``com.microsoft::MatMulNBits``; onnxruntime's
+Everything is built from standard ONNX ops (opset 21) plus ``com.microsoft::MatMulNBits`` (and
+``GatherBlockQuantized`` for a quantized embedding); onnxruntime's
 optimizer fuses the plain RMSNorm into ``SimplifiedLayerNormalization`` at ORT_ENABLE_ALL. Tensors are
 float32 throughout; hidden states are ``[batch, seq, hidden]``, heads ``[batch, heads, seq, head_dim]``.
 """
@@ -83,6 +84,25 @@ def linear(g: GraphBuilder, x: str, weight: str, bias: str | None = None) -> str
     else:
         y = g.op("MatMul", x, lin.WT)
     return g.op("Add", y, g.weights.float(bias)) if bias else y
+
+
+def embedding_lookup(g: GraphBuilder, weight: str, ids: str) -> str:
+    """Rows ``ids`` of the embedding ``weight``: ``Gather`` on a float matrix, or
+    ``com.microsoft::GatherBlockQuantized`` on a MatMulNBits-packed one (dsq's codes, scales and zero points
+    as they are; the op's default zero point for uint8 data is 2^(bits-1), as MatMulNBits').
+
+    GatherBlockQuantized wants 2-D data [N, K * bits / 8] (gather_axis 0, blocks along quantize_axis 1) and
+    scales [N, K / block]; MatMulNBits' B is [N, K / block, block * bits / 8] and its scales flat. Reshapes
+    bridge the two, so a tied head and the lookup read one initializer (onnxruntime folds the Reshape)."""
+    lin = g.weights.linears.get(weight)
+    if lin is None or lin.packed is None:
+        return g.op("Gather", g.weights.float(weight), ids, axis=0)
+    p = lin.packed
+    inputs = [g.reshape(lin.B, [p.N, p.K * p.bits // 8]), ids, g.reshape(lin.scales, [p.N, p.K // p.block_size])]
+    if lin.zero_points:
+        inputs.append(g.reshape(lin.zero_points, [p.N, -1]))
+    return g.op("GatherBlockQuantized", *inputs, domain=MS_DOMAIN, bits=p.bits, block_size=p.block_size,
+                gather_axis=0, quantize_axis=1)
 
 
 def fused_linears(g: GraphBuilder, x: str, weights: list[str], biases: list[str | None] | None = None) -> list[str]:

@@ -17,6 +17,7 @@ numerically in tests/test_onnx_weights.py against ``QuantizedTensor.dequantize()
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -242,7 +243,17 @@ class WeightTable:
         self.float_bytes[name] = (why, wt.nbytes)
 
     def tie(self, name: str, embedding: str) -> None:
-        """``name`` computes with the embedding matrix itself (tie_word_embeddings): no second copy."""
+        """``name`` computes with the embedding matrix itself (tie_word_embeddings): no second copy.
+
+        A quantized embedding is already MatMulNBits-packed: the head's MatMulNBits reads the very same
+        B/scales/zero_points initializers the lookup's GatherBlockQuantized reads (through a Reshape, which
+        onnxruntime folds at load), so the file holds the matrix once. A float one is read by Gemm(transB)."""
+        emb = self.linears.get(embedding)
+        if emb is not None and emb.packed is not None:
+            self.linears[name] = dataclasses.replace(emb, name=name)
+            self.notes.add(f"{name}: tied to {embedding} ({emb.format}: one packed matrix for "
+                           "GatherBlockQuantized and MatMulNBits)")
+            return
         shape = self.floats[embedding]
         self.linears[name] = Linear(name, f"tied to {embedding}", W=embedding)
         self.notes.add(f"{name}: tied to {embedding} ({shape[0]}x{shape[1]} float32, Gemm transB)")

@@ -261,3 +261,148 @@ def test_cpu_default_quantizes_activations_but_stays_close(recipe, quantized_dir
     _, exact = ort_greedy(load_session(exported("qwen2", recipe)[0]), PROMPT, 1)
     diff = float(np.abs(fast - exact).max())
     assert 0 < diff <= 0.05
+
+
+# -- quantized embedding and lm_head (recipe roles embed / lm_head) ---------------------------------------------
+def reference_with_heads(qdir: Path, work: Path, heads: dict[str, str]):
+    """transformers on dsq's dequantized weights, the embedding / lm_head replaced by their dequantized ``heads``
+    formats (dsq's own quantizer: the values the export must carry)."""
+    import transformers
+    from safetensors.torch import save_file
+
+    from dsq.dsquant.formats import FORMATS
+    from dsq.dsquant.quantized import QuantizedCheckpoint
+
+    q = QuantizedCheckpoint(qdir)
+    state = q.dequantized_state_dict()
+    for name, role in (("model.embed_tokens.weight", "embed"), ("lm_head.weight", "lm_head")):
+        if role in heads and name in state:
+            state[name] = FORMATS[heads[role]].quantize(state[name], name).dequantize().to(state[name].dtype)
+    save_file({k: v.contiguous() for k, v in state.items()}, work / "model.safetensors")
+    cfg = {k: v for k, v in q.config.items() if k != "quantization_config"}
+    (work / "config.json").write_text(json.dumps(dict(cfg, dtype="float32")))
+    return transformers.AutoModelForCausalLM.from_pretrained(work, dtype=torch.float32).eval()
+
+
+def _check_exact(src: Path, out: Path, work: Path, heads: dict[str, str]) -> None:
+    work.mkdir()
+    ref = reference_with_heads(src, work, heads)
+    tokens, logits = ort_greedy(load_session(out), PROMPT, NEW_TOKENS)
+    ref_tokens, ref_logits = torch_greedy(ref, PROMPT, NEW_TOKENS)
+    diff = float(np.abs(logits - ref_logits).max())
+    assert diff <= ATOL, f"max |logit diff| {diff:.2e}"
+    assert tokens == ref_tokens
+
+
+@pytest.mark.parametrize("fmt", ["int8_g32", "int4_sym_g32"])
+def test_tied_quantized_head_is_one_matrix_and_exact(fmt, quantized_dir, tmp_path):
+    """A tied model with lm_head = FMT: the lookup is GatherBlockQuantized and the head MatMulNBits, both reading
+    the same packed initializers (no float copy of the 320x256 matrix), and the logits equal torch's on the
+    dequantized values."""
+    src = tied_copy(quantized_dir("llama", "int4"), tmp_path / "tied")
+    out = tmp_path / "onnx"
+    report = export_onnx(src, out, accuracy_level=EXACT, lm_head=fmt)
+    assert report["heads"] == {"embed": fmt, "lm_head": fmt}
+    model = onnx.load(str(out / "model.onnx"))
+    inits = {t.name: t for t in model.graph.initializer}
+    assert not [n for n, t in inits.items() if tuple(t.dims) == (320, 256)]  # no float matrix left
+    producers = {o: n for n in model.graph.node for o in n.output}
+    (gather,) = [n for n in model.graph.node if n.op_type == "GatherBlockQuantized"]
+    head = next(n for n in model.graph.node if n.op_type == "MatMulNBits" and n.attribute[0].name and
+                any(a.name == "N" and a.i == 320 for a in n.attribute))
+    assert producers[gather.input[0]].op_type == "Reshape" and producers[gather.input[0]].input[0] == head.input[1]
+    assert head.input[1] == "model.embed_tokens.weight.B"
+    assert sum(t.name.startswith("model.embed_tokens.weight.B") for t in model.graph.initializer) == 1
+    _check_exact(src, out, tmp_path / "ref", report["heads"])
+    float_out = tmp_path / "float-head"
+    export_onnx(src, float_out, accuracy_level=EXACT)
+    size = lambda d: (d / "model.onnx").stat().st_size  # noqa: E731
+    bits = 8 if fmt.startswith("int8") else 4
+    packed = 320 * 256 * bits // 8 + 320 * 256 // 32 * 4  # codes + float32 scales, once
+    assert size(float_out) - size(out) >= 320 * 256 * 4 - packed - 2048  # the float matrix, less the packed one
+
+
+def test_untied_embed_and_head_in_their_own_formats(quantized_dir, tmp_path):
+    """Untied: the embedding int4_asym with one block per row (zero points padded to a byte, the odd case), the
+    head int8; each stored once in its format, values exact."""
+    src = quantized_dir("deepseek_v3", "int4")  # hidden 128: g128 gives one block per row
+    heads = {"embed": "int4_asym_g128", "lm_head": "int8_g32"}
+    report = export_onnx(src, tmp_path / "onnx", accuracy_level=EXACT, **heads)
+    assert report["heads"] == heads
+    model = onnx.load(str(tmp_path / "onnx" / "model.onnx"))
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("GatherBlockQuantized") == 1 and "Gather" not in [
+        n.op_type for n in model.graph.node if "input_ids" in n.input]
+    assert "model.embed_tokens.weight.zero_points" in {t.name for t in model.graph.initializer}
+    _check_exact(src, tmp_path / "onnx", tmp_path / "ref", heads)
+
+
+def test_recipe_embed_role_reaches_the_export(model_dir, tmp_path):
+    """[roles] embed / lm_head in a recipe TOML: accepted, the checkpoint keeps the embedding 16-bit (transformers
+    loads it), and an ONNX export of that checkpoint (recipe read back from dsq-report.json) or of the float model
+    with --recipe quantizes them."""
+    from dsq.dsquant.quantize import quantize_checkpoint
+    from dsq.dsquant.quantized import QuantizedCheckpoint
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('base = "int4"\n[roles]\nembed = "int8_g32"\nlm_head = "keep"\n')
+    q = tmp_path / "q"
+    quantize_checkpoint(model_dir("llama"), q, str(recipe))
+    stored = dict(QuantizedCheckpoint(q).iter_weights())
+    assert stored["model.embed_tokens.weight"].dtype == torch.bfloat16
+    r1 = export_onnx(q, tmp_path / "a", accuracy_level=EXACT)
+    r2 = export_onnx(model_dir("llama"), tmp_path / "b", accuracy_level=EXACT, recipe=str(recipe))
+    assert r1["heads"] == r2["heads"] == {"embed": "int8_g32"}
+    a = onnx.load(str(tmp_path / "a" / "model.onnx"))
+    assert "GatherBlockQuantized" in {n.op_type for n in a.graph.node}
+    _, la = ort_greedy(load_session(tmp_path / "a"), PROMPT, 1)
+    _, lb = ort_greedy(load_session(tmp_path / "b"), PROMPT, 1)
+    np.testing.assert_array_equal(la, lb)  # same checkpoint values either way
+    # an explicit flag wins over the recipe
+    r3 = export_onnx(q, tmp_path / "c", accuracy_level=EXACT, embed="keep")
+    assert r3["heads"] == {}
+
+
+def test_quantized_head_refusals(quantized_dir, model_dir, tmp_path):
+    from dsq.dsquant.errors import UnsupportedError
+    from dsq.dsquant.quantize import quantize_checkpoint
+
+    tied = tied_copy(quantized_dir("llama", "int4"), tmp_path / "tied")
+    with pytest.raises(UnsupportedError, match="one matrix"):
+        export_onnx(tied, tmp_path / "a", embed="int8_g32", lm_head="int4_sym_g32")
+    with pytest.raises(UnsupportedError, match="embed = fp8_b128"):
+        export_onnx(tied, tmp_path / "b", embed="fp8_b128")
+    with pytest.raises(UnsupportedError, match="unknown format"):
+        export_onnx(tied, tmp_path / "c", lm_head="int3")
+    # a checkpoint whose lm_head is stored int4: asking int8 would re-round dsq's values
+    recipe = tmp_path / "h.toml"
+    recipe.write_text('base = "int4"\n[roles]\nlm_head = "int4_sym_g32"\n')
+    quantize_checkpoint(model_dir("llama"), tmp_path / "hq", str(recipe))
+    with pytest.raises(UnsupportedError, match="re-round"):
+        export_onnx(tmp_path / "hq", tmp_path / "d", lm_head="int8_g32")
+    assert not any((tmp_path / n).exists() for n in "abcd")
+
+
+@pytest.mark.parametrize("fmt,gguf_type", [("int4_sym_g32", "q4_0"), ("int8_g32", "q8_0")])
+def test_quantized_head_has_the_gguf_twin_values(fmt, gguf_type, quantized_dir, tmp_path):
+    """The tied matrix an ONNX export quantizes to FMT holds the very values a GGUF export of the same checkpoint
+    writes for token_embd in the twin type (Q4_0 / Q8_0, ggml's rounding): what llama.cpp and onnxruntime run is
+    the same model."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    from dsq.export.gguf_writer import export_gguf
+    from dsq.export.onnx_weights import PackedNBits, unpack_matmulnbits
+
+    src = tied_copy(quantized_dir("llama", "int4"), tmp_path / "tied")
+    export_onnx(src, tmp_path / "onnx", lm_head=fmt)
+    export_gguf(src, tmp_path / "m.gguf", type=gguf_type, pure=True)
+    (t,) = [t for t in GGUFReader(tmp_path / "m.gguf").tensors if t.name == "token_embd.weight"]
+    assert t.tensor_type.name == gguf_type.upper()
+    ggml = dequantize(t.data, t.tensor_type).reshape(320, 256)
+    model = onnx.load(str(tmp_path / "onnx" / "model.onnx"))
+    arr = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    bits = 4 if gguf_type == "q4_0" else 8
+    packed = PackedNBits(arr["model.embed_tokens.weight.B"], arr["model.embed_tokens.weight.scales"], None,
+                         256, 320, bits, 32)
+    np.testing.assert_array_equal(unpack_matmulnbits(packed).numpy(), ggml.astype(np.float32))
