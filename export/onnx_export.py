@@ -195,7 +195,7 @@ def export_onnx(
     overwrite: bool = False,
     recipe: str | None = None,
     accuracy_level: int | None = None,
-    attention: str = "plain",
+    attention: str = "auto",
     embed: str | None = None,
     lm_head: str | None = None,
     external_threshold: int = PROTOBUF_LIMIT,
@@ -251,7 +251,8 @@ def export_onnx(
         onnx.checker.check_model(str(tmp / MODEL_NAME))
         for name, f in side_files.items():
             shutil.copy2(f, tmp / name)
-        (tmp / "genai_config.json").write_text(json.dumps(genai_config(cfg, src, ep), indent=2))
+        share = attention_kind(cfg, attention) == "gqa_contrib"
+        (tmp / "genai_config.json").write_text(json.dumps(genai_config(cfg, src, ep, share), indent=2))
         from .onnx_genai import write_tokenizer_files
 
         tok_notes = write_tokenizer_files(src, tmp)  # after the side files are copied: it rewrites some of them
@@ -260,6 +261,7 @@ def export_onnx(
             "model_type": cfg["model_type"],
             "ep": ep,
             "attention": attention,
+            "attention_impl": attention_kind(cfg, attention),
             "accuracy_level": accuracy_level,
             "heads": heads,
             "formats": dict(formats),

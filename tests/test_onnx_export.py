@@ -160,9 +160,11 @@ def test_v3_routing_uses_the_correction_bias(quantized_dir, reference, tmp_path)
     assert float(np.abs(unbiased - ref_logits).max()) > 10 * ATOL
 
 
-def test_batch_with_left_padding(exported, reference):
-    """Two prompts of different lengths in one batch (left-padded): the attention mask hides the pads."""
-    out, _ = exported("qwen2", "int4")
+def test_batch_with_left_padding(quantized_dir, reference, tmp_path):
+    """Two prompts of different lengths in one batch (left-padded): the attention mask hides the pads. Left padding
+    needs the plain graph (GroupQueryAttention takes positions and the causal limit from the row lengths)."""
+    out = tmp_path / "plain"
+    export_onnx(quantized_dir("qwen2", "int4"), out, attention="plain", accuracy_level=EXACT)
     session = load_session(out)
     a, b = PROMPT, PROMPT[3:]
     pad = len(a) - len(b)
@@ -406,3 +408,42 @@ def test_quantized_head_has_the_gguf_twin_values(fmt, gguf_type, quantized_dir, 
     packed = PackedNBits(arr["model.embed_tokens.weight.B"], arr["model.embed_tokens.weight.scales"], None,
                          256, 320, bits, 32)
     np.testing.assert_array_equal(unpack_matmulnbits(packed).numpy(), ggml.astype(np.float32))
+
+
+def test_batch_with_right_padding_on_the_default_graph(exported, reference):
+    """The default (GroupQueryAttention) graph: a right-padded batch, as onnxruntime-genai feeds it; each row's
+    real positions match transformers on that prompt alone."""
+    out, report = exported("qwen2", "int4")
+    assert report["attention_impl"] == "gqa_contrib"
+    session = load_session(out)
+    a, b = PROMPT, PROMPT[3:]
+    pad = len(a) - len(b)
+    ids = np.array([a, b + [0] * pad], np.int64)
+    mask = np.array([[1] * len(a), [1] * len(b) + [0] * pad], np.int64)
+    pos = np.array([list(range(len(a)))] * 2, np.int64)
+    logits = session.run(["logits"], {"input_ids": ids, "attention_mask": mask, "position_ids": pos,
+                                      **empty_past(session, 2)})[0]
+    model = reference("qwen2", "int4")
+    with torch.no_grad():
+        ref_a, ref_b = (model(torch.tensor([p])).logits.numpy()[0] for p in (a, b))
+    assert float(np.abs(logits[0] - ref_a).max()) <= ATOL
+    assert float(np.abs(logits[1, : len(b)] - ref_b).max()) <= ATOL
+
+
+@pytest.mark.parametrize("arch,rotary", [("llama", 1), ("qwen2", 1), ("qwen3", 0)])
+def test_default_graph_is_the_fused_form(arch, rotary, exported):
+    """What the default export hands onnxruntime per layer: one packed q|k|v MatMulNBits straight into
+    GroupQueryAttention (RoPE inside it, except Qwen3 whose q/k norms come first), two
+    SkipSimplifiedLayerNormalization, no Identity copies of the cache, and genai told to share past/present."""
+    out, _ = exported(arch, "int4")
+    model = onnx.load(str(out / "model.onnx"))
+    ops = [n.op_type for n in model.graph.node]
+    gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == 2 and all({a.name: a.i for a in n.attribute}.get("do_rotary", 0) == rotary for n in gqa)
+    assert ops.count("SkipSimplifiedLayerNormalization") == 4 and "Identity" not in ops
+    assert {o for n in gqa for o in n.output[1:]} == {f"present.{i}.{k}" for i in range(2) for k in ("key", "value")}
+    if rotary:
+        assert all(n.input[1] == n.input[2] == "" for n in gqa)  # packed q|k|v, no Split
+        assert not {"Cos", "Sin", "Range"} & set(ops)  # the plain path's RoPE tables and mask are not built
+    genai = json.loads((out / "genai_config.json").read_text())
+    assert genai["search"]["past_present_share_buffer"] is True
