@@ -447,3 +447,24 @@ def test_default_graph_is_the_fused_form(arch, rotary, exported):
         assert not {"Cos", "Sin", "Range"} & set(ops)  # the plain path's RoPE tables and mask are not built
     genai = json.loads((out / "genai_config.json").read_text())
     assert genai["search"]["past_present_share_buffer"] is True
+
+
+@pytest.mark.parametrize("n_ctx", [None, 4])
+def test_runtime_decodes_in_a_shared_buffer(n_ctx, exported):
+    """dsq's onnxruntime runtime on a GroupQueryAttention export binds past and present to one buffer per cache
+    tensor (no per-step copy of the cache); n_ctx=4 forces the buffer to grow twice while decoding. Tokens and
+    logits equal the plain run that feeds present back as past."""
+    from dsq.runtimes.onnxruntime_runtime import OnnxRuntime
+
+    out, _ = exported("llama", "int4")
+    rt = OnnxRuntime.load(out, n_ctx=n_ctx)
+    assert rt._shared
+    rows = [rt.prefill(PROMPT)]
+    for _ in range(NEW_TOKENS - 1):
+        rows.append(rt.decode(int(rows[-1].argmax())))
+    tokens, first = ort_greedy(load_session(out), PROMPT, NEW_TOKENS)
+    assert [int(r.argmax()) for r in rows] == tokens
+    np.testing.assert_allclose(rows[0], first[0, -1], atol=1e-5)
+    assert rt._kv_cap >= len(PROMPT) + NEW_TOKENS - 1
+    if n_ctx:
+        assert rt._kv_cap == 40  # 10 (the prompt) -> 20 -> 40
