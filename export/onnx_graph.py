@@ -287,7 +287,8 @@ def build_decoder(cfg: dict, weights: WeightTable, attention: str = "auto") -> o
     inv_freq, scaling = rotary(cfg, spec)
     rope = rope_tables(g, "position_ids", inv_freq, scaling, spec.rope_interleaved(cfg))
     bias = attention_bias(g, "attention_mask", g.dim("past_key_values.0.key", 2), g.dim("input_ids", 1))
-    ctx = Ctx(cfg, spec, rope, bias, eps, {"inv_freq": inv_freq, "rope_scaling": scaling})
+    ctx = Ctx(cfg, spec, rope, bias, eps, {"inv_freq": inv_freq, "rope_scaling": scaling,
+                                           "mla_absorbed": attention != "plain"})
     # contrib: each residual add and the norm after it as one SkipSimplifiedLayerNormalization
     fused_norms = attention != "plain"
 

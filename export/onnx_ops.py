@@ -13,7 +13,7 @@ import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
-from onnx import NodeProto, helper
+from onnx import NodeProto, TensorProto, helper
 
 from .onnx_weights import WeightTable
 
@@ -135,6 +135,27 @@ def embedding_lookup(g: GraphBuilder, weight: str, ids: str) -> str:
         inputs.append(g.reshape(lin.zero_points, [p.N, -1]))
     return g.op("GatherBlockQuantized", *inputs, domain=MS_DOMAIN, bits=p.bits, block_size=p.block_size,
                 gather_axis=0, quantize_axis=1)
+
+
+def dense_weight(g: GraphBuilder, weight: str) -> str:
+    """The float32 matrix [N, K] of linear ``weight``, for a graph that needs the matrix itself rather than
+    x @ W^T (MLA's absorbed form contracts kv_b_proj along N, which MatMulNBits cannot).
+
+    A packed weight goes through ``DequantizeLinear`` (opset 21, blocks along K): (q - zero) * scale, exactly
+    the values MatMulNBits computes with. Its 4-bit codes are MatMulNBits' own bytes read as uint4 [N, K] (ONNX
+    packs int4 the same way, element 0 in the low nibble): an alias over the same stored bytes, so the file holds
+    them once when only this form reads them. A float weight is its stored W^T, transposed back."""
+    lin = g.weights.linear(weight)
+    if lin.packed is None:
+        return g.op("Transpose", lin.WT, perm=[1, 0]) if lin.WT else lin.W
+    p = lin.packed
+    nb = p.K // p.block_size
+    if p.bits == 4:
+        codes = g.weights.alias(lin.B, TensorProto.UINT4, [p.N, p.K], f"{weight}.codes_u4")
+    else:
+        codes = g.reshape(lin.B, [p.N, p.K])
+    scales = g.reshape(lin.scales, [p.N, nb])
+    return g.op("DequantizeLinear", codes, scales, g.weights.dq_zero_points(weight), axis=1, block_size=p.block_size)
 
 
 def packed_linears(g: GraphBuilder, x: str, weights: list[str], biases: list[str | None] | None = None

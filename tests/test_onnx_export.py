@@ -468,3 +468,48 @@ def test_runtime_decodes_in_a_shared_buffer(n_ctx, exported):
     assert rt._kv_cap >= len(PROMPT) + NEW_TOKENS - 1
     if n_ctx:
         assert rt._kv_cap == 40  # 10 (the prompt) -> 20 -> 40
+
+
+def test_mla_attends_over_the_latent_in_the_absorbed_form(exported, quantized_dir, reference, tmp_path):
+    """The default MLA graph folds kv_b_proj's W_kc/W_vc into the query and the output (DequantizeLinear of dsq's
+    codes, read from the same bytes MatMulNBits would use: kv_b is stored once) and never up-projects the cache;
+    --attention plain keeps the naive form. Both match transformers on the dequantized weights."""
+    out, report = exported("deepseek_v3", "int4")
+    model = onnx.load(str(out / "model.onnx"))
+    dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dq) == 3 and all(n.input[0].endswith("kv_b_proj.weight.codes_u4") for n in dq)
+    inits = {t.name for t in model.graph.initializer}
+    assert not any(n.endswith("kv_b_proj.weight.B") for n in inits)
+    assert not any(n.op_type == "MatMulNBits" and "kv_b_proj" in n.input[1] for n in model.graph.node)
+    plain = tmp_path / "naive"
+    export_onnx(quantized_dir("deepseek_v3", "int4"), plain, attention="plain", accuracy_level=EXACT)
+    naive = onnx.load(str(plain / "model.onnx"))
+    assert not [n for n in naive.graph.node if n.op_type == "DequantizeLinear"]
+    ref_tokens, ref_logits = torch_greedy(reference("deepseek_v3", "int4"), PROMPT, NEW_TOKENS)
+    for d in (out, plain):
+        tokens, logits = ort_greedy(load_session(d), PROMPT, NEW_TOKENS)
+        assert float(np.abs(logits - ref_logits).max()) <= ATOL and tokens == ref_tokens
+    assert report["kv_cache_bytes_per_token_fp32"] == 3 * (32 + 16) * 4  # layers * (kv_lora_rank + rope) * fp32
+    # with external data the uint4 view points into model.onnx.data at the packed bytes' own offset
+    ext = tmp_path / "ext"
+    export_onnx(quantized_dir("deepseek_v3", "int4"), ext, external_threshold=0, accuracy_level=EXACT)
+    np.testing.assert_array_equal(ort_greedy(load_session(ext), PROMPT, 1)[1], ort_greedy(load_session(out), PROMPT, 1)[1])
+
+
+def test_mla_absorbed_form_with_asymmetric_zero_points(model_dir, tmp_path):
+    """kv_b_proj in int4_asym with an odd number of blocks per row (MatMulNBits pads each row's packed zero
+    points to a byte; DequantizeLinear's explicit uint4 zero points are not padded): still exact."""
+    from dsq.dsquant.quantize import quantize_checkpoint
+
+    recipe = tmp_path / "asym.toml"
+    recipe.write_text('default = "int4_asym_g32"\n[roles]\nmla_kv_b = "int4_asym_g32"\n')
+    q = tmp_path / "q"
+    quantize_checkpoint(model_dir("deepseek_v2"), q, str(recipe))
+    cfg = json.loads((q / "config.json").read_text())
+    assert (cfg["kv_lora_rank"] // 32) % 2 == 1, "the fixture's rank should give an odd block count"
+    export_onnx(q, tmp_path / "onnx", accuracy_level=EXACT)
+    (tmp_path / "ref").mkdir()
+    tokens, logits = ort_greedy(load_session(tmp_path / "onnx"), PROMPT, NEW_TOKENS)
+    ref_tokens, ref_logits = torch_greedy(reference_model(q, tmp_path / "ref"), PROMPT, NEW_TOKENS)
+    assert float(np.abs(logits - ref_logits).max()) <= ATOL
+    assert tokens == ref_tokens
