@@ -40,6 +40,9 @@ EP_NBITS: dict[str, tuple[int, ...]] = {"cpu": (4, 8), "cuda": (4, 8), "dml": (4
 # measured 2.5x faster int4 decode and ~35x faster int8 at M=1 than level 0 (exact float math), for a KL change of
 # < 1% (bench/onnx_bench.py, bench/onnx_int8_bench.py). Pass accuracy_level=0 for bit-faithful float compute.
 DEFAULT_ACCURACY: dict[str, int] = {"cpu": 4, "cuda": 0, "dml": 0, "coreml": 0}
+# EPs with kernels for the contrib ops the fused graph uses (GroupQueryAttention, SkipSimplifiedLayerNormalization,
+# onnxruntime's contrib op registry). CoreML runs no com.microsoft op: --attention auto gives it the plain graph.
+EP_CONTRIB: dict[str, bool] = {"cpu": True, "cuda": True, "dml": True, "coreml": False}
 
 
 def _source_weights(src: Path, cfg: dict, recipe: str | None, int4_block: int | None) -> Iterator[tuple]:
@@ -221,6 +224,10 @@ def export_onnx(
     cfg = load_config(cfg_file, src / "config.json")  # types and ranges: before any graph is sized from them
     # Side files must resolve inside the folder; checked before any work, copied from the checked paths.
     side_files = {name: f for name in SIDE_FILES if (f := resolve_model_file(src, name)) is not None}
+    if not EP_CONTRIB[ep]:
+        if attention == "contrib":
+            raise UnsupportedError(f"--attention contrib: {ep} has no com.microsoft kernels; use plain (or auto)")
+        attention = "plain"
     attention_kind(cfg, attention)  # unsupported architecture / attention: fail before reading any weight
     heads = head_formats(src, cfg, recipe, embed, lm_head)
 
