@@ -493,6 +493,8 @@ def export(
     lm_head: Annotated[str | None, typer.Option(
         "--lm-head", help="ONNX: the lm_head's dsq format (a tied model's one shared matrix); default: the "
                           "recipe's lm_head role.")] = None,
+    precision: Annotated[str | None, typer.Option(
+        "--precision", help="ONNX: fp32 (default) or fp16 activations and KV cache (for CUDA/DirectML).")] = None,
     dtype: Annotated[str | None, typer.Option(
         "--dtype", help="MLX: float16 (default; asymmetric int4 biases rounded within half an fp16 ulp) or float32 "
                         "(every value exactly dsq's).")] = None,
@@ -508,7 +510,7 @@ def export(
 
     given = {"type": type_, "recipe": recipe, "split_max_size": split_max_size, "ep": ep, "int4_block": int4_block,
              "attention": attention, "accuracy_level": accuracy_level, "pure": pure or None, "dtype": dtype,
-             "embed": embed, "lm_head": lm_head}
+             "embed": embed, "lm_head": lm_head, "precision": precision}
     try:
         with progress(f"export → {to}", "tensors") as bar:
             out, report = export_model(model, to, output, overwrite=overwrite, progress=bar, check=not no_check,

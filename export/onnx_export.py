@@ -201,14 +201,18 @@ def export_onnx(
     attention: str = "auto",
     embed: str | None = None,
     lm_head: str | None = None,
+    precision: str = "fp32",
     external_threshold: int = PROTOBUF_LIMIT,
     progress=None,
 ) -> dict:
     """Export ``src`` to an ONNX folder at ``out_dir``; returns the report (also written as onnx-report.json).
 
     ``embed`` / ``lm_head``: dsq formats for the embedding and output matrix (see :func:`head_formats`);
-    by default the recipe's roles decide, and without any they stay float32."""
+    by default the recipe's roles decide, and without any they stay float32. ``precision``: fp32, or fp16
+    activations and cache for GPU EPs (:func:`to_fp16`; it runs on CPU too, slower)."""
     t0 = time.time()
+    if precision not in PRECISIONS:
+        raise UnsupportedError(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}")
     if ep not in EP_NBITS:
         raise UnsupportedError(f"--ep {ep}: unknown execution provider; choose one of {', '.join(EP_NBITS)}")
     if accuracy_level is None:
@@ -254,7 +258,9 @@ def export_onnx(
             weights.sink.close()  # also on failure: the temp dir is then removed
         if progress:
             progress(i + 1, 0, f"writing {MODEL_NAME} and checking it")
-        _save(model, tmp, weights.sink.external_bytes, external_threshold)
+        if precision == "fp16":
+            model = to_fp16(model, tmp)
+        _save(model, tmp, -1 if precision == "fp16" else weights.sink.external_bytes, external_threshold)
         onnx.checker.check_model(str(tmp / MODEL_NAME))
         for name, f in side_files.items():
             shutil.copy2(f, tmp / name)
@@ -270,6 +276,7 @@ def export_onnx(
             "attention": attention,
             "attention_impl": attention_kind(cfg, attention),
             "accuracy_level": accuracy_level,
+            "precision": precision,
             "heads": heads,
             "formats": dict(formats),
             "matmulnbits": sorted({f"{lin.format}->bits{lin.packed.bits}" for lin in weights.linears.values() if lin.packed}),
@@ -278,6 +285,7 @@ def export_onnx(
             "external_data": (tmp / DATA_NAME).exists(),
             "bytes": sum(f.stat().st_size for f in tmp.iterdir() if f.name.startswith(MODEL_NAME)),
             "kv_cache_bytes_per_token_fp32": kv_bytes_per_token(cfg),
+            "kv_cache_bytes_per_token": kv_bytes_per_token(cfg) // (2 if precision == "fp16" else 1),
             "seconds": round(time.time() - t0, 2),
         }
         (tmp / "onnx-report.json").write_text(json.dumps(report, indent=2))
@@ -297,8 +305,53 @@ def _float_summary(weights: WeightTable, cfg: dict) -> list[dict]:
     return sorted(groups.values(), key=lambda g: -g["bytes"])
 
 
+PRECISIONS = ("fp32", "fp16")
+
+
+def to_fp16(model: onnx.ModelProto, out: Path) -> onnx.ModelProto:
+    """The graph with fp16 activations, KV cache, logits and float weights (onnxruntime's own converter,
+    ``onnxruntime.transformers.float16``, which keeps ops without fp16 kernels in fp32 behind Casts).
+
+    What changes in value: dsq's scales are fp16 already (MatMulNBits/GatherBlockQuantized/DequantizeLinear
+    scales convert exactly); bf16 norm/bias weights are exact unless outside fp16's range (then clipped to
+    +-65504, or flushed below 2^-24 by the converter); float (unquantized or fp8-dequantized) matrices and the
+    RoPE caches round to fp16. The external-data file is read in and replaced (the converter needs the data)."""
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    onnx.external_data_helper.load_external_data_for_model(model, str(out))
+    if (out / DATA_NAME).exists():
+        (out / DATA_NAME).unlink()
+    model = convert_float_to_float16(model, keep_io_types=False, disable_shape_infer=True,
+                                     op_block_list=DEFAULT_OP_BLOCK_LIST)
+    # ScatterND with reduction=add (the MoE combine) has no fp16 CPU kernel: it runs in fp32 between Casts (the
+    # converter's own block list needs value types the contrib ops leave unknown, so the Casts are put here).
+    nodes = []
+    for n in model.graph.node:
+        reduction = next((a.s for a in n.attribute if a.name == "reduction"), b"none")
+        if n.op_type != "ScatterND" or reduction != b"add":
+            nodes.append(n)
+            continue
+        for j in (0, 2):
+            nodes.append(onnx.helper.make_node("Cast", [n.input[j]], [f"{n.name}_in{j}_fp32"], to=onnx.TensorProto.FLOAT))
+            n.input[j] = f"{n.name}_in{j}_fp32"
+        out16 = n.output[0]
+        n.output[0] = f"{n.name}_out_fp32"
+        nodes += [n, onnx.helper.make_node("Cast", [n.output[0]], [out16], to=onnx.TensorProto.FLOAT16)]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model
+
+
 def _save(model: onnx.ModelProto, out: Path, external_bytes: int, threshold: int) -> None:
-    """Keep external data only when the model would pass the protobuf limit; otherwise inline it."""
+    """Keep external data only when the model would pass the protobuf limit; otherwise inline it.
+    ``external_bytes`` < 0: the weights are in memory (fp16 conversion); written external past the limit."""
+    if external_bytes < 0:
+        if model.ByteSize() >= threshold:
+            onnx.save_model(model, str(out / MODEL_NAME), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=DATA_NAME, size_threshold=1024)
+        else:
+            onnx.save_model(model, str(out / MODEL_NAME))
+        return
     if external_bytes and external_bytes + model.ByteSize() < threshold:
         onnx.external_data_helper.load_external_data_for_model(model, str(out))
         (out / DATA_NAME).unlink()

@@ -513,3 +513,37 @@ def test_mla_absorbed_form_with_asymmetric_zero_points(model_dir, tmp_path):
     ref_tokens, ref_logits = torch_greedy(reference_model(q, tmp_path / "ref"), PROMPT, NEW_TOKENS)
     assert float(np.abs(logits - ref_logits).max()) <= ATOL
     assert tokens == ref_tokens
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "deepseek_v3"])
+def test_fp16_precision_runs_and_stays_close(arch, quantized_dir, reference, tmp_path):
+    """--precision fp16 (for GPU EPs; onnxruntime's CPU kernels run it too, which is what this checks): fp16
+    inputs/cache/logits, dsq's scales carried exactly (they are fp16 already), logits within fp16 rounding of
+    the float32 reference and the same first greedy token; the KV cache halves."""
+    out = tmp_path / "fp16"
+    report = export_onnx(quantized_dir(arch, "int4"), out, precision="fp16", accuracy_level=EXACT)
+    assert report["precision"] == "fp16"
+    assert report["kv_cache_bytes_per_token"] * 2 == report["kv_cache_bytes_per_token_fp32"]
+    session = load_session(out)
+    past = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
+    assert past and all(i.type == "tensor(float16)" for i in past)
+    model = onnx.load(str(out / "model.onnx"))
+    scales = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer if t.name.endswith(".scales")}
+    assert scales and all(v.dtype == np.float16 for v in scales.values())
+    ids = np.array([PROMPT], np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(len(PROMPT))[None]}
+    for i in past:
+        feeds[i.name] = np.zeros([1 if d == "batch_size" else 0 if isinstance(d, str) else d for d in i.shape],
+                                 np.float16)
+    logits = session.run(["logits"], feeds)[0].astype(np.float32)
+    _, ref = torch_greedy(reference(arch, "int4"), PROMPT, 1)
+    assert float(np.abs(logits - ref).max()) <= 0.05  # fp16 activations: ~1e-2 observed on O(1) logits
+    assert int(logits[0, -1].argmax()) == int(ref[0, -1].argmax())
+    og = pytest.importorskip("onnxruntime_genai")  # genai reads the fp16 cache type from the graph
+    gmodel = og.Model(str(out))
+    params = og.GeneratorParams(gmodel)
+    params.set_search_options(max_length=len(PROMPT) + 4, do_sample=False)
+    gen = og.Generator(gmodel, params)
+    gen.append_tokens(np.array([PROMPT], np.int32))
+    gen.generate_next_token()
+    assert int(gen.get_sequence(0)[len(PROMPT)]) == int(ref[0, -1].argmax())
