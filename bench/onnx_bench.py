@@ -392,11 +392,14 @@ def compare(work: Path, args) -> dict:
         d, ll = f"dsq ONNX, head {tag}", f"llama.cpp, head {tag}"
         summary[tag] = {
             "decode_vs_builder": ratio(d, b, "decode_tok_s"), "decode_vs_llama": ratio(d, ll, "decode_tok_s"),
+            # CPU time per token: what a loaded machine distorts least (the other's CPU ms over ours: >1 is faster)
+            "decode_cpu_vs_builder": ratio(b, d, "decode_cpu_ms"), "decode_cpu_vs_llama": ratio(ll, d, "decode_cpu_ms"),
             "prefill_vs_builder": ratio(d, b, "prefill_tok_s"), "prefill_vs_llama": ratio(d, ll, "prefill_tok_s"),
             "size_vs_builder": quality[d]["bytes"] / quality[b]["bytes"], "kl_vs_builder": quality[d]["kl"] / quality[b]["kl"],
         }
         s_ = summary[tag]
-        log(f"  dsq head {tag}: decode x{s_['decode_vs_builder']:.2f} builder, x{s_['decode_vs_llama']:.2f} llama.cpp; "
+        log(f"  dsq head {tag}: decode x{s_['decode_vs_builder']:.2f} builder, x{s_['decode_vs_llama']:.2f} llama.cpp "
+            f"(by CPU time/token x{s_['decode_cpu_vs_builder']:.2f}, x{s_['decode_cpu_vs_llama']:.2f}); "
             f"prefill x{s_['prefill_vs_builder']:.2f} builder, x{s_['prefill_vs_llama']:.2f} llama.cpp; "
             f"size x{s_['size_vs_builder']:.3f} builder; KL x{s_['kl_vs_builder']:.2f} builder")
     return {"model": str(model), "threads": args.threads, "prompt": len(prompt), "decode": args.decode,
