@@ -486,10 +486,18 @@ def export(
     ] = None,
     ep: Annotated[str | None, typer.Option("--ep", help="ONNX: execution provider to target: cpu, cuda, dml, coreml.")] = None,
     int4_block: Annotated[int | None, typer.Option("--int4-block", help="ONNX: int4 block of a float source: 32, 64, 128.")] = None,
-    attention: Annotated[str | None, typer.Option(help="ONNX: plain (standard ops) or contrib (GroupQueryAttention).")] = None,
+    attention: Annotated[str | None, typer.Option(help="ONNX: auto (default: contrib where onnxruntime has it), plain (standard ops; left padding) or contrib (GroupQueryAttention, SkipSimplifiedLayerNormalization).")] = None,
     accuracy_level: Annotated[
         int | None, typer.Option(help="ONNX: MatMulNBits accuracy_level (0 exact float math; CPU default 4).")
     ] = None,
+    embed: Annotated[str | None, typer.Option(
+        "--embed", help="ONNX: quantize the embedding to this dsq format (int8_g32, int4_sym_g32, ...; "
+                        "GatherBlockQuantized); default: the recipe's embed role, else float.")] = None,
+    lm_head: Annotated[str | None, typer.Option(
+        "--lm-head", help="ONNX: the lm_head's dsq format (a tied model's one shared matrix); default: the "
+                          "recipe's lm_head role.")] = None,
+    precision: Annotated[str | None, typer.Option(
+        "--precision", help="ONNX: fp32 (default) or fp16 activations and KV cache (for CUDA/DirectML).")] = None,
     dtype: Annotated[str | None, typer.Option(
         "--dtype", help="MLX: float16 (default; asymmetric int4 biases rounded within half an fp16 ulp) or float32 "
                         "(every value exactly dsq's).")] = None,
@@ -504,7 +512,8 @@ def export(
     from dsq.export import export_model
 
     given = {"type": type_, "recipe": recipe, "split_max_size": split_max_size, "ep": ep, "int4_block": int4_block,
-             "attention": attention, "accuracy_level": accuracy_level, "pure": pure or None, "dtype": dtype, "imatrix": imatrix}
+             "attention": attention, "accuracy_level": accuracy_level, "pure": pure or None, "dtype": dtype,
+             "imatrix": imatrix, "embed": embed, "lm_head": lm_head, "precision": precision}
     try:
         with progress(f"export → {to}", "tensors") as bar:
             out, report = export_model(model, to, output, overwrite=overwrite, progress=bar, check=not no_check,

@@ -1,17 +1,25 @@
-"""ONNX export benchmark: onnxruntime CPU speed of dsq's int4 vs fp32 graphs vs llama.cpp, and dsq's int4 ONNX
-against the one onnxruntime-genai's model builder makes from the same checkpoint.
+"""ONNX export benchmark: dsq's int4 ONNX against onnxruntime-genai's own builder and llama.cpp, in one run.
 
-Part A (speed, synthetic): a random-weight model with Qwen2-0.5B's body (hidden 896, 24 layers, 14 heads / 2 KV
-heads, MLP 4864) and SmolLM2's 49k vocab (its tokenizer, so a GGUF can be written): ~0.4B parameters.
-dsq quantize int4 (int4_sym_g32 = Q4_0 bit-exact) -> ONNX int4 (MatMulNBits, accuracy_level 0 and 4) and,
-from the bf16 source, ONNX fp32; dsq's GGUF (Q4_0) of the same int4 checkpoint -> llama-cpp-python.
-Prefill tokens/s (one prompt) and decode tokens/s (single-token steps with the KV cache), ratios to ORT fp32.
+Default (the comparison, on SmolLM2-135M-Instruct bf16 from ``dsq.dsquant.default_model``):
 
-Part B (quality, real): SmolLM2-135M (see /work/shared/models/README.md). dsq int4 ONNX vs
-``python -m onnxruntime_genai.models.builder -p int4 -e cpu``: mean KL(float reference || model) of the next-token
-distributions over eval text, top-1 agreement, and decode tokens/s with onnxruntime-genai driving both folders.
+* **dsq int4 ONNX**: ``dsq quantize int4`` (int4_sym_g32 = Q4_0 values) -> ``export_onnx`` with the tied
+  embedding/lm_head in int4_sym_g32 (GatherBlockQuantized + MatMulNBits on one matrix) and, as a second row,
+  in int8_g32 (Q8_0 values, what llama.cpp's Q4_0 policy gives a 576-wide output matrix);
+* **builder int4**: ``python -m onnxruntime_genai.models.builder -i MODEL -p int4 -e cpu``;
+* **llama.cpp**: llama-cpp-python on dsq's GGUF of the same values as each dsq row (``--type q4_0 --pure``:
+  token_embd Q4_0; ``--type q4_0``: llama.cpp's policy, token_embd Q8_0).
 
-    .venv/bin/python bench/onnx_bench.py [--work DIR] [--skip-a] [--skip-b] [--threads 2]
+Each measurement runs in its own process (``--worker``), runtimes interleaved over ``--rounds`` rounds, with the
+load average printed per round (the machine is shared: compare the ratios within a round, not across runs).
+ONNX folders are driven by onnxruntime-genai (the runtime they are made for; past/present buffers shared where the
+graph allows): prefill tokens/s (appending the prompt, best of 3) and decode tokens/s (``--decode`` greedy steps),
+plus decode CPU ms/token. llama.cpp computes every prompt position's logits (logits_all), as the ONNX graphs do.
+KL(bf16 reference || runtime) and top-1 agreement over ``--kl-tokens`` tokens of held-out text (one forward pass;
+ONNX through onnxruntime directly), file sizes of each model.
+
+    .venv/bin/python bench/onnx_bench.py [--work DIR] [--rounds 3] [--threads 2] [--synthetic]
+
+``--synthetic`` instead runs the older speed table on a random Qwen2-0.5B-bodied model (part A below).
 """
 
 from __future__ import annotations
@@ -27,8 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-SMOLLM = Path.home() / ".cache/dsq-bench/smollm2-135m-instruct-perm0-bf16"
-EVAL_TEXT = Path.home() / ".cache/dsq-bench/eval_austen.txt"
+SMOLLM = Path.home() / ".cache/dsq/default-model/smollm2-135m-instruct-perm0-bf16"
+EVAL_TEXT = Path(__file__).resolve().parent.parent / "calib_data" / "heldout.txt"
 SYNTH = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
              num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True, rms_norm_eps=1e-6)
 
@@ -196,7 +204,7 @@ def part_a(work: Path, args) -> dict:
             "tok_per_s": {k: {"prefill": v[0], "decode": v[1]} for k, v in results.items()}, "bytes": sizes}
 
 
-# -- part B ------------------------------------------------------------------------------------------------
+# -- the comparison ---------------------------------------------------------------------------------------
 def kl_stats(ref: np.ndarray, logits: np.ndarray) -> tuple[float, float]:
     """Mean KL(P_ref || P) over positions, and top-1 agreement."""
     def logsoftmax(x):
@@ -208,96 +216,215 @@ def kl_stats(ref: np.ndarray, logits: np.ndarray) -> tuple[float, float]:
     return float(kl.mean()), float((ref.argmax(-1) == logits.argmax(-1)).mean())
 
 
-def genai_decode_speed(folder: Path, prompt: list[int], n: int) -> float:
+def _genai_model(folder: Path, threads: int):
     import onnxruntime_genai as og
 
-    model = og.Model(str(folder))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + n, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(np.array([prompt], np.int32))  # prefill
-    t, k = time.perf_counter(), 0
+    config = og.Config(str(folder))
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+    return og.Model(config)
+
+
+def genai_speed(folder: Path, prompt: list[int], n: int, threads: int) -> dict:
+    """Prefill (best of 3 fresh generators) and decode speed of an ONNX folder under onnxruntime-genai."""
+    import onnxruntime_genai as og
+
+    model = _genai_model(folder, threads)
+    best = float("inf")
+    for _ in range(3):
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(prompt) + n, min_length=len(prompt) + n, do_sample=False)
+        gen = og.Generator(model, params)
+        t = time.perf_counter()
+        gen.append_tokens(np.array([prompt], np.int32))
+        best = min(best, time.perf_counter() - t)
+    t, c, k = time.perf_counter(), time.process_time(), 0
     while not gen.is_done():
         gen.generate_next_token()
         k += 1
-    return k / (time.perf_counter() - t)
+    wall, cpu = time.perf_counter() - t, time.process_time() - c
+    return {"prefill_tok_s": len(prompt) / best, "decode_tok_s": k / wall, "decode_cpu_ms": 1e3 * cpu / k}
 
 
-def part_b(work: Path, args) -> dict:
-    import transformers
-    from tokenizers import Tokenizer
+def llama_speed(gguf: Path, prompt: list[int], n: int, threads: int) -> dict:
+    from llama_cpp import Llama
 
+    llm = Llama(str(gguf), n_ctx=len(prompt) + n + 8, n_threads=threads, n_threads_batch=threads,
+                n_batch=len(prompt), logits_all=True, verbose=False)
+    best = float("inf")
+    for _ in range(3):
+        llm.reset()
+        t = time.perf_counter()
+        llm.eval(prompt)
+        best = min(best, time.perf_counter() - t)
+    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    t, c = time.perf_counter(), time.process_time()
+    for _ in range(n):
+        llm.eval([tok])
+        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    wall, cpu = time.perf_counter() - t, time.process_time() - c
+    return {"prefill_tok_s": len(prompt) / best, "decode_tok_s": n / wall, "decode_cpu_ms": 1e3 * cpu / n}
+
+
+def onnx_logits(folder: Path, ids: list[int], threads: int) -> np.ndarray:
+    s = ort_session(folder, threads)
+    cfg = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
+    s._dsq_head_size = cfg["head_size"]
+    return ort_logits(s, ids)
+
+
+def llama_logits(gguf: Path, ids: list[int], threads: int) -> np.ndarray:
+    from llama_cpp import Llama
+
+    llm = Llama(str(gguf), n_ctx=len(ids) + 8, n_threads=threads, n_batch=len(ids), n_ubatch=len(ids),
+                logits_all=True, verbose=False)
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)], np.float32)
+
+
+def worker(args) -> None:
+    """One measurement in this process; prints one JSON line."""
+    spec = json.loads(args.worker)
+    path, kind = Path(spec["path"]), spec["kind"]
+    prompt, out = spec["prompt"], {}
+    if spec.get("kl_ids"):
+        ids = spec["kl_ids"]
+        logits = onnx_logits(path, ids, args.threads) if kind == "onnx" else llama_logits(path, ids, args.threads)
+        out["kl"], out["top1"] = kl_stats(np.load(spec["ref"]), logits)
+    speed = genai_speed if kind == "onnx" else llama_speed
+    out.update(speed(path, prompt, args.decode, args.threads))
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def run_worker(spec: dict, args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", json.dumps(spec), "--threads", str(args.threads),
+           "--decode", str(args.decode)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
+    if res.returncode or not lines:
+        raise RuntimeError(f"worker {spec['path']} failed: {res.stderr.strip().splitlines()[-3:]}")
+    return json.loads(lines[-1][7:])
+
+
+def size_of(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.glob("model.onnx*"))
+
+
+def prepare(work: Path, model: Path) -> dict[str, tuple[str, Path]]:
+    """label -> (kind, path) for every runtime under test, building what is missing."""
     from dsq.dsquant.quantize import quantize_checkpoint
+    from dsq.export.gguf_writer import export_gguf
     from dsq.export.onnx_export import export_onnx
 
-    log("\n== Part B: SmolLM2-135M, dsq int4 ONNX vs onnxruntime-genai model builder int4 ==")
-    if not SMOLLM.is_dir():
-        log(f"  skipped: {SMOLLM} missing (see /work/shared/models/README.md)")
-        return {}
     q = work / "smol-int4"
     if not q.exists():
-        step("dsq quantize int4", lambda: quantize_checkpoint(SMOLLM, q, "int4"))
-    variants = {  # label -> (folder, accuracy_level, attention)
-        "dsq int4 (acc 0)": ("smol-dsq-int4-acc0", 0, "plain"),
-        "dsq int4 (acc 4)": ("smol-dsq-int4-acc4", 4, "plain"),
-        "dsq int4 GQA (acc 4)": ("smol-dsq-int4-gqa-acc4", 4, "contrib"),
-    }
-    folders = {}
-    for label, (name, acc, attn) in variants.items():
-        d = folders[label] = work / name
+        step("dsq quantize int4", lambda: quantize_checkpoint(model, q, "int4"))
+    runs = {}
+    for head, gguf_args in (("int4_sym_g32", {"type": "q4_0", "pure": True}), ("int8_g32", {"type": "q4_0"})):
+        tag = head.split("_")[0]
+        d = work / f"smol-dsq-int4-head-{tag}"
         if not d.exists():
-            step(f"export {label}", lambda d=d, acc=acc, attn=attn: export_onnx(q, d, accuracy_level=acc, attention=attn))
+            step(f"dsq export onnx (lm_head {head})", lambda d=d, head=head: export_onnx(q, d, lm_head=head))
+        g = work / f"smol-dsq-int4-head-{tag}.gguf"
+        if not g.exists():
+            step(f"dsq export gguf {gguf_args}", lambda g=g, a=gguf_args: export_gguf(q, g, **a))
+        runs[f"dsq ONNX, head {tag}"] = ("onnx", d)
+        runs[f"llama.cpp, head {tag}"] = ("gguf", g)
     builder = work / "smol-genai-builder-int4"
     if not builder.exists():
-        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(SMOLLM), "-o", str(builder),
+        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model), "-o", str(builder),
                "-p", "int4", "-e", "cpu", "-c", str(work / "builder-cache")]
         with open(work / "builder.log", "w") as fh:
             step("onnxruntime-genai builder -p int4 -e cpu", lambda: subprocess.run(cmd, stdout=fh, stderr=fh, check=True))
-    folders["genai builder int4"] = builder
+    runs["genai builder int4"] = ("onnx", builder)
+    return runs
 
-    tok = Tokenizer.from_file(str(SMOLLM / "tokenizer.json"))
-    ids = tok.encode(EVAL_TEXT.read_text()[:20000]).ids[: args.kl_tokens]
-    model = transformers.AutoModelForCausalLM.from_pretrained(SMOLLM, dtype=torch.float32).eval()
-    with torch.no_grad():
-        ref = model(torch.tensor([ids])).logits[0].numpy()
-    del model
-    head = json.loads((SMOLLM / "config.json").read_text())
-    head_size = head.get("head_dim") or head["hidden_size"] // head["num_attention_heads"]
-    results = {}
-    prompt = ids[:64]
-    for label, d in folders.items():
-        s = ort_session(d, args.threads)
-        s._dsq_head_size = head_size
-        kl, top1 = kl_stats(ref, ort_logits(s, ids))
-        del s
-        speed = genai_decode_speed(d, prompt, args.decode)
-        size = sum(f.stat().st_size for f in d.glob("model.onnx*"))
-        results[label] = {"kl": kl, "top1": top1, "decode_tok_s": speed, "bytes": size}
-        log(f"  {label}: KL {kl:.4f}, top-1 {top1:.3f}, genai decode {speed:.1f} tok/s, {size / 1e6:.1f} MB")
-    b = results["genai builder int4"]
-    for label in variants:
-        r = results[label]
-        log(f"  {label} / builder: decode x{r['decode_tok_s'] / b['decode_tok_s']:.2f}, KL x{r['kl'] / b['kl']:.2f}")
-    return {"kl_tokens": len(ids), "models": results}
+
+def compare(work: Path, args) -> dict:
+    import os
+
+    import transformers
+    from tokenizers import Tokenizer
+
+    model = args.model
+    log(f"== {model.name}: dsq int4 ONNX vs onnxruntime-genai builder vs llama.cpp, {args.threads} threads ==")
+    runs = prepare(work, model)
+    tok = Tokenizer.from_file(str(model / "tokenizer.json"))
+    ids = tok.encode(args.eval_text.read_text()).ids[: args.kl_tokens]
+    ref_file = work / f"ref-{len(ids)}.npy"
+    if not ref_file.exists():
+        m = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+        with torch.no_grad():
+            np.save(ref_file, m(torch.tensor([ids])).logits[0].numpy())
+        del m
+    prompt = ids[: args.prompt]
+    rounds: list[dict[str, dict]] = []
+    quality: dict[str, dict] = {}
+    for r in range(args.rounds):
+        load = os.getloadavg()
+        order = list(runs) if r % 2 == 0 else list(runs)[::-1]  # alternate the order: no runtime always goes first
+        res = {}
+        for label in order:
+            kind, path = runs[label]
+            spec = {"kind": "onnx" if kind == "onnx" else "gguf", "path": str(path), "prompt": prompt}
+            if r == 0:
+                spec.update(kl_ids=ids, ref=str(ref_file))
+            res[label] = run_worker(spec, args)
+            if r == 0:
+                quality[label] = {"kl": res[label]["kl"], "top1": res[label]["top1"], "bytes": size_of(path)}
+        rounds.append(res)
+        log(f"  round {r + 1}: load {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; decode tok/s "
+            + ", ".join(f"{k} {v['decode_tok_s']:.1f}" for k, v in res.items()))
+
+    def med(label: str, key: str) -> float:
+        return float(np.median([rd[label][key] for rd in rounds]))
+
+    def ratio(a: str, b: str, key: str) -> float:  # the median of per-round ratios: both ran under the same load
+        return float(np.median([rd[a][key] / rd[b][key] for rd in rounds]))
+
+    log(f"\n  {'runtime':<22}{'MB':>8}{'KL':>9}{'top-1':>8}{'prefill tok/s':>15}{'decode tok/s':>14}{'decode CPU ms/tok':>19}")
+    for label in runs:
+        qd = quality[label]
+        log(f"  {label:<22}{qd['bytes'] / 1e6:>8.1f}{qd['kl']:>9.4f}{qd['top1']:>8.3f}{med(label, 'prefill_tok_s'):>15.1f}"
+            f"{med(label, 'decode_tok_s'):>14.1f}{med(label, 'decode_cpu_ms'):>19.2f}")
+    b = "genai builder int4"
+    summary = {}
+    for tag in ("int4", "int8"):
+        d, ll = f"dsq ONNX, head {tag}", f"llama.cpp, head {tag}"
+        summary[tag] = {
+            "decode_vs_builder": ratio(d, b, "decode_tok_s"), "decode_vs_llama": ratio(d, ll, "decode_tok_s"),
+            # CPU time per token: what a loaded machine distorts least (the other's CPU ms over ours: >1 is faster)
+            "decode_cpu_vs_builder": ratio(b, d, "decode_cpu_ms"), "decode_cpu_vs_llama": ratio(ll, d, "decode_cpu_ms"),
+            "prefill_vs_builder": ratio(d, b, "prefill_tok_s"), "prefill_vs_llama": ratio(d, ll, "prefill_tok_s"),
+            "size_vs_builder": quality[d]["bytes"] / quality[b]["bytes"], "kl_vs_builder": quality[d]["kl"] / quality[b]["kl"],
+        }
+        s_ = summary[tag]
+        log(f"  dsq head {tag}: decode x{s_['decode_vs_builder']:.2f} builder, x{s_['decode_vs_llama']:.2f} llama.cpp "
+            f"(by CPU time/token x{s_['decode_cpu_vs_builder']:.2f}, x{s_['decode_cpu_vs_llama']:.2f}); "
+            f"prefill x{s_['prefill_vs_builder']:.2f} builder, x{s_['prefill_vs_llama']:.2f} llama.cpp; "
+            f"size x{s_['size_vs_builder']:.3f} builder; KL x{s_['kl_vs_builder']:.2f} builder")
+    return {"model": str(model), "threads": args.threads, "prompt": len(prompt), "decode": args.decode,
+            "kl_tokens": len(ids), "quality": quality, "rounds": rounds, "summary": summary}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache/dsq-bench/onnx")
+    ap.add_argument("--model", type=Path, default=SMOLLM)
+    ap.add_argument("--eval-text", type=Path, default=EVAL_TEXT)
     ap.add_argument("--prompt", type=int, default=128)
-    ap.add_argument("--decode", type=int, default=32)
+    ap.add_argument("--decode", type=int, default=64)
     ap.add_argument("--kl-tokens", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--skip-a", action="store_true")
-    ap.add_argument("--skip-b", action="store_true")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--synthetic", action="store_true", help="the older synthetic speed table (part A) instead")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    if args.worker:
+        worker(args)
+        return
     args.work.mkdir(parents=True, exist_ok=True)
-    out = {}
-    if not args.skip_a:
-        out["a"] = part_a(args.work, args)
-    if not args.skip_b:
-        out["b"] = part_b(args.work, args)
+    out = part_a(args.work, args) if args.synthetic else compare(args.work, args)
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))
 

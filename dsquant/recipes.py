@@ -9,13 +9,17 @@ A recipe TOML::
     [roles]                       # by role (attn_q, mla_kv_b, expert_up, ...) or group
     lm_head = "int8_g32"          # (attention, mla, mlp, experts, shared_experts, lm_head, mtp)
     mla_kv_b = "keep"
+    embed = "int8_g32"            # exports only (see EXPORT_ROLES): the checkpoint keeps it 16-bit
 
     [[override]]                  # by name: glob, or "re:" + regex; later entries win
     pattern = "model.layers.0.*"
     format = "int8_g32"
 
-Norms, biases, the MoE router and embeddings are never quantized: their bytes are negligible and
-quantizing them costs accuracy (DeepSeek-V3 ships its router and embeddings in bf16 too).
+Norms, biases, the MoE router and embeddings are never quantized in the checkpoint: their bytes are
+negligible or transformers/vLLM load them unquantized (DeepSeek-V3 ships its router and embeddings in
+bf16 too). The ``embed`` role may still name a format: exporters whose runtime has a quantized lookup
+(ONNX ``GatherBlockQuantized``) quantize the embedding with it at export, and for a tied model the
+``lm_head`` role names the format of the one shared matrix (``Recipe.export_format``).
 """
 
 from __future__ import annotations
@@ -42,10 +46,13 @@ KEEP = "keep"
 # Kinds that stay in their source dtype whatever a recipe says.
 NEVER_QUANTIZED_KINDS = ("norm", "bias", "router", "embedding")
 _GROUPS = sorted({i.group for i in ROLE_INFO.values()})
+# Roles a recipe may name a format for that only exports apply (the checkpoint keeps the tensor 16-bit, or
+# has no such tensor: a tied lm_head is the embedding matrix).
+EXPORT_ROLES = (Role.EMBED.value, Role.LM_HEAD.value)
 # Roles and groups a recipe may not quantize (every member is of a never-quantized kind).
-_NEVER_QUANTIZED_KEYS = {r.value for r, i in ROLE_INFO.items() if i.kind in NEVER_QUANTIZED_KINDS} | {
+_NEVER_QUANTIZED_KEYS = ({r.value for r, i in ROLE_INFO.items() if i.kind in NEVER_QUANTIZED_KINDS} | {
     g for g in _GROUPS if all(i.kind in NEVER_QUANTIZED_KINDS for i in ROLE_INFO.values() if i.group == g)
-}
+}) - set(EXPORT_ROLES)
 
 
 @dataclass(frozen=True)
@@ -76,6 +83,16 @@ class Recipe:
             if _matches(pattern, ref.name):
                 choice = fmt
         return choice
+
+    def export_format(self, role: str) -> str | None:
+        """The format an exporter gives the ``embed`` or ``lm_head`` matrix (None: keep it float).
+
+        Only an explicit ``[roles]`` entry counts (not ``default`` nor a group): an unasked-for quantized
+        embedding would change the presets' outputs. Raises RecipeError for another role."""
+        if role not in EXPORT_ROLES:
+            raise RecipeError(f"export_format: {role!r} is not one of {', '.join(EXPORT_ROLES)}")
+        fmt = self.roles.get(role)
+        return None if fmt in (None, KEEP) else fmt
 
 
 def _matches(pattern: str, name: str) -> bool:

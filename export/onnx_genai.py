@@ -1,8 +1,8 @@
 """``genai_config.json``: what onnxruntime-genai's ``og.Model(folder)`` reads to drive the decoder.
 
 Field names follow the config onnxruntime-genai's own model builder writes (models/builders/base.py,
-``make_genai_config``). Our graph concatenates past and present K/V (plain ops, no in-place cache), so
-``past_present_share_buffer`` is false.
+``make_genai_config``). The plain graph concatenates past and present K/V (no in-place cache), so
+``past_present_share_buffer`` is false there; the GroupQueryAttention graph shares one buffer.
 """
 
 from __future__ import annotations
@@ -17,8 +17,12 @@ from .onnx_graph import ATTENTION, arch_spec
 EP_OPTIONS: dict[str, list] = {"cpu": [], "cuda": [{"cuda": {}}], "dml": [{"dml": {}}], "coreml": [{"coreml": {}}]}
 
 
-def genai_config(cfg: dict, src: Path, ep: str) -> dict:
+def genai_config(cfg: dict, src: Path, ep: str, share_buffer: bool = False) -> dict:
     """The genai_config.json dict for an export of ``src`` (``cfg``: its config.json) targeting ``ep``.
+
+    ``share_buffer``: the graph's attention is GroupQueryAttention, which appends in place when past and present
+    are one buffer: genai then allocates the cache once at max_length (``past_present_share_buffer``) instead of
+    copying it into a new, one-longer tensor every step.
 
     Token ids come from :func:`resolve_tokenizer`: ``eos_token_id`` is the whole end-of-generation list
     (generation_config.json's list, the tokenizer's EOS and the chat template's turn end such as
@@ -73,7 +77,7 @@ def genai_config(cfg: dict, src: Path, ep: str) -> dict:
             "no_repeat_ngram_size": 0,
             "num_beams": 1,
             "num_return_sequences": 1,
-            "past_present_share_buffer": False,
+            "past_present_share_buffer": share_buffer,
             "repetition_penalty": 1.0,
             "temperature": 1.0,
             "top_k": 1,

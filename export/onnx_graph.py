@@ -31,11 +31,14 @@ from .onnx_ops import (
     Rope,
     apply_rope,
     attention_bias,
+    embedding_lookup,
     fused_linears,
     grouped_attention,
     linear,
+    packed_linears,
     rms_norm,
     rope_tables,
+    skip_rms_norm,
     swiglu_mlp,
 )
 from .onnx_weights import WeightTable
@@ -101,26 +104,54 @@ def gqa_attention(g: GraphBuilder, ctx: Ctx, i: int, x: str, past_k: str, past_v
     return linear(g, out, f"{p}.o_proj.weight"), present_k, present_v
 
 
-def gqa_contrib_attention(
-    g: GraphBuilder, ctx: Ctx, i: int, x: str, past_k: str, past_v: str
-) -> tuple[str, str, str]:
-    """The same attention through ``com.microsoft::GroupQueryAttention`` (onnxruntime's fused kernel; the
-    cache layout is identical). q/k norms and RoPE stay ours (do_rotary=0), so the math matches the plain
-    path; the op masks causally from ``seqlens_k`` = (attention_mask row sums) - 1, i.e. it assumes
-    right-padded batches (as onnxruntime-genai feeds it), not left padding."""
-    cfg, p = ctx.cfg, f"model.layers.{i}.self_attn"
-    n_heads, n_kv, d = cfg["num_attention_heads"], kv_heads(cfg), head_dim(cfg)
+def _gqa_shared(g: GraphBuilder, ctx: Ctx) -> dict[str, object]:
+    """Values every GroupQueryAttention node reads, built once per graph: seqlens_k = (attention_mask row sums)
+    - 1 and the total length (int32), and the rotary cos/sin caches [max_position_embeddings, D/2] the op indexes
+    by position (transformers' angles position * inv_freq in float32, times attention_scaling)."""
     if "seqlens_k" not in ctx.shared:
         total = g.op("ReduceSum", "attention_mask", g.const([1]), keepdims=0)
         ctx.shared["seqlens_k"] = g.op("Cast", g.op("Sub", total, g.const(1)), to=6)  # INT32
         length = g.reshape(g.dim("attention_mask", 1), g.const([], np.int64))
         ctx.shared["total_len"] = g.op("Cast", length, to=6)
-        # our RoPE tables are [B, 1, S, D/2] (heads first); this op takes [B, S, heads * D]
-        ctx.shared["rope_bshd"] = Rope(
+        inv_freq, scaling = ctx.shared["inv_freq"], ctx.shared["rope_scaling"]
+        angles = np.arange(ctx.cfg.get("max_position_embeddings", 4096), dtype=np.float32)[:, None] * inv_freq[None]
+        ctx.shared["cos_cache"] = g.weights.sink.add("cos_cache", (np.cos(angles) * np.float32(scaling)).astype(np.float32))
+        ctx.shared["sin_cache"] = g.weights.sink.add("sin_cache", (np.sin(angles) * np.float32(scaling)).astype(np.float32))
+    return ctx.shared
+
+
+def gqa_contrib_attention(
+    g: GraphBuilder, ctx: Ctx, i: int, x: str, past_k: str, past_v: str
+) -> tuple[str, str, str]:
+    """The same attention through ``com.microsoft::GroupQueryAttention`` (onnxruntime's fused kernel; the
+    cache layout is identical). Where the model allows it this is the form onnxruntime-genai's builder writes:
+    the packed q|k|v MatMulNBits output goes straight in (no Split, no transposes) and the op applies RoPE
+    itself from cos/sin caches (do_rotary=1), appending to the cache in place when past and present share a
+    buffer (onnxruntime-genai's past_present_share_buffer). Qwen3's per-head q/k norms come before RoPE, so
+    there q/k are normed and rotated here and the op gets them unrotated-off (do_rotary=0).
+
+    The op masks causally from ``seqlens_k`` and takes positions from it too: it assumes right-padded (or
+    unpadded) batches, as onnxruntime-genai feeds it, not left padding; ``position_ids`` must be the usual
+    0..T-1 (export with ``attention="plain"`` for left padding or custom positions)."""
+    cfg, p = ctx.cfg, f"model.layers.{i}.self_attn"
+    n_heads, n_kv, d = cfg["num_attention_heads"], kv_heads(cfg), head_dim(cfg)
+    sh = _gqa_shared(g, ctx)
+    attrs = dict(outputs=3, domain=MS_DOMAIN, num_heads=n_heads, kv_num_heads=n_kv, scale=d**-0.5)
+    names = [f"{p}.{n}_proj.weight" for n in "qkv"]
+    biases = [f"{p}.{n}_proj.bias" for n in "qkv"] if ctx.spec.qkv_bias else None
+    packed = None if ctx.spec.qk_norm else packed_linears(g, x, names, biases)
+    if packed is not None:
+        out, present_k, present_v = g.op(
+            "GroupQueryAttention", packed[0], "", "", past_k, past_v, sh["seqlens_k"], sh["total_len"],
+            sh["cos_cache"], sh["sin_cache"], do_rotary=1, rotary_interleaved=int(ctx.rope.interleaved), **attrs,
+        )
+        return linear(g, out, f"{p}.o_proj.weight"), present_k, present_v
+    if "rope_bshd" not in sh:  # our RoPE tables are [B, 1, S, D/2] (heads first); this op takes [B, S, heads * D]
+        sh["rope_bshd"] = Rope(
             g.op("Transpose", ctx.rope.cos, perm=[0, 2, 1, 3]), g.op("Transpose", ctx.rope.sin, perm=[0, 2, 1, 3]),
             ctx.rope.half, ctx.rope.interleaved,
         )
-    rope = ctx.shared["rope_bshd"]
+    rope = sh["rope_bshd"]
     qkv = dict(zip("qkv", qkv_projections(g, ctx, p, x), strict=True))
 
     def proj(name: str, heads: int, rotate: bool) -> str:
@@ -135,8 +166,7 @@ def gqa_contrib_attention(
     out, present_k, present_v = g.op(
         "GroupQueryAttention",
         proj("q", n_heads, True), proj("k", n_kv, True), proj("v", n_kv, False), past_k, past_v,
-        ctx.shared["seqlens_k"], ctx.shared["total_len"],
-        outputs=3, domain=MS_DOMAIN, num_heads=n_heads, kv_num_heads=n_kv, scale=d**-0.5,
+        sh["seqlens_k"], sh["total_len"], **attrs,
     )
     return linear(g, out, f"{p}.o_proj.weight"), present_k, present_v
 
@@ -226,21 +256,26 @@ def _dense_or_moe(g: GraphBuilder, ctx: Ctx, i: int, x: str) -> str:
 
 
 def attention_kind(cfg: dict, impl: str) -> str:
+    """The ATTENTION key for ``impl``: plain, contrib, or auto (contrib where onnxruntime has a fused kernel for
+    the architecture's attention, plain otherwise). Raises UnsupportedError for an unavailable pair."""
     spec = arch_spec(cfg)
+    if impl == "auto":
+        impl = "contrib" if (spec.attention, "contrib") in ATTENTION_IMPLS else "plain"
     if (spec.attention, impl) not in ATTENTION_IMPLS:
         known = sorted(i for a, i in ATTENTION_IMPLS if a == spec.attention)
         raise UnsupportedError(f"attention `{impl}`: not available for {cfg['model_type']}; choose {', '.join(known)}")
     return ATTENTION_IMPLS[spec.attention, impl]
 
 
-def build_decoder(cfg: dict, weights: WeightTable, attention: str = "plain") -> onnx.ModelProto:
+def build_decoder(cfg: dict, weights: WeightTable, attention: str = "auto") -> onnx.ModelProto:
     """The decoder graph of ``cfg``'s architecture over the initializers already in ``weights`` (by HF name).
 
     Inputs ``input_ids``/``position_ids`` [batch, sequence] and ``attention_mask`` [batch, total_sequence]
     int64, ``past_key_values.{i}.key/value`` float32 (cache shapes of the attention kind: [batch, kv_heads,
     past_sequence, head_dim] for GQA); outputs ``logits`` [batch, sequence, vocab] float32 and
-    ``present.{i}.key/value`` [.., total_sequence, ..]. ``attention``: plain (standard ops) or contrib
-    (GroupQueryAttention). Raises UnsupportedError for an architecture, activation, RoPE scaling or
+    ``present.{i}.key/value`` [.., total_sequence, ..]. ``attention``: plain (standard ONNX ops, plus MatMulNBits /
+    GatherBlockQuantized for quantized weights), contrib (onnxruntime's fused GroupQueryAttention and
+    SkipSimplifiedLayerNormalization), or auto (contrib where available). Raises UnsupportedError for an architecture, activation, RoPE scaling or
     attention choice the exporter has no graph for, and for a weight the graph needs that ``weights`` lacks."""
     spec = arch_spec(cfg)
     kind = attention_kind(cfg, attention)
@@ -265,22 +300,33 @@ def build_decoder(cfg: dict, weights: WeightTable, attention: str = "plain") -> 
     inv_freq, scaling = rotary(cfg, spec)
     rope = rope_tables(g, "position_ids", inv_freq, scaling, spec.rope_interleaved(cfg))
     bias = attention_bias(g, "attention_mask", g.dim("past_key_values.0.key", 2), g.dim("input_ids", 1))
-    ctx = Ctx(cfg, spec, rope, bias, eps)
+    ctx = Ctx(cfg, spec, rope, bias, eps, {"inv_freq": inv_freq, "rope_scaling": scaling,
+                                           "mla_absorbed": attention != "plain"})
+    # contrib: each residual add and the norm after it as one SkipSimplifiedLayerNormalization
+    fused_norms = attention != "plain"
 
-    x = g.op("Gather", weights.float("model.embed_tokens.weight"), "input_ids", axis=0)
+    def add_norm(x: str, y: str, weight: str) -> tuple[str, str]:
+        if fused_norms:
+            return skip_rms_norm(g, x, y, weight, eps)
+        x = g.op("Add", x, y)
+        return rms_norm(g, x, weight, eps), x
+
+    x = embedding_lookup(g, "model.embed_tokens.weight", "input_ids")
+    h = rms_norm(g, x, "model.layers.0.input_layernorm.weight", eps)
     for i in range(n_layers):
         p = f"model.layers.{i}"
-        h = rms_norm(g, x, f"{p}.input_layernorm.weight", eps)
         attn, pk, pv = attn_fn(g, ctx, i, h, f"past_key_values.{i}.key", f"past_key_values.{i}.value")
-        g.op("Identity", pk, outputs=[f"present.{i}.key"])
-        g.op("Identity", pv, outputs=[f"present.{i}.value"])
-        x = g.op("Add", x, attn)
-        h = rms_norm(g, x, f"{p}.post_attention_layernorm.weight", eps)
-        x = g.op("Add", x, _dense_or_moe(g, ctx, i, h))
-    x = rms_norm(g, x, "model.norm.weight", eps)
-    g.op("Identity", linear(g, x, "lm_head.weight"), outputs=["logits"])
+        g.rename(pk, f"present.{i}.key")
+        g.rename(pv, f"present.{i}.value")
+        h, x = add_norm(x, attn, f"{p}.post_attention_layernorm.weight")
+        nxt = f"model.layers.{i + 1}.input_layernorm.weight" if i + 1 < n_layers else "model.norm.weight"
+        h, x = add_norm(x, _dense_or_moe(g, ctx, i, h), nxt)
+    g.rename(linear(g, h, "lm_head.weight"), "logits")
 
-    graph = helper.make_graph(g.nodes, f"dsq_{cfg['model_type']}", inputs, outputs, weights.sink.protos)
+    nodes = g.live_nodes([o.name for o in outputs])
+    used = {i for n in nodes for i in n.input}
+    protos = [t for t in weights.sink.protos if t.name in used]  # small inline constants only the dropped nodes read
+    graph = helper.make_graph(nodes, f"dsq_{cfg['model_type']}", inputs, outputs, protos)
     return helper.make_model(
         graph,
         ir_version=IR_VERSION,

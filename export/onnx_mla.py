@@ -7,9 +7,16 @@ heads * (qk_head_dim + v_head_dim) for full K/V (40960 for V3). That latent row 
 halves as ``present.{i}.key`` and ``present.{i}.value`` ([batch, 1, T, (rank + rope) / 2] each): the two-tensor,
 one-head cache onnxruntime-genai's generic decoder allocates and feeds back, with no padding bytes.
 
-Each step up-projects the whole latent cache with ``kv_b_proj`` (the "naive" MLA form, as transformers'
-``expand_kv``), keeping kv_b_proj's dsq integers in MatMulNBits; scores are q_nope.k_nope + q_pe.k_pe with
-k_pe broadcast over heads, so no K copy with the rope part repeated per head is built.
+Two forms of the same attention (scores q_nope.k_nope + q_pe.k_pe, k_pe broadcast over heads):
+
+* absorbed (the default, ``attention`` auto/contrib): W_kc, W_vc (kv_b_proj's key and value halves, dsq's values
+  through DequantizeLinear) are folded into the query and the output, and the heads attend over the cached
+  latent itself: per step O(H * rank * (nope + v)) for the projections plus O(T * H * rank) for the scores,
+  nothing re-expanded per cached position;
+* naive (``attention="plain"``): each step up-projects the whole latent cache with ``kv_b_proj`` in
+  MatMulNBits (transformers' ``expand_kv``), O(T * rank * H * (nope + v)) per step.
+
+The cache, and so the KV bytes per token, is the same in both.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import numpy as np
 
 from ..dsquant.config import ModelConfig
 from .onnx_graph import Ctx
-from .onnx_ops import GraphBuilder, apply_rope, linear, rms_norm
+from .onnx_ops import GraphBuilder, apply_rope, dense_weight, linear, rms_norm
 
 
 def _split(cfg: dict) -> tuple[int, int]:
@@ -66,17 +73,29 @@ def mla_attention(g: GraphBuilder, ctx: Ctx, i: int, x: str, past_k: str, past_v
     present_v = g.op("Concat", past_v, g.slice(row, half, width), axis=2)
     cache = g.op("Concat", present_k, present_v, axis=-1)  # [B, 1, T, rank + rope]
     k_pe_all = g.slice(cache, rank, width)
+    k_pe_scores = g.op("MatMul", q_pe, g.op("Transpose", k_pe_all, perm=[0, 1, 3, 2]))  # broadcast over heads
+
+    if ctx.shared.get("mla_absorbed"):
+        # q_nope . (W_kc c) = (q_nope W_kc) . c and softmax(.) (W_vc c) = W_vc (softmax(.) c): attend over the
+        # cached latent itself; kv_b_proj's halves W_kc [H, nope, rank] and W_vc [H, v, rank] are applied once per
+        # query instead of once per cached position.
+        w = g.reshape(dense_weight(g, f"{p}.kv_b_proj.weight"), [n_heads, nope + v_dim, rank])
+        w_kc, w_vc = g.slice(w, 0, nope, axis=1), g.slice(w, nope, nope + v_dim, axis=1)
+        latent_all = g.slice(cache, 0, rank)  # [B, 1, T, rank]
+        q_lat = g.op("MatMul", q_nope, w_kc)  # [B, H, S, rank]
+        scores = g.op("Add", g.op("MatMul", q_lat, g.op("Transpose", latent_all, perm=[0, 1, 3, 2])), k_pe_scores)
+        scores = g.op("Add", g.op("Mul", scores, g.const(mla_scale(cfg), np.float32)), ctx.bias)
+        o_lat = g.op("MatMul", g.op("Softmax", scores, axis=-1), latent_all)  # [B, H, S, rank]
+        out = g.op("MatMul", o_lat, g.op("Transpose", w_vc, perm=[0, 2, 1]))  # [B, H, S, v]
+        out = g.reshape(g.op("Transpose", out, perm=[0, 2, 1, 3]), [0, 0, n_heads * v_dim])
+        return linear(g, out, f"{p}.o_proj.weight"), present_k, present_v
 
     kv = linear(g, g.op("Squeeze", g.slice(cache, 0, rank), g.const([1])), f"{p}.kv_b_proj.weight")
     # kv: [B, T, H * (nope + v)]
     kv = g.op("Transpose", g.reshape(kv, [0, 0, n_heads, nope + v_dim]), perm=[0, 2, 1, 3])  # [B, H, T, nope + v]
     k_nope, v = g.slice(kv, 0, nope), g.slice(kv, nope, nope + v_dim)
 
-    scores = g.op(
-        "Add",
-        g.op("MatMul", q_nope, g.op("Transpose", k_nope, perm=[0, 1, 3, 2])),
-        g.op("MatMul", q_pe, g.op("Transpose", k_pe_all, perm=[0, 1, 3, 2])),  # broadcast over heads
-    )
+    scores = g.op("Add", g.op("MatMul", q_nope, g.op("Transpose", k_nope, perm=[0, 1, 3, 2])), k_pe_scores)
     scores = g.op("Add", g.op("Mul", scores, g.const(mla_scale(cfg), np.float32)), ctx.bias)
     out = g.op("MatMul", g.op("Softmax", scores, axis=-1), v)  # [B, H, S, v]
     out = g.reshape(g.op("Transpose", out, perm=[0, 2, 1, 3]), [0, 0, n_heads * v_dim])

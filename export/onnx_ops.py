@@ -1,7 +1,8 @@
 """A small ONNX graph builder and the blocks every decoder shares: RMSNorm, linear layers (MatMulNBits
 or float MatMul), RoPE, the causal/padding mask, SwiGLU MLP and softmax attention over a KV cache.
 
-Everything is built from standard ONNX ops (opset 21) plus ``com.microsoft::MatMulNBits``; onnxruntime's
+Everything is built from standard ONNX ops (opset 21) plus ``com.microsoft::MatMulNBits`` (and
+``GatherBlockQuantized`` for a quantized embedding); onnxruntime's
 optimizer fuses the plain RMSNorm into ``SimplifiedLayerNormalization`` at ORT_ENABLE_ALL. Tensors are
 float32 throughout; hidden states are ``[batch, seq, hidden]``, heads ``[batch, heads, seq, head_dim]``.
 """
@@ -12,7 +13,7 @@ import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
-from onnx import NodeProto, helper
+from onnx import NodeProto, TensorProto, helper
 
 from .onnx_weights import WeightTable
 
@@ -42,6 +43,25 @@ class GraphBuilder:
             self._consts[key] = self.weights.sink.add(f"const_{len(self._consts)}", arr)
         return self._consts[key]
 
+    def rename(self, old: str, new: str) -> None:
+        """Call value ``old`` ``new`` everywhere (a graph output named by its producer: no Identity copy between,
+        which would also keep GroupQueryAttention from appending to a shared past/present buffer in place)."""
+        for node in self.nodes:
+            for seq in (node.input, node.output):
+                for j, name in enumerate(seq):
+                    if name == old:
+                        seq[j] = new
+
+    def live_nodes(self, outputs: list[str]) -> list[NodeProto]:
+        """The nodes ``outputs`` depend on, in order: blocks built for one attention form but read only by the
+        other (the additive mask, the RoPE tables beside GroupQueryAttention's own caches) are dropped."""
+        need, keep = set(outputs), []
+        for node in reversed(self.nodes):
+            if any(o in need for o in node.output):
+                keep.append(node)
+                need.update(i for i in node.input if i)
+        return keep[::-1]
+
     # -- shape helpers ------------------------------------------------------------------------------
     def dim(self, x: str, axis: int) -> str:
         """Dimension ``axis`` of ``x`` as a 1-element int64 tensor."""
@@ -59,10 +79,23 @@ class GraphBuilder:
 
 # -- layers -----------------------------------------------------------------------------------------
 def rms_norm(g: GraphBuilder, x: str, weight: str, eps: float) -> str:
-    """transformers' RMSNorm: x * rsqrt(mean(x^2) + eps) * weight, over the last axis."""
-    var = g.op("ReduceMean", g.op("Mul", x, x), g.const([-1]), keepdims=1)
+    """transformers' RMSNorm: x * rsqrt(mean(x^2) + eps) * weight, over the last axis.
+
+    Written as Pow(x, 2) -> ReduceMean -> Add -> Sqrt -> Div -> Mul: the exact pattern onnxruntime's
+    SimplifiedLayerNormFusion turns into one ``SimplifiedLayerNormalization`` kernel at load (Mul(x, x)
+    is not matched, and left ~6 small ops per norm in the profile)."""
+    var = g.op("ReduceMean", g.op("Pow", x, g.const(2.0, np.float32)), g.const([-1]), keepdims=1)
     denom = g.op("Sqrt", g.op("Add", var, g.const(eps, np.float32)))
     return g.op("Mul", g.op("Div", x, denom), g.weights.float(weight))
+
+
+def skip_rms_norm(g: GraphBuilder, x: str, skip: str, weight: str, eps: float) -> tuple[str, str]:
+    """(rms_norm(x + skip), x + skip) as one ``com.microsoft::SkipSimplifiedLayerNormalization`` (the residual
+    add and the next norm in one pass over the hidden state, as onnxruntime-genai's builder writes them)."""
+    normed, _, _, total = g.op("SkipSimplifiedLayerNormalization", x, skip, g.weights.float(weight),
+                               outputs=[f"SkipSLN_{len(g.nodes)}_out{i}" for i in range(4)], domain=MS_DOMAIN,
+                               epsilon=eps)
+    return normed, total
 
 
 def linear(g: GraphBuilder, x: str, weight: str, bias: str | None = None) -> str:
@@ -85,10 +118,52 @@ def linear(g: GraphBuilder, x: str, weight: str, bias: str | None = None) -> str
     return g.op("Add", y, g.weights.float(bias)) if bias else y
 
 
-def fused_linears(g: GraphBuilder, x: str, weights: list[str], biases: list[str | None] | None = None) -> list[str]:
-    """Several linears of the same input as one MatMulNBits (as onnxruntime-genai's builder fuses q/k/v and gate/up):
-    B, scales and zero points are concatenated along N by Concat nodes on initializers, which onnxruntime folds into
-    one constant at load; the output is Split back. Falls back to separate linears when the packings differ."""
+def embedding_lookup(g: GraphBuilder, weight: str, ids: str) -> str:
+    """Rows ``ids`` of the embedding ``weight``: ``Gather`` on a float matrix, or
+    ``com.microsoft::GatherBlockQuantized`` on a MatMulNBits-packed one (dsq's codes, scales and zero points
+    as they are; the op's default zero point for uint8 data is 2^(bits-1), as MatMulNBits').
+
+    GatherBlockQuantized wants 2-D data [N, K * bits / 8] (gather_axis 0, blocks along quantize_axis 1) and
+    scales [N, K / block]; MatMulNBits' B is [N, K / block, block * bits / 8] and its scales flat. Reshapes
+    bridge the two, so a tied head and the lookup read one initializer (onnxruntime folds the Reshape)."""
+    lin = g.weights.linears.get(weight)
+    if lin is None or lin.packed is None:
+        return g.op("Gather", g.weights.float(weight), ids, axis=0)
+    p = lin.packed
+    inputs = [g.reshape(lin.B, [p.N, p.K * p.bits // 8]), ids, g.reshape(lin.scales, [p.N, p.K // p.block_size])]
+    if lin.zero_points:
+        inputs.append(g.reshape(lin.zero_points, [p.N, -1]))
+    return g.op("GatherBlockQuantized", *inputs, domain=MS_DOMAIN, bits=p.bits, block_size=p.block_size,
+                gather_axis=0, quantize_axis=1)
+
+
+def dense_weight(g: GraphBuilder, weight: str) -> str:
+    """The float32 matrix [N, K] of linear ``weight``, for a graph that needs the matrix itself rather than
+    x @ W^T (MLA's absorbed form contracts kv_b_proj along N, which MatMulNBits cannot).
+
+    A packed weight goes through ``DequantizeLinear`` (opset 21, blocks along K): (q - zero) * scale, exactly
+    the values MatMulNBits computes with. Its 4-bit codes are MatMulNBits' own bytes read as uint4 [N, K] (ONNX
+    packs int4 the same way, element 0 in the low nibble): an alias over the same stored bytes, so the file holds
+    them once when only this form reads them. A float weight is its stored W^T, transposed back."""
+    lin = g.weights.linear(weight)
+    if lin.packed is None:
+        return g.op("Transpose", lin.WT, perm=[1, 0]) if lin.WT else lin.W
+    p = lin.packed
+    nb = p.K // p.block_size
+    if p.bits == 4:
+        codes = g.weights.alias(lin.B, TensorProto.UINT4, [p.N, p.K], f"{weight}.codes_u4")
+    else:
+        codes = g.reshape(lin.B, [p.N, p.K])
+    scales = g.reshape(lin.scales, [p.N, nb])
+    return g.op("DequantizeLinear", codes, scales, g.weights.dq_zero_points(weight), axis=1, block_size=p.block_size)
+
+
+def packed_linears(g: GraphBuilder, x: str, weights: list[str], biases: list[str | None] | None = None
+                   ) -> tuple[str, list[int]] | None:
+    """Several linears of the same input as one MatMulNBits (as onnxruntime-genai's builder fuses q/k/v):
+    B, scales and zero points are concatenated along N by Concat nodes on initializers, which onnxruntime folds
+    into one constant at load. Returns (the concatenated output [.., sum N], the N of each), or None when the
+    packings differ (then nothing is added to the graph)."""
     lins = [g.weights.linear(w) for w in weights]
     biases = biases or [None] * len(weights)
     first = lins[0].packed
@@ -97,7 +172,7 @@ def fused_linears(g: GraphBuilder, x: str, weights: list[str], biases: list[str 
         first.block_size) and bool(lin.zero_points) == bool(lins[0].zero_points) for lin in lins
     )
     if not same or len(lins) < 2:
-        return [linear(g, x, w, b) for w, b in zip(weights, biases, strict=True)]
+        return None
     inputs = [x, g.op("Concat", *[lin.B for lin in lins], axis=0), g.op("Concat", *[lin.scales for lin in lins], axis=0)]
     if lins[0].zero_points:
         inputs.append(g.op("Concat", *[lin.zero_points for lin in lins], axis=0))
@@ -106,7 +181,16 @@ def fused_linears(g: GraphBuilder, x: str, weights: list[str], biases: list[str 
              block_size=first.block_size, accuracy_level=g.weights.accuracy_level)
     if any(biases):
         y = g.op("Add", y, g.op("Concat", *[g.weights.float(b) for b in biases], axis=0))
-    return g.op("Split", y, g.const(sizes), axis=-1, outputs=len(lins))
+    return y, sizes
+
+
+def fused_linears(g: GraphBuilder, x: str, weights: list[str], biases: list[str | None] | None = None) -> list[str]:
+    """:func:`packed_linears` Split back into one output per weight; separate linears when the packings differ."""
+    packed = packed_linears(g, x, weights, biases)
+    if packed is None:
+        return [linear(g, x, w, b) for w, b in zip(weights, biases or [None] * len(weights), strict=True)]
+    y, sizes = packed
+    return g.op("Split", y, g.const(sizes), axis=-1, outputs=len(sizes))
 
 
 def swiglu_mlp(g: GraphBuilder, x: str, prefix: str) -> str:

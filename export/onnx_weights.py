@@ -17,6 +17,7 @@ numerically in tests/test_onnx_weights.py against ``QuantizedTensor.dequantize()
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -243,10 +244,57 @@ class WeightTable:
         self.float_bytes[name] = (why, wt.nbytes)
 
     def tie(self, name: str, embedding: str) -> None:
-        """``name`` computes with the embedding matrix itself (tie_word_embeddings): no second copy."""
+        """``name`` computes with the embedding matrix itself (tie_word_embeddings): no second copy.
+
+        A quantized embedding is already MatMulNBits-packed: the head's MatMulNBits reads the very same
+        B/scales/zero_points initializers the lookup's GatherBlockQuantized reads (through a Reshape, which
+        onnxruntime folds at load), so the file holds the matrix once. A float one is read by Gemm(transB)."""
+        emb = self.linears.get(embedding)
+        if emb is not None and emb.packed is not None:
+            self.linears[name] = dataclasses.replace(emb, name=name)
+            self.notes.add(f"{name}: tied to {embedding} ({emb.format}: one packed matrix for "
+                           "GatherBlockQuantized and MatMulNBits)")
+            return
         shape = self.floats[embedding]
         self.linears[name] = Linear(name, f"tied to {embedding}", W=embedding)
         self.notes.add(f"{name}: tied to {embedding} ({shape[0]}x{shape[1]} float32, Gemm transB)")
+
+    def dq_zero_points(self, name: str) -> str:
+        """The zero points of packed linear ``name`` as an explicit [N, K / block] uint4/uint8 initializer for
+        ``DequantizeLinear`` (which, unlike MatMulNBits, has no 2^(bits-1) default and no per-row byte padding)."""
+        p = self.linear(name).packed
+        nb = p.K // p.block_size
+        if p.zero_points is None:
+            z = np.full((p.N, nb), 1 << (p.bits - 1), np.uint8)
+        elif p.bits == 4:
+            zr = p.zero_points.reshape(p.N, -1)
+            z = np.stack([zr & 0x0F, zr >> 4], axis=-1).reshape(p.N, -1)[:, :nb]
+        else:
+            z = p.zero_points.reshape(p.N, nb)
+        zname = f"{name}.dq_zero_points"
+        if zname not in self.sink.names:
+            if p.bits == 4:
+                proto = onnx.helper.make_tensor(zname, TensorProto.UINT4, [p.N, nb], z.reshape(-1).astype(np.int32))
+            else:
+                proto = numpy_helper.from_array(np.ascontiguousarray(z, np.uint8), zname)
+            self.sink.protos.append(proto)
+            self.sink.names.add(zname)
+        return zname
+
+    def alias(self, src: str, dtype: int, dims: list[int], name: str) -> str:
+        """A second initializer over the bytes of ``src`` (same external-data range, or a copy of small inline
+        bytes) typed ``dtype`` with ``dims``."""
+        if name in self.sink.names:
+            return name
+        proto = next(t for t in self.sink.protos if t.name == src)
+        new = onnx.TensorProto()
+        new.CopyFrom(proto)
+        new.name, new.data_type = name, dtype
+        del new.dims[:]
+        new.dims.extend(dims)
+        self.sink.protos.append(new)
+        self.sink.names.add(name)
+        return name
 
     def linear(self, name: str) -> Linear:
         try:

@@ -67,9 +67,11 @@ class OnnxRuntime(Runtime):
         self = cls()
         self.path, self.device = path, device
         opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # the fusions the graph is written for
         if threads:
             opts.intra_op_num_threads = threads
         self.threads = threads or 0  # 0: onnxruntime's default (physical cores)
+        self.n_ctx = n_ctx
         providers = [PROVIDERS[device]] + (["CPUExecutionProvider"] if device != "cpu" else [])
         # dsq's own external-data guard on every load: older onnxruntime follows `../x`, absolute paths
         # and symlinks out of the folder (CVE-2022-25882, CVE-2024-27318, CVE-2025-51480).
@@ -79,6 +81,7 @@ class OnnxRuntime(Runtime):
         except Exception as e:
             raise CorruptFileError(f"{model}: onnxruntime cannot load it ({str(e).splitlines()[0]})") from None
         self._layout()
+        self._shared = device == "cpu" and _shares_buffer(model.parent)
         self.tok = HFTokenizer(model.parent)
         self.tok.apply_to(self)
         return self
@@ -107,6 +110,9 @@ class OnnxRuntime(Runtime):
         v = outs["logits"].shape[-1]
         self._out_names = ["logits"] + [p[1] for p in self._past]
         self._cache: dict[str, np.ndarray] | None = None
+        self._kv: dict[str, np.ndarray] | None = None  # the shared past/present buffers (GroupQueryAttention graphs)
+        self._kv_cap = 0
+        self._shared = False
         self._pos = 0
         self.vocab_size = v if isinstance(v, int) else self.logits([0]).shape[-1]  # symbolic: run one token
 
@@ -116,7 +122,40 @@ class OnnxRuntime(Runtime):
     def detokenize(self, ids: Iterable[int]) -> str:
         return self.tok.detokenize(ids)
 
+    def _run_shared(self, ids: list[int], start: int) -> np.ndarray:
+        """One step on a GroupQueryAttention graph with past and present bound to one preallocated buffer per
+        cache tensor (as onnxruntime-genai's past_present_share_buffer): the op appends the new positions in
+        place, so a decode step copies nothing of the cache. The buffers grow (doubling) past their capacity."""
+        import onnxruntime as ort
+
+        n = len(ids)
+        total = start + n
+        if self._kv is None or total > self._kv_cap:
+            cap = max(total, 2 * self._kv_cap if self._kv is not None else self.n_ctx or 256)
+            new = {name: np.zeros((1, heads, cap, dim), dt) for name, _, (heads, dim), dt in self._past}
+            if start and self._kv is not None:
+                for name in new:
+                    new[name][:, :, :start] = self._kv[name][:, :, :start]
+            self._kv, self._kv_cap = new, cap
+        bind = self.sess.io_binding()
+        bind.bind_cpu_input("input_ids", np.asarray([ids], dtype=np.int64))
+        bind.bind_cpu_input("attention_mask", np.ones((1, total), dtype=np.int64))
+        if self._has_pos:
+            bind.bind_cpu_input("position_ids", np.arange(start, total, dtype=np.int64)[None])
+        bind.bind_output("logits")  # first: get_outputs() lists outputs in binding order
+        for name, out, _, _ in self._past:
+            value = ort.OrtValue.ortvalue_from_numpy(self._kv[name])  # shares the numpy buffer
+            bind.bind_ortvalue_input(name, value)
+            bind.bind_ortvalue_output(out, value)
+        self.sess.run_with_iobinding(bind)
+        self._cache = self._kv  # decode() may follow
+        logits = bind.get_outputs()[0].numpy()[0].astype(np.float32, copy=False)
+        self.vocab_size = logits.shape[-1]
+        return logits
+
     def _run(self, ids: list[int], past: dict[str, np.ndarray] | None, start: int) -> np.ndarray:
+        if self._shared:
+            return self._run_shared(ids, start)
         n = len(ids)
         feed = {
             "input_ids": np.asarray([ids], dtype=np.int64),
@@ -150,4 +189,16 @@ class OnnxRuntime(Runtime):
 
     def close(self) -> None:
         self.sess = None
-        self._cache = None
+        self._cache = self._kv = None
+
+
+def _shares_buffer(folder: Path) -> bool:
+    """Whether the export says its graph appends to a shared past/present buffer (genai_config.json's
+    ``search.past_present_share_buffer``, written for GroupQueryAttention graphs). Unreadable: no."""
+    import json
+
+    try:
+        cfg = json.loads((folder / "genai_config.json").read_text(encoding="utf-8"))
+        return cfg["search"]["past_present_share_buffer"] is True
+    except (OSError, ValueError, KeyError, TypeError):
+        return False

@@ -36,6 +36,7 @@ def _logits(out) -> np.ndarray:
         (dict(recipe="int4"), InputError, "already quantized"),
         (dict(attention="fused"), UnsupportedError, "attention `fused`"),
         (dict(accuracy_level=7), UnsupportedError, "accuracy_level 7"),
+        (dict(ep="coreml", attention="contrib"), UnsupportedError, "no com.microsoft kernels"),
     ],
 )
 def test_refused_at_export_with_nothing_written(quantized_dir, tmp_path, kwargs, error, words):
@@ -121,3 +122,14 @@ def test_cli_export_to_onnx(quantized_dir, tmp_path):
     res = runner.invoke(app, ["export", str(quantized_dir("qwen3", "int4")), "--to", "onnx", "-o", str(bad), "--ep", "coreml"])
     assert res.exit_code == 2 and "error: --ep coreml" in res.output and "Traceback" not in res.output
     assert not bad.exists()
+
+
+def test_coreml_gets_the_plain_graph(model_dir, tmp_path):
+    """--ep coreml from a float checkpoint: attention auto resolves to standard ops only (CoreML has no
+    com.microsoft kernels), so nothing in the graph is outside the ONNX domain."""
+    import onnx
+
+    report = export_onnx(model_dir("qwen2"), tmp_path / "o", ep="coreml")
+    assert report["attention_impl"] == "gqa"
+    model = onnx.load(str(tmp_path / "o" / "model.onnx"))
+    assert {n.domain for n in model.graph.node} == {""}

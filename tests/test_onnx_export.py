@@ -158,9 +158,11 @@ def test_v3_routing_uses_the_correction_bias(quantized_dir, reference, tmp_path)
     assert float(np.abs(unbiased - ref_logits).max()) > 10 * ATOL
 
 
-def test_batch_with_left_padding(exported, reference):
-    """Two prompts of different lengths in one batch (left-padded): the attention mask hides the pads."""
-    out, _ = exported("qwen2", "int4")
+def test_batch_with_left_padding(quantized_dir, reference, tmp_path):
+    """Two prompts of different lengths in one batch (left-padded): the attention mask hides the pads. Left padding
+    needs the plain graph (GroupQueryAttention takes positions and the causal limit from the row lengths)."""
+    out = tmp_path / "plain"
+    export_onnx(quantized_dir("qwen2", "int4"), out, attention="plain", accuracy_level=EXACT)
     session = load_session(out)
     a, b = PROMPT, PROMPT[3:]
     pad = len(a) - len(b)
@@ -259,3 +261,287 @@ def test_cpu_default_quantizes_activations_but_stays_close(recipe, quantized_dir
     _, exact = ort_greedy(load_session(exported("qwen2", recipe)[0]), PROMPT, 1)
     diff = float(np.abs(fast - exact).max())
     assert 0 < diff <= 0.05
+
+
+# -- quantized embedding and lm_head (recipe roles embed / lm_head) ---------------------------------------------
+def reference_with_heads(qdir: Path, work: Path, heads: dict[str, str]):
+    """transformers on dsq's dequantized weights, the embedding / lm_head replaced by their dequantized ``heads``
+    formats (dsq's own quantizer: the values the export must carry)."""
+    import transformers
+    from safetensors.torch import save_file
+
+    from dsq.dsquant.formats import FORMATS
+    from dsq.dsquant.quantized import QuantizedCheckpoint
+
+    q = QuantizedCheckpoint(qdir)
+    state = q.dequantized_state_dict()
+    for name, role in (("model.embed_tokens.weight", "embed"), ("lm_head.weight", "lm_head")):
+        if role in heads and name in state:
+            state[name] = FORMATS[heads[role]].quantize(state[name], name).dequantize().to(state[name].dtype)
+    save_file({k: v.contiguous() for k, v in state.items()}, work / "model.safetensors")
+    cfg = {k: v for k, v in q.config.items() if k != "quantization_config"}
+    (work / "config.json").write_text(json.dumps(dict(cfg, dtype="float32")))
+    return transformers.AutoModelForCausalLM.from_pretrained(work, dtype=torch.float32).eval()
+
+
+def _check_exact(src: Path, out: Path, work: Path, heads: dict[str, str]) -> None:
+    work.mkdir()
+    ref = reference_with_heads(src, work, heads)
+    tokens, logits = ort_greedy(load_session(out), PROMPT, NEW_TOKENS)
+    ref_tokens, ref_logits = torch_greedy(ref, PROMPT, NEW_TOKENS)
+    diff = float(np.abs(logits - ref_logits).max())
+    assert diff <= ATOL, f"max |logit diff| {diff:.2e}"
+    assert tokens == ref_tokens
+
+
+@pytest.mark.parametrize("fmt", ["int8_g32", "int4_sym_g32"])
+def test_tied_quantized_head_is_one_matrix_and_exact(fmt, quantized_dir, tmp_path):
+    """A tied model with lm_head = FMT: the lookup is GatherBlockQuantized and the head MatMulNBits, both reading
+    the same packed initializers (no float copy of the 320x256 matrix), and the logits equal torch's on the
+    dequantized values."""
+    src = tied_copy(quantized_dir("llama", "int4"), tmp_path / "tied")
+    out = tmp_path / "onnx"
+    report = export_onnx(src, out, accuracy_level=EXACT, lm_head=fmt)
+    assert report["heads"] == {"embed": fmt, "lm_head": fmt}
+    model = onnx.load(str(out / "model.onnx"))
+    inits = {t.name: t for t in model.graph.initializer}
+    assert not [n for n, t in inits.items() if tuple(t.dims) == (320, 256)]  # no float matrix left
+    producers = {o: n for n in model.graph.node for o in n.output}
+    (gather,) = [n for n in model.graph.node if n.op_type == "GatherBlockQuantized"]
+    head = next(n for n in model.graph.node if n.op_type == "MatMulNBits" and n.attribute[0].name and
+                any(a.name == "N" and a.i == 320 for a in n.attribute))
+    assert producers[gather.input[0]].op_type == "Reshape" and producers[gather.input[0]].input[0] == head.input[1]
+    assert head.input[1] == "model.embed_tokens.weight.B"
+    assert sum(t.name.startswith("model.embed_tokens.weight.B") for t in model.graph.initializer) == 1
+    _check_exact(src, out, tmp_path / "ref", report["heads"])
+    float_out = tmp_path / "float-head"
+    export_onnx(src, float_out, accuracy_level=EXACT)
+    size = lambda d: (d / "model.onnx").stat().st_size  # noqa: E731
+    bits = 8 if fmt.startswith("int8") else 4
+    packed = 320 * 256 * bits // 8 + 320 * 256 // 32 * 4  # codes + float32 scales, once
+    assert size(float_out) - size(out) >= 320 * 256 * 4 - packed - 2048  # the float matrix, less the packed one
+
+
+def test_untied_embed_and_head_in_their_own_formats(quantized_dir, tmp_path):
+    """Untied: the embedding int4_asym with one block per row (zero points padded to a byte, the odd case), the
+    head int8; each stored once in its format, values exact."""
+    src = quantized_dir("deepseek_v3", "int4")  # hidden 128: g128 gives one block per row
+    heads = {"embed": "int4_asym_g128", "lm_head": "int8_g32"}
+    report = export_onnx(src, tmp_path / "onnx", accuracy_level=EXACT, **heads)
+    assert report["heads"] == heads
+    model = onnx.load(str(tmp_path / "onnx" / "model.onnx"))
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("GatherBlockQuantized") == 1 and "Gather" not in [
+        n.op_type for n in model.graph.node if "input_ids" in n.input]
+    assert "model.embed_tokens.weight.zero_points" in {t.name for t in model.graph.initializer}
+    _check_exact(src, tmp_path / "onnx", tmp_path / "ref", heads)
+
+
+def test_recipe_embed_role_reaches_the_export(model_dir, tmp_path):
+    """[roles] embed / lm_head in a recipe TOML: accepted, the checkpoint keeps the embedding 16-bit (transformers
+    loads it), and an ONNX export of that checkpoint (recipe read back from dsq-report.json) or of the float model
+    with --recipe quantizes them."""
+    from dsq.dsquant.quantize import quantize_checkpoint
+    from dsq.dsquant.quantized import QuantizedCheckpoint
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('base = "int4"\n[roles]\nembed = "int8_g32"\nlm_head = "keep"\n')
+    q = tmp_path / "q"
+    quantize_checkpoint(model_dir("llama"), q, str(recipe))
+    stored = dict(QuantizedCheckpoint(q).iter_weights())
+    assert stored["model.embed_tokens.weight"].dtype == torch.bfloat16
+    r1 = export_onnx(q, tmp_path / "a", accuracy_level=EXACT)
+    r2 = export_onnx(model_dir("llama"), tmp_path / "b", accuracy_level=EXACT, recipe=str(recipe))
+    assert r1["heads"] == r2["heads"] == {"embed": "int8_g32"}
+    a = onnx.load(str(tmp_path / "a" / "model.onnx"))
+    assert "GatherBlockQuantized" in {n.op_type for n in a.graph.node}
+    _, la = ort_greedy(load_session(tmp_path / "a"), PROMPT, 1)
+    _, lb = ort_greedy(load_session(tmp_path / "b"), PROMPT, 1)
+    np.testing.assert_array_equal(la, lb)  # same checkpoint values either way
+    # an explicit flag wins over the recipe
+    r3 = export_onnx(q, tmp_path / "c", accuracy_level=EXACT, embed="keep")
+    assert r3["heads"] == {}
+
+
+def test_quantized_head_refusals(quantized_dir, model_dir, tmp_path):
+    from dsq.dsquant.errors import UnsupportedError
+    from dsq.dsquant.quantize import quantize_checkpoint
+
+    tied = tied_copy(quantized_dir("llama", "int4"), tmp_path / "tied")
+    with pytest.raises(UnsupportedError, match="one matrix"):
+        export_onnx(tied, tmp_path / "a", embed="int8_g32", lm_head="int4_sym_g32")
+    with pytest.raises(UnsupportedError, match="embed = fp8_b128"):
+        export_onnx(tied, tmp_path / "b", embed="fp8_b128")
+    with pytest.raises(UnsupportedError, match="unknown format"):
+        export_onnx(tied, tmp_path / "c", lm_head="int3")
+    # a checkpoint whose lm_head is stored int4: asking int8 would re-round dsq's values
+    recipe = tmp_path / "h.toml"
+    recipe.write_text('base = "int4"\n[roles]\nlm_head = "int4_sym_g32"\n')
+    quantize_checkpoint(model_dir("llama"), tmp_path / "hq", str(recipe))
+    with pytest.raises(UnsupportedError, match="re-round"):
+        export_onnx(tmp_path / "hq", tmp_path / "d", lm_head="int8_g32")
+    assert not any((tmp_path / n).exists() for n in "abcd")
+
+
+@pytest.mark.parametrize("fmt,gguf_type", [("int4_sym_g32", "q4_0"), ("int8_g32", "q8_0")])
+def test_quantized_head_has_the_gguf_twin_values(fmt, gguf_type, quantized_dir, tmp_path):
+    """The tied matrix an ONNX export quantizes to FMT holds the very values a GGUF export of the same checkpoint
+    writes for token_embd in the twin type (Q4_0 / Q8_0, ggml's rounding): what llama.cpp and onnxruntime run is
+    the same model."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    from dsq.export.gguf_writer import export_gguf
+    from dsq.export.onnx_weights import PackedNBits, unpack_matmulnbits
+
+    src = tied_copy(quantized_dir("llama", "int4"), tmp_path / "tied")
+    export_onnx(src, tmp_path / "onnx", lm_head=fmt)
+    export_gguf(src, tmp_path / "m.gguf", type=gguf_type, pure=True)
+    (t,) = [t for t in GGUFReader(tmp_path / "m.gguf").tensors if t.name == "token_embd.weight"]
+    assert t.tensor_type.name == gguf_type.upper()
+    ggml = dequantize(t.data, t.tensor_type).reshape(320, 256)
+    model = onnx.load(str(tmp_path / "onnx" / "model.onnx"))
+    arr = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    bits = 4 if gguf_type == "q4_0" else 8
+    packed = PackedNBits(arr["model.embed_tokens.weight.B"], arr["model.embed_tokens.weight.scales"], None,
+                         256, 320, bits, 32)
+    np.testing.assert_array_equal(unpack_matmulnbits(packed).numpy(), ggml.astype(np.float32))
+
+
+def test_batch_with_right_padding_on_the_default_graph(exported, reference):
+    """The default (GroupQueryAttention) graph: a right-padded batch, as onnxruntime-genai feeds it; each row's
+    real positions match transformers on that prompt alone."""
+    out, report = exported("qwen2", "int4")
+    assert report["attention_impl"] == "gqa_contrib"
+    session = load_session(out)
+    a, b = PROMPT, PROMPT[3:]
+    pad = len(a) - len(b)
+    ids = np.array([a, b + [0] * pad], np.int64)
+    mask = np.array([[1] * len(a), [1] * len(b) + [0] * pad], np.int64)
+    pos = np.array([list(range(len(a)))] * 2, np.int64)
+    logits = session.run(["logits"], {"input_ids": ids, "attention_mask": mask, "position_ids": pos,
+                                      **empty_past(session, 2)})[0]
+    model = reference("qwen2", "int4")
+    with torch.no_grad():
+        ref_a, ref_b = (model(torch.tensor([p])).logits.numpy()[0] for p in (a, b))
+    assert float(np.abs(logits[0] - ref_a).max()) <= ATOL
+    assert float(np.abs(logits[1, : len(b)] - ref_b).max()) <= ATOL
+
+
+@pytest.mark.parametrize("arch,rotary", [("llama", 1), ("qwen2", 1), ("qwen3", 0)])
+def test_default_graph_is_the_fused_form(arch, rotary, exported):
+    """What the default export hands onnxruntime per layer: one packed q|k|v MatMulNBits straight into
+    GroupQueryAttention (RoPE inside it, except Qwen3 whose q/k norms come first), two
+    SkipSimplifiedLayerNormalization, no Identity copies of the cache, and genai told to share past/present."""
+    out, _ = exported(arch, "int4")
+    model = onnx.load(str(out / "model.onnx"))
+    ops = [n.op_type for n in model.graph.node]
+    gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == 2 and all({a.name: a.i for a in n.attribute}.get("do_rotary", 0) == rotary for n in gqa)
+    assert ops.count("SkipSimplifiedLayerNormalization") == 4 and "Identity" not in ops
+    assert {o for n in gqa for o in n.output[1:]} == {f"present.{i}.{k}" for i in range(2) for k in ("key", "value")}
+    if rotary:
+        assert all(n.input[1] == n.input[2] == "" for n in gqa)  # packed q|k|v, no Split
+        assert not {"Cos", "Sin", "Range"} & set(ops)  # the plain path's RoPE tables and mask are not built
+    genai = json.loads((out / "genai_config.json").read_text())
+    assert genai["search"]["past_present_share_buffer"] is True
+
+
+@pytest.mark.parametrize("n_ctx", [None, 4])
+def test_runtime_decodes_in_a_shared_buffer(n_ctx, exported):
+    """dsq's onnxruntime runtime on a GroupQueryAttention export binds past and present to one buffer per cache
+    tensor (no per-step copy of the cache); n_ctx=4 forces the buffer to grow twice while decoding. Tokens and
+    logits equal the plain run that feeds present back as past."""
+    from dsq.runtimes.onnxruntime_runtime import OnnxRuntime
+
+    out, _ = exported("llama", "int4")
+    rt = OnnxRuntime.load(out, n_ctx=n_ctx)
+    assert rt._shared
+    rows = [rt.prefill(PROMPT)]
+    for _ in range(NEW_TOKENS - 1):
+        rows.append(rt.decode(int(rows[-1].argmax())))
+    tokens, first = ort_greedy(load_session(out), PROMPT, NEW_TOKENS)
+    assert [int(r.argmax()) for r in rows] == tokens
+    np.testing.assert_allclose(rows[0], first[0, -1], atol=1e-5)
+    assert rt._kv_cap >= len(PROMPT) + NEW_TOKENS - 1
+    if n_ctx:
+        assert rt._kv_cap == 40  # 10 (the prompt) -> 20 -> 40
+
+
+def test_mla_attends_over_the_latent_in_the_absorbed_form(exported, quantized_dir, reference, tmp_path):
+    """The default MLA graph folds kv_b_proj's W_kc/W_vc into the query and the output (DequantizeLinear of dsq's
+    codes, read from the same bytes MatMulNBits would use: kv_b is stored once) and never up-projects the cache;
+    --attention plain keeps the naive form. Both match transformers on the dequantized weights."""
+    out, report = exported("deepseek_v3", "int4")
+    model = onnx.load(str(out / "model.onnx"))
+    dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dq) == 3 and all(n.input[0].endswith("kv_b_proj.weight.codes_u4") for n in dq)
+    inits = {t.name for t in model.graph.initializer}
+    assert not any(n.endswith("kv_b_proj.weight.B") for n in inits)
+    assert not any(n.op_type == "MatMulNBits" and "kv_b_proj" in n.input[1] for n in model.graph.node)
+    plain = tmp_path / "naive"
+    export_onnx(quantized_dir("deepseek_v3", "int4"), plain, attention="plain", accuracy_level=EXACT)
+    naive = onnx.load(str(plain / "model.onnx"))
+    assert not [n for n in naive.graph.node if n.op_type == "DequantizeLinear"]
+    ref_tokens, ref_logits = torch_greedy(reference("deepseek_v3", "int4"), PROMPT, NEW_TOKENS)
+    for d in (out, plain):
+        tokens, logits = ort_greedy(load_session(d), PROMPT, NEW_TOKENS)
+        assert float(np.abs(logits - ref_logits).max()) <= ATOL and tokens == ref_tokens
+    assert report["kv_cache_bytes_per_token_fp32"] == 3 * (32 + 16) * 4  # layers * (kv_lora_rank + rope) * fp32
+    # with external data the uint4 view points into model.onnx.data at the packed bytes' own offset
+    ext = tmp_path / "ext"
+    export_onnx(quantized_dir("deepseek_v3", "int4"), ext, external_threshold=0, accuracy_level=EXACT)
+    np.testing.assert_array_equal(ort_greedy(load_session(ext), PROMPT, 1)[1], ort_greedy(load_session(out), PROMPT, 1)[1])
+
+
+def test_mla_absorbed_form_with_asymmetric_zero_points(model_dir, tmp_path):
+    """kv_b_proj in int4_asym with an odd number of blocks per row (MatMulNBits pads each row's packed zero
+    points to a byte; DequantizeLinear's explicit uint4 zero points are not padded): still exact."""
+    from dsq.dsquant.quantize import quantize_checkpoint
+
+    recipe = tmp_path / "asym.toml"
+    recipe.write_text('default = "int4_asym_g32"\n[roles]\nmla_kv_b = "int4_asym_g32"\n')
+    q = tmp_path / "q"
+    quantize_checkpoint(model_dir("deepseek_v2"), q, str(recipe))
+    cfg = json.loads((q / "config.json").read_text())
+    assert (cfg["kv_lora_rank"] // 32) % 2 == 1, "the fixture's rank should give an odd block count"
+    export_onnx(q, tmp_path / "onnx", accuracy_level=EXACT)
+    (tmp_path / "ref").mkdir()
+    tokens, logits = ort_greedy(load_session(tmp_path / "onnx"), PROMPT, NEW_TOKENS)
+    ref_tokens, ref_logits = torch_greedy(reference_model(q, tmp_path / "ref"), PROMPT, NEW_TOKENS)
+    assert float(np.abs(logits - ref_logits).max()) <= ATOL
+    assert tokens == ref_tokens
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "deepseek_v3"])
+def test_fp16_precision_runs_and_stays_close(arch, quantized_dir, reference, tmp_path):
+    """--precision fp16 (for GPU EPs; onnxruntime's CPU kernels run it too, which is what this checks): fp16
+    inputs/cache/logits, dsq's scales carried exactly (they are fp16 already), logits within fp16 rounding of
+    the float32 reference and the same first greedy token; the KV cache halves."""
+    out = tmp_path / "fp16"
+    report = export_onnx(quantized_dir(arch, "int4"), out, precision="fp16", accuracy_level=EXACT)
+    assert report["precision"] == "fp16"
+    assert report["kv_cache_bytes_per_token"] * 2 == report["kv_cache_bytes_per_token_fp32"]
+    session = load_session(out)
+    past = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
+    assert past and all(i.type == "tensor(float16)" for i in past)
+    model = onnx.load(str(out / "model.onnx"))
+    scales = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer if t.name.endswith(".scales")}
+    assert scales and all(v.dtype == np.float16 for v in scales.values())
+    ids = np.array([PROMPT], np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(len(PROMPT))[None]}
+    for i in past:
+        feeds[i.name] = np.zeros([1 if d == "batch_size" else 0 if isinstance(d, str) else d for d in i.shape],
+                                 np.float16)
+    logits = session.run(["logits"], feeds)[0].astype(np.float32)
+    _, ref = torch_greedy(reference(arch, "int4"), PROMPT, 1)
+    assert float(np.abs(logits - ref).max()) <= 0.05  # fp16 activations: ~1e-2 observed on O(1) logits
+    assert int(logits[0, -1].argmax()) == int(ref[0, -1].argmax())
+    og = pytest.importorskip("onnxruntime_genai")  # genai reads the fp16 cache type from the graph
+    gmodel = og.Model(str(out))
+    params = og.GeneratorParams(gmodel)
+    params.set_search_options(max_length=len(PROMPT) + 4, do_sample=False)
+    gen = og.Generator(gmodel, params)
+    gen.append_tokens(np.array([PROMPT], np.int32))
+    gen.generate_next_token()
+    assert int(gen.get_sequence(0)[len(PROMPT)]) == int(ref[0, -1].argmax())
