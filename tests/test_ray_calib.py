@@ -98,3 +98,43 @@ def test_units_run_as_tasks_report_progress_and_resume_from_work_dir(ray_cluster
     assert ex.calib.tasks >= experts
     da, db = _digests(tmp_path / "local"), _digests(tmp_path / "ray")
     assert [n for n in da if da[n] != db[n]] in ([], ["dsq-report.json"])
+
+
+def _dies_once(marker: str):
+    """A job function whose first call anywhere kills its worker process (os._exit); later calls double x."""
+
+    def fn(x: int) -> int:
+        import os
+
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return 2 * x
+        os.close(fd)
+        os._exit(1)
+
+    return fn
+
+
+def _refusing():
+    """A job function that raises dsq's InputError (made here so Ray pickles it by value)."""
+
+    def fn(x: int) -> int:
+        from dsq.dsquant.errors import InputError
+
+        raise InputError(f"job {x}: refused")
+
+    return fn
+
+
+def test_calib_pool_retries_a_dead_worker_and_reraises_dsq_errors(ray_cluster, tmp_path):
+    from dsq.dsquant.errors import InputError
+    from dsq.dsquant.ray_executor import RayCalibPool
+
+    pool = RayCalibPool(ray_cluster, threads=1)
+    marker = tmp_path / "killed-once"
+    done: list[int] = []
+    assert pool.map(_dies_once(str(marker)), [(x,) for x in range(5)], done.append) == [0, 2, 4, 6, 8]
+    assert marker.exists() and done == [1, 2, 3, 4, 5]
+    with pytest.raises(InputError, match="job 0: refused"):
+        pool.map(_refusing(), [(0,)])
