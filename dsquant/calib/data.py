@@ -109,7 +109,8 @@ def list_sets() -> list[dict]:
                 "kind": "mix",
                 "bytes": sum(s.nbytes for s in sets),
                 "documents": sum(len(read_documents(s.file, s.kind)) for s in sets),
-                "description": "equal share of samples from: " + ", ".join(parts),
+                "description": "windows drawn without replacement from all of: " + ", ".join(parts)
+                + " (each set's share follows its size)",
                 "source": "see its parts",
                 "licence": ", ".join(sorted({s.licence for s in sets})),
                 "file": "",
