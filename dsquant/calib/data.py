@@ -304,9 +304,9 @@ def sample_windows(
     if samples > len(chosen):
         unique = sum(len(s) for s in streams)
         log.warning(
-            "calibration: %d samples x %d tokens = %d tokens, but %s has %d unique tokens (%d whole windows); "
+            "calibration: %d samples x %d tokens = %d tokens, but %s has %d unique tokens (%d windows of %d); "
             "windows will repeat text. Give more text (--calib FILE) or lower --samples/--seqlen",
-            samples, seqlen, samples * seqlen, source, unique, len(chosen),
+            samples, seqlen, samples * seqlen, source, unique, len(chosen), seqlen,
         )
     while len(chosen) < samples:
         chosen += one_pass()
