@@ -34,7 +34,7 @@ from .awq import apply_awq
 from .data import CalibBatch, calibration_batch, load_tokenizer
 from .methods import CalibOptions, InputStats, Method, get_method, use_stats
 from .moe_coverage import ExpertCapture, fuse_experts
-from .pool import LOCAL, LocalPool
+from .pool import LOCAL, CalibPool
 from .resume import ResumeState, fingerprint
 
 
@@ -211,7 +211,7 @@ def calibrate_layer(
     ref: list[torch.Tensor] | None = None,
     collect: dict | None = None,
     given: dict[str, torch.Tensor] | None = None,
-    pool: LocalPool = LOCAL,
+    pool: CalibPool = LOCAL,
     on_unit: Callable[[int, int], None] | None = None,
 ) -> tuple[Tensors, list[torch.Tensor], list[torch.Tensor] | None, LayerReport]:
     """Calibrate layer ``i`` on the quantized stream ``xs``; ``ref`` is the float model's stream (for the
@@ -279,7 +279,7 @@ def calibrate_layer(
 
 
 def _lm_head(dec: Decoder, xs: list[torch.Tensor], method: Method, formats: dict[str, str], opts: CalibOptions,
-             collect: dict | None = None, given: dict[str, torch.Tensor] | None = None, pool: LocalPool = LOCAL):
+             collect: dict | None = None, given: dict[str, torch.Tensor] | None = None, pool: CalibPool = LOCAL):
     t = dec.others.get(Role.LM_HEAD)
     if t is None or t.name not in formats:
         return None, None
@@ -311,7 +311,7 @@ def calibrate(
     batch: CalibBatch | None = None,
     collect: bool = False,
     given: dict[str, torch.Tensor] | None = None,
-    pool: LocalPool | None = None,
+    pool: CalibPool | None = None,
 ) -> CalibResult:
     """Calibrate every quantized linear of ``plan`` layer by layer; see the module docstring.
 

@@ -15,12 +15,23 @@ A pool returns results in job order, so the caller assembles exactly what the se
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 UnitFn = Callable[[int], None]  # called with the number of this map's jobs finished so far
+
+
+class CalibPool(Protocol):
+    """What calibrate_layer needs from a pool (LocalPool here, ray_executor.RayCalibPool on Ray)."""
+
+    def share(self, obj: Any) -> Any: ...
+
+    def map(self, fn: Callable, jobs: Iterable[tuple], on_done: UnitFn | None = None) -> list: ...
+
+    def forward(self, runner: Callable[[nn.Module, torch.Tensor], torch.Tensor], layer: nn.Module,
+                xs: list[torch.Tensor]) -> list[torch.Tensor]: ...
 
 
 class LocalPool:
