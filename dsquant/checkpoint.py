@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .archs import Architecture, Role, TensorRef, get_architecture
+from .config import ModelConfig
 from .errors import BadWeightsError, CorruptFileError, InputError, UnsupportedError
 from .formats import FORMATS, QuantizedTensor
 from .paths import resolve_model_file
@@ -339,8 +340,8 @@ def _check_mla_width(t: SourceTensor, config: dict, cfg_path: Path) -> None:
 
 def _check_experts(experts: dict[int, dict[int, set[Role]]], config: dict, cfg_path: Path) -> None:
     """Every MoE layer has all ``n_routed_experts`` experts, each with gate, up and down."""
-    n = config.get("n_routed_experts") or config.get("num_experts")
-    if not isinstance(n, int) or n <= 0:
+    n = ModelConfig.from_dict(config, str(cfg_path)).n_experts
+    if n <= 0:
         return
     want = {Role.EXPERT_GATE, Role.EXPERT_UP, Role.EXPERT_DOWN}
     for layer, by_expert in sorted(experts.items()):

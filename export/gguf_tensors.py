@@ -1,7 +1,7 @@
 """Which GGUF tensors a checkpoint becomes: names, shapes, the HF tensors each is built from, and how.
 
 Names come from gguf-py (``gguf.TENSOR_NAMES``), keyed by dsq's roles in ``ROLE_TENSORS``; the
-rewrites llama.cpp expects are a per-architecture table of transforms (``TRANSFORMS``):
+rewrites llama.cpp expects are transforms (``TRANSFORMS``) each architecture record names by role:
 
 * ``llama`` q/k rows are permuted from HF's rotate-half RoPE layout to ggml's interleaved one
   (``LlamaModel.permute`` in llama.cpp's convert_hf_to_gguf). It moves whole rows, so a quantized
@@ -23,6 +23,7 @@ import torch
 from gguf import MODEL_TENSOR, TENSOR_NAMES
 
 from dsq.dsquant.archs import Role
+from dsq.dsquant.config import ModelConfig
 from dsq.dsquant.errors import UnsupportedError
 from dsq.dsquant.formats import QuantizedTensor
 
@@ -88,8 +89,7 @@ def _permute_q(v, cfg: dict):
 
 
 def _permute_k(v, cfg: dict):
-    n_kv = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
-    return select_rows(v, permute_rows(v.shape[0], n_kv))
+    return select_rows(v, permute_rows(v.shape[0], ModelConfig.from_dict(cfg).n_kv_heads))
 
 
 def _mla_dims(cfg: dict) -> tuple[int, int, int]:
@@ -108,15 +108,8 @@ def _k_b(v, cfg: dict):
     return w.reshape(n_head, nope + vd, w.shape[-1])[:, :nope].transpose(1, 2).contiguous()
 
 
+# Transform kinds: a record's ``gguf_transforms`` names these (role -> kind) for its single-source tensors.
 TRANSFORMS: dict[str, Callable] = {"permute_q": _permute_q, "permute_k": _permute_k, "k_b": _k_b, "v_b": _v_b}
-
-# Per GGUF architecture: role -> transform applied to the (single) source tensor.
-ARCH_TRANSFORMS: dict[str, dict[Role, str]] = {
-    "llama": {Role.ATTN_Q: "permute_q", Role.ATTN_K: "permute_k"},
-    "qwen2": {},
-    "qwen3": {},
-    "deepseek2": {},
-}
 
 
 @dataclass
@@ -142,10 +135,8 @@ class OutTensor:
 def plan_tensors(src: GGUFSource) -> tuple[list[OutTensor], list[str]]:
     """The GGUF tensors for ``src`` in write order, plus notes on what was left out."""
     arch, cfg = src.arch, src.config
-    if arch.gguf_arch not in ARCH_TRANSFORMS:
-        raise UnsupportedError(f"{src.path}: no GGUF writer for architecture `{arch.model_type}`")
     n_layers = int(cfg["num_hidden_layers"])
-    transforms = ARCH_TRANSFORMS[arch.gguf_arch]
+    transforms = arch.transforms
     out: list[OutTensor] = []
     notes: list[str] = []
     experts: dict[tuple[int, Role], dict[int, SourceEntry]] = {}
@@ -174,7 +165,7 @@ def plan_tensors(src: GGUFSource) -> tuple[list[OutTensor], list[str]]:
             continue
         t, suffix = ROLE_TENSORS[ref.role]
         out.append(OutTensor(gguf_name(t, suffix, ref.layer), e.shape, ref.role, (e,), transforms.get(ref.role)))
-    n_expert = cfg.get("n_routed_experts")
+    n_expert = ModelConfig.from_dict(cfg).n_experts or None
     for (layer, role), by_id in sorted(experts.items(), key=lambda kv: (kv[0][0], kv[0][1].value)):
         if n_expert is None or sorted(by_id) != list(range(int(n_expert))):
             raise UnsupportedError(

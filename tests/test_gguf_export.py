@@ -18,6 +18,8 @@ from dsq.dsquant.errors import DsqError, InputError, OutputError, UnsupportedErr
 from dsq.dsquant.quantized import QuantizedCheckpoint
 from dsq.export.gguf_writer import export_gguf
 
+from fixtures import ARCHS
+
 # HF name (per layer after "model.layers.N.") -> GGUF name (after "blk.N."), written out here
 # independently of the writer's table, from llama.cpp's tensor names.
 LAYER = {
@@ -100,7 +102,7 @@ def field(reader: GGUFReader, key: str):
 EXACT_TYPES = {GT.Q4_0, GT.Q8_0, GT.F32, GT.BF16}
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "deepseek_v2", "deepseek_v3"])
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("recipe", ["int4", "int8"])
 def test_every_tensor_carries_dsq_values(arch, recipe, quantized_dir, tmp_path):
     src = quantized_dir(arch, recipe)
@@ -158,6 +160,34 @@ def test_deepseek_metadata(quantized_dir, tmp_path):
     assert field(r2, f"{a}.expert_gating_func") == 1  # softmax
     assert field(r2, f"{a}.attention.q_lora_rank") == 0  # no q LoRA: plain attn_q
     assert "blk.0.attn_q.weight" in {t.name for t in r2.tensors}
+
+
+def test_qwen3_moe_metadata_and_refusal(quantized_dir, tmp_path):
+    """Qwen3-MoE: GQA keys plus the expert counts llama.cpp's qwen3moe loader reads; a config that does not
+    renormalise the top-k weights is refused (llama.cpp's qwen3moe graph always does)."""
+    import shutil
+
+    src = quantized_dir("qwen3_moe", "int4")
+    out = tmp_path / "q3moe.gguf"
+    export_gguf(src, out)
+    r = GGUFReader(out)
+    cfg = json.loads((src / "config.json").read_text())
+    a = "qwen3moe"
+    assert field(r, "general.architecture") == a
+    assert field(r, f"{a}.expert_count") == cfg["num_local_experts"] == 8
+    assert field(r, f"{a}.expert_used_count") == cfg["num_experts_per_tok"]
+    assert field(r, f"{a}.expert_feed_forward_length") == cfg["moe_intermediate_size"]
+    assert field(r, f"{a}.attention.head_count_kv") == cfg["num_key_value_heads"]
+    assert field(r, f"{a}.attention.key_length") == cfg["head_dim"]
+    names = {t.name for t in r.tensors}
+    assert {"blk.1.ffn_gate_inp.weight", "blk.1.ffn_up_exps.weight", "blk.1.attn_k_norm.weight"} <= names
+    assert not any("shexp" in n or n.endswith("ffn_up.weight") for n in names)
+    bad = tmp_path / "nonorm"
+    shutil.copytree(src, bad)
+    (bad / "config.json").write_text(json.dumps(dict(cfg, norm_topk_prob=False)))
+    with pytest.raises(UnsupportedError, match="norm_topk_prob"):
+        export_gguf(bad, tmp_path / "bad.gguf")
+    assert not (tmp_path / "bad.gguf").exists()
 
 
 def test_dense_metadata_and_tokenizer(quantized_dir, tmp_path):

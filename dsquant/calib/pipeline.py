@@ -37,27 +37,6 @@ from .moe_coverage import ExpertCapture, fuse_experts
 from .pool import LOCAL, CalibPool
 from .resume import ResumeState, fingerprint
 
-
-@dataclass(frozen=True)
-class LayerClasses:
-    module: str  # transformers modeling module
-    decoder_layer: str
-    rotary: str
-
-
-# Per model_type: transformers' own classes that run one decoder layer (no re-implementation here).
-ARCH_LAYERS: dict[str, LayerClasses] = {
-    "llama": LayerClasses("transformers.models.llama.modeling_llama", "LlamaDecoderLayer", "LlamaRotaryEmbedding"),
-    "qwen2": LayerClasses("transformers.models.qwen2.modeling_qwen2", "Qwen2DecoderLayer", "Qwen2RotaryEmbedding"),
-    "qwen3": LayerClasses("transformers.models.qwen3.modeling_qwen3", "Qwen3DecoderLayer", "Qwen3RotaryEmbedding"),
-    "deepseek_v2": LayerClasses(
-        "transformers.models.deepseek_v2.modeling_deepseek_v2", "DeepseekV2DecoderLayer", "DeepseekV2RotaryEmbedding"
-    ),
-    "deepseek_v3": LayerClasses(
-        "transformers.models.deepseek_v3.modeling_deepseek_v3", "DeepseekV3DecoderLayer", "DeepseekV3RotaryEmbedding"
-    ),
-}
-
 Tensors = dict[str, QuantizedTensor | torch.Tensor]
 ProgressFn = Callable[[int, int, str], None]
 
@@ -130,16 +109,14 @@ class Decoder:
     def __init__(self, ckpt: Checkpoint) -> None:
         from transformers import AutoConfig
 
-        spec = ARCH_LAYERS.get(ckpt.arch.model_type)
-        if spec is None:
-            raise UnsupportedError(f"calibration does not support `{ckpt.arch.model_type}` yet")
+        arch = ckpt.arch  # its record names transformers' own classes (no re-implementation here)
         self.ckpt = ckpt
         self.config = AutoConfig.from_pretrained(str(ckpt.path))
         self.config._attn_implementation = "sdpa"
         self.config._experts_implementation = "eager"  # the loop that calls the experts module (hooked)
-        mod = importlib.import_module(spec.module)
-        self.layer_cls = getattr(mod, spec.decoder_layer)
-        self.rotary = getattr(mod, spec.rotary)(config=self.config)
+        mod = importlib.import_module(arch.hf_module)
+        self.layer_cls = getattr(mod, arch.decoder_layer)
+        self.rotary = getattr(mod, arch.rotary)(config=self.config)
         self.runner = LayerRunner(self.config, self.rotary)
         self.n_layers = int(self.config.num_hidden_layers)
         self.by_layer: dict[int, list[SourceTensor]] = {}
