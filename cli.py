@@ -254,12 +254,10 @@ def quantize(
 
     try:
         calibration = None
-        from dsq.dsquant.errors import InputError, UnsupportedError
+        from dsq.dsquant.errors import InputError
 
         if executor not in ("local", "ray"):
             raise InputError(f"--executor {executor}: choose local or ray")
-        if executor == "ray" and method != "rtn":
-            raise UnsupportedError(f"--executor ray runs RTN recipes; --method {method} runs with --executor local for now")
         runner = None
         if executor == "ray":
             from dsq.dsquant.ray_executor import RayExecutor

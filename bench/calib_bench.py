@@ -117,7 +117,8 @@ def child(args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=MODEL)
-    ap.add_argument("--calib", type=Path, default=BENCH / "calib_mixed.txt")
+    ap.add_argument("--calib", type=Path, default=BENCH / "calib_mixed.txt",
+                    help="a .txt/.jsonl file, or a shipped set name such as `mixed` (dsq's default)")
     ap.add_argument("--eval", type=Path, default=BENCH / "eval_austen.txt")
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=256)
@@ -139,7 +140,7 @@ def main() -> None:
         child(args)
         return
     for p in (args.model, args.calib, args.eval):
-        if not p.exists():
+        if not p.exists() and not (p is args.calib and p.parent == Path(".")):  # a bare name: a shipped set
             sys.exit(f"{p} is missing: run /work/shared/models/run_all.sh (see its README) first")
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:

@@ -143,7 +143,13 @@ def quantize_checkpoint(
     ckpt = Checkpoint(source)
     plan = make_plan(ckpt, load_recipe(recipe), allow_unmapped)
     # calibration (issue 6): GPTQ/AWQ/imatrix results replace RTN for the tensors they cover
-    calibrated, calib_report = run_calibration(ckpt, plan, calibration, calib_progress) if calibration else ({}, None)
+    # With --executor ray a calibrated run's per-layer work runs as Ray tasks (ray_executor.RayCalibPool);
+    # its tensors are then in this process, so this process writes them (the local loop below).
+    pool = executor.calib_pool() if executor is not None and calibration is not None and calibration.needs_data else None
+    calibrated, calib_report = (
+        run_calibration(ckpt, plan, calibration, calib_progress, pool) if calibration else ({}, None)
+    )
+    executor_writes = None if calibrated else executor
     layout = layout_for_formats(plan.formats)
     items = _planned_outputs(plan, layout)
     shards = _shards(items, max_shard_bytes)
@@ -153,9 +159,9 @@ def quantize_checkpoint(
     results: list[TensorResult] = []
     with atomic_dir(output, overwrite) as tmp, StreamPool() as pool:
         weight_map: dict[str, str] = {}
-        local = zip(names, shards, strict=True) if executor is None else ()
-        if executor is not None:  # the same shards, written in place by workers (ray_executor.py)
-            results, weight_map = executor.run(ckpt, items, shards, names, layout, tmp, progress, calibrated)
+        local = zip(names, shards, strict=True) if executor_writes is None else ()
+        if executor_writes is not None:  # the same shards, written in place by workers (ray_executor.py)
+            results, weight_map = executor_writes.run(ckpt, items, shards, names, layout, tmp, progress, calibrated)
         for shard_name, idxs in local:
             planned = [p for i in idxs for p in items[i][1]]
             writer = SafetensorsWriter(tmp / shard_name, planned, {"format": "pt", "producer": f"dsq {__version__}"})

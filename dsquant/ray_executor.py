@@ -14,6 +14,17 @@ task runs a few consecutive units (about ``task_bytes`` of input), one after ano
 holds at most one tensor's row slice at a time (the local path's memory bound); the driver never
 reads a weight.
 
+Calibrated runs (``--method gptq|awq|imatrix``): layers stay sequential, since layer i+1's inputs are
+the quantized layer i's outputs. The driver runs one layer at a time (calib/pipeline.py) and hands the
+layer's independent work to a :class:`RayCalibPool`: each quantized linear's and each routed expert's
+quantization is one task (a MoE layer's captured inputs go to the object store once, shared by all
+its experts' tasks), and the layer forward that makes the next layer's inputs (and the float
+reference stream) is split over the calibration batches. The statistics forward (an ordered float64
+sum) and AWQ's per-layer scale search stay in the driver. Tasks run with the driver's torch thread
+count, so every float operation is the one ``--executor local`` performs and the output is the same
+bytes. ``--work-dir`` resumes a calibrated run by finished layer (calib/resume.py), whichever executor
+wrote it; the calibrated tensors are then written by the driver.
+
 Assumptions: the source checkpoint and the output's parent (and ``--work-dir``) are on a filesystem
 every node sees at the same path (NFS, Lustre, a FUSE-mounted bucket), and dsq is installed on every
 node. Faults: Ray retries a task whose worker died (``max_retries``); a retried unit writes the same
@@ -252,6 +263,7 @@ class RayExecutor:
         self.units_total = self.units_skipped = 0
         self.nodes: dict[str, dict[str, float]] = {}
         self.unit_seconds: dict[str, float] = {}
+        self.calib: RayCalibPool | None = None
         self._started_ray = False
 
     def _ray(self):
@@ -271,12 +283,18 @@ class RayExecutor:
             u.in_bytes += entry.tensor.info.nbytes + (entry.tensor.scale_info.nbytes if entry.tensor.scale_info else 0)
         return list(by_key.values())
 
+    def calib_pool(self) -> RayCalibPool:
+        """The pool a calibrated run's layers use (starts or joins Ray as ``run`` does); kept as ``self.calib``."""
+        self.calib = RayCalibPool(self._ray(), max_retries=self.max_retries)
+        return self.calib
+
     def run(self, ckpt: Checkpoint, items: list[tuple[PlanEntry, list[PlannedTensor]]], shards: list[list[int]],
             names: list[str], layout, tmp: Path, progress, calibrated: dict | None = None) -> tuple[list, dict]:
         """Write every shard of ``names`` into ``tmp``; returns (TensorResults in plan order, weight_map)
-        as the local loop builds them. Raises UnsupportedError for calibrated runs, the workers' DsqErrors."""
+        as the local loop builds them. Raises the workers' DsqErrors, and UnsupportedError when given
+        calibrated tensors (those live in the driver: quantize_checkpoint writes them itself)."""
         if calibrated:
-            raise UnsupportedError("--executor ray runs RTN and FP8 recipes; calibrated methods (--method) run locally")
+            raise UnsupportedError("calibrated tensors are written by the driver; RayExecutor.run takes RTN/FP8 plans")
         ray = self._ray()
         try:
             return self._run(ray, ckpt, items, shards, names, layout, tmp, progress)
@@ -418,6 +436,70 @@ class RayExecutor:
 
             ray.shutdown()
             self._started_ray = False
+
+
+def _calib_task(threads: int, fn: Callable, *args):
+    """Worker side of :class:`RayCalibPool`: ``fn(*args)`` as the driver would run it (its torch thread
+    count, inference mode), so the floats and therefore the quantized bytes are the same."""
+    torch.set_num_threads(threads)
+    with torch.inference_mode():
+        return fn(*args)
+
+
+def _forward_batches(runner: Callable, layer, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [runner(layer, x) for x in xs]
+
+
+class RayCalibPool:
+    """calib/pool.py's interface over Ray tasks: ``map`` submits one task per job and returns the
+    results in job order; ``forward`` puts the layer in the object store once and runs the calibration
+    batches in contiguous chunks, one task per cluster CPU at most. A task's DsqError is re-raised as
+    itself; a dead worker's task is retried (``max_retries``), which recomputes the same result."""
+
+    def __init__(self, ray, max_retries: int = DEFAULT_MAX_RETRIES, threads: int | None = None):
+        self.ray = ray
+        self.threads = threads or torch.get_num_threads()
+        self.cpus = max(int(ray.cluster_resources().get("CPU", 1)), 1)
+        self._task = ray.remote(max_retries=max_retries, retry_exceptions=False, num_cpus=1)(_calib_task)
+        self.tasks = 0  # submitted so far (for reports and tests)
+
+    def share(self, obj):
+        """An object store reference to ``obj``: jobs that take it as an argument read it from there."""
+        return self.ray.put(obj)
+
+    def _get(self, refs: list, on_done=None) -> list:
+        pending, done = list(refs), 0
+        try:
+            while pending:
+                ready, pending = self.ray.wait(pending, num_returns=1 if on_done else len(pending))
+                done += len(ready)
+                if on_done:
+                    on_done(done)
+            return self.ray.get(refs)
+        except self.ray.exceptions.RayTaskError as e:
+            cause = getattr(e, "cause", None)
+            raise (cause if isinstance(cause, DsqError) else e) from None
+        except BaseException:
+            for ref in pending:
+                self.ray.cancel(ref, force=True)
+            raise
+
+    def map(self, fn: Callable, jobs, on_done=None) -> list:
+        """``[fn(*args) for args in jobs]``, each as a Ray task; ``on_done(k)`` as the k-th finishes."""
+        refs = [self._task.remote(self.threads, fn, *args) for args in jobs]
+        self.tasks += len(refs)
+        return self._get(refs, on_done)
+
+    def forward(self, runner: Callable, layer, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``runner(layer, x)`` for every batch ``x`` of ``xs``, in order, split over at most ``cpus`` tasks."""
+        if not xs:
+            return []
+        layer_ref, runner_ref = self.ray.put(layer), self.ray.put(runner)
+        step = math.ceil(len(xs) / min(self.cpus, len(xs)))
+        refs = [self._task.remote(self.threads, _forward_batches, runner_ref, layer_ref, xs[k : k + step])
+                for k in range(0, len(xs), step)]
+        self.tasks += len(refs)
+        return [y for chunk in self._get(refs) for y in chunk]
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

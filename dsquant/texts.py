@@ -24,10 +24,11 @@ def eval_texts() -> dict[str, Path]:
 
 
 def text_names() -> dict[str, Path]:
-    """Every shipped plain text a user may name: the held-out set(s) and the calibration sets of kind text."""
+    """Every shipped plain text a user may name: the held-out set(s) and the uncompressed calibration sets of
+    kind text (``dsq eval`` reads plain UTF-8 files; the large gzipped sets are for calibration only)."""
     from .calib.data import shipped_sets
 
-    names = {s.name: s.file for s in shipped_sets().values() if s.kind == "text"}
+    names = {s.name: s.file for s in shipped_sets().values() if s.kind == "text" and s.file.suffix != ".gz"}
     names.update(eval_texts())
     return names
 

@@ -307,7 +307,7 @@ def test_reasoning_calibration_keeps_every_think_block_under_an_r1_template(tmp_
     tok = _hf(src)
     docs = data.resolve_source("reasoning")[0][1]
     texts = [data.render(d, tok) for d in docs]
-    assert sum(t.count("<think>") for t in texts) == sum(t.count("</think>") for t in texts) == len(docs) == 160
+    assert sum(t.count("<think>") for t in texts) == sum(t.count("</think>") for t in texts) == len(docs) == 510
     first = docs[0][-1]["content"]
     assert texts[0].endswith(first.removeprefix("<think>\n")) and "<|Assistant|><think>\n" in texts[0]
     whole = tok.apply_chat_template(docs[0], tokenize=False)  # what rendering the whole conversation gives

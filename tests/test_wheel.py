@@ -100,6 +100,8 @@ def test_wheel_quantize_export_inspect(installed, tmp_path):
     dsq = bin_dir / "dsq"
     r = _run([dsq, "calib", "list"], work, env)
     assert r.returncode == 0 and "reasoning" in r.stdout, r.stderr
+    r = _run([dsq, "calib", "list", "--json"], work, env)  # every set readable: the .gz data is in the wheel
+    assert r.returncode == 0 and {"literature", "poetry_zh", "reasoning_zh"} <= {x["name"] for x in json.loads(r.stdout)}
     r = _run([dsq, "quantize", model, "-o", work / "q", "--recipe", "int4"], work, env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (work / "q" / "dsq-report.json").is_file()

@@ -1,22 +1,29 @@
 """Calibration data: the shipped sets (``calib_data/MANIFEST.json``), user files, and seeded sampling.
 
-A calibration *source* is a shipped set name (``prose``, ``code``, ``reasoning``), a mix of them
-(``mixed``), or a user file: ``.txt`` (one text) or ``.jsonl`` (one document a line, either
-``{"text": ...}`` or ``{"messages": [{"role", "content"}, ...]}``). Chat documents are rendered
-through the model's own chat template, so a reasoning distill is calibrated on ``<think>`` turns in
-the exact shape it writes them (see :func:`render`: the reply is never passed through the template).
+A calibration *source* is a shipped set name (``dsq calib list``), a mix of them (``mixed``, the
+default: about 480k tokens of English and Chinese prose, Python code and ``<think>`` math reasoning,
+counted with SmolLM2's tokenizer), or a user file: ``.txt`` (one text) or ``.jsonl`` (one document a
+line, either ``{"text": ...}`` or ``{"messages": [{"role", "content"}, ...]}``), each optionally
+gzipped (``.txt.gz``, ``.jsonl.gz``). Chat documents are rendered through the model's own chat
+template, so a reasoning distill is calibrated on ``<think>`` turns in the exact shape it writes them
+(see :func:`render`: the reply is never passed through the template).
 
 Sampling: each source becomes one token stream (documents joined as the tokenizer renders them,
-separated by EOS); sample ``k`` takes a window of ``seqlen`` tokens at a random offset of source
-``k mod n_sources``. Offsets come from ``random.Random(seed)``, so the batch is a pure function of
-(source files, tokenizer, samples, seqlen, seed). A stream shorter than ``seqlen`` is read
-cyclically (it wraps around through an EOS) instead of padded, so no attention mask is needed.
+separated by EOS). Each stream is cut into whole windows of ``seqlen`` tokens at a seeded phase; the
+windows of all the sources are pooled and drawn without replacement, so no two samples share a token
+while the sources have enough of them, and each source's share of the batch follows its size. When
+``samples`` windows exceed what the sources hold, one warning line says so and further passes draw
+windows at new phases (text then repeats). A stream shorter than ``seqlen`` is one window read
+cyclically (it wraps around through an EOS) instead of padded, so no attention mask is needed. The
+batch is a pure function of (source files, tokenizer, samples, seqlen, seed).
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
+import logging
 import random
 from dataclasses import dataclass
 from functools import cache
@@ -30,6 +37,7 @@ from ..sandbox import pick_template, render_chat_template
 DATA_DIR = Path(__file__).resolve().parents[2] / "calib_data"
 MANIFEST = DATA_DIR / "MANIFEST.json"
 DEFAULT_SOURCE = "mixed"
+log = logging.getLogger("dsq.calib")
 
 Document = str | list[dict]  # plain text, or chat messages
 
@@ -49,7 +57,12 @@ class CalibSet:
 
     @property
     def sha256(self) -> str:
+        """Of the shipped file's bytes (compressed, for a .gz)."""
         return hashlib.sha256(self.file.read_bytes()).hexdigest()
+
+    def text(self) -> str:
+        """The set's UTF-8 text, decompressed."""
+        return read_text(self.file)
 
 
 @cache
@@ -96,7 +109,8 @@ def list_sets() -> list[dict]:
                 "kind": "mix",
                 "bytes": sum(s.nbytes for s in sets),
                 "documents": sum(len(read_documents(s.file, s.kind)) for s in sets),
-                "description": "equal share of samples from: " + ", ".join(parts),
+                "description": "windows drawn without replacement from all of: " + ", ".join(parts)
+                + " (each set's share follows its size)",
                 "source": "see its parts",
                 "licence": ", ".join(sorted({s.licence for s in sets})),
                 "file": "",
@@ -106,16 +120,28 @@ def list_sets() -> list[dict]:
     return rows
 
 
-def read_documents(path: Path, kind: str | None = None) -> list[Document]:
-    """The documents of one file: a .txt is one document; a .jsonl has one per line."""
+def _suffix(path: Path) -> str:
+    """``.txt`` or ``.jsonl`` (or another suffix), looking through a trailing ``.gz``."""
+    return Path(path.stem).suffix if path.suffix == ".gz" else path.suffix
+
+
+def read_text(path: Path) -> str:
+    """A calibration file's text, gunzipped when its name ends in .gz; InputError names the file."""
     if not path.is_file():
         raise InputError(f"{path}: calibration file not found")
-    kind = kind or ("chat" if path.suffix == ".jsonl" else "text")
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise InputError(f"{path}: calibration text is not UTF-8 ({e})") from None
-    if path.suffix != ".jsonl":
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
+        raise InputError(f"{path}: not a readable gzip file ({e})") from None
+
+
+def read_documents(path: Path, kind: str | None = None) -> list[Document]:
+    """The documents of one file: a .txt is one document; a .jsonl has one per line (either may be .gz)."""
+    text = read_text(path)
+    if _suffix(path) != ".jsonl":
         if not text.strip():
             raise InputError(f"{path}: calibration file is empty")
         return [text]
@@ -146,8 +172,8 @@ def _is_messages(m: object) -> bool:
     )
 
 
-def resolve_source(spec: str) -> list[tuple[str, list[Document]]]:
-    """``spec`` (set name, mix name or file path) -> [(source name, documents)]."""
+def source_files(spec: str) -> list[tuple[str, Path, str | None]]:
+    """``spec`` (set name, mix name or file path) -> [(source name, file, kind or None to infer)]."""
     sets, mix = shipped_sets(), mixes()
     if spec in sets:
         names: tuple[str, ...] = (spec,)
@@ -158,12 +184,17 @@ def resolve_source(spec: str) -> list[tuple[str, list[Document]]]:
         if not path.exists():
             raise InputError(
                 f"--calib {spec!r}: not a shipped set ({', '.join([*sets, *mix])}) and no such file; "
-                "give a .txt or .jsonl file"
+                "give a .txt or .jsonl file (optionally .gz)"
             )
-        if path.suffix not in (".txt", ".jsonl"):
-            raise InputError(f"--calib {path}: calibration files must be .txt or .jsonl")
-        return [(path.name, read_documents(path))]
-    return [(n, read_documents(sets[n].file, sets[n].kind)) for n in names]
+        if _suffix(path) not in (".txt", ".jsonl"):
+            raise InputError(f"--calib {path}: calibration files must be .txt or .jsonl (optionally .gz)")
+        return [(path.name, path, None)]
+    return [(n, sets[n].file, sets[n].kind) for n in names]
+
+
+def resolve_source(spec: str) -> list[tuple[str, list[Document]]]:
+    """``spec`` (set name, mix name or file path) -> [(source name, documents)]."""
+    return [(name, read_documents(path, kind)) for name, path, kind in source_files(spec)]
 
 
 _THINK = "<think>"
@@ -205,28 +236,84 @@ def render(doc: Document, tokenizer) -> str:
 
 
 def token_stream(docs: list[Document], tokenizer) -> list[int]:
+    """The documents rendered (:func:`render`), tokenized without special tokens, each followed by EOS."""
     eos = tokenizer.eos_token_id
+    texts = [render(doc, tokenizer) for doc in docs]
     ids: list[int] = []
-    for doc in docs:
-        ids.extend(tokenizer(render(doc, tokenizer), add_special_tokens=False, verbose=False)["input_ids"])
+    for row in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]:
+        ids.extend(row)
         if eos is not None:
             ids.append(int(eos))
     return ids
 
 
-def sample_windows(streams: list[list[int]], samples: int, seqlen: int, seed: int) -> torch.Tensor:
-    """[samples, seqlen] int64: sample k is a window of stream k mod len(streams) at a seeded offset."""
+def _tokenizer_key(tokenizer) -> str | None:
+    """A digest of everything that decides a token stream (vocabulary, merges, chat template, EOS), or
+    None for a tokenizer with no serialisable backend (then streams are not cached)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    h = hashlib.sha256(backend.to_str().encode())
+    h.update(repr((type(tokenizer).__name__, tokenizer.eos_token_id, getattr(tokenizer, "chat_template", None))).encode())
+    return h.hexdigest()
+
+
+_STREAMS: dict[tuple[str, str, str | None], list[int]] = {}  # (tokenizer key, file sha256, kind) -> stream
+_STREAMS_MAX = 32
+
+
+def _cached_stream(path: Path, kind: str | None, tokenizer, tok_key: str | None) -> list[int]:
+    """The token stream of one file, kept in memory per (tokenizer, file bytes): the default mix is ~2 MB
+    of text, and one process (tests, ``dsq quantize`` then ``dsq eval``) asks for it repeatedly."""
+    if tok_key is None:
+        return token_stream(read_documents(path, kind), tokenizer)
+    key = (tok_key, hashlib.sha256(path.read_bytes()).hexdigest(), kind)
+    if key not in _STREAMS:
+        if len(_STREAMS) >= _STREAMS_MAX:
+            _STREAMS.pop(next(iter(_STREAMS)))
+        _STREAMS[key] = token_stream(read_documents(path, kind), tokenizer)
+    return _STREAMS[key]
+
+
+def sample_windows(
+    streams: list[list[int]], samples: int, seqlen: int, seed: int, source: str = "the calibration data"
+) -> torch.Tensor:
+    """[samples, seqlen] int64 windows drawn without replacement from the pooled streams.
+
+    Stream ``i`` of length ``L`` gives ``max(1, L // seqlen)`` non-overlapping windows starting at a
+    seeded phase (read cyclically, so the last may wrap through the stream's end); the windows of every
+    stream are shuffled together by ``random.Random(seed)`` and taken in order. If ``samples`` is more
+    than the windows there are, one warning line names ``source`` and the shortfall, and each further
+    pass adds the same number of windows at new seeded phases. Raises InputError for ``samples < 1``,
+    ``seqlen < 2`` or an empty stream."""
     if samples < 1 or seqlen < 2:
         raise InputError(f"--samples ({samples}) must be >= 1 and --seqlen ({seqlen}) >= 2")
+    if not streams or any(not s for s in streams):
+        raise InputError(f"{source}: a calibration source tokenizes to no tokens")
     rng = random.Random(seed)
+
+    def one_pass() -> list[tuple[int, int]]:
+        starts = []
+        for i, s in enumerate(streams):
+            phase = rng.randrange(len(s))
+            starts += [(i, (phase + j * seqlen) % len(s)) for j in range(max(1, len(s) // seqlen))]
+        rng.shuffle(starts)
+        return starts
+
+    chosen = one_pass()
+    if samples > len(chosen):
+        unique = sum(len(s) for s in streams)
+        log.warning(
+            "calibration: %d samples x %d tokens = %d tokens, but %s has %d unique tokens (%d windows of %d); "
+            "windows will repeat text. Give more text (--calib FILE) or lower --samples/--seqlen",
+            samples, seqlen, samples * seqlen, source, unique, len(chosen), seqlen,
+        )
+    while len(chosen) < samples:
+        chosen += one_pass()
     out = torch.empty(samples, seqlen, dtype=torch.int64)
-    for k in range(samples):
-        stream = streams[k % len(streams)]
-        if not stream:
-            raise InputError("a calibration source tokenizes to no tokens")
-        start = rng.randrange(len(stream))
-        idx = [(start + i) % len(stream) for i in range(seqlen)]
-        out[k] = torch.tensor([stream[i] for i in idx], dtype=torch.int64)
+    for k, (i, start) in enumerate(chosen[:samples]):
+        s = streams[i]
+        out[k] = torch.tensor([s[(start + t) % len(s)] for t in range(seqlen)], dtype=torch.int64)
     return out
 
 
@@ -249,6 +336,7 @@ class CalibBatch:
             "seed": self.seed,
             "tokens": int(self.ids.numel()),
             "streams": {name: n for name, n in self.parts},
+            "unique_tokens": sum(n for _, n in self.parts),
             "fingerprint": self.fingerprint,
         }
 
@@ -265,7 +353,11 @@ def load_tokenizer(model_dir: Path):
 def calibration_batch(
     source: str, tokenizer, samples: int = 128, seqlen: int = 512, seed: int = 0
 ) -> CalibBatch:
-    parts = resolve_source(source)
-    streams = [token_stream(docs, tokenizer) for _, docs in parts]
-    ids = sample_windows(streams, samples, seqlen, seed)
-    return CalibBatch(ids, source, tuple((n, len(s)) for (n, _), s in zip(parts, streams, strict=True)), seed)
+    """``samples`` windows of ``seqlen`` tokens from ``source`` (see the module docstring for the sampling).
+
+    Raises InputError for an unknown source, an unreadable or empty file, or bad sizes."""
+    parts = source_files(source)
+    tok_key = _tokenizer_key(tokenizer)
+    streams = [_cached_stream(path, kind, tokenizer, tok_key) for _, path, kind in parts]
+    ids = sample_windows(streams, samples, seqlen, seed, source=f"--calib {source}")
+    return CalibBatch(ids, source, tuple((n, len(s)) for (n, _, _), s in zip(parts, streams, strict=True)), seed)

@@ -55,9 +55,10 @@ def check_calib_sizes(config: dict, samples: int, seqlen: int) -> None:
 
 
 def run_calibration(
-    ckpt: Checkpoint, plan: Plan, spec: CalibSpec, progress=None
+    ckpt: Checkpoint, plan: Plan, spec: CalibSpec, progress=None, pool=None
 ) -> tuple[dict[str, QuantizedTensor | torch.Tensor], dict | None]:
-    """(HF name -> calibrated tensor, the report's ``calibration`` section); empty for RTN."""
+    """(HF name -> calibrated tensor, the report's ``calibration`` section); empty for RTN. ``pool``:
+    where each layer's independent work runs (calib/pool.py; None: in this process)."""
     if not spec.needs_data:
         if spec.imatrix_out or spec.imatrix_in:
             flag = "--imatrix-out" if spec.imatrix_out else "--imatrix"
@@ -82,7 +83,7 @@ def run_calibration(
                          "use --method imatrix or gptq")
     result = calibrate(
         ckpt, plan, spec.method, spec.calib, spec.samples, spec.seqlen, spec.seed, spec.options, spec.work_dir, progress,
-        collect=bool(spec.imatrix_out), given=given,
+        collect=bool(spec.imatrix_out), given=given, pool=pool,
     )
     report = result.report()
     if given is not None:

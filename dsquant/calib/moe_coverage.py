@@ -97,12 +97,17 @@ class ExpertCapture:
 
     def quantize(
         self, method: Method, formats: dict[str, str], opts: CalibOptions, layer: int,
-        collect: dict | None = None, given: dict[str, torch.Tensor] | None = None,
+        collect: dict | None = None, given: dict[str, torch.Tensor] | None = None, pool=None, on_done=None,
     ) -> tuple[dict[str, QuantizedTensor], list[dict]]:
         """Quantize every routed expert on its own tokens; write the dequantized weights back into
         the fused parameters; return the tensors and the coverage rows of this layer. ``collect`` /
         ``given``: as in ``calibrate_layer`` (per-expert statistics by the expert's HF weight name;
-        their token count includes the ``routed+all`` fallback tokens)."""
+        their token count includes the ``routed+all`` fallback tokens). ``pool`` (pool.py; None: here)
+        runs each expert as one job (:func:`quantize_expert`) on the layer's captured inputs, shared
+        once; ``on_done(k)`` after the k-th expert."""
+        from .pool import LOCAL
+
+        pool = pool or LOCAL
         x_all = torch.cat(self.inputs)
         routes = torch.cat(self.routes)
         counts = self.counts()
@@ -118,39 +123,27 @@ class ExpertCapture:
             )
         mod = self.experts
         inter = mod.gate_up_proj.shape[1] // 2
+        x_ref, routes_ref = pool.share(x_all), pool.share(routes)
+
+        def jobs():  # one at a time: the local pool never holds two experts' copies
+            for e in range(self.n_experts):
+                names = {p: expert_name(self.prefix, e, p) for p in PROJS}
+                sub = None if given is None else {n: given[n] for n in names.values() if n in given}
+                # clones: a job gets this expert's rows, not a view that would carry the fused tensor along
+                w = (mod.gate_up_proj.data[e, :inter].clone(), mod.gate_up_proj.data[e, inter:].clone(),
+                     mod.down_proj.data[e].clone())
+                yield (e, x_ref, routes_ref, int(counts[e]), *w, mod.act_fn, method, formats, names, opts, sub,
+                       collect is not None)
+
         out: dict[str, QuantizedTensor] = {}
         rows = []
-        for e in range(self.n_experts):
-            n = int(counts[e])
-            x = x_all[(routes == e).any(dim=-1)]
-            policy = "routed"
-            if n < opts.expert_min_tokens:
-                x = torch.cat([x, x_all])
-                policy = "routed+all"
-            used = method
-            if x.shape[0] == 0 and method.needs_stats:  # nothing to calibrate on: round to nearest
-                used, policy = METHODS["rtn"], "rtn"
-            w = {"gate": mod.gate_up_proj.data[e, :inter], "up": mod.gate_up_proj.data[e, inter:]}
-            w_down = mod.down_proj.data[e]
-            names = {p: expert_name(self.prefix, e, p) for p in PROJS}
-            if used.awq and x.shape[0] and names["up"] in formats and names["down"] in formats:
-                # AWQ for the expert's down_proj: its input act(gate x) * up x scales by 1/s through up's rows
-                h = mod.act_fn(x @ w["gate"].T) * (x @ w["up"].T)
-                keep = torch.linspace(0, h.shape[0] - 1, min(h.shape[0], opts.awq_tokens)).round().long()
-                s, _, _ = search_scale(h[keep], [w_down], [formats[names["down"]]], opts.awq_grid)
-                w["up"], w_down = w["up"] / s.unsqueeze(1), w_down * s
-            st_in = self._stats(used, x, opts)
-            deq = {}
-            for proj in ("gate", "up"):
-                st = use_stats(names[proj], st_in, collect if names[proj] in formats else None, given)
-                deq[proj] = self._one(used, formats, names[proj], w[proj], st, opts, out)
-            h = mod.act_fn(x @ deq["gate"].T) * (x @ deq["up"].T)
-            st_down = use_stats(names["down"], self._stats(used, h, opts), collect if names["down"] in formats else None,
-                                given)
-            deq_down = self._one(used, formats, names["down"], w_down, st_down, opts, out)
-            mod.gate_up_proj.data[e] = torch.cat([deq["gate"], deq["up"]])
+        for e, (q, deq_gate, deq_up, deq_down, policy, col) in enumerate(pool.map(quantize_expert, jobs(), on_done)):
+            out.update(q)
+            if collect is not None:
+                collect.update(col)
+            mod.gate_up_proj.data[e] = torch.cat([deq_gate, deq_up])
             mod.down_proj.data[e] = deq_down
-            rows.append({"layer": layer, "expert": e, "tokens": n, "policy": policy})
+            rows.append({"layer": layer, "expert": e, "tokens": int(counts[e]), "policy": policy})
         return out, rows
 
     @staticmethod
@@ -176,6 +169,44 @@ class ExpertCapture:
         qt = method.linear(FORMATS[formats[name]], w, stats, opts)
         out[name] = qt
         return qt.dequantize()
+
+
+def quantize_expert(
+    e: int, x_all: torch.Tensor, routes: torch.Tensor, n: int, w_gate: torch.Tensor, w_up: torch.Tensor,
+    w_down: torch.Tensor, act_fn: nn.Module, method: Method, formats: dict[str, str], names: dict[str, str],
+    opts: CalibOptions, given: dict[str, torch.Tensor] | None, collect: bool,
+) -> tuple[dict[str, QuantizedTensor], torch.Tensor, torch.Tensor, torch.Tensor, str, dict]:
+    """One routed expert ``e`` (one unit of work): its calibration rows are those of ``x_all`` [tokens,
+    hidden] that ``routes`` [tokens, top_k] sends to it (``n`` of them), plus all rows below
+    ``opts.expert_min_tokens``. Returns (its QuantizedTensors by HF name, the dequantized gate, up and
+    down weights, the coverage policy, the statistics to record when ``collect``)."""
+    x = x_all[(routes == e).any(dim=-1)]
+    policy = "routed"
+    if n < opts.expert_min_tokens:
+        x = torch.cat([x, x_all])
+        policy = "routed+all"
+    used = method
+    if x.shape[0] == 0 and method.needs_stats:  # nothing to calibrate on: round to nearest
+        used, policy = METHODS["rtn"], "rtn"
+    w = {"gate": w_gate, "up": w_up}
+    col: dict = {}
+    if used.awq and x.shape[0] and names["up"] in formats and names["down"] in formats:
+        # AWQ for the expert's down_proj: its input act(gate x) * up x scales by 1/s through up's rows
+        h = act_fn(x @ w["gate"].T) * (x @ w["up"].T)
+        keep = torch.linspace(0, h.shape[0] - 1, min(h.shape[0], opts.awq_tokens)).round().long()
+        s, _, _ = search_scale(h[keep], [w_down], [formats[names["down"]]], opts.awq_grid)
+        w["up"], w_down = w["up"] / s.unsqueeze(1), w_down * s
+    st_in = ExpertCapture._stats(used, x, opts)
+    deq = {}
+    out: dict[str, QuantizedTensor] = {}
+    for proj in ("gate", "up"):
+        st = use_stats(names[proj], st_in, col if collect and names[proj] in formats else None, given)
+        deq[proj] = ExpertCapture._one(used, formats, names[proj], w[proj], st, opts, out)
+    h = act_fn(x @ deq["gate"].T) * (x @ deq["up"].T)
+    st_down = use_stats(names["down"], ExpertCapture._stats(used, h, opts),
+                        col if collect and names["down"] in formats else None, given)
+    deq_down = ExpertCapture._one(used, formats, names["down"], w_down, st_down, opts, out)
+    return out, deq["gate"], deq["up"], deq_down, policy, col
 
 
 def coverage_summary(rows: list[dict]) -> list[dict]:

@@ -34,6 +34,7 @@ from .awq import apply_awq
 from .data import CalibBatch, calibration_batch, load_tokenizer
 from .methods import CalibOptions, InputStats, Method, get_method, use_stats
 from .moe_coverage import ExpertCapture, fuse_experts
+from .pool import LOCAL, CalibPool
 from .resume import ResumeState, fingerprint
 
 Tensors = dict[str, QuantizedTensor | torch.Tensor]
@@ -82,6 +83,26 @@ def _params(fn) -> frozenset[str]:
     return frozenset(inspect.signature(fn).parameters)
 
 
+@dataclass
+class LayerRunner:
+    """Runs one decoder layer on one batch of hidden states: what a forward needs besides the layer
+    (the config and the rotary embedding), small and picklable, so a pool can run it elsewhere."""
+
+    config: object
+    rotary: nn.Module
+
+    def __call__(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        from transformers.masking_utils import create_causal_mask
+
+        pos = torch.arange(x.shape[1]).unsqueeze(0)
+        pe = self.rotary(x, pos)
+        # no KV cache here; transformers >= 5.24 calls the argument `cache` and warns on `past_key_values`
+        no_cache = {"cache" if "cache" in _params(create_causal_mask) else "past_key_values": None}
+        mask = create_causal_mask(config=self.config, inputs_embeds=x, attention_mask=None, position_ids=pos, **no_cache)
+        out = layer(x, attention_mask=mask, position_ids=pos, position_embeddings=pe)
+        return out[0] if isinstance(out, tuple) else out
+
+
 class Decoder:
     """One checkpoint's decoder layers, built one at a time from its own weights."""
 
@@ -96,6 +117,7 @@ class Decoder:
         mod = importlib.import_module(arch.hf_module)
         self.layer_cls = getattr(mod, arch.decoder_layer)
         self.rotary = getattr(mod, arch.rotary)(config=self.config)
+        self.runner = LayerRunner(self.config, self.rotary)
         self.n_layers = int(self.config.num_hidden_layers)
         self.by_layer: dict[int, list[SourceTensor]] = {}
         self.others: dict[Role, SourceTensor] = {}
@@ -134,15 +156,7 @@ class Decoder:
         return w[ids]
 
     def forward(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        from transformers.masking_utils import create_causal_mask
-
-        pos = torch.arange(x.shape[1]).unsqueeze(0)
-        pe = self.rotary(x, pos)
-        # no KV cache here; transformers >= 5.24 calls the argument `cache` and warns on `past_key_values`
-        no_cache = {"cache" if "cache" in _params(create_causal_mask) else "past_key_values": None}
-        mask = create_causal_mask(config=self.config, inputs_embeds=x, attention_mask=None, position_ids=pos, **no_cache)
-        out = layer(x, attention_mask=mask, position_ids=pos, position_embeddings=pe)
-        return out[0] if isinstance(out, tuple) else out
+        return self.runner(layer, x)
 
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
         """model.norm (RMSNorm in every supported architecture)."""
@@ -174,14 +188,22 @@ def calibrate_layer(
     ref: list[torch.Tensor] | None = None,
     collect: dict | None = None,
     given: dict[str, torch.Tensor] | None = None,
+    pool: CalibPool = LOCAL,
+    on_unit: Callable[[int, int], None] | None = None,
 ) -> tuple[Tensors, list[torch.Tensor], list[torch.Tensor] | None, LayerReport]:
     """Calibrate layer ``i`` on the quantized stream ``xs``; ``ref`` is the float model's stream (for the
     drift metric). ``collect`` (if a dict) receives each linear's statistics by HF weight name;
     ``given`` (HF weight name -> importance) replaces them (``--imatrix``). Returns (tensors, next xs,
-    next ref, report)."""
+    next ref, report).
+
+    ``pool`` runs the independent parts (pool.py): the float reference forward and the quantized
+    forward, per batch, and each linear's and each routed expert's quantization. The statistics
+    forward stays here, in batch order (its float64 sums are order-dependent), and so does AWQ's scale
+    search over the layer's groups. Every pool gives the same tensors, bit for bit. ``on_unit(done,
+    total)``: after each linear or expert of this layer."""
     t0 = time.perf_counter()
     layer = dec.load_layer(i)
-    ref_out = [dec.forward(layer, x) for x in ref] if ref is not None else None
+    ref_out = pool.forward(dec.runner, layer, ref) if ref is not None else None
     prefix = dec.prefix(i)
     linears = linear_modules(layer, prefix, formats)
     stats: dict[str, InputStats] = {}
@@ -202,18 +224,26 @@ def calibrate_layer(
     if method.awq:
         dtypes = {t.name: t.float_dtype for t in dec.by_layer.get(i, [])}
         out.update(apply_awq(layer, prefix, dec.config, stats, formats, opts, dtypes))
-    for name, lin in linears.items():
-        hf = f"{prefix}{name}.weight"
-        qt = method.linear(FORMATS[formats[hf]], lin.weight.data, use_stats(hf, stats.get(name), collect, given), opts)
-        out[hf] = qt
+    n_units = len(linears) + (capture.n_experts if capture else 0)
+    jobs = [
+        (FORMATS[formats[f"{prefix}{name}.weight"]], lin.weight.data,
+         use_stats(f"{prefix}{name}.weight", stats.get(name), collect, given), opts)
+        for name, lin in linears.items()
+    ]
+    qts = pool.map(method.linear, jobs, on_unit and (lambda k: on_unit(k, n_units)))
+    for (name, lin), qt in zip(linears.items(), qts, strict=True):
+        out[f"{prefix}{name}.weight"] = qt
         lin.weight.data = qt.dequantize()
+    del jobs, qts
     stats.clear()
     coverage: list[dict] = []
     if capture:
-        q, coverage = capture.quantize(method, formats, opts, i, collect, given)
+        done = len(linears)
+        q, coverage = capture.quantize(method, formats, opts, i, collect, given, pool,
+                                       on_unit and (lambda k: on_unit(done + k, n_units)))
         out.update(q)
 
-    ys_q = [dec.forward(layer, x) for x in xs]
+    ys_q = pool.forward(dec.runner, layer, xs)
     num = sum(float((yq - yf).double().square().sum()) for yq, yf in zip(ys_q, ys_fp, strict=True))
     den = sum(float((yf - x).double().square().sum()) for yf, x in zip(ys_fp, xs, strict=True))
     drift = None
@@ -226,7 +256,7 @@ def calibrate_layer(
 
 
 def _lm_head(dec: Decoder, xs: list[torch.Tensor], method: Method, formats: dict[str, str], opts: CalibOptions,
-             collect: dict | None = None, given: dict[str, torch.Tensor] | None = None):
+             collect: dict | None = None, given: dict[str, torch.Tensor] | None = None, pool: CalibPool = LOCAL):
     t = dec.others.get(Role.LM_HEAD)
     if t is None or t.name not in formats:
         return None, None
@@ -237,7 +267,7 @@ def _lm_head(dec: Decoder, xs: list[torch.Tensor], method: Method, formats: dict
         for x in normed:
             stats.add(x)
     # AWQ has no op before lm_head to fold a scale into; it rounds lm_head by RTN.
-    qt = method.linear(FORMATS[formats[t.name]], w, use_stats(t.name, stats, collect, given), opts)
+    qt = pool.map(method.linear, [(FORMATS[formats[t.name]], w, use_stats(t.name, stats, collect, given), opts)])[0]
     deq = qt.dequantize()
     num = sum(float((x @ (deq - w).T).double().square().sum()) for x in normed)
     den = sum(float((x @ w.T).double().square().sum()) for x in normed)
@@ -258,6 +288,7 @@ def calibrate(
     batch: CalibBatch | None = None,
     collect: bool = False,
     given: dict[str, torch.Tensor] | None = None,
+    pool: CalibPool | None = None,
 ) -> CalibResult:
     """Calibrate every quantized linear of ``plan`` layer by layer; see the module docstring.
 
@@ -272,7 +303,9 @@ def calibrate(
     ``collect``: keep every calibrated linear's input statistics in ``CalibResult.stats`` (for
     ``--imatrix-out``; refused on a resumed run, whose earlier layers' statistics are gone).
     ``given``: HF weight name -> per-column importance used instead of the collected statistics
-    (``--imatrix FILE``, method imatrix).
+    (``--imatrix FILE``, method imatrix). ``pool``: where each layer's independent work runs (None:
+    here; ``ray_executor.RayCalibPool``: Ray tasks, same tensors); a pool also reports each finished
+    linear/expert through ``progress`` as ``units k/n`` of the current layer.
 
     Raises InputError (unknown method, bad calibration data or tokenizer, a stale or damaged ``work_dir``,
     ``collect`` on a resumed run, experts seeing fewer tokens than ``options.fail_below_tokens``),
@@ -308,14 +341,18 @@ def calibrate(
         progress(start, dec.n_layers, f"{method} on {tokens} tokens" + (f", resumed at layer {start}" if start else ""))
     with torch.inference_mode():
         for i in range(start, dec.n_layers):
-            out, xs, ref, rep = calibrate_layer(dec, i, xs, m, formats, opts, ref, stats, given)
+            on_unit = None
+            if pool is not None and progress:
+                def on_unit(k: int, n: int, i: int = i) -> None:
+                    progress(i, dec.n_layers, f"{method}, layer {i}: {k}/{n} units (linears, experts) done")
+            out, xs, ref, rep = calibrate_layer(dec, i, xs, m, formats, opts, ref, stats, given, pool or LOCAL, on_unit)
             tensors.update(out)
             reports.append(rep)
             if state is not None:
                 state.save(i, out, rep, xs, ref)
             if progress:
                 progress(i + 1, dec.n_layers, f"{method}, {tokens} tokens; layer {i} output rel. err {rep.rel_err:.4f}")
-        head, head_err = _lm_head(dec, xs, m, formats, opts, stats, given) if opts.quantize_lm_head else (None, None)
+        head, head_err = _lm_head(dec, xs, m, formats, opts, stats, given, pool or LOCAL) if opts.quantize_lm_head else (None, None)
     if head:
         tensors.update(head)
     return CalibResult(tensors, reports, method, batch.describe(), start, head_err, stats or {})

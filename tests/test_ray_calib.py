@@ -1,0 +1,140 @@
+"""Calibrated ``dsq quantize --method gptq|awq --executor ray`` (issue 15) on tiny checkpoints.
+
+Layers stay sequential; inside a layer every linear's and every routed expert's quantization is a Ray
+task and the layer forward is split over the calibration batches (ray_executor.RayCalibPool). The
+output must be the same bytes as ``--executor local``'s, a run killed after a layer must resume from
+``--work-dir``, and progress must count units. A 2-CPU local Ray cluster is started and stopped here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+pytestmark = pytest.mark.slow
+CALIB = ["--samples", "4", "--seqlen", "32"]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def _digests(d: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir())}
+
+
+def _calibration_report(d: Path) -> dict:
+    """The report's calibration section without wall times (which differ run to run)."""
+    cal = json.loads((d / "dsq-report.json").read_text())["calibration"]
+    for row in cal["layers"]:
+        row.pop("seconds")
+    return cal
+
+
+def _quantize(model: Path, out: Path, method: str, executor: str, *extra: str) -> None:
+    from dsq.cli import app
+
+    r = CliRunner().invoke(app, ["quantize", str(model), "-o", str(out), "--recipe", "int4", "--method", method,
+                                 *CALIB, "--executor", executor, *extra])
+    assert r.exit_code == 0, r.output
+
+
+@pytest.mark.parametrize("arch, method", [("deepseek_v3", "gptq"), ("deepseek_v3", "awq")])
+def test_calibrated_ray_run_is_byte_identical_to_local(ray_cluster, one_torch_thread, model_dir, tmp_path, arch, method):
+    """MLA, a dense first layer, then routed experts (GPTQ per expert; AWQ scales each expert's down_proj)."""
+    src = model_dir(arch)
+    _quantize(src, tmp_path / "local", method, "local")
+    _quantize(src, tmp_path / "ray", method, "ray")
+    da, db = _digests(tmp_path / "local"), _digests(tmp_path / "ray")
+    assert sorted(da) == sorted(db) and any(n.endswith(".safetensors") for n in da)
+    assert [n for n in da if da[n] != db[n]] in ([], ["dsq-report.json"])  # only the report's timings may differ
+    assert _calibration_report(tmp_path / "local") == _calibration_report(tmp_path / "ray")
+
+
+def test_units_run_as_tasks_report_progress_and_resume_from_work_dir(ray_cluster, one_torch_thread, model_dir, tmp_path):
+    """One task per quantized linear and per routed expert, plus the split forwards; progress names
+    ``k/n units`` within each layer; a run stopped after layer 0 resumes at layer 1 and ends with the
+    same bytes as an uninterrupted local run."""
+    from dsq.dsquant.calib.hook import CalibSpec
+    from dsq.dsquant.quantize import quantize_checkpoint
+    from dsq.dsquant.ray_executor import RayExecutor
+
+    src = model_dir("deepseek_v3")
+    _quantize(src, tmp_path / "local", "gptq", "local")
+    spec = CalibSpec("gptq", samples=4, seqlen=32, work_dir=str(tmp_path / "work"))
+    seen: list[tuple[int, int, str]] = []
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_layer_0(done: int, total: int, detail: str) -> None:
+        seen.append((done, total, detail))
+        if done == 1 and "rel. err" in detail:
+            raise Stop
+
+    ex = RayExecutor()
+    with pytest.raises(Stop):
+        quantize_checkpoint(src, tmp_path / "ray", "int4", calibration=spec, calib_progress=stop_after_layer_0,
+                            executor=ex)
+    assert not (tmp_path / "ray").exists()
+    units = [d for _, _, d in seen if "units" in d]
+    assert units and units[-1].endswith("units (linears, experts) done") and "layer 0:" in units[-1]
+    k, n = units[-1].split(": ")[1].split(" ")[0].split("/")
+    assert k == n and int(n) >= 5  # layer 0 (dense, MLA): its attention projections and MLP linears
+    assert ex.calib is not None and ex.calib.tasks >= int(n) + 2  # + the split forwards
+
+    ex = RayExecutor()
+    report = quantize_checkpoint(src, tmp_path / "ray", "int4", calibration=spec, executor=ex)
+    assert report["calibration"]["resumed_from_layer"] == 1
+    experts = 8 * 2  # layers 1 and 2 are MoE with 8 routed experts each
+    assert ex.calib.tasks >= experts
+    da, db = _digests(tmp_path / "local"), _digests(tmp_path / "ray")
+    assert [n for n in da if da[n] != db[n]] in ([], ["dsq-report.json"])
+
+
+def _dies_once(marker: str):
+    """A job function whose first call anywhere kills its worker process (os._exit); later calls double x."""
+
+    def fn(x: int) -> int:
+        import os
+
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return 2 * x
+        os.close(fd)
+        os._exit(1)
+
+    return fn
+
+
+def _refusing():
+    """A job function that raises dsq's InputError (made here so Ray pickles it by value)."""
+
+    def fn(x: int) -> int:
+        from dsq.dsquant.errors import InputError
+
+        raise InputError(f"job {x}: refused")
+
+    return fn
+
+
+def test_calib_pool_retries_a_dead_worker_and_reraises_dsq_errors(ray_cluster, tmp_path):
+    from dsq.dsquant.errors import InputError
+    from dsq.dsquant.ray_executor import RayCalibPool
+
+    pool = RayCalibPool(ray_cluster, threads=1)
+    marker = tmp_path / "killed-once"
+    done: list[int] = []
+    assert pool.map(_dies_once(str(marker)), [(x,) for x in range(5)], done.append) == [0, 2, 4, 6, 8]
+    assert marker.exists() and done == [1, 2, 3, 4, 5]
+    with pytest.raises(InputError, match="job 0: refused"):
+        pool.map(_refusing(), [(0,)])
