@@ -490,6 +490,13 @@ def export(
     dtype: Annotated[str | None, typer.Option(
         "--dtype", help="MLX: float16 (default; asymmetric int4 biases rounded within half an fp16 ulp) or float32 "
                         "(every value exactly dsq's).")] = None,
+    target_size: Annotated[str | None, typer.Option(
+        "--target-size", help="GGUF from a float MODEL: choose each tensor's type for the least predicted KL "
+                              "with the file at most this big (105MB, 1.2GB, 100MiB or bytes).")] = None,
+    target_bpw: Annotated[float | None, typer.Option(
+        "--target-bpw", help="GGUF: as --target-size, in bits per weight of the whole file (4.8).")] = None,
+    calib: Annotated[str | None, typer.Option(
+        help="GGUF --target-size/--target-bpw: calibration set (`dsq calib list`) or file (default mixed).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the whole export report as JSON.")] = False,
     no_check: Annotated[bool, typer.Option("--no-check", help="Skip `dsq check` of the output against MODEL.")] = False,
 ) -> None:
@@ -501,7 +508,8 @@ def export(
     from dsq.export import export_model
 
     given = {"type": type_, "recipe": recipe, "split_max_size": split_max_size, "ep": ep, "int4_block": int4_block,
-             "attention": attention, "accuracy_level": accuracy_level, "pure": pure or None, "dtype": dtype}
+             "attention": attention, "accuracy_level": accuracy_level, "pure": pure or None, "dtype": dtype,
+             "target_size": target_size, "target_bpw": target_bpw, "calib": calib}
     try:
         with progress(f"export → {to}", "tensors") as bar:
             out, report = export_model(model, to, output, overwrite=overwrite, progress=bar, check=not no_check,

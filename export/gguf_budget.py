@@ -1,0 +1,169 @@
+"""The GGUF side of the size-budget search (``dsq export SRC --to gguf --target-size 105MB`` / ``--target-bpw 4.8``).
+
+For a float checkpoint: every tensor llama.cpp would quantize gets the candidate types ``CANDIDATES`` (with
+llama.cpp's fallbacks for rows that are not whole 256-blocks, gguf_policy.FALLBACK: a 576-wide row offers
+Q4_0/Q5_0/Q5_1/Q8_0 for Q2_K..Q6_K), each with its exact bytes in the file and a predicted KL from
+dsquant/budget.py's Fisher sensitivity times the squared rounding error of dsq's own packers (the ones the
+export then uses) on the same sampled rows; the knapsack picks the types; ``export_gguf`` writes them. The
+file is exactly ``file_overhead`` + the chosen tensors' padded bytes, so it never exceeds the target.
+
+Covered: 2-D weights read from one source tensor, including llama's permuted q/k (a row permutation does not
+change what rounding does to a row) and a tied embedding (also the output matrix). Stacked MoE experts and
+MLA's k_b/v_b are not searched: they get ``FIXED`` (Q8_0), said in the report.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from dsq.dsquant.budget import (
+    Option,
+    Probe,
+    Selection,
+    choose,
+    fisher_rows,
+    human,
+    parse_target_size,
+    predicted_kl,
+    sample_rows,
+    target_from_bpw,
+)
+from dsq.dsquant.errors import InputError
+from dsq.dsquant.formats import FORMATS
+
+from .gguf_policy import _fit, is_quantizable
+from .gguf_quants import GGUF_TYPES, GGUFType, nbytes
+from .gguf_source import GGUFSource
+from .gguf_tensors import OutTensor
+
+#: The types the search chooses among (before fallbacks), smallest first.
+CANDIDATES: tuple[str, ...] = ("q2_k", "q3_k", "q4_0", "q4_k", "q5_0", "q5_k", "q6_k", "q8_0")
+FIXED = "q8_0"  # tensors the search does not cover
+_SEARCHABLE = (None, "permute_q", "permute_k")
+_BY_GGML = {t.gtype: t.name for t in GGUF_TYPES.values()}
+
+
+def candidates(shape: tuple[int, ...], names: tuple[str, ...] = CANDIDATES) -> list[str]:
+    """The distinct types a tensor of ``shape`` can take: each of ``names`` after llama.cpp's fallback for rows
+    that are not whole blocks (gguf_policy._fit), in the order given."""
+    out: list[str] = []
+    for n in names:
+        t = _BY_GGML[_fit(GGUF_TYPES[n].gtype, shape[-1], "").type]
+        if t not in out:
+            out.append(t)
+    return out
+
+
+def held(x: torch.Tensor, t: GGUFType, name: str = "<rows>") -> torch.Tensor:
+    """The values a GGUF of type ``t`` holds for float rows ``x`` [N, k], as dsq's export packs them."""
+    if t.kquant is not None:
+        return t.kquant(x)[1]
+    if t.twin is not None:
+        return FORMATS[t.twin].quantize(x, name).dequantize()
+    return x.to(t.torch_dtype).to(torch.float32)
+
+
+def searchable(t: OutTensor) -> bool:
+    return (is_quantizable(t.name, t.shape) and len(t.shape) == 2 and len(t.sources) == 1
+            and t.transform in _SEARCHABLE)
+
+
+def resolve_target(target_size: str | int | None, target_bpw: float | None, outs: list[OutTensor]) -> tuple[int, str]:
+    """(target bytes, the flag it came from). Raises InputError when both or neither flag is given."""
+    if (target_size is None) == (target_bpw is None):
+        raise InputError("give one of --target-size and --target-bpw")
+    if target_size is not None:
+        return parse_target_size(target_size), "--target-size"
+    n = sum(int(torch.tensor(t.shape).prod()) for t in outs)
+    return target_from_bpw(float(target_bpw), n), "--target-bpw"
+
+
+def plan_budget(src: GGUFSource, outs: list[OutTensor], target: int, flag: str, *, calib: str = "mixed",
+                samples: int = 8, seqlen: int = 256, rows: int = 64, draws: int = 2, seed: int = 0,
+                log: Callable[[str], None] | None = None, keep: dict | None = None) -> tuple[dict[str, str], dict]:
+    """Choose a GGUF type per tensor of ``outs`` so the file is at most ``target`` bytes with the least predicted
+    KL. -> ({GGUF name: type name} for every weight llama.cpp would quantize, the report's "budget" section).
+
+    ``samples`` x ``seqlen`` calibration tokens from ``calib`` (dsq calib sets or a file), ``rows`` sampled rows
+    per tensor, ``draws`` sampled label sets. ``keep``: if a dict, the model, calibration ids and sensitivities
+    are left in it (bench/gguf_peers.py measures KLs with them). Raises InputError for a quantized source or a
+    target below the smallest file."""
+    from transformers import AutoModelForCausalLM
+
+    from dsq.dsquant.calib.data import calibration_batch, load_tokenizer
+
+    from .gguf_writer import choose_type, file_overhead, padded
+
+    t0 = time.perf_counter()
+    if src.quantized:
+        raise InputError(f"{flag}: {src.path} is already quantized; the size-budget search chooses types for a "
+                         "float checkpoint (export the original model)")
+    searched = [t for t in outs if searchable(t)]
+    fixed = [t for t in outs if is_quantizable(t.name, t.shape) and not searchable(t)]
+    fixed_types = {t.name: candidates(t.shape, (FIXED,))[0] for t in fixed}
+    fixed_bytes = file_overhead(src, outs) + sum(
+        padded(nbytes(GGUF_TYPES[fixed_types[t.name]] if t.name in fixed_types else choose_type(t, None, None)[0], t.shape))
+        for t in outs if t not in searched)
+    smallest = fixed_bytes + sum(padded(nbytes(GGUF_TYPES[candidates(t.shape)[0]], t.shape)) for t in searched)
+    if smallest > target:  # refuse before loading the model and calibrating
+        choose({t.name: [Option("x", padded(nbytes(GGUF_TYPES[candidates(t.shape)[0]], t.shape)), 0.0)]
+                for t in searched}, fixed_bytes, target, flag)
+
+    model = AutoModelForCausalLM.from_pretrained(str(src.path), dtype=torch.float32).eval()
+    batch = calibration_batch(calib, load_tokenizer(src.path), samples, seqlen, seed=seed)
+    probes = [Probe(t.name, t.sources[0].name, sample_rows(t.name, t.shape[0], rows, seed)) for t in searched]
+    fisher, positions = fisher_rows(model, batch.ids, probes, draws=draws, seed=seed, log=log)
+    params = dict(model.named_parameters(remove_duplicate=False))
+
+    # Squared rounding error of each candidate on the sampled rows: rows of one width are quantized together
+    # (the k-quant packers cost far less per weight on big batches).
+    sq_err: dict[str, dict[str, torch.Tensor]] = {t.name: {} for t in searched}
+    by_width: dict[int, list[tuple[OutTensor, Probe]]] = {}
+    for t, p in zip(searched, probes, strict=True):
+        by_width.setdefault(t.shape[1], []).append((t, p))
+    for width, group in sorted(by_width.items()):
+        x = torch.cat([params[p.param].detach()[p.rows].float() for _, p in group])
+        for name in candidates((width,)):
+            err = (held(x, GGUF_TYPES[name]) - x).pow(2)
+            start = 0
+            for t, p in group:
+                sq_err[t.name][name] = err[start: start + len(p.rows)]
+                start += len(p.rows)
+        if log:
+            log(f"rounding errors: rows of {width} done")
+    options = {
+        t.name: [Option(c, padded(nbytes(GGUF_TYPES[c], t.shape)),
+                        predicted_kl(fisher[t.name], sq_err[t.name][c], t.shape[0], positions))
+                 for c in candidates(t.shape)]
+        for t in searched
+    }
+    sel: Selection = choose(options, fixed_bytes, target, flag)
+    if keep is not None:
+        keep.update(model=model, ids=batch.ids, options=options, fisher=fisher, probes=probes, selection=sel)
+    types = {**fixed_types, **sel.types}
+    counts: dict[str, int] = {}
+    for c in types.values():
+        counts[c] = counts.get(c, 0) + 1
+    report = {
+        "target_bytes": target,
+        "flag": flag,
+        "predicted_bytes": sel.bytes,
+        "predicted_kl": sel.predicted_kl,
+        "fixed_bytes": fixed_bytes,
+        "types": counts,
+        "searched": len(searched),
+        "not_searched": {n: t for n, t in fixed_types.items()},
+        "calibration": {"source": calib, "samples": int(batch.ids.shape[0]), "seqlen": int(batch.ids.shape[1]),
+                        "rows_per_tensor": rows, "draws": draws, "seed": seed},
+        "method": "diagonal Fisher of the output distribution (sampled labels) x squared rounding error on sampled "
+                  "rows, summed over tensors; exact knapsack over bytes",
+        "seconds": time.perf_counter() - t0,
+        "per_tensor": {n: {"type": sel.types[n], "predicted_kl": sel.kl[n],
+                           "options": {o.type: [o.bytes, o.kl] for o in options[n]}} for n in sorted(sel.types)},
+    }
+    if log:
+        log(f"budget: {human(sel.bytes)} of {human(target)}, predicted KL {sel.predicted_kl:.4g}")
+    return types, report
