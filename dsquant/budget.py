@@ -63,9 +63,9 @@ def parse_target_size(value: str | int, flag: str = "--target-size") -> int:
 def target_from_bpw(bpw: float, n_weights: int, flag: str = "--target-bpw") -> int:
     """File bytes for ``bpw`` bits per weight over ``n_weights`` (every tensor's elements, as the export report's
     ``bits_per_weight`` counts them). Raises InputError for a non-positive value."""
-    if not bpw > 0:
+    if not float(bpw) > 0:
         raise InputError(f"{flag} {bpw}: expected a positive number of bits per weight, like 4.8")
-    return int(bpw * n_weights / 8)
+    return int(float(bpw) * n_weights / 8)
 
 
 def human(n: int) -> str:
@@ -165,11 +165,21 @@ def _knapsack(names: list[str], fronts: dict[str, list[Option]], spare: int) -> 
 # -- sensitivity -------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Probe:
-    """One tensor to measure: a model parameter (by name) and the rows of it to sample."""
+    """One use of a model parameter to measure, and the rows of it to measure it on.
 
-    key: str  # the caller's name for it (a GGUF tensor name)
+    ``use`` "linear": the weight of ``nn.Linear`` modules (every row matters on every token: ``rows`` is a
+    uniform sample, scaled up to all rows); "embedding": the input embedding (only the rows of tokens that
+    occur matter: ``rows`` are those tokens, not scaled). A tied embedding has one probe of each use; their
+    predicted KLs add (the cross term of the two uses is left out, like those between tensors)."""
+
+    key: str  # the caller's name for it, unique per probe
     param: str  # the transformers parameter (``model.layers.0.self_attn.q_proj.weight``)
-    rows: torch.Tensor  # sampled row indices, ascending
+    rows: torch.Tensor  # row indices, ascending
+    use: str = "linear"
+
+    @property
+    def scaled(self) -> bool:
+        return self.use == "linear"
 
 
 def sample_rows(key: str, n_rows: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -192,10 +202,17 @@ def fisher_rows(model: nn.Module, ids: torch.Tensor, probes: list[Probe], draws:
     squaring, since they are one parameter. Gradients flow to activations only (no weight gradients)."""
     params = dict(model.named_parameters(remove_duplicate=False))
     by_param: dict[int, Probe] = {}
+    emb_probe = None
+    embed = model.get_input_embeddings()
     for p in probes:
         if p.param not in params:
             raise InputError(f"{p.key}: the model has no parameter {p.param}")
-        by_param[id(params[p.param])] = p
+        if p.use == "embedding":
+            if params[p.param] is not embed.weight:
+                raise InputError(f"{p.key}: {p.param} is not the model's input embedding")
+            emb_probe = p
+        else:
+            by_param[id(params[p.param])] = p
     fisher = {p.key: torch.zeros(len(p.rows), params[p.param].shape[1]) for p in probes}
     pending: dict[str, torch.Tensor] = {}
 
@@ -214,8 +231,6 @@ def fisher_rows(model: nn.Module, ids: torch.Tensor, probes: list[Probe], draws:
                         "btr,bti->bri", g[..., probe.rows].float(), x)))
 
             hooks.append(mod.register_forward_hook(fwd))
-    embed = model.get_input_embeddings()
-    emb_probe = by_param.get(id(embed.weight))
     for p in model.parameters():
         p.requires_grad_(False)
     gen = torch.Generator().manual_seed(seed)
@@ -243,10 +258,11 @@ def fisher_rows(model: nn.Module, ids: torch.Tensor, probes: list[Probe], draws:
     return fisher, int(ids.numel())
 
 
-def predicted_kl(fisher: torch.Tensor, sq_err: torch.Tensor, n_rows: int, positions: int) -> float:
-    """``½ · (n_rows / sampled rows) · Σ F ⊙ err² / positions``: the predicted KL (nats/token) of a tensor whose
-    sampled rows change by ``sq_err`` (squared, same shape as ``fisher``)."""
-    return 0.5 * (n_rows / fisher.shape[0]) * float((fisher * sq_err).sum()) / positions
+def predicted_kl(fisher: torch.Tensor, sq_err: torch.Tensor, n_rows: int, positions: int, scaled: bool = True) -> float:
+    """``½ · (n_rows / sampled rows if scaled) · Σ F ⊙ err² / positions``: the predicted KL (nats/token) of a
+    tensor whose measured rows change by ``sq_err`` (squared, same shape as ``fisher``)."""
+    scale = n_rows / fisher.shape[0] if scaled else 1.0
+    return 0.5 * scale * float((fisher * sq_err).sum()) / positions
 
 
 # -- measured KL -------------------------------------------------------------------------------------------

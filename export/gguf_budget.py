@@ -40,7 +40,7 @@ from .gguf_source import GGUFSource
 from .gguf_tensors import OutTensor
 
 #: The types the search chooses among (before fallbacks), smallest first.
-CANDIDATES: tuple[str, ...] = ("q2_k", "q3_k", "q4_0", "q4_k", "q5_0", "q5_k", "q6_k", "q8_0")
+CANDIDATES: tuple[str, ...] = ("q2_k", "q3_k", "q4_0", "q4_1", "q4_k", "q5_0", "q5_1", "q5_k", "q6_k", "q8_0")
 FIXED = "q8_0"  # tensors the search does not cover
 _SEARCHABLE = (None, "permute_q", "permute_k")
 _BY_GGML = {t.gtype: t.name for t in GGUF_TYPES.values()}
@@ -78,7 +78,7 @@ def resolve_target(target_size: str | int | None, target_bpw: float | None, outs
     if target_size is not None:
         return parse_target_size(target_size), "--target-size"
     n = sum(int(torch.tensor(t.shape).prod()) for t in outs)
-    return target_from_bpw(float(target_bpw), n), "--target-bpw"
+    return target_from_bpw(target_bpw, n), "--target-bpw"
 
 
 def plan_budget(src: GGUFSource, outs: list[OutTensor], target: int, flag: str, *, calib: str = "mixed",
@@ -114,29 +114,48 @@ def plan_budget(src: GGUFSource, outs: list[OutTensor], target: int, flag: str, 
 
     model = AutoModelForCausalLM.from_pretrained(str(src.path), dtype=torch.float32).eval()
     batch = calibration_batch(calib, load_tokenizer(src.path), samples, seqlen, seed=seed)
-    probes = [Probe(t.name, t.sources[0].name, sample_rows(t.name, t.shape[0], rows, seed)) for t in searched]
-    fisher, positions = fisher_rows(model, batch.ids, probes, draws=draws, seed=seed, log=log)
     params = dict(model.named_parameters(remove_duplicate=False))
+    linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    embed_weight = model.get_input_embeddings().weight
+    present = torch.unique(batch.ids)  # the embedding rows the calibration text uses
+    probes: list[Probe] = []
+    per_tensor: dict[str, list[Probe]] = {}
+    for t in searched:
+        name = t.sources[0].name
+        if name not in params:
+            raise InputError(f"{src.path}: transformers' model has no parameter {name} (for {t.name})")
+        mine = []
+        if id(params[name]) in linear_weights:
+            mine.append(Probe(t.name, name, sample_rows(t.name, t.shape[0], rows, seed)))
+        if params[name] is embed_weight:
+            mine.append(Probe(t.name + "#embedding", name, present, "embedding"))
+        if not mine:
+            raise InputError(f"{src.path}: {name} is neither a linear weight nor the input embedding; "
+                             "the size-budget search cannot measure it")
+        probes += mine
+        per_tensor[t.name] = mine
+    fisher, positions = fisher_rows(model, batch.ids, probes, draws=draws, seed=seed, log=log)
 
     # Squared rounding error of each candidate on the sampled rows: rows of one width are quantized together
     # (the k-quant packers cost far less per weight on big batches).
-    sq_err: dict[str, dict[str, torch.Tensor]] = {t.name: {} for t in searched}
-    by_width: dict[int, list[tuple[OutTensor, Probe]]] = {}
-    for t, p in zip(searched, probes, strict=True):
-        by_width.setdefault(t.shape[1], []).append((t, p))
+    sq_err: dict[str, dict[str, torch.Tensor]] = {p.key: {} for p in probes}
+    by_width: dict[int, list[Probe]] = {}
+    for p in probes:
+        by_width.setdefault(params[p.param].shape[1], []).append(p)
     for width, group in sorted(by_width.items()):
-        x = torch.cat([params[p.param].detach()[p.rows].float() for _, p in group])
+        x = torch.cat([params[p.param].detach()[p.rows].float() for p in group])
         for name in candidates((width,)):
             err = (held(x, GGUF_TYPES[name]) - x).pow(2)
             start = 0
-            for t, p in group:
-                sq_err[t.name][name] = err[start: start + len(p.rows)]
+            for p in group:
+                sq_err[p.key][name] = err[start: start + len(p.rows)]
                 start += len(p.rows)
         if log:
             log(f"rounding errors: rows of {width} done")
     options = {
         t.name: [Option(c, padded(nbytes(GGUF_TYPES[c], t.shape)),
-                        predicted_kl(fisher[t.name], sq_err[t.name][c], t.shape[0], positions))
+                        sum(predicted_kl(fisher[p.key], sq_err[p.key][c], t.shape[0], positions, p.scaled)
+                            for p in per_tensor[t.name]))
                  for c in candidates(t.shape)]
         for t in searched
     }
