@@ -14,8 +14,12 @@ MLA's k_b/v_b are not searched: they get ``FIXED`` (Q8_0), said in the report.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -91,7 +95,6 @@ def plan_budget(src: GGUFSource, outs: list[OutTensor], target: int, flag: str, 
     per tensor, ``draws`` sampled label sets. ``keep``: if a dict, the model, calibration ids and sensitivities
     are left in it (bench/gguf_peers.py measures KLs with them). Raises InputError for a quantized source or a
     target below the smallest file."""
-    from transformers import AutoModelForCausalLM
 
     from dsq.dsquant.calib.data import calibration_batch, load_tokenizer
 
@@ -112,12 +115,92 @@ def plan_budget(src: GGUFSource, outs: list[OutTensor], target: int, flag: str, 
         choose({t.name: [Option("x", padded(nbytes(GGUF_TYPES[candidates(t.shape)[0]], t.shape)), 0.0)]
                 for t in searched}, fixed_bytes, target, flag)
 
-    model = AutoModelForCausalLM.from_pretrained(str(src.path), dtype=torch.float32).eval()
     batch = calibration_batch(calib, load_tokenizer(src.path), samples, seqlen, seed=seed)
+    cache = _cache_file(src, batch.ids, rows, draws, seed)
+    options = _load_options(cache) if keep is None else None
+    cached = options is not None
+    if options is None:
+        options = _measure(src, searched, batch.ids, rows, draws, seed, log, keep)
+        _save_options(cache, options)
+    sel: Selection = choose(options, fixed_bytes, target, flag)
+    if keep is not None:
+        keep["selection"] = sel
+    types = {**fixed_types, **sel.types}
+    counts: dict[str, int] = {}
+    for c in types.values():
+        counts[c] = counts.get(c, 0) + 1
+    report = {
+        "target_bytes": target,
+        "flag": flag,
+        "predicted_bytes": sel.bytes,
+        "predicted_kl": sel.predicted_kl,
+        "fixed_bytes": fixed_bytes,
+        "types": counts,
+        "searched": len(searched),
+        "not_searched": {n: t for n, t in fixed_types.items()},
+        "calibration": {"source": calib, "samples": int(batch.ids.shape[0]), "seqlen": int(batch.ids.shape[1]),
+                        "rows_per_tensor": rows, "draws": draws, "seed": seed},
+        "sensitivity_cached": str(cache) if cached else None,
+        "method": "diagonal Fisher of the output distribution (sampled labels) x squared rounding error on sampled "
+                  "rows, summed over tensors; exact knapsack over bytes",
+        "seconds": time.perf_counter() - t0,
+        "per_tensor": {n: {"type": sel.types[n], "predicted_kl": sel.kl[n],
+                           "options": {o.type: [o.bytes, o.kl] for o in options[n]}} for n in sorted(sel.types)},
+    }
+    if log:
+        log(f"budget: {human(sel.bytes)} of {human(target)}, predicted KL {sel.predicted_kl:.4g}")
+    return types, report
+
+
+CACHE_VERSION = 1
+
+
+def _cache_file(src: GGUFSource, ids: torch.Tensor, rows: int, draws: int, seed: int) -> Path:
+    """Where the sensitivities of this model on these calibration tokens are kept: a second export at another
+    size (or the bench's several) skips the calibration. Keyed by the model's full content (dsq eval's
+    fingerprint), the tokens, the settings and the candidate types."""
+    from dsq.dsquant.evaluate import default_cache_dir, model_fingerprint
+
+    base = default_cache_dir()
+    key = hashlib.sha256(json.dumps([
+        CACHE_VERSION, model_fingerprint(Path(src.path), base), hashlib.sha256(ids.numpy().tobytes()).hexdigest(),
+        list(ids.shape), rows, draws, seed, CANDIDATES, torch.__version__,
+    ]).encode()).hexdigest()[:32]
+    return base.parent / "budget" / f"{key}.json"
+
+
+def _load_options(path: Path) -> dict[str, list[Option]] | None:
+    try:
+        raw = json.loads(path.read_text())
+        return {n: [Option(str(t), int(b), float(k)) for t, b, k in opts] for n, opts in raw.items()}
+    except (OSError, ValueError, TypeError):
+        return None  # absent or damaged: measure again
+
+
+def _save_options(path: Path, options: dict[str, list[Option]]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({n: [[o.type, o.bytes, o.kl] for o in opts] for n, opts in options.items()}))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a full or read-only cache costs a recalibration next time
+
+
+def _measure(src: GGUFSource, searched: list[OutTensor], ids: torch.Tensor, rows: int, draws: int, seed: int,
+             log: Callable[[str], None] | None, keep: dict | None) -> dict[str, list[Option]]:
+    """Each searched tensor's options (type, bytes, predicted KL): Fisher pass, then rounding errors."""
+    from transformers import AutoModelForCausalLM
+
+    from .gguf_writer import padded
+
+    model = AutoModelForCausalLM.from_pretrained(str(src.path), dtype=torch.float32).eval()
+    batch_ids = ids
+
     params = dict(model.named_parameters(remove_duplicate=False))
     linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
     embed_weight = model.get_input_embeddings().weight
-    present = torch.unique(batch.ids)  # the embedding rows the calibration text uses
+    present = torch.unique(batch_ids)  # the embedding rows the calibration text uses
     probes: list[Probe] = []
     per_tensor: dict[str, list[Probe]] = {}
     for t in searched:
@@ -134,7 +217,7 @@ def plan_budget(src: GGUFSource, outs: list[OutTensor], target: int, flag: str, 
                              "the size-budget search cannot measure it")
         probes += mine
         per_tensor[t.name] = mine
-    fisher, positions = fisher_rows(model, batch.ids, probes, draws=draws, seed=seed, log=log)
+    fisher, positions = fisher_rows(model, batch_ids, probes, draws=draws, seed=seed, log=log)
 
     # Squared rounding error of each candidate on the sampled rows: rows of one width are quantized together
     # (the k-quant packers cost far less per weight on big batches).
@@ -159,30 +242,6 @@ def plan_budget(src: GGUFSource, outs: list[OutTensor], target: int, flag: str, 
                  for c in candidates(t.shape)]
         for t in searched
     }
-    sel: Selection = choose(options, fixed_bytes, target, flag)
     if keep is not None:
-        keep.update(model=model, ids=batch.ids, options=options, fisher=fisher, probes=probes, selection=sel)
-    types = {**fixed_types, **sel.types}
-    counts: dict[str, int] = {}
-    for c in types.values():
-        counts[c] = counts.get(c, 0) + 1
-    report = {
-        "target_bytes": target,
-        "flag": flag,
-        "predicted_bytes": sel.bytes,
-        "predicted_kl": sel.predicted_kl,
-        "fixed_bytes": fixed_bytes,
-        "types": counts,
-        "searched": len(searched),
-        "not_searched": {n: t for n, t in fixed_types.items()},
-        "calibration": {"source": calib, "samples": int(batch.ids.shape[0]), "seqlen": int(batch.ids.shape[1]),
-                        "rows_per_tensor": rows, "draws": draws, "seed": seed},
-        "method": "diagonal Fisher of the output distribution (sampled labels) x squared rounding error on sampled "
-                  "rows, summed over tensors; exact knapsack over bytes",
-        "seconds": time.perf_counter() - t0,
-        "per_tensor": {n: {"type": sel.types[n], "predicted_kl": sel.kl[n],
-                           "options": {o.type: [o.bytes, o.kl] for o in options[n]}} for n in sorted(sel.types)},
-    }
-    if log:
-        log(f"budget: {human(sel.bytes)} of {human(target)}, predicted KL {sel.predicted_kl:.4g}")
-    return types, report
+        keep.update(model=model, ids=batch_ids, options=options, fisher=fisher, probes=probes)
+    return options

@@ -30,6 +30,15 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SMALL = dict(samples=4, seqlen=32, rows=64)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def own_cache(tmp_path_factory):
+    """The sensitivities' cache (~/.cache/dsq/budget) goes to a temporary folder."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("DSQ_CACHE", str(tmp_path_factory.mktemp("dsq-cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="module")
 def planned(model_dir):
     """plan_budget on the llama fixture at a few targets (one calibration each), with what it measured."""
@@ -105,8 +114,13 @@ def test_choice_is_deterministic(planned, model_dir):
     types, rep, _ = planned(900_000)
     src = GGUFSource(model_dir("llama"))
     outs, _ = plan_tensors(src)
-    again, rep2 = plan_budget(src, outs, 900_000, "--target-size", **SMALL)
+    again, rep2 = plan_budget(src, outs, 900_000, "--target-size", keep={}, **SMALL)  # keep: measured afresh
     assert again == types and rep2["predicted_kl"] == rep["predicted_kl"]
+    assert rep2["sensitivity_cached"] is None
+    # a second export at another size reuses the sensitivities (same model, tokens and settings)
+    _, rep3 = plan_budget(src, outs, 800_000, "--target-size", **SMALL)
+    _, rep4 = plan_budget(src, outs, 800_000, "--target-size", **SMALL)
+    assert rep4["sensitivity_cached"] and rep4["per_tensor"] == rep3["per_tensor"]
 
 
 def test_predicted_kl_tracks_measured(planned):
