@@ -249,6 +249,11 @@ def quantize(
     imatrix: Annotated[Path | None, typer.Option(
         help="Use this llama.cpp imatrix file (GGUF or .dat) as the importance of --method imatrix."
     )] = None,
+    target_size: Annotated[str | None, typer.Option(
+        "--target-size", help="Choose per-tensor GGUF types for the least predicted KL with `dsq export OUT --to gguf` "
+                              "at most this big (105MB); quantizes the tensors whose type dsq holds exactly.")] = None,
+    target_bpw: Annotated[float | None, typer.Option(
+        "--target-bpw", help="As --target-size, in bits per weight of the GGUF (4.8).")] = None,
 ) -> None:
     """Quantize MODEL into a checkpoint transformers and vLLM load, plus dsq-report.json."""
     from dsq.dsquant.progress import progress
@@ -275,12 +280,33 @@ def quantize(
             calibration = CalibSpec(method, calib, samples, seqlen, seed, str(work_dir) if work_dir else None,
                                     CalibOptions(fail_below_tokens=min_expert_tokens),
                                     str(imatrix_out) if imatrix_out else None, str(imatrix) if imatrix else None)
+        record = None
+        if target_size is not None or target_bpw is not None:  # the size-budget search (export/gguf_budget.py)
+            import tempfile
+
+            from dsq.export.gguf_budget import budget_recipe
+
+            if recipe != "int4":
+                raise InputError("--target-size/--target-bpw choose every tensor's format: leave out --recipe")
+            if Path(output).exists() and not overwrite:
+                raise InputError(f"{output}: exists; pass --overwrite to replace it")
+            recipe = str(Path(tempfile.mkdtemp(prefix="dsq-budget-")) / "budget.toml")
+            record = budget_recipe(model, output, Path(recipe), target_size=target_size, target_bpw=target_bpw,
+                                   calib=calib)
         calib_bar = progress(f"calibrate ({method})", "layers") if calibration else contextlib.nullcontext()
         with calib_bar as calib_progress, progress(f"quantize → {output}", "tensors") as bar:
             report = quantize_checkpoint(
                 model, output, recipe, overwrite=overwrite, allow_unmapped=allow_unmapped, progress=bar,
                 calibration=calibration, calib_progress=calib_progress, executor=runner,
             )
+        if record is not None:
+            import shutil
+
+            from dsq.export.gguf_budget import write_record
+
+            shutil.rmtree(Path(recipe).parent, ignore_errors=True)
+            write_record(output, record)
+            report["budget"] = record["budget"]
     except Exception as e:
         raise _fail(e) from None
     print_summary(report, output)

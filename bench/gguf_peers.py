@@ -51,6 +51,15 @@ LLAMA_ROWS: dict[str, tuple[str, bool]] = {
 }
 
 
+# llama-cpp-python's binding of the same quantizer, for the rows without an imatrix when the tools are not built
+QUANTIZE = """
+import sys, llama_cpp
+p = llama_cpp.llama_model_quantize_default_params()
+p.ftype = getattr(llama_cpp, sys.argv[3]); p.nthread = int(sys.argv[4])
+assert llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p) == 0
+"""
+
+
 def run(cmd: list[str], log: Path, env: dict | None = None) -> tuple[float, float, str]:
     """Run one step in its own process: (wall s, CPU s of it and its children, stdout). Output goes to ``log``."""
     t0 = time.perf_counter()
@@ -87,6 +96,8 @@ def main() -> None:
     ap.add_argument("--imatrix-chunks", type=int, default=64, help="llama-imatrix chunks of 512 calibration tokens")
     ap.add_argument("--samples", type=int, default=64, help="dsq calibration windows (imatrix/GPTQ rows)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-build", action="store_true",
+                    help="do not build llama.cpp's tools: llama.cpp rows through llama-cpp-python, imatrix rows skipped")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     groups = set(args.rows.split(","))
@@ -107,19 +118,24 @@ def main() -> None:
 
     if "llama" in groups or "budget" in groups:
         sys.path.insert(0, str(HERE))
-        from llamacpp_tools import ensure_tools
+        from llamacpp_tools import ensure_tools, tool_paths
 
-        tools = ensure_tools()
+        tools = tool_paths() if args.no_build else ensure_tools()
+        built = all(t.is_file() for t in tools.values())
         imatrix = args.work / "imatrix.gguf"
         im_cost = (0.0, 0.0)
-        if not imatrix.is_file():
+        if built and not imatrix.is_file():
             w, c, _ = run([tools["llama-imatrix"], "-m", f32, "-f", args.calib, "-o", imatrix, "--chunks",
                            str(args.imatrix_chunks), "-c", "512", "-t", str(args.threads), "--no-ppl"], log)
             im_cost = (w, c)
         for label, (qtype, with_im) in LLAMA_ROWS.items():
             out = args.work / f"llama-{qtype}{'-imat' if with_im else ''}.gguf"
-            cmd = [tools["llama-quantize"], *(["--imatrix", imatrix] if with_im else []), f32, out, qtype,
-                   str(args.threads)]
+            if not built and with_im:
+                print(f"skipped {label}: llama-imatrix is not built (bench/llamacpp_tools.py)", flush=True)
+                continue
+            cmd = ([tools["llama-quantize"], *(["--imatrix", imatrix] if with_im else []), f32, out, qtype,
+                    str(args.threads)] if built else [PY, "-c", QUANTIZE, f32, out, f"LLAMA_FTYPE_MOSTLY_{qtype}",
+                                                      str(args.threads)])
             w, c, _ = run(cmd, log)
             if with_im:  # the imatrix is part of the price of this file
                 w, c = w + im_cost[0], c + im_cost[1]

@@ -245,3 +245,61 @@ def _measure(src: GGUFSource, searched: list[OutTensor], ids: torch.Tensor, rows
     if keep is not None:
         keep.update(model=model, ids=batch_ids, options=options, fisher=fisher, probes=probes)
     return options
+
+
+# -- dsq quantize --target-size: the choice recorded in the quantized checkpoint --------------------------------
+#: GGUF types whose values a dsq format holds exactly (gguf_quants.NEAREST's twins): those tensors are quantized
+#: by ``dsq quantize`` (calibrated methods included) and carried byte for byte by the export.
+TWIN_FORMAT: dict[str, str] = {"q4_0": "int4_sym_g32", "q4_1": "int4_asym_g32", "q8_0": "int8_g32"}
+RECORD = "dsq-gguf-types.json"
+
+
+def budget_recipe(src_dir: str | Path, out_dir: str | Path, recipe_path: Path, *, target_size: str | None = None,
+                  target_bpw: float | None = None, calib: str = "mixed", **search) -> dict:
+    """For ``dsq quantize SRC -o OUT --target-size``: run the search on SRC's GGUF layout, write at ``recipe_path``
+    a recipe that quantizes the tensors whose chosen type has a dsq twin (Q4_0/Q4_1/Q8_0 -> int4_sym_g32/
+    int4_asym_g32/int8_g32) and keeps the others in float, and return the record to store in OUT (``RECORD``):
+    ``dsq export OUT --to gguf`` then writes every tensor in its chosen type.
+
+    OUT's GGUF carries OUT's name instead of SRC's in ``general.name``: the search leaves room for the longer of
+    the two names plus one alignment step, so the file stays within the target. ``search``: plan_budget's
+    keyword settings (samples, seqlen, rows, ...). Raises as ``plan_budget``."""
+    from .gguf_tensors import plan_tensors
+    from .gguf_writer import ALIGNMENT
+
+    src = GGUFSource(src_dir)
+    outs, _ = plan_tensors(src)
+    target, flag = resolve_target(target_size, target_bpw, outs)
+    slack = max(0, len(Path(out_dir).name.encode()) - len(src.path.name.encode())) + ALIGNMENT
+    types, budget = plan_budget(src, outs, target - slack, flag, calib=calib, **search)
+    budget["target_bytes"] = target
+    lines = ['default = "keep"', 'fallback = "keep"', ""]
+    for t in outs:
+        fmt = TWIN_FORMAT.get(types.get(t.name, ""))
+        if fmt is not None and len(t.sources) == 1:
+            lines += ["[[override]]", f'pattern = "{t.sources[0].name}"', f'format = "{fmt}"', ""]
+    recipe_path.write_text("\n".join(lines))
+    return {"types": types, "budget": budget}
+
+
+def write_record(out_dir: str | Path, record: dict) -> Path:
+    """Store the search's choice in the quantized checkpoint (atomically)."""
+    path = Path(out_dir) / RECORD
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+def read_record(src_dir: str | Path) -> dict | None:
+    """The choice ``dsq quantize --target-size`` stored in ``src_dir``, or None. Raises InputError if damaged."""
+    path = Path(src_dir) / RECORD
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        if not isinstance(record.get("types"), dict):
+            raise ValueError("no types")
+    except (OSError, ValueError, AttributeError) as e:
+        raise InputError(f"{path}: damaged ({e}); delete it to export without the size budget's types") from None
+    return record

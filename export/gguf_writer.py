@@ -182,6 +182,12 @@ def export_gguf(
                                     log=(lambda m: progress(0, len(outs), m)) if progress else None)
     elif calib is not None:
         raise InputError("--calib applies to --target-size/--target-bpw (the size-budget search)")
+    elif type == "auto" and recipe is None and not pure and types is None:
+        from .gguf_budget import read_record
+
+        record = read_record(src.path)  # what `dsq quantize --target-size` chose
+        if record is not None:
+            types, budget = record["types"], {**record["budget"], "recorded": True}
     if mix is not None:
         chosen = policy_types(outs, mix, src, pure)
     else:
@@ -252,7 +258,10 @@ def export_gguf(
     report = _report(src, finals, type, recipe, rows, notes, tok, time.perf_counter() - t0, mix)
     if budget is not None:
         report["budget"] = budget
-        if report["bytes"] != budget["predicted_bytes"]:  # the layout is computed exactly; say so if it ever is not
+        if budget.get("recorded"):
+            report["notes"].append(f"tensor types from {src.path.name}/dsq-gguf-types.json (dsq quantize "
+                                   f"{budget['flag']}): file {report['bytes']} bytes, target {budget['target_bytes']}")
+        elif report["bytes"] != budget["predicted_bytes"]:  # the layout is computed exactly; say so if it ever is not
             report["notes"].append(f"size budget: the file has {report['bytes']} bytes, the search counted "
                                    f"{budget['predicted_bytes']}")
     return report

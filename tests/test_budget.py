@@ -186,3 +186,29 @@ def test_tied_embedding_and_fallback_rows_via_cli(model_dir, tmp_path):
     for name, info in b["per_tensor"].items():
         width = next(r["shape"][-1] for r in report["tensors"] if r["name"] == name)
         assert set(info["options"]) == set(candidates((1, width)))
+
+
+def test_quantize_records_the_choice_and_export_follows_it(model_dir, tmp_path):
+    """``dsq quantize --target-size``: linear weights chosen as Q4_0/Q4_1/Q8_0 are quantized to their dsq twins and
+    carried exactly; the rest stay float and are quantized by ``dsq export OUT --to gguf`` (no --type) to the recorded type."""
+    from dsq.dsquant.quantize import quantize_checkpoint
+    from dsq.export.gguf_budget import RECORD, TWIN_FORMAT, budget_recipe, write_record
+
+    src, out = model_dir("llama"), tmp_path / "q"
+    recipe = tmp_path / "budget.toml"
+    record = budget_recipe(src, out, recipe, target_size="1MB", **SMALL)
+    # dsq never quantizes an input embedding (recipes.NEVER_QUANTIZED_KINDS): the export quantizes it
+    twins = {n for n, t in record["types"].items() if t in TWIN_FORMAT and n != "token_embd.weight"}
+    assert twins and len(twins) < len(record["types"])  # a mix of carried and export-quantized tensors
+    quantize_checkpoint(src, out, str(recipe))
+    write_record(out, record)
+    assert (out / RECORD).is_file()
+    report = export_gguf(out, tmp_path / "q.gguf")
+    assert report["bytes"] <= 1_000_000 and report["budget"]["recorded"]
+    rows = {r["name"]: r for r in report["tensors"]}
+    for name, t in record["types"].items():
+        assert rows[name]["type"].lower() == t
+        assert rows[name]["status"] == ("exact" if name in twins else "quantized")
+    with pytest.raises(InputError, match=RECORD):
+        (out / RECORD).write_text("{")
+        export_gguf(out, tmp_path / "r.gguf")
