@@ -84,6 +84,46 @@ def json_of(out: str) -> dict:
     return json.loads(out[out.index("{"):])
 
 
+def validate(model_dir: Path, calib: Path, target: int, tensors: int = 6) -> list[dict]:
+    """The search's prediction against the KL measured in torch on the same calibration tokens: a few tensors
+    alone at two candidate types each, then the whole choice at ``target`` bytes (every tensor at its chosen
+    type at once, so the prediction's additivity is tested too)."""
+    import torch
+
+    from dsq.dsquant.budget import measure_kl, reference
+    from dsq.export.gguf_budget import candidates, held, plan_budget
+    from dsq.export.gguf_quants import GGUF_TYPES
+    from dsq.export.gguf_source import GGUFSource
+    from dsq.export.gguf_tensors import plan_tensors
+
+    src = GGUFSource(model_dir)
+    outs, _ = plan_tensors(src)
+    keep: dict = {}
+    types, _ = plan_budget(src, outs, target, "--target-size", calib=str(calib), keep=keep)
+    model, sel, opts = keep["model"], keep["selection"], keep["options"]
+    ref = reference(model, keep["ids"])
+    params = dict(model.named_parameters(remove_duplicate=False))
+    param_of = {p.key.split("#")[0]: p.param for p in keep["probes"]}
+    shape_of = {t.name: t.shape for t in outs}
+    names = sorted(param_of)
+    picked = [names[0]] + names[1:: max(1, len(names) // tensors)][: tensors - 1]
+    out = []
+    for n in picked:
+        w = params[param_of[n]].detach().float()
+        cands = candidates(shape_of[n])
+        for c in (cands[0], cands[len(cands) // 2]):
+            pred = next(o.kl for o in opts[n] if o.type == c)
+            kl = float(measure_kl(model, ref, {param_of[n]: held(w, GGUF_TYPES[c])}).mean())
+            out.append({"tensor": n, "type": c, "predicted": pred, "measured": kl})
+            print(f"validate {n} {c}: predicted {pred:.5f}, measured {kl:.5f}", flush=True)
+    replace = {param_of[n]: held(params[param_of[n]].detach().float(), GGUF_TYPES[types[n]]) for n in sel.types}
+    with torch.no_grad():
+        kl = float(measure_kl(model, ref, replace).mean())
+    out.append({"tensor": "all", "type": f"choice at {target} bytes", "predicted": sel.predicted_kl, "measured": kl})
+    print(f"validate whole choice at {target:,} bytes: predicted {sel.predicted_kl:.5f}, measured {kl:.5f}", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", type=Path, default=MODEL)
@@ -98,8 +138,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-build", action="store_true",
                     help="do not build llama.cpp's tools: llama.cpp rows through llama-cpp-python, imatrix rows skipped")
+    ap.add_argument("--validate", type=int, default=0, metavar="BYTES",
+                    help="only check the search's predicted KL against torch-measured KL at this target and exit")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    if args.validate:
+        res = validate(args.model, args.calib, args.validate)
+        if args.json:
+            args.json.write_text(json.dumps(res, indent=2))
+        return
     groups = set(args.rows.split(","))
     args.work.mkdir(parents=True, exist_ok=True)
     log = args.work / "steps.log"

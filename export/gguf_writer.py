@@ -176,6 +176,8 @@ def export_gguf(
         flag = "--target-size" if target_size is not None else "--target-bpw"
         if type != "auto" or recipe is not None or pure or types is not None:
             raise InputError(f"{flag} chooses every tensor's type itself: leave out --type, --recipe and --pure")
+        if split_max_size:
+            raise InputError(f"{flag} sizes one file: leave out --split-max-size")
         target, flag = resolve_target(target_size, target_bpw, outs)
         check_output(out_path, overwrite)  # before the calibration, not after
         types, budget = plan_budget(src, outs, target, flag, calib=calib or "mixed",

@@ -152,6 +152,8 @@ def test_export_refuses_impossible_and_conflicting_flags(model_dir, tmp_path):
         export_gguf(src, tmp_path / "x.gguf", target_bpw=0)
     with pytest.raises(InputError, match="leave out --type"):
         export_gguf(src, tmp_path / "x.gguf", target_size="1MB", type="q4_0")
+    with pytest.raises(InputError, match="--target-size sizes one file"):
+        export_gguf(src, tmp_path / "x.gguf", target_size="1MB", split_max_size="1M")
     with pytest.raises(InputError, match="--calib applies to --target-size"):
         export_gguf(src, tmp_path / "x.gguf", calib="mixed")
     assert not list(tmp_path.iterdir())
