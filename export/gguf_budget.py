@@ -254,11 +254,20 @@ TWIN_FORMAT: dict[str, str] = {"q4_0": "int4_sym_g32", "q4_1": "int4_asym_g32", 
 RECORD = "dsq-gguf-types.json"
 
 
+def twin_format(gguf_type: str) -> str | None:
+    """The dsq format ``dsq quantize`` writes for a tensor the search gave ``gguf_type``: its twin, or a dsq format
+    of the same name where one is registered (GGUF-grid formats such as ``q4_k``), else None (kept float, the
+    export quantizes it)."""
+    if gguf_type in TWIN_FORMAT:
+        return TWIN_FORMAT[gguf_type]
+    return gguf_type if gguf_type in FORMATS else None
+
+
 def budget_recipe(src_dir: str | Path, out_dir: str | Path, recipe_path: Path, *, target_size: str | None = None,
                   target_bpw: float | None = None, calib: str = "mixed", **search) -> dict:
     """For ``dsq quantize SRC -o OUT --target-size``: run the search on SRC's GGUF layout, write at ``recipe_path``
-    a recipe that quantizes the tensors whose chosen type has a dsq twin (Q4_0/Q4_1/Q8_0 -> int4_sym_g32/
-    int4_asym_g32/int8_g32) and keeps the others in float, and return the record to store in OUT (``RECORD``):
+    a recipe that quantizes the tensors whose chosen type has a dsq twin (``twin_format``: Q4_0/Q4_1/Q8_0 ->
+    int4_sym_g32/int4_asym_g32/int8_g32, and any GGUF-grid dsq format) and keeps the others in float, and return the record to store in OUT (``RECORD``):
     ``dsq export OUT --to gguf`` then writes every tensor in its chosen type.
 
     OUT's GGUF carries OUT's name instead of SRC's in ``general.name``: the search leaves room for the longer of
@@ -275,7 +284,7 @@ def budget_recipe(src_dir: str | Path, out_dir: str | Path, recipe_path: Path, *
     budget["target_bytes"] = target
     lines = ['default = "keep"', 'fallback = "keep"', ""]
     for t in outs:
-        fmt = TWIN_FORMAT.get(types.get(t.name, ""))
+        fmt = twin_format(types.get(t.name, ""))
         if fmt is not None and len(t.sources) == 1:
             lines += ["[[override]]", f'pattern = "{t.sources[0].name}"', f'format = "{fmt}"', ""]
     recipe_path.write_text("\n".join(lines))

@@ -194,13 +194,13 @@ def test_quantize_records_the_choice_and_export_follows_it(model_dir, tmp_path):
     """``dsq quantize --target-size``: linear weights chosen as Q4_0/Q4_1/Q8_0 are quantized to their dsq twins and
     carried exactly; the rest stay float and are quantized by ``dsq export OUT --to gguf`` (no --type) to the recorded type."""
     from dsq.dsquant.quantize import quantize_checkpoint
-    from dsq.export.gguf_budget import RECORD, TWIN_FORMAT, budget_recipe, write_record
+    from dsq.export.gguf_budget import RECORD, budget_recipe, twin_format, write_record
 
     src, out = model_dir("llama"), tmp_path / "q"
     recipe = tmp_path / "budget.toml"
     record = budget_recipe(src, out, recipe, target_size="1MB", **SMALL)
     # dsq never quantizes an input embedding (recipes.NEVER_QUANTIZED_KINDS): the export quantizes it
-    twins = {n for n, t in record["types"].items() if t in TWIN_FORMAT and n != "token_embd.weight"}
+    twins = {n for n, t in record["types"].items() if twin_format(t) and n != "token_embd.weight"}
     assert twins and len(twins) < len(record["types"])  # a mix of carried and export-quantized tensors
     quantize_checkpoint(src, out, str(recipe))
     write_record(out, record)
