@@ -140,6 +140,7 @@ def main() -> None:
                     help="do not build llama.cpp's tools: llama.cpp rows through llama-cpp-python, imatrix rows skipped")
     ap.add_argument("--validate", type=int, default=0, metavar="BYTES",
                     help="only check the search's predicted KL against torch-measured KL at this target and exit")
+    ap.add_argument("--reuse", action="store_true", help="keep files an earlier run in --work built (and their costs)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     if args.validate:
@@ -153,10 +154,23 @@ def main() -> None:
     load0 = os.getloadavg()
     rows: list[dict] = []
 
+    costs_file = args.work / "costs.json"  # what each file cost to build, so --reuse can skip rebuilding it
+    costs = json.loads(costs_file.read_text()) if costs_file.is_file() else {}
+
     def row(label: str, path: Path, wall: float, cpu: float, **extra) -> None:
         rows.append({"label": label, "path": str(path), "bytes": path.stat().st_size, "wall_s": round(wall, 1),
                      "cpu_s": round(cpu, 1), **extra})
+        costs[label] = rows[-1]
+        costs_file.write_text(json.dumps(costs, indent=1))
         print(f"built {label}: {path.stat().st_size:,} bytes, {wall:.0f} s wall, {cpu:.0f} s CPU", flush=True)
+
+    def reused(label: str) -> bool:
+        """--reuse: a file this work dir already built (same label, file still there) is not rebuilt."""
+        old = costs.get(label)
+        if args.reuse and old and Path(old["path"]).is_file():
+            rows.append(old)
+            return True
+        return False
 
     f32 = args.work / "f32.gguf"
     if not f32.is_file():
@@ -176,6 +190,8 @@ def main() -> None:
                            str(args.imatrix_chunks), "-c", "512", "-t", str(args.threads), "--no-ppl"], log)
             im_cost = (w, c)
         for label, (qtype, with_im) in LLAMA_ROWS.items():
+            if reused(label):
+                continue
             out = args.work / f"llama-{qtype}{'-imat' if with_im else ''}.gguf"
             if not built and with_im:
                 print(f"skipped {label}: llama-imatrix is not built (bench/llamacpp_tools.py)", flush=True)
@@ -190,12 +206,19 @@ def main() -> None:
 
     if "dsq" in groups:
         for t in ("q4_0", "q4_k_m"):
+            if reused(f"dsq RTN {t}"):
+                continue
             out = args.work / f"dsq-rtn-{t}.gguf"
             w, c, _ = run(dsq("export", str(args.model), "--to", "gguf", "--type", t, "-o", str(out), "--overwrite",
                               "--no-check"), log)
             row(f"dsq RTN {t}", out, w, c)
     if "calib" in groups:
         for method in ("imatrix", "gptq"):
+            labels = [f"dsq {method} {t}" for t in ("q4_0", "q4_k_m")]
+            if args.reuse and all(costs.get(x) and Path(costs[x]["path"]).is_file() for x in labels):
+                for x in labels:
+                    reused(x)
+                continue
             q = args.work / f"dsq-int4-{method}"
             wq, cq, _ = run(dsq("quantize", str(args.model), "-o", str(q), "-r", "int4", "--method", method,
                                 "--calib", str(args.calib), "--samples", str(args.samples), "--seqlen", "512",
@@ -209,6 +232,8 @@ def main() -> None:
     if "budget" in groups:
         peers = [r for r in rows if r["label"].startswith("llama.cpp")]
         for peer in peers:
+            if reused(f"dsq budget @ {peer['label'].removeprefix('llama.cpp ')}"):
+                continue
             out = args.work / f"dsq-budget-{peer['bytes']}.gguf"
             w, c, stdout = run(dsq("export", str(args.model), "--to", "gguf", "--target-size", str(peer["bytes"]),
                                    "--calib", str(args.calib), "-o", str(out), "--overwrite", "--no-check", "--json"),
