@@ -12,7 +12,9 @@ Rows:
 * llama.cpp (its own CLI tools, built by bench/llamacpp_tools.py from llama-cpp-python's vendored sources):
   the float model as an F32 GGUF (``dsq export --type f32``: exact for a bf16 checkpoint), ``llama-imatrix``
   on the calibration text, then ``llama-quantize`` Q4_0, Q4_K_M, Q4_K_M + imatrix, Q5_K_M, Q3_K_M,
-  IQ4_XS + imatrix;
+  IQ4_XS + imatrix. With ``--no-build``: the same quantizer through llama-cpp-python's binding, and the
+  imatrix written by ``dsq quantize --method imatrix --imatrix-out`` from the same calibration text (rows
+  labelled "imatrix by dsq");
 * dsq: ``export --type q4_0|q4_k_m`` straight from the float model (round to nearest, llama.cpp's type
   policy), and ``quantize -r int4 --method imatrix|gptq`` on the calibration text, then ``export --type ...``;
 * dsq's size-budget search (``export --target-size``) at each llama.cpp row's file size (``--rows budget``).
@@ -51,11 +53,24 @@ LLAMA_ROWS: dict[str, tuple[str, bool]] = {
 }
 
 
-# llama-cpp-python's binding of the same quantizer, for the rows without an imatrix when the tools are not built
+# llama-cpp-python's binding of the same quantizer, when the tools are not built; an imatrix file (argv[5]) is
+# passed as params.imatrix, the mean x^2 per column llama-quantize reads from the file (dsq's reader)
 QUANTIZE = """
-import sys, llama_cpp
+import ctypes, sys, llama_cpp, numpy as np
 p = llama_cpp.llama_model_quantize_default_params()
 p.ftype = getattr(llama_cpp, sys.argv[3]); p.nthread = int(sys.argv[4])
+keep = []
+if len(sys.argv) > 5:
+    from dsq.dsquant.calib.imatrix_file import read_imatrix
+    entries = []
+    for name, e in read_imatrix(sys.argv[5]).entries.items():
+        imp = e.importance().reshape(-1)
+        data = (ctypes.c_float * imp.size)(*imp.astype(np.float32).tolist())
+        keep.append(data)
+        entries.append(llama_cpp.llama_model_imatrix_data(name.encode(), data, imp.size))
+    arr = (llama_cpp.llama_model_imatrix_data * (len(entries) + 1))(*entries)
+    keep.append(arr)
+    p.imatrix = arr
 assert llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p) == 0
 """
 
@@ -134,6 +149,8 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=16, help="evaluation chunks of --ctx tokens")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--imatrix-chunks", type=int, default=64, help="llama-imatrix chunks of 512 calibration tokens")
+    ap.add_argument("--imatrix-samples", type=int, default=32,
+                    help="without llama-imatrix: dsq's imatrix calibration windows of 512 tokens")
     ap.add_argument("--samples", type=int, default=64, help="dsq calibration windows (imatrix/GPTQ rows)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-build", action="store_true",
@@ -185,20 +202,27 @@ def main() -> None:
         built = all(t.is_file() for t in tools.values())
         imatrix = args.work / "imatrix.gguf"
         im_cost = (0.0, 0.0)
-        if built and not imatrix.is_file():
+        if not built:  # the importance from dsq's own calibration, written in llama.cpp's imatrix format
+            imatrix = args.work / "imatrix-dsq.gguf"
+            if not imatrix.is_file():
+                w, c, _ = run(dsq("quantize", str(args.model), "-o", str(args.work / "dsq-int4-imatrix-im"), "-r",
+                                  "int4", "--method", "imatrix", "--calib", str(args.calib), "--samples",
+                                  str(args.imatrix_samples), "--seqlen", "512", "--imatrix-out", str(imatrix),
+                                  "--overwrite"), log)
+                im_cost = (w, c)
+        elif not imatrix.is_file():
             w, c, _ = run([tools["llama-imatrix"], "-m", f32, "-f", args.calib, "-o", imatrix, "--chunks",
                            str(args.imatrix_chunks), "-c", "512", "-t", str(args.threads), "--no-ppl"], log)
             im_cost = (w, c)
         for label, (qtype, with_im) in LLAMA_ROWS.items():
-            if reused(label):
+            if reused(label) or (not built and with_im and reused(label + " (imatrix by dsq)")):
                 continue
             out = args.work / f"llama-{qtype}{'-imat' if with_im else ''}.gguf"
             if not built and with_im:
-                print(f"skipped {label}: llama-imatrix is not built (bench/llamacpp_tools.py)", flush=True)
-                continue
+                label += " (imatrix by dsq)"
             cmd = ([tools["llama-quantize"], *(["--imatrix", imatrix] if with_im else []), f32, out, qtype,
                     str(args.threads)] if built else [PY, "-c", QUANTIZE, f32, out, f"LLAMA_FTYPE_MOSTLY_{qtype}",
-                                                      str(args.threads)])
+                                                      str(args.threads), *([imatrix] if with_im else [])])
             w, c, _ = run(cmd, log)
             if with_im:  # the imatrix is part of the price of this file
                 w, c = w + im_cost[0], c + im_cost[1]
