@@ -269,13 +269,18 @@ def main() -> None:
     from dsq.dsquant.evaluate import EvalSettings, evaluate
 
     settings = EvalSettings(ctx=args.ctx, chunks=args.chunks, threads=args.threads)
-    report = evaluate([(Path(r["path"]), "llama-cpp") for r in rows], args.model, args.eval, settings, {},
+    scored = f"{args.eval.name}:{args.chunks}x{args.ctx}"  # --reuse keeps scores taken on the same tokens
+    todo = [r for r in rows if r.get("scored") != scored]
+    report = evaluate([(Path(r["path"]), "llama-cpp") for r in todo], args.model, args.eval, settings, {},
                       log=lambda m: print(m, file=sys.stderr, flush=True))
     by_path = {r.model: r for r in report.results if not r.is_reference}
+    for r in todo:
+        res = by_path[str(Path(r["path"]).resolve())] if str(Path(r["path"]).resolve()) in by_path else by_path[r["path"]]
+        r.update(kl_mean=res.kld_mean, kl_p99=res.kld_p99, top1=res.top1, ppl=res.ppl, scored=scored)
+        costs[r["label"]] = r
+    costs_file.write_text(json.dumps(costs, indent=1))
     n_weights = None
     for r in rows:
-        res = by_path[str(Path(r["path"]).resolve())] if str(Path(r["path"]).resolve()) in by_path else by_path[r["path"]]
-        r.update(kl_mean=res.kld_mean, kl_p99=res.kld_p99, top1=res.top1, ppl=res.ppl)
         if n_weights is None:  # F32: 4 bytes per weight (plus a header that is small against it)
             n_weights = r["bytes"] / 4
         r["bpw"] = 8 * r["bytes"] / n_weights
