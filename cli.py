@@ -187,16 +187,13 @@ def _targets_help() -> str:
     return ", ".join(EXPORTERS)
 
 
-# The GGUF type names live beside torch (export/gguf_writer.py TYPE_NAMES); `dsq --help` must not import
-# torch, so they are repeated here and tests/test_cli_ux.py fails when the two differ.
-GGUF_TYPES_HELP = ("auto (default: carry dsq's values, nearest type otherwise; a type applies llama.cpp's "
-                   "per-tensor policy for that file type; q3_k, q4_k, q5_k = the _M mixes), "
-                   "q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q3_k_s, q3_k_m, q3_k_l, q4_k, q4_k_s, q4_k_m, q5_k, q5_k_s, "
-                   "q5_k_m, q6_k, f16, bf16, f32")
-
-
 def _gguf_types_help() -> str:
-    return GGUF_TYPES_HELP
+    """--type's help, from the registry (export/gguf_policy.py: gguf-py and numpy, no torch)."""
+    from dsq.export.gguf_policy import ALIASES, TYPE_NAMES
+
+    aliases = ", ".join(ALIASES)
+    return ("auto (default: carry dsq's values, nearest type otherwise; a type applies llama.cpp's "
+            f"per-tensor policy for that file type; {aliases} = the _M mixes), " + ", ".join(TYPE_NAMES))
 
 
 Recipe = Annotated[str, typer.Option("--recipe", "-r", help="Preset (int4, int8, fp8) or a recipe TOML file.")]
@@ -357,6 +354,10 @@ def inspect(
 
     try:
         desc = describe(path)
+        if desc.kind == "onnx":  # refuse external data that points outside the folder, as every ONNX load does
+            from dsq.export.onnx_guard import check_onnx_file
+
+            check_onnx_file(path if path.is_file() else path / "model.onnx")
     except Exception as e:
         raise _fail(e) from None
     print_description(desc, as_json=json_out)
@@ -454,8 +455,8 @@ def eval_(
     threads: ThreadsOpt = None,
 ) -> None:
     """Accuracy gate: PPL, KL divergence and top-1 agreement of each model/runtime against the reference."""
-    from dsq.dsquant.evaluate import EvalSettings
     from dsq.runtimes.console import eval_command
+    from dsq.runtimes.eval.evaluate import EvalSettings
 
     try:
         _check_report_paths(json=json_out, html=html_out)
@@ -502,6 +503,8 @@ def export(
     )] = None,
     type_: Annotated[str | None, typer.Option("--type", help=f"GGUF file type: {_gguf_types_help()}.")] = None,
     pure: Annotated[bool, typer.Option("--pure", help="GGUF: the --type everywhere, no llama.cpp policy (llama-quantize --pure).")] = False,
+    imatrix: Annotated[Path | None, typer.Option(
+        "--imatrix", help="GGUF: a llama.cpp imatrix file (GGUF or .dat) weighting every re-rounded tensor, as llama-quantize --imatrix.")] = None,
     recipe: Annotated[str | None, typer.Option("--recipe", "-r", help="Quantize a float checkpoint on the way.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
     split_max_size: Annotated[
@@ -535,7 +538,7 @@ def export(
 
     given = {"type": type_, "recipe": recipe, "split_max_size": split_max_size, "ep": ep, "int4_block": int4_block,
              "attention": attention, "accuracy_level": accuracy_level, "pure": pure or None, "dtype": dtype,
-             "target_size": target_size, "target_bpw": target_bpw, "calib": calib}
+             "imatrix": imatrix, "target_size": target_size, "target_bpw": target_bpw, "calib": calib}
     try:
         with progress(f"export → {to}", "tensors") as bar:
             out, report = export_model(model, to, output, overwrite=overwrite, progress=bar, check=not no_check,

@@ -19,7 +19,7 @@ Rows:
   policy), and ``quantize -r int4 --method imatrix|gptq`` on the calibration text, then ``export --type ...``;
 * dsq's size-budget search (``export --target-size``) at each llama.cpp row's file size (``--rows budget``).
 
-Every GGUF is scored by ``dsq eval``'s machinery (dsquant/evaluate.py) in llama.cpp (llama-cpp-python) against
+Every GGUF is scored by ``dsq eval``'s machinery (runtimes/eval/evaluate.py) in llama.cpp (llama-cpp-python) against
 the bf16 checkpoint run in torch: KL(reference || GGUF) per token (mean, p99), top-1 agreement, perplexity;
 the F32 GGUF's row is the floor (llama.cpp's arithmetic, no weight rounding). Every producing step runs in its
 own process: wall seconds, and CPU seconds (user + sys, os.wait4) which are what to compare on a shared
@@ -105,13 +105,12 @@ def validate(model_dir: Path, calib: Path, target: int, tensors: int = 6) -> lis
     type at once, so the prediction's additivity is tested too)."""
     import torch
 
-    from dsq.dsquant.budget import measure_kl, reference
-    from dsq.export.gguf_budget import candidates, held, plan_budget
+    from dsq.dsquant.source import Source
+    from dsq.export.gguf_budget import candidates, held, measure_kl, plan_budget, reference
     from dsq.export.gguf_quants import GGUF_TYPES
-    from dsq.export.gguf_source import GGUFSource
     from dsq.export.gguf_tensors import plan_tensors
 
-    src = GGUFSource(model_dir)
+    src = Source(model_dir)
     outs, _ = plan_tensors(src)
     keep: dict = {}
     types, _ = plan_budget(src, outs, target, "--target-size", calib=str(calib), keep=keep)
@@ -266,7 +265,7 @@ def main() -> None:
             row(f"dsq budget @ {peer['label'].removeprefix('llama.cpp ')}", out, w, c,
                 predicted_kl=b["predicted_kl"], types=b["types"])
 
-    from dsq.dsquant.evaluate import EvalSettings, evaluate
+    from dsq.runtimes.eval.evaluate import EvalSettings, evaluate
 
     settings = EvalSettings(ctx=args.ctx, chunks=args.chunks, threads=args.threads)
     scored = f"{args.eval.name}:{args.chunks}x{args.ctx}"  # --reuse keeps scores taken on the same tokens

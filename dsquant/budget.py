@@ -15,7 +15,7 @@ the gradient at its output. The predicted KL of quantizing tensor t to type c is
 ``½ · (rows / sampled rows) · Σ F_ij (ŵ_ij − w_ij)² / positions`` (nats per token), and a file's prediction
 is the sum over tensors: cross terms between tensors' rounding errors are dropped (they average out), as
 in HAWQ-V2/V3's and "Fisher-based mixed precision" (Kim et al., 2022) additive objectives. This is a proxy;
-``measure_kl`` computes the real KL of a choice, and ``bench/gguf_peers.py`` reports the two side by side.
+``export.gguf_budget.measure_kl`` computes the real KL of a choice, and ``bench/gguf_peers.py`` reports the two side by side.
 
 Choice (``choose``). A multiple-choice knapsack: each tensor takes one of its options (type, bytes, predicted
 KL), the total (plus the file's fixed bytes) must not exceed the target, the sum of predicted KLs is
@@ -263,56 +263,3 @@ def predicted_kl(fisher: torch.Tensor, sq_err: torch.Tensor, n_rows: int, positi
     tensor whose measured rows change by ``sq_err`` (squared, same shape as ``fisher``)."""
     scale = n_rows / fisher.shape[0] if scaled else 1.0
     return 0.5 * scale * float((fisher * sq_err).sum()) / positions
-
-
-# -- measured KL -------------------------------------------------------------------------------------------
-@dataclass
-class Reference:
-    """The unquantized model's next-token distributions on ``ids``, kept compactly (dsquant.kld)."""
-
-    ids: torch.Tensor
-    top_idx: list[np.ndarray]
-    top_logp: list[np.ndarray]
-    batch: int
-
-
-def reference(model: nn.Module, ids: torch.Tensor, batch: int = 4, coverage: float = 0.999,
-              k_max: int = 2048) -> Reference:
-    """Run the float model once and keep, per position, its most likely tokens (``dsquant.kld.keep_most_likely``)."""
-    from .kld import keep_most_likely, log_softmax
-
-    idx, lp = [], []
-    with torch.inference_mode():
-        for b0 in range(0, ids.shape[0], batch):
-            out = model(ids[b0: b0 + batch]).logits.float()
-            logits = out.reshape(-1, out.shape[-1]).numpy()
-            i, top, _ = keep_most_likely(logits, coverage, k_max)
-            full = log_softmax(logits)
-            idx.append(i)
-            lp.append(np.where(np.isfinite(top), np.take_along_axis(full, i, 1), -np.inf))
-    return Reference(ids, idx, lp, batch)
-
-
-def measure_kl(model: nn.Module, ref: Reference, replace: dict[str, torch.Tensor] | None = None) -> np.ndarray:
-    """Per-position KL(reference || model) (nats; dsquant.kld's lower bound, exact when the kept tokens hold all
-    the mass) with the parameters named in ``replace`` swapped for the given values during the run."""
-    from .kld import kld_bounds, log_softmax
-
-    params = dict(model.named_parameters(remove_duplicate=False))
-    saved = {}
-    out = []
-    try:
-        with torch.no_grad():
-            for name, value in (replace or {}).items():
-                saved[name] = params[name].data
-                params[name].data = value.to(saved[name].dtype).reshape(saved[name].shape)
-        with torch.inference_mode():
-            for k, b0 in enumerate(range(0, ref.ids.shape[0], ref.batch)):
-                logits = model(ref.ids[b0: b0 + ref.batch]).logits.float()
-                logits = logits.reshape(-1, logits.shape[-1])
-                lower, _ = kld_bounds(ref.top_idx[k], ref.top_logp[k], log_softmax(logits.numpy()))
-                out.append(lower)
-    finally:
-        for name, value in saved.items():
-            params[name].data = value
-    return np.concatenate(out)

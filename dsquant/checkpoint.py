@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 
 from .archs import Architecture, Role, TensorRef, get_architecture
+from .config import ModelConfig
 from .errors import BadWeightsError, CorruptFileError, InputError, UnsupportedError
-from .formats import FORMATS, QuantizedTensor
+from .formats import QuantizedTensor, find_format
 from .paths import resolve_model_file
 from .safetensors_io import TensorInfo, read_header, read_rows, read_tensor
 from .schema import load_config, load_index
@@ -211,10 +212,17 @@ class Checkpoint:
         check_finite_tensor(scale, t.scale_info.name, t.scale_info.file, start // br)
         return dequantize_block_fp8(data, scale, self.block_size, t.name)
 
+    @property
+    def block_fp8_format(self) -> str | None:
+        """The dsq format a block-FP8 checkpoint's weights are stored in (None: dsq has no such format)."""
+        br, bc = self.block_size
+        fmt = find_format(packing="fp8", bits=8, block_rows=br, block_cols=bc)
+        return fmt.name if fmt else None
+
     def load_block_fp8(self, t: SourceTensor, start: int = 0, stop: int | None = None) -> QuantizedTensor:
         """Block-FP8 rows as stored (codes + scales), for FP8 -> FP8 without re-rounding."""
-        name = f"fp8_b{self.block_size[0]}"
-        if t.scale_info is None or self.block_size[0] != self.block_size[1] or name not in FORMATS:
+        name = self.block_fp8_format
+        if t.scale_info is None or name is None:
             raise UnsupportedError(f"{t.name}: not a square block-FP8 tensor dsq can pass through")
         stop = t.shape[0] if stop is None else stop
         br = self.block_size[0]
@@ -339,8 +347,8 @@ def _check_mla_width(t: SourceTensor, config: dict, cfg_path: Path) -> None:
 
 def _check_experts(experts: dict[int, dict[int, set[Role]]], config: dict, cfg_path: Path) -> None:
     """Every MoE layer has all ``n_routed_experts`` experts, each with gate, up and down."""
-    n = config.get("n_routed_experts") or config.get("num_experts")
-    if not isinstance(n, int) or n <= 0:
+    n = ModelConfig.from_dict(config, str(cfg_path)).n_experts
+    if n <= 0:
         return
     want = {Role.EXPERT_GATE, Role.EXPERT_UP, Role.EXPERT_DOWN}
     for layer, by_expert in sorted(experts.items()):

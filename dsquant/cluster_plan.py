@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass, field
 
 from .errors import InputError
+from .formats import FORMATS
 from .plan import BASE_RSS_BYTES, Plan, PlanEntry, human_bytes
 from .ray_executor import unit_key
 
@@ -80,7 +81,9 @@ def parse_cluster(text: str) -> ClusterSpec:
 
 def tensor_seconds(entry: PlanEntry) -> float:
     """Estimated worker CPU seconds for one tensor (see COSTS)."""
-    family = (entry.format or "keep").split("_")[0]
+    fmt = FORMATS[entry.format] if entry.format else None
+    # the measured row of its kind of codes and bits (int4, int8, fp8), from the format's facts
+    family = ("fp8" if fmt.packing == "fp8" else f"int{fmt.bits}") if fmt else "keep"
     return PER_TENSOR_S + entry.tensor.numel * NS_PER_ELEMENT.get(family, NS_PER_ELEMENT["int4"]) * 1e-9
 
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from .archs import ARCHITECTURES, Role, hf_name
 from .atomic import atomic_dir
 from .errors import CorruptFileError, InputError, OutputError
 
@@ -42,25 +43,26 @@ MODEL_NAME = f"smollm2-135m-instruct-perm{DEFAULT_SEED}-bf16"
 DEFAULT_ARG = "default"  # the MODEL argument that means "the bundled model"
 PROVENANCE = "dsq_provenance.json"  # written last: its presence marks a complete build
 
-# GGUF tensor name (per layer, after "blk.{l}.") -> HF Llama name (after "model.layers.{l}.").
-LAYER_TENSORS: dict[str, str] = {
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
+# GGUF tensor name (per layer, after "blk.{l}.") -> dsq role; HF names come from the role table.
+LAYER_TENSORS: dict[str, Role] = {
+    "attn_norm": Role.ATTN_NORM,
+    "ffn_norm": Role.FFN_NORM,
+    "attn_q": Role.ATTN_Q,
+    "attn_k": Role.ATTN_K,
+    "attn_v": Role.ATTN_V,
+    "attn_output": Role.ATTN_O,
+    "ffn_gate": Role.MLP_GATE,
+    "ffn_up": Role.MLP_UP,
+    "ffn_down": Role.MLP_DOWN,
 }
-GLOBAL_TENSORS: dict[str, str] = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",  # absent when embeddings are tied (SmolLM2)
+GLOBAL_TENSORS: dict[str, Role] = {
+    "token_embd.weight": Role.EMBED,
+    "output_norm.weight": Role.OUTPUT_NORM,
+    "output.weight": Role.LM_HEAD,  # absent when embeddings are tied (SmolLM2)
 }
-# llama.cpp stores q/k rows RoPE-interleaved; the config key holding each one's head count.
-QK_HEADS: dict[str, str] = {"attn_q": "num_attention_heads", "attn_k": "num_key_value_heads"}
+# llama.cpp stores q/k rows RoPE-interleaved (the llama record's gguf_transforms); the config key holding the
+# head count each transform kind permuted by.
+UNPERMUTE_HEADS: dict[str, str] = {"permute_q": "num_attention_heads", "permute_k": "num_key_value_heads"}
 
 # HF config key -> (GGUF metadata key, converter). Keys not read from the GGUF are in STATIC_CONFIG.
 GGUF_CONFIG: dict[str, tuple[str, Callable[[Any], Any]]] = {
@@ -195,15 +197,16 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 def to_hf_state_dict(gguf_tensors: dict[str, np.ndarray], cfg: dict[str, Any]) -> StateDict:
     """GGUF names -> HF names (consumes ``gguf_tensors``); q/k rows back in HF order."""
     sd: StateDict = {}
-    for g, h in GLOBAL_TENSORS.items():
+    transforms = ARCHITECTURES[STATIC_CONFIG["model_type"]].transforms
+    for g, role in GLOBAL_TENSORS.items():
         if g in gguf_tensors:
-            sd[h] = gguf_tensors.pop(g)
+            sd[hf_name(role)] = gguf_tensors.pop(g)
     for layer in range(cfg["num_hidden_layers"]):
-        for g, h in LAYER_TENSORS.items():
+        for g, role in LAYER_TENSORS.items():
             w = gguf_tensors.pop(f"blk.{layer}.{g}.weight")
-            if g in QK_HEADS:
-                w = unpermute_qk(w, cfg[QK_HEADS[g]])
-            sd[f"model.layers.{layer}.{h}.weight"] = w
+            if role in transforms:
+                w = unpermute_qk(w, cfg[UNPERMUTE_HEADS[transforms[role]]])
+            sd[hf_name(role, layer)] = w
     if gguf_tensors:
         raise CorruptFileError(f"{GGUF_NAME}: unexpected tensors {sorted(gguf_tensors)[:5]}")
     return sd

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .errors import BadWeightsError, UnsupportedError
-from .formats import FORMATS, QuantFormat, QuantizedTensor
+from .formats import QuantFormat, QuantizedTensor, find_format
 from .layouts import unpack_int32
 from .safetensors_io import read_tensor
 
@@ -111,7 +111,7 @@ class ForeignLayout:
     def dsq_group(self, mod: str) -> int:
         """dsq's group for it: the same when dsq has that format (32/64/128), else 32 with the scale repeated."""
         group = self.group_of(mod)
-        return group if f"int4_sym_g{group}" in FORMATS else 32
+        return group if find_format(bits=4, block_cols=group) is not None else 32
 
     def _regroup(self, mod: str, scale: torch.Tensor, zero: torch.Tensor | None):
         """Per-group scale/zero [out, in / group] -> per dsq block (exact: each value repeated group / 32 times)."""
@@ -160,7 +160,7 @@ class GPTQLayout(ForeignLayout):
 
     def format_of(self, qconfig: dict, mod: str) -> QuantFormat:
         group = 32 if self.act_order(mod) else self.dsq_group(mod)
-        return FORMATS[f"int4_{'sym' if self.sym else 'asym'}_g{group}"]
+        return find_format(bits=4, symmetric=self.sym, block_cols=group)
 
     def _codes_zeros(self, mod: str, parts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Codes [out, in] uint8 and zero points [out, in / g] (as stored + the v1 offset), int16."""
@@ -243,7 +243,7 @@ class AWQLayout(ForeignLayout):
         return int(self.ckpt.headers[mod + ".scales"].shape[1]) or int(words) * PER_WORD, int(rows)
 
     def format_of(self, qconfig: dict, mod: str) -> QuantFormat:
-        return FORMATS[f"int4_asym_g{self.dsq_group(mod)}"]
+        return find_format(bits=4, symmetric=False, block_cols=self.dsq_group(mod))
 
     def decode(self, fmt: QuantFormat, parts: dict[str, torch.Tensor], mod: str) -> QuantizedTensor:
         out, cols = self.shape_of(mod)

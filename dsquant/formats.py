@@ -129,17 +129,51 @@ class QuantizedTensor:
 
 
 class QuantFormat:
-    """A block quantization format. Subclasses set the class attributes and the two methods."""
+    """A block quantization format. Subclasses set the class attributes and the two methods.
+
+    The attributes are every fact other code needs about a format; writers and calibration derive their
+    choices from them (``find_format``), never from the format's name:
+
+    * ``bits``, ``symmetric`` (no zero point), ``block_rows`` x ``block_cols`` (0: the whole row);
+    * ``qmin``/``qmax``/``code_dtype``: the range and dtype of the unpacked codes (float8 codes: the range
+      bounds the value); ``scale_dtype`` of the per-block scales;
+    * ``packing``: how codes reach a runtime. ``"int"``: integer codes with one scale (and zero point) per
+      block of one row, the layout of GGUF Q4_0/Q4_1/Q8_0, ONNX MatMulNBits and MLX's affine mode;
+      ``"fp8"``: e4m3 codes with float32 block scales (DeepSeek-V3), which those runtimes do not compute with;
+      ``""`` (the default): a format with a layout of its own, which no writer packs by these facts (a
+      writer that knows it does so by its name, e.g. a GGUF type's own grid), so it is never matched by
+      ``find_format`` or taken for an int/fp8 format.
+    """
 
     name: str
     bits: int
     block_rows: int = 1
     block_cols: int = 0  # 0: the whole row (per output channel)
     symmetric: bool = True
+    qmin: ClassVar[float]
+    qmax: ClassVar[float]
+    code_dtype: ClassVar[torch.dtype]
+    packing: ClassVar[str] = ""
     scale_dtype: ClassVar[torch.dtype] = torch.float16
     # Edge blocks: a format that allows partial blocks (DeepSeek FP8) sets this to True; the others
     # need in_features to be a multiple of the block and raise UnsupportedError otherwise.
     partial_blocks: ClassVar[bool] = False
+
+    @property
+    def float_codes(self) -> bool:
+        """Whether the codes are floating point (FP8) rather than integers."""
+        return self.code_dtype.is_floating_point
+
+    def regrouped(self, block_cols: int) -> QuantFormat:
+        """The registered format with these facts but blocks of ``block_cols`` columns.
+
+        Raises UnsupportedError naming both when dsq has no such format."""
+        fmt = find_format(packing=self.packing, bits=self.bits, symmetric=self.symmetric,
+                          block_rows=self.block_rows, block_cols=block_cols)
+        if fmt is None:
+            raise UnsupportedError(f"{self.name}: no format like it with blocks of {block_cols} columns; "
+                                   f"known formats: {', '.join(FORMATS)}")
+        return fmt
 
     def block(self, shape: tuple[int, int]) -> tuple[int, int]:
         rows, cols = shape
@@ -245,6 +279,8 @@ def check_finite(w: torch.Tensor, name: str, block: tuple[int, int]) -> None:
 
 class Int4Sym(QuantFormat):
     bits = 4
+    qmin, qmax, code_dtype = -8, 7, torch.int8
+    packing = "int"
 
     def __init__(self, group: int) -> None:
         self.block_cols = group
@@ -302,6 +338,8 @@ class Int4Sym(QuantFormat):
 class Int4Asym(QuantFormat):
     bits = 4
     symmetric = False
+    qmin, qmax, code_dtype = 0, 15, torch.uint8
+    packing = "int"
 
     def __init__(self, group: int) -> None:
         self.block_cols = group
@@ -327,6 +365,8 @@ class Int4Asym(QuantFormat):
 
 class Int8Sym(QuantFormat):
     bits = 8
+    qmin, qmax, code_dtype = -127, 127, torch.int8
+    packing = "int"
 
     def __init__(self, group: int) -> None:
         self.block_cols = group
@@ -367,6 +407,8 @@ class Int8Sym(QuantFormat):
 
 class Fp8Block(QuantFormat):
     bits = 8
+    qmin, qmax, code_dtype = -FP8_E4M3_MAX, FP8_E4M3_MAX, torch.float8_e4m3fn
+    packing = "fp8"
     scale_dtype = torch.float32
     partial_blocks = True
 
@@ -424,6 +466,21 @@ FORMATS: dict[str, QuantFormat] = _registry(
     *(Int4Sym(g) for g in (32, 64, 128)),
     *(Int4Asym(g) for g in (32, 64, 128)),
 )
+
+
+def find_format(*, bits: int, block_cols: int, symmetric: bool = True, block_rows: int = 1,
+                packing: str = "int") -> QuantFormat | None:
+    """The registered format with these facts (see ``QuantFormat``), or None when dsq has none."""
+    for f in FORMATS.values():
+        if (f.packing, f.bits, f.symmetric, f.block_rows, f.block_cols) == (packing, bits, symmetric, block_rows,
+                                                                             block_cols):
+            return f
+    return None
+
+
+from .kformats import K_FORMATS  # noqa: E402 - GGUF K-quant grids (kformats.py builds on the classes above)
+
+FORMATS.update(K_FORMATS)
 
 
 def get_format(name: str) -> QuantFormat:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .errors import CorruptFileError, RecipeError, UnsupportedError
-from .formats import FORMATS, QuantFormat, QuantizedTensor
+from .formats import FORMATS, QuantFormat, QuantizedTensor, find_format
 from .safetensors_io import PlannedTensor
 
 
@@ -115,6 +115,8 @@ class CompressedTensorsLayout:
 
     def planned(self, name: str, fmt: QuantFormat, shape: tuple[int, int]) -> list[PlannedTensor]:
         mod = module_of(name)
+        if hasattr(fmt, "stored"):  # a GGUF-grid format (kformats.py) stores its own parts
+            return [PlannedTensor(f"{mod}.{k}", dt, sh) for k, (dt, sh) in fmt.stored(shape).items()]
         per = 32 // fmt.bits
         sr, sc = fmt.scale_shape(shape)
         out = [
@@ -130,6 +132,8 @@ class CompressedTensorsLayout:
         """Stored tensors of ``qt`` (or of a row slice of a weight whose shape is ``full_shape``)."""
         fmt = qt.fmt
         mod = module_of(name)
+        if hasattr(fmt, "stored"):
+            return {f"{mod}.{k}": v for k, v in fmt.encode(qt, full_shape).items()}
         # dsq's asymmetric codes are unsigned [0, 2^b); symmetric ones are signed. Either way the
         # stored unsigned value is signed_code + offset, and the stored zero point likewise.
         unsigned = _unsigned(qt.codes, 0 if qt.zero is not None else self.offset(fmt))
@@ -148,6 +152,8 @@ class CompressedTensorsLayout:
         if len(shape) != 2 or min(shape) <= 0:
             raise CorruptFileError(f"{mod}.weight_shape = {list(shape)}: not the [rows, columns] of a weight")
         _check_stored(self.planned(mod + ".weight", fmt, shape), tensors, mod, f"{mod}.weight_scale")
+        if hasattr(fmt, "stored"):
+            return fmt.decode({k.removeprefix(mod + "."): v for k, v in tensors.items()}, shape, mod)
         u = unpack_int32(tensors[f"{mod}.weight_packed"], fmt.bits, shape[1])
         scale = tensors[f"{mod}.weight_scale"]
         zp = tensors.get(f"{mod}.weight_zero_point")
@@ -186,7 +192,7 @@ class CompressedTensorsLayout:
         for i, (f, modules) in enumerate(sorted(by_format.items())):
             groups[f"group_{i}"] = {
                 "targets": [f"re:^{re.escape(m)}$" for m in modules],
-                "weights": self.scheme(FORMATS[f]),
+                "weights": FORMATS[f].scheme() if hasattr(FORMATS[f], "stored") else self.scheme(FORMATS[f]),
                 "input_activations": None,
                 "output_activations": None,
                 "format": "pack-quantized",
@@ -209,7 +215,14 @@ class CompressedTensorsLayout:
 
 
 def _format_from_scheme(w: dict, mod: str) -> QuantFormat:
+    if w.get("type") == "gguf":  # dsq's GGUF-grid formats (kformats.py)
+        f = FORMATS.get(str(w.get("gguf_type")))
+        if f is None or not hasattr(f, "stored"):
+            raise UnsupportedError(f"{mod}: GGUF grid type {w.get('gguf_type')!r} is not one dsq knows")
+        return f
     for f in FORMATS.values():
+        if hasattr(f, "stored"):
+            continue
         if (
             f.bits == w.get("num_bits") and w.get("type", "int") == "int"
             and f.symmetric == w.get("symmetric", True) and (f.block_cols or None) == w.get("group_size")
@@ -249,10 +262,11 @@ class DeepSeekFp8Layout:
 
     def format_of(self, qconfig: dict, mod: str) -> QuantFormat:
         bs = qconfig.get("weight_block_size") or [128, 128]
-        name = f"fp8_b{bs[0]}"
-        if bs[0] != bs[1] or name not in FORMATS:
-            raise UnsupportedError(f"{mod}: FP8 block size {bs} is not supported (dsq knows 128x128)")
-        return FORMATS[name]
+        fmt = find_format(packing="fp8", bits=8, block_rows=bs[0], block_cols=bs[1]) if len(bs) == 2 else None
+        if fmt is None:
+            known = [f"{f.block_rows}x{f.block_cols}" for f in FORMATS.values() if f.packing == "fp8"]
+            raise UnsupportedError(f"{mod}: FP8 block size {bs} is not supported (dsq knows {', '.join(known)})")
+        return fmt
 
 
 LAYOUTS = {layout.name: layout for layout in (CompressedTensorsLayout(), DeepSeekFp8Layout())}
@@ -262,7 +276,7 @@ def layout_for_formats(formats: set[str]) -> CompressedTensorsLayout | DeepSeekF
     """The layout that holds every format in a plan: int formats -> compressed-tensors, FP8 -> DeepSeek."""
     if not formats:
         return None
-    fp8 = {f for f in formats if f.startswith("fp8")}
+    fp8 = {f for f in formats if FORMATS[f].packing == "fp8"}
     if fp8 and fp8 != formats:
         raise RecipeError(
             "a checkpoint cannot mix FP8 blocks with int formats yet (formats: "

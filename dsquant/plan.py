@@ -118,6 +118,18 @@ def _fallback(fmt_name: str, shape: tuple[int, ...], fallback: str) -> tuple[str
 
 
 def make_plan(ckpt: Checkpoint, recipe: Recipe, allow_unmapped: bool = False) -> Plan:
+    """Every tensor of ``ckpt`` with the format ``recipe`` gives it, from the headers alone (no data read).
+
+    One ``PlanEntry`` per logical tensor in file order (a block-FP8 weight and its scale count as one):
+    ``format`` is a ``FORMATS`` name, or None for a tensor kept in its source dtype (norms, biases, router,
+    embeddings, ``keep``). A weight whose shape the chosen format cannot hold ([out, in] with ``in`` not a
+    multiple of the block) gets the same family with a smaller block, else ``recipe.fallback``, else stays
+    unquantized; ``PlanEntry.note`` says which. Sizes in the plan are bytes (``in_bytes``/``out_bytes``,
+    ``peak_rss_estimate``).
+
+    Raises UnsupportedError naming the file and tensor for a tensor the architecture table does not
+    know, unless ``allow_unmapped`` (then kept as is, noted); and what reading the headers raises
+    (CorruptFileError, UnsupportedError for an already quantized checkpoint)."""
     entries = []
     for t in ckpt.tensors:
         if t.ref is None:

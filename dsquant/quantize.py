@@ -122,10 +122,22 @@ def quantize_checkpoint(
 ) -> dict:
     """Quantize ``source`` into ``output``; returns the report (also written as dsq-report.json).
 
+    ``source``: a float (bf16/fp16/fp32) or DeepSeek block-FP8 HF checkpoint (directory, hub id or
+    ``default``); ``recipe``: a preset name or recipe TOML path (``make_plan`` decides every tensor's
+    format). ``output``: a new directory (replaced only with ``overwrite``) holding safetensors shards of at
+    most ``max_shard_bytes`` bytes (compressed-tensors ``pack-quantized`` for int formats, DeepSeek's
+    ``weight_scale_inv`` layout for FP8), config.json with its ``quantization_config``, the tokenizer files
+    and the report: per tensor shape, format, bytes in/out, bits per weight and the relative RMS error
+    ||w - deq(q(w))|| / ||w||; totals and wall seconds. Written atomically: on any error nothing is left.
+    ``calibration``: GPTQ/AWQ/imatrix (``calib.hook.CalibSpec``) instead of round to nearest.
+
     ``progress(done, total, tensor name)`` is called per tensor written, ``calib_progress(done, total,
     detail)`` per calibrated decoder layer. ``executor``: None runs here; a ``ray_executor.RayExecutor``
-    writes the same shards from Ray workers (``--executor ray``). Raises the DsqError subclasses of the reader, the recipe and
-    the writer (InputError, RecipeError, BadWeightsError, OutputError).
+    writes the same shards from Ray workers (``--executor ray``). Raises the DsqError subclasses of the
+    reader, the recipe and the writer: InputError (no such model, bad calibration input), RecipeError,
+    UnsupportedError (unmapped tensor without ``allow_unmapped``, a shape no format holds), CorruptFileError,
+    BadWeightsError (NaN/Inf, fp16 scale overflow, naming the tensor and block), OutputError (output exists,
+    disk full).
     """
     t0 = time.perf_counter()
     ckpt = Checkpoint(source)
@@ -177,6 +189,36 @@ def quantize_checkpoint(
     return report
 
 
+def _passthrough(ckpt: Checkpoint, entry: PlanEntry) -> bool:
+    """A block-FP8 source tensor planned in its own format: carried over as stored, never re-rounded."""
+    return bool(entry.tensor.scale_info) and entry.format == ckpt.block_fp8_format
+
+
+def quantize_rows(ckpt: Checkpoint, entry: PlanEntry, rows: torch.Tensor, start: int = 0) -> QuantizedTensor:
+    """Rows ``[start, start + len(rows))`` of a quantized plan entry in its format (round to nearest).
+
+    ``rows``: those rows of the source as floats ([n, in], any float dtype; ``start`` on a block-row
+    boundary). A block-FP8 source planned as its own format is read as stored instead (codes and scales
+    unchanged). Raises BadWeightsError (NaN/Inf, fp16 scale overflow) and UnsupportedError (shape) from
+    the format, naming the tensor."""
+    if _passthrough(ckpt, entry):
+        return ckpt.load_block_fp8(entry.tensor, start, start + rows.shape[0])
+    return FORMATS[entry.format].quantize(rows, entry.name)
+
+
+def quantize_entry(ckpt: Checkpoint, entry: PlanEntry) -> QuantizedTensor | torch.Tensor:
+    """One plan entry's whole value, as ``dsq quantize`` writes it: a QuantizedTensor ([out, in] codes and
+    per-block scales, see ``formats.QuantizedTensor``) for a quantized entry, else the source tensor in
+    its floating dtype. What exporters given a recipe (``source.Source``) hold in memory, one tensor at a
+    time; the same values as a quantized checkpoint read back (rounding is row-local, so quantizing the
+    whole tensor equals ``quantize_checkpoint``'s slice-by-slice pass). Raises as ``quantize_rows``."""
+    if not entry.format:
+        return ckpt.load(entry.tensor)
+    if _passthrough(ckpt, entry):
+        return ckpt.load_block_fp8(entry.tensor)
+    return quantize_rows(ckpt, entry, ckpt.load(entry.tensor))
+
+
 def _process(
     ckpt: Checkpoint,
     entry: PlanEntry,
@@ -194,7 +236,7 @@ def _process(
         with StreamPool() as own:
             return _process(ckpt, entry, outputs, layout, writer, calibrated, own)
     stats = ErrorStats() if entry.format else None
-    fp8_passthrough = bool(src.scale_info) and entry.format == f"fp8_b{ckpt.block_size[0]}"
+    fp8_passthrough = _passthrough(ckpt, entry)
     small: dict[str, list[torch.Tensor]] = {p.name: [] for p in outputs[1:]}
     fmt = FORMATS[entry.format] if entry.format else None
     slices = row_slices(entry.shape)
@@ -215,12 +257,10 @@ def _process(
         def work(chunk: tuple[int, int], data=data, start=start):
             c0, c1 = chunk
             part = data[c0:c1]
-            if fp8_passthrough:  # already in this format: carry codes and scales over, never re-round
-                qt = ckpt.load_block_fp8(src, start + c0, start + c1)
-            elif isinstance(calibrated, QuantizedTensor):
+            if isinstance(calibrated, QuantizedTensor) and not fp8_passthrough:
                 qt = rows_of(calibrated, start + c0, start + c1)
             else:
-                qt = fmt.quantize(part, entry.name)
+                qt = quantize_rows(ckpt, entry, part, start + c0)
             return layout.encode(entry.name, qt, full_shape=entry.shape), ErrorStats.measure(part, qt.dequantize())
 
         chunks = [(0, stop - start)] if fp8_passthrough else row_chunks(stop - start, entry.shape[1], max(fmt.block_rows, 8))

@@ -19,7 +19,8 @@ from .layouts import layout_for_config, module_of
 from .safetensors_io import read_tensor
 
 # Stored tensors that belong to a quantized module, by suffix (compressed-tensors, DeepSeek-FP8).
-_PARTS = (".weight_packed", ".weight_scale", ".weight_zero_point", ".weight_shape", ".weight_scale_inv")
+_PARTS = (".weight_packed", ".weight_scale", ".weight_zero_point", ".weight_shape", ".weight_scale_inv",
+          ".weight_dmin", ".weight_sub_scale", ".weight_sub_min")  # the last three: GGUF-grid formats (kformats.py)
 
 
 class QuantizedCheckpoint(Checkpoint):
@@ -59,20 +60,11 @@ class QuantizedCheckpoint(Checkpoint):
         return out
 
     def iter_weights(self) -> Iterator[tuple[str, QuantizedTensor | torch.Tensor]]:
-        """(weight name, QuantizedTensor) for quantized weights, (name, tensor) for the rest, in file order."""
-        owner = {n: mod for mod, names in self.modules.items() for n in names}
-        seen: set[str] = set()
-        for info in sorted(self.headers.values(), key=lambda i: (str(i.file), i.begin)):
-            mod = owner.get(info.name)
-            if mod is None:
-                yield info.name, read_tensor(info)
-                continue
-            if mod in seen:
-                continue
-            seen.add(mod)
-            parts = {n: read_tensor(self.headers[n]) for n in self.modules[mod]}
-            fmt = self.layout.format_of(self.quantization_config, mod)
-            yield mod + ".weight", self.layout.decode(fmt, parts, mod)
+        """(weight name, QuantizedTensor) for quantized weights, (name, tensor) for the rest, in file order
+        (``source.Source``, the reader every exporter uses)."""
+        from .source import Source
+
+        return Source(self).iter_weights()
 
     def dequantized_state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         """The whole model dequantized (small models and tests only: this holds every tensor)."""

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import fnmatch
 import sys
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .archs import ROLE_INFO, Role, TensorRef
@@ -55,6 +56,15 @@ class Recipe:
     overrides: tuple[tuple[str, str], ...] = ()
     fallback: str = KEEP
     description: str = ""
+
+    def map_formats(self, fn: Callable[[str], str]) -> Recipe:
+        """This recipe with every format name it chooses (default, roles, overrides) replaced by ``fn(name)``;
+        ``keep`` and ``fallback`` stay as they are."""
+        def swap(fmt: str) -> str:
+            return fmt if fmt == KEEP else fn(fmt)
+
+        return replace(self, default=swap(self.default), roles={k: swap(v) for k, v in self.roles.items()},
+                       overrides=tuple((p, swap(f)) for p, f in self.overrides))
 
     def format_for(self, ref: TensorRef) -> str:
         """The format name (or ``keep``) this recipe asks for one mapped tensor."""

@@ -60,8 +60,9 @@ class QuantizationConfig(BaseModel):
     ignore: list[StrictStr] | None = None
 
 
-class ModelConfig(BaseModel):
-    """config.json: the hyperparameters dsq's architecture tables, exporters and runtimes read."""
+class ConfigSchema(BaseModel):
+    """config.json: the hyperparameters dsq's architecture tables, exporters and runtimes read (types and
+    ranges; ``dsquant.config.ModelConfig`` resolves them)."""
 
     model_config = ConfigDict(extra="allow")
     model_type: StrictStr | None = None
@@ -87,6 +88,10 @@ class ModelConfig(BaseModel):
     v_head_dim: _DIM | None = None
     # MoE
     n_routed_experts: Annotated[StrictInt, Field(ge=1, le=65536)] | None = None
+    num_experts: Annotated[StrictInt, Field(ge=0, le=65536)] | None = None  # Qwen-MoE
+    num_local_experts: Annotated[StrictInt, Field(ge=0, le=65536)] | None = None  # transformers 5 Qwen3-MoE, Mixtral
+    decoder_sparse_step: Annotated[StrictInt, Field(ge=1, le=2048)] | None = None
+    mlp_only_layers: list[Annotated[StrictInt, Field(ge=0, le=2048)]] | None = None
     n_shared_experts: _COUNT0 | None = None
     num_experts_per_tok: Annotated[StrictInt, Field(ge=1, le=65536)] | None = None
     first_k_dense_replace: _COUNT0 | None = None
@@ -103,7 +108,7 @@ class ModelConfig(BaseModel):
     quantization_config: QuantizationConfig | None = None
 
     @model_validator(mode="after")
-    def _consistent(self) -> ModelConfig:
+    def _consistent(self) -> ConfigSchema:
         h, kv = self.num_attention_heads, self.num_key_value_heads
         if h and kv and h % kv:
             raise ValueError(f"num_attention_heads ({h}) is not a multiple of num_key_value_heads ({kv})")
@@ -235,7 +240,7 @@ def validate(model: type[BaseModel], data: Any, shown: str | Path, error: type[I
 
 def check_config(config: Any, shown: str | Path) -> dict:
     """A parsed config.json, validated (types and ranges of every field dsq reads); returned unchanged."""
-    validate(ModelConfig, config, shown, InputError)
+    validate(ConfigSchema, config, shown, InputError)
     return config
 
 
@@ -278,6 +283,6 @@ def check_recipe(data: Any, shown: str | Path, error: type[InputError]) -> Recip
 
 
 __all__ = [
-    "ModelConfig", "QuantizationConfig", "RecipeFile", "parse_json", "read_json", "load_config", "check_config",
+    "ConfigSchema", "QuantizationConfig", "RecipeFile", "parse_json", "read_json", "load_config", "check_config",
     "load_index", "check_safetensors_header", "check_recipe", "validate", "describe_error", "MAX_DEPTH",
 ]

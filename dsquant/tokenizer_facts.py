@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+from .archs import ARCHITECTURES
 from .errors import CorruptFileError
 from .paths import resolve_model_file
 
@@ -39,11 +40,9 @@ KINDS = ("bos", "eos", "pad", "unk")
 _QWEN2_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-# transformers' registered tokenizer class per model type (tokenization_auto), for dsq's architectures, and
-# the types whose declared `tokenizer_class` it overrides with the registered one (MODELS_WITH_INCORRECT_...).
-_REGISTERED = {"qwen2": "Qwen2Tokenizer", "qwen2_moe": "Qwen2Tokenizer", "qwen3": "Qwen2Tokenizer",
-               "qwen3_moe": "Qwen2Tokenizer"}
-_OVERRIDDEN = {"qwen2"}
+# transformers' registered tokenizer class per model type (tokenization_auto): dsq's architectures carry theirs in
+# their record (hf_tokenizer, hf_tokenizer_forced); this lists the related types dsq reads tokenizers of only.
+_REGISTERED_OTHER = {"qwen2_moe": "Qwen2Tokenizer"}
 _PROBE_USER, _PROBE_REPLY = "dsq-probe-user", "dsq-probe-reply"
 
 
@@ -186,10 +185,11 @@ def _tokenizer_class(tcfg: dict, cfg: dict) -> str:
     """The class AutoTokenizer picks, among those that change behaviour for dsq's architectures."""
     model_type = str(cfg.get("model_type"))
     declared = str(tcfg.get("tokenizer_class") or cfg.get("tokenizer_class") or "").removesuffix("Fast")
-    registered = _REGISTERED.get(model_type)
+    rec = ARCHITECTURES.get(model_type)
+    registered = rec.hf_tokenizer if rec is not None else _REGISTERED_OTHER.get(model_type)
     if not declared:
         chosen = registered or "TokenizersBackend"
-    elif registered and declared != registered and model_type in _OVERRIDDEN:
+    elif registered and declared != registered and rec is not None and rec.hf_tokenizer_forced:
         chosen = registered
     else:
         chosen = declared

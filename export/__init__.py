@@ -36,7 +36,8 @@ def export_model(model: str, to: str, output: str | Path | None = None, progress
     ``progress(done, total, detail)`` is passed to targets that report progress. ``check``: then run
     ``dsq check`` on the output against ``model`` (``report["check"]``, see
     :func:`dsq.runtimes.check.check_after_export`). Returns (output path, the target's report dict).
-    Raises InputError for an unknown target or option.
+    Raises InputError for an unknown target or option, and whatever the target raises (its DsqErrors:
+    see ``export_gguf``, ``export_onnx``, ``export_mlx``).
     """
     from ..dsquant.errors import InputError
 

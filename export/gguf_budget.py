@@ -19,9 +19,12 @@ import json
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from torch import nn
 
 from dsq.dsquant.budget import (
     Option,
@@ -37,10 +40,10 @@ from dsq.dsquant.budget import (
 )
 from dsq.dsquant.errors import InputError
 from dsq.dsquant.formats import FORMATS
+from dsq.dsquant.source import Source
 
 from .gguf_policy import _fit, is_quantizable
 from .gguf_quants import GGUF_TYPES, GGUFType, nbytes
-from .gguf_source import GGUFSource
 from .gguf_tensors import OutTensor
 
 #: The types the search chooses among (before fallbacks), smallest first.
@@ -85,7 +88,7 @@ def resolve_target(target_size: str | int | None, target_bpw: float | None, outs
     return target_from_bpw(target_bpw, n), "--target-bpw"
 
 
-def plan_budget(src: GGUFSource, outs: list[OutTensor], target: int, flag: str, *, calib: str = "mixed",
+def plan_budget(src: Source, outs: list[OutTensor], target: int, flag: str, *, calib: str = "mixed",
                 samples: int = 8, seqlen: int = 256, rows: int = 64, draws: int = 2, seed: int = 0,
                 log: Callable[[str], None] | None = None, keep: dict | None = None) -> tuple[dict[str, str], dict]:
     """Choose a GGUF type per tensor of ``outs`` so the file is at most ``target`` bytes with the least predicted
@@ -108,7 +111,7 @@ def plan_budget(src: GGUFSource, outs: list[OutTensor], target: int, flag: str, 
     fixed = [t for t in outs if is_quantizable(t.name, t.shape) and not searchable(t)]
     fixed_types = {t.name: candidates(t.shape, (FIXED,))[0] for t in fixed}
     fixed_bytes = file_overhead(src, outs) + sum(
-        padded(nbytes(GGUF_TYPES[fixed_types[t.name]] if t.name in fixed_types else choose_type(t, None, None)[0], t.shape))
+        padded(nbytes(GGUF_TYPES[fixed_types[t.name]] if t.name in fixed_types else choose_type(t, None)[0], t.shape))
         for t in outs if t not in searched)
     smallest = fixed_bytes + sum(padded(nbytes(GGUF_TYPES[candidates(t.shape)[0]], t.shape)) for t in searched)
     if smallest > target:  # refuse before loading the model and calibrating
@@ -155,11 +158,11 @@ def plan_budget(src: GGUFSource, outs: list[OutTensor], target: int, flag: str, 
 CACHE_VERSION = 1
 
 
-def _cache_file(src: GGUFSource, ids: torch.Tensor, rows: int, draws: int, seed: int) -> Path:
+def _cache_file(src: Source, ids: torch.Tensor, rows: int, draws: int, seed: int) -> Path:
     """Where the sensitivities of this model on these calibration tokens are kept: a second export at another
     size (or the bench's several) skips the calibration. Keyed by the model's full content (dsq eval's
     fingerprint), the tokens, the settings and the candidate types."""
-    from dsq.dsquant.evaluate import default_cache_dir, model_fingerprint
+    from dsq.runtimes.eval.evaluate import default_cache_dir, model_fingerprint
 
     base = default_cache_dir()
     key = hashlib.sha256(json.dumps([
@@ -187,7 +190,7 @@ def _save_options(path: Path, options: dict[str, list[Option]]) -> None:
         pass  # a full or read-only cache costs a recalibration next time
 
 
-def _measure(src: GGUFSource, searched: list[OutTensor], ids: torch.Tensor, rows: int, draws: int, seed: int,
+def _measure(src: Source, searched: list[OutTensor], ids: torch.Tensor, rows: int, draws: int, seed: int,
              log: Callable[[str], None] | None, keep: dict | None) -> dict[str, list[Option]]:
     """Each searched tensor's options (type, bytes, predicted KL): Fisher pass, then rounding errors."""
     from transformers import AutoModelForCausalLM
@@ -276,7 +279,7 @@ def budget_recipe(src_dir: str | Path, out_dir: str | Path, recipe_path: Path, *
     from .gguf_tensors import plan_tensors
     from .gguf_writer import ALIGNMENT
 
-    src = GGUFSource(src_dir)
+    src = Source(src_dir)
     outs, _ = plan_tensors(src)
     target, flag = resolve_target(target_size, target_bpw, outs)
     slack = max(0, len(Path(out_dir).name.encode()) - len(src.path.name.encode())) + ALIGNMENT
@@ -312,3 +315,56 @@ def read_record(src_dir: str | Path) -> dict | None:
     except (OSError, ValueError, AttributeError) as e:
         raise InputError(f"{path}: damaged ({e}); delete it to export without the size budget's types") from None
     return record
+
+
+# -- measured KL -------------------------------------------------------------------------------------------
+@dataclass
+class Reference:
+    """The unquantized model's next-token distributions on ``ids``, kept compactly (runtimes/eval/kld.py)."""
+
+    ids: torch.Tensor
+    top_idx: list[np.ndarray]
+    top_logp: list[np.ndarray]
+    batch: int
+
+
+def reference(model: nn.Module, ids: torch.Tensor, batch: int = 4, coverage: float = 0.999,
+              k_max: int = 2048) -> Reference:
+    """Run the float model once and keep, per position, its most likely tokens (``runtimes.eval.kld.keep_most_likely``)."""
+    from dsq.runtimes.eval.kld import keep_most_likely, log_softmax
+
+    idx, lp = [], []
+    with torch.inference_mode():
+        for b0 in range(0, ids.shape[0], batch):
+            out = model(ids[b0: b0 + batch]).logits.float()
+            logits = out.reshape(-1, out.shape[-1]).numpy()
+            i, top, _ = keep_most_likely(logits, coverage, k_max)
+            full = log_softmax(logits)
+            idx.append(i)
+            lp.append(np.where(np.isfinite(top), np.take_along_axis(full, i, 1), -np.inf))
+    return Reference(ids, idx, lp, batch)
+
+
+def measure_kl(model: nn.Module, ref: Reference, replace: dict[str, torch.Tensor] | None = None) -> np.ndarray:
+    """Per-position KL(reference || model) (nats; runtimes/eval/kld.py's lower bound, exact when the kept tokens hold all
+    the mass) with the parameters named in ``replace`` swapped for the given values during the run."""
+    from dsq.runtimes.eval.kld import kld_bounds, log_softmax
+
+    params = dict(model.named_parameters(remove_duplicate=False))
+    saved = {}
+    out = []
+    try:
+        with torch.no_grad():
+            for name, value in (replace or {}).items():
+                saved[name] = params[name].data
+                params[name].data = value.to(saved[name].dtype).reshape(saved[name].shape)
+        with torch.inference_mode():
+            for k, b0 in enumerate(range(0, ref.ids.shape[0], ref.batch)):
+                logits = model(ref.ids[b0: b0 + ref.batch]).logits.float()
+                logits = logits.reshape(-1, logits.shape[-1])
+                lower, _ = kld_bounds(ref.top_idx[k], ref.top_logp[k], log_softmax(logits.numpy()))
+                out.append(lower)
+    finally:
+        for name, value in saved.items():
+            params[name].data = value
+    return np.concatenate(out)

@@ -1,6 +1,6 @@
 """Hyper-parameters for GGUF, read from config.json (keys as llama.cpp's loaders read them).
 
-Which config.json field feeds which GGUF key is data (``COMMON``, ``DENSE``, ``MLA_MOE``); a field
+Which config.json field feeds which GGUF key is data (``COMMON``, ``MLA_MOE``; ``HPARAMS`` by the record's kind); a field
 llama.cpp needs that the config lacks is an error naming it. Facts follow llama.cpp's converter
 (``TextModel.set_gguf_parameters``, ``DeepseekV2Model.set_gguf_parameters``) and loader
 (``src/models/deepseek2.cpp``), with two deliberate differences for DeepSeek:
@@ -19,6 +19,8 @@ from collections.abc import Callable
 import numpy as np
 from gguf import ExpertGatingFuncType, GGUFWriter, RopeScalingType
 
+from dsq.dsquant.archs import Architecture, get_architecture
+from dsq.dsquant.config import ModelConfig
 from dsq.dsquant.errors import UnsupportedError
 
 # (GGUFWriter method, config.json fields tried in order). All required.
@@ -47,8 +49,7 @@ MOE_OPTIONAL: tuple[tuple[str, str, Callable], ...] = (
     ("add_expert_weights_scale", "routed_scaling_factor", float),
     ("add_expert_weights_norm", "norm_topk_prob", bool),
 )
-# Router scoring by model type when config.json has no scoring_func.
-DEFAULT_SCORING = {"deepseek_v2": "softmax", "deepseek_v3": "sigmoid"}
+# Router scoring functions llama.cpp knows (a record's ``scoring`` and config.json's scoring_func are keys).
 GATING = {"softmax": ExpertGatingFuncType.SOFTMAX, "sigmoid": ExpertGatingFuncType.SIGMOID}
 
 
@@ -60,16 +61,13 @@ def need(cfg: dict, keys: tuple[str, ...], source: str = "config.json"):
 
 
 def rope_params(cfg: dict) -> dict:
-    """RoPE settings from either spelling: transformers 5 ``rope_parameters`` or older ``rope_scaling``."""
-    rope = dict(cfg.get("rope_scaling") or {})
-    rope.update(cfg.get("rope_parameters") or {})
-    rope.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
-    rope["rope_type"] = rope.get("rope_type") or rope.get("type") or "default"
-    return rope
+    """RoPE settings by ``ModelConfig.rope``'s one merge rule (``rope_parameters`` over ``rope_scaling``)."""
+    return ModelConfig.from_dict(cfg).rope
 
 
 def head_dim(cfg: dict) -> int:
-    return int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
+    """Per-head width (elements): config.json's head_dim, else hidden_size // num_attention_heads."""
+    return int(ModelConfig.from_dict(cfg).head_dim)
 
 
 def add_rope(w: GGUFWriter, cfg: dict, arch: str) -> list[tuple[str, np.ndarray]]:
@@ -119,15 +117,40 @@ def llama3_rope_factors(cfg: dict, rope: dict) -> np.ndarray:
     return np.asarray(out, dtype=np.float32)
 
 
-def _dense(w: GGUFWriter, cfg: dict) -> None:
-    w.add_head_count_kv(int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"]))
-    w.add_rope_dimension_count(head_dim(cfg))
-    if cfg.get("head_dim") is not None:
-        w.add_key_length(int(cfg["head_dim"]))
-        w.add_value_length(int(cfg["head_dim"]))
+def _dense(w: GGUFWriter, cfg: dict, arch: Architecture) -> None:
+    conf = ModelConfig.from_dict(cfg)
+    w.add_head_count_kv(int(conf.n_kv_heads))
+    w.add_rope_dimension_count(int(conf.head_dim))
+    if conf.head_dim_given:
+        w.add_key_length(int(conf.head_dim))
+        w.add_value_length(int(conf.head_dim))
 
 
-def _mla_moe(w: GGUFWriter, cfg: dict) -> None:
+def _gating(cfg: dict, arch: Architecture) -> ExpertGatingFuncType:
+    scoring = cfg.get("scoring_func") or arch.scoring or "softmax"
+    if scoring not in GATING:
+        raise UnsupportedError(f"config.json: scoring_func `{scoring}` has no llama.cpp gating function")
+    return GATING[scoring]
+
+
+def _dense_moe(w: GGUFWriter, cfg: dict, arch: Architecture) -> None:
+    """GQA attention with routed experts (Qwen3-MoE): llama.cpp's ``Qwen2MoeModel.set_gguf_parameters``.
+
+    llama.cpp's qwen3moe graph always renormalises the top-k weights (``build_moe_ffn(..., norm_w=true)``);
+    a config with ``norm_topk_prob: false`` would run differently there, so it is refused."""
+    _dense(w, cfg, arch)
+    conf = ModelConfig.from_dict(cfg)
+    if conf.norm_topk_prob is False:
+        raise UnsupportedError(
+            f"config.json: norm_topk_prob is false, but llama.cpp's {arch.gguf_arch} always renormalises the "
+            "top-k expert weights; this model has no GGUF equivalent"
+        )
+    w.add_expert_count(int(need(cfg, ("n_routed_experts", "num_experts", "num_local_experts"))))
+    w.add_expert_used_count(int(need(cfg, ("num_experts_per_tok",))))
+    w.add_expert_feed_forward_length(int(need(cfg, ("moe_intermediate_size",))))
+
+
+def _mla_moe(w: GGUFWriter, cfg: dict, arch: Architecture) -> None:
     # MLA runs as MQA over the compressed latent: one kv head of kv_lora + rope width (llama.cpp's layout).
     w.add_head_count_kv(1)
     for method, keys in MLA_MOE:
@@ -141,24 +164,29 @@ def _mla_moe(w: GGUFWriter, cfg: dict) -> None:
     for method, key, cast in MOE_OPTIONAL:
         if cfg.get(key) is not None:
             getattr(w, method)(cast(cfg[key]))
-    scoring = cfg.get("scoring_func") or DEFAULT_SCORING.get(cfg.get("model_type", ""), "softmax")
-    if scoring not in GATING:
-        raise UnsupportedError(f"config.json: scoring_func `{scoring}` has no llama.cpp gating function")
-    w.add_expert_gating_func(GATING[scoring])
+    w.add_expert_gating_func(_gating(cfg, arch))
 
 
-PER_ARCH: dict[str, Callable[[GGUFWriter, dict], None]] = {
-    "llama": _dense,
-    "qwen2": _dense,
-    "qwen3": _dense,
-    "deepseek2": _mla_moe,
+# A record's ``gguf_hparams`` kind -> the writer of the keys llama.cpp's loader reads for it.
+HPARAMS: dict[str, Callable[[GGUFWriter, dict, Architecture], None]] = {
+    "dense": _dense,
+    "dense_moe": _dense_moe,
+    "mla_moe": _mla_moe,
 }
 
 
 def add_hparams(w: GGUFWriter, cfg: dict, arch: str) -> list[tuple[str, np.ndarray]]:
-    """Write every hyper-parameter key; returns extra tensors the metadata implies."""
+    """Write every hyper-parameter key of ``cfg`` (config.json) for GGUF architecture ``arch``, by the set its
+    record names (``Architecture.gguf_hparams``); returns extra tensors the metadata implies (name, float32
+    array), e.g. llama3's ``rope_freqs``.
+
+    Raises UnsupportedError naming the config key llama.cpp needs and the config lacks, a model_type without a
+    record, or a setting (scoring function, rope type) with no GGUF equivalent."""
+    rec = get_architecture(cfg)
+    if rec.gguf_arch != arch:
+        raise UnsupportedError(f"config.json: model_type `{rec.model_type}` is GGUF `{rec.gguf_arch}`, not `{arch}`")
     for method, keys in COMMON:
         value = need(cfg, keys)
         getattr(w, method)(float(value) if method == "add_layer_norm_rms_eps" else int(value))
-    PER_ARCH[arch](w, cfg)
+    HPARAMS[rec.gguf_hparams](w, cfg, rec)
     return add_rope(w, cfg, arch)

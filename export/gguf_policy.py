@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from gguf import GGML_QUANT_SIZES, LlamaFileType
 from gguf import GGMLQuantizationType as GT
 
+from dsq.dsquant.config import ModelConfig
+
 # -- tensor kinds, from GGUF names, in llama.cpp's order of tests (tensor_get_category) ----------------
 _KIND_PATTERNS: tuple[tuple[str, str], ...] = (
     ("attn_qkv.weight", "attn_v"),  # llama.cpp treats fused qkv and MLA's kv_b like attn_v
@@ -88,10 +90,11 @@ class ModelFacts:
 
     @classmethod
     def from_config(cls, gguf_arch: str, cfg: dict) -> ModelFacts:
-        n_head = int(cfg["num_attention_heads"])
-        return cls(gguf_arch, int(cfg["num_hidden_layers"]), n_head,
-                   int(cfg.get("num_key_value_heads") or n_head),
-                   int(cfg.get("n_routed_experts") or cfg.get("num_local_experts") or cfg.get("num_experts") or 0))
+        """Facts of config.json ``cfg`` for GGUF architecture ``gguf_arch`` (kv heads and experts as
+        ``ModelConfig`` resolves them). Raises KeyError for a config without num_hidden_layers/num_attention_heads."""
+        conf = ModelConfig.from_dict(cfg)
+        return cls(gguf_arch, int(cfg["num_hidden_layers"]), int(cfg["num_attention_heads"]), int(conf.n_kv_heads),
+                   conf.n_experts)
 
 
 @dataclass(frozen=True)
@@ -204,6 +207,24 @@ FALLBACK: dict[GT, GT] = {
     GT.IQ1_S: GT.IQ4_NL, GT.IQ1_M: GT.IQ4_NL, GT.IQ2_XXS: GT.IQ4_NL, GT.IQ2_XS: GT.IQ4_NL,
     GT.IQ2_S: GT.IQ4_NL, GT.IQ3_XXS: GT.IQ4_NL, GT.IQ3_S: GT.IQ4_NL, GT.IQ4_XS: GT.IQ4_NL,
 }
+
+
+# The float file types llama-quantize also takes (every 2-D weight cast, no policy).
+FLOAT_TYPES = (GT.F16, GT.BF16, GT.F32)
+
+
+def _type_names() -> tuple[str, ...]:
+    """What ``--type`` accepts, in llama-quantize's order: each mix, an alias just before the mixes it stands
+    among (q4_k before q4_k_s, q4_k_m), then the float types."""
+    names: list[str] = []
+    for mix in MIXES:
+        names += [a for a in ALIASES if mix.startswith(a + "_") and a not in names]
+        names.append(mix)
+    return (*names, *(t.name.lower() for t in FLOAT_TYPES))
+
+
+#: What ``--type`` accepts and the CLI lists (torch-free, so ``dsq --help`` reads it from here).
+TYPE_NAMES: tuple[str, ...] = _type_names()
 
 
 def block_of(t: GT) -> int:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -29,14 +30,16 @@ from gguf import LlamaFileType
 
 from dsq.dsquant.errors import UnsupportedError
 from dsq.dsquant.formats import FORMATS, QuantizedTensor, StreamPool, check_finite, row_chunks, split_blocks
+from dsq.dsquant.kq_types import KSPEC, pack, quantize_k, quantize_legacy
 
-from .kquants import quantize_q4_k
-from .q2quants import quantize_q2_k
-from .q3quants import quantize_q3_k
-from .q5quants import quantize_q5_0, quantize_q5_1, quantize_q5_k
-from .q6ref import quantize_q6_k_ref
+from .q5quants import quantize_q4_1, quantize_q5_0, quantize_q5_1
 
 BLOCK = 32
+
+
+def _legacy(kind: str, ref: Callable, rows: torch.Tensor, importance: np.ndarray | None = None):
+    """ggml's reference packer without importance, its imatrix path (``quantize_row_qX_impl``) with it."""
+    return ref(rows) if importance is None else quantize_legacy(kind, rows, importance)
 
 
 @dataclass(frozen=True)
@@ -47,8 +50,9 @@ class GGUFType:
     torch_dtype: torch.dtype | None = None  # float types
     file_type: LlamaFileType = LlamaFileType.ALL_F32
     block: int = BLOCK  # weights per block along a row (256 for k-quants)
-    # dsq's own packer (kquants.py, q2/q3/q5quants.py, q6ref.py): float rows -> (bytes, the values held)
-    kquant: Callable[[torch.Tensor], tuple[np.ndarray, torch.Tensor]] | None = None
+    # dsq's own packer (kq_types.py, q5quants.py): (float rows, optional per-column importance) -> (bytes, the
+    # values held), byte-equal to ggml_quantize_chunk's (with importance: its imatrix path)
+    kquant: Callable[[torch.Tensor, np.ndarray | None], tuple[np.ndarray, torch.Tensor]] | None = None
 
     @property
     def quantized(self) -> bool:
@@ -64,36 +68,37 @@ GGUF_TYPES: dict[str, GGUFType] = {
     t.name: t
     for t in (
         GGUFType("q4_0", GT.Q4_0, twin="int4_sym_g32", file_type=LlamaFileType.MOSTLY_Q4_0),
-        GGUFType("q4_1", GT.Q4_1, twin="int4_asym_g32", file_type=LlamaFileType.MOSTLY_Q4_1),
-        GGUFType("q5_0", GT.Q5_0, file_type=LlamaFileType.MOSTLY_Q5_0, kquant=quantize_q5_0),
-        GGUFType("q5_1", GT.Q5_1, file_type=LlamaFileType.MOSTLY_Q5_1, kquant=quantize_q5_1),
+        GGUFType("q4_1", GT.Q4_1, twin="int4_asym_g32", file_type=LlamaFileType.MOSTLY_Q4_1,
+                 kquant=partial(_legacy, "q4_1", quantize_q4_1)),  # floats: ggml's rounding; int4_asym: carried
+        GGUFType("q5_0", GT.Q5_0, file_type=LlamaFileType.MOSTLY_Q5_0, kquant=partial(_legacy, "q5_0", quantize_q5_0)),
+        GGUFType("q5_1", GT.Q5_1, file_type=LlamaFileType.MOSTLY_Q5_1, kquant=partial(_legacy, "q5_1", quantize_q5_1)),
         GGUFType("q8_0", GT.Q8_0, twin="int8_g32", file_type=LlamaFileType.MOSTLY_Q8_0),
-        GGUFType("q2_k", GT.Q2_K, file_type=LlamaFileType.MOSTLY_Q2_K, block=256, kquant=quantize_q2_k),
-        GGUFType("q3_k", GT.Q3_K, file_type=LlamaFileType.MOSTLY_Q3_K_M, block=256, kquant=quantize_q3_k),
-        GGUFType("q4_k", GT.Q4_K, file_type=LlamaFileType.MOSTLY_Q4_K_S, block=256, kquant=quantize_q4_k),
-        GGUFType("q5_k", GT.Q5_K, file_type=LlamaFileType.MOSTLY_Q5_K_M, block=256, kquant=quantize_q5_k),
-        GGUFType("q6_k", GT.Q6_K, file_type=LlamaFileType.MOSTLY_Q6_K, block=256, kquant=quantize_q6_k_ref),
+        GGUFType("q2_k", GT.Q2_K, file_type=LlamaFileType.MOSTLY_Q2_K, block=256, kquant=partial(quantize_k, "q2_k")),
+        GGUFType("q3_k", GT.Q3_K, file_type=LlamaFileType.MOSTLY_Q3_K_M, block=256, kquant=partial(quantize_k, "q3_k")),
+        GGUFType("q4_k", GT.Q4_K, file_type=LlamaFileType.MOSTLY_Q4_K_S, block=256, kquant=partial(quantize_k, "q4_k")),
+        GGUFType("q5_k", GT.Q5_K, file_type=LlamaFileType.MOSTLY_Q5_K_M, block=256, kquant=partial(quantize_k, "q5_k")),
+        GGUFType("q6_k", GT.Q6_K, file_type=LlamaFileType.MOSTLY_Q6_K, block=256, kquant=partial(quantize_k, "q6_k")),
         GGUFType("f16", GT.F16, torch_dtype=torch.float16, file_type=LlamaFileType.MOSTLY_F16),
         GGUFType("bf16", GT.BF16, torch_dtype=torch.bfloat16, file_type=LlamaFileType.MOSTLY_BF16),
         GGUFType("f32", GT.F32, torch_dtype=torch.float32, file_type=LlamaFileType.ALL_F32),
     )
 }
 
-#: dsq format -> the GGUF type that holds it exactly (block 32, or a multiple of 32 split into blocks of 32 that
-#: repeat the scale: ``is_exact``) or most nearly (FP8).
-NEAREST: dict[str, str] = {
-    "int4_sym_g32": "q4_0",
-    "int4_sym_g64": "q4_0",
-    "int4_sym_g128": "q4_0",
-    "int4_asym_g32": "q4_1",
-    "int4_asym_g64": "q4_1",
-    "int4_asym_g128": "q4_1",
-    "int8_g32": "q8_0",
-    "int8_g128": "q8_0",
-    "int8_channel": "q8_0",
-    "fp8_b128": "q8_0",
-}
-assert set(NEAREST) == set(FORMATS), "every dsq format needs a nearest GGUF type"
+def nearest_type(fmt_name: str) -> GGUFType:
+    """The GGUF type for a dsq format, from the format's facts: a format named as a GGUF type is that type's
+    own grid; else its twin; else the type whose twin has the same packing, bits and symmetry (int4_sym_g128
+    -> Q4_0, int8_channel -> Q8_0: exact when the row splits into blocks of 32, ``is_exact``); else the one
+    of the same bits and symmetry, re-quantized (FP8 -> Q8_0).
+    Raises UnsupportedError naming the format when no GGUF type dsq writes is like it."""
+    if fmt_name in GGUF_TYPES:
+        return GGUF_TYPES[fmt_name]
+    fmt = FORMATS[fmt_name]
+    twins = [t for t in GGUF_TYPES.values() if t.twin is not None]
+    for facts in (lambda f: f.name, lambda f: (f.packing, f.bits, f.symmetric), lambda f: (f.bits, f.symmetric)):
+        for t in twins:
+            if facts(FORMATS[t.twin]) == facts(fmt):
+                return t
+    raise UnsupportedError(f"format {fmt_name}: no GGUF type dsq writes is like it; choose one with --type")
 
 FLOAT_OF: dict[torch.dtype, str] = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}
 
@@ -110,6 +115,8 @@ def get_type(name: str) -> GGUFType:
 def is_exact(qt: QuantizedTensor, t: GGUFType) -> bool:
     """Whether ``qt`` goes into ``t`` without re-rounding: its twin format, or a larger group of the same kind
     (int4_sym_g64/g128 -> Q4_0, int4_asym_g* -> Q4_1, int8_g128/channel -> Q8_0; ``split_blocks``)."""
+    if qt.format in KSPEC:  # a GGUF-grid tensor (kformats.py): exact in its own type only
+        return qt.format == t.name
     if t.twin is None:
         return False
     src, dst = qt.fmt, FORMATS[t.twin]
@@ -193,7 +200,8 @@ def pack_exact(qt: QuantizedTensor, t: GGUFType, pool: StreamPool | None = None)
 
 
 def encode(
-    value: QuantizedTensor | torch.Tensor, t: GGUFType, name: str, pool: StreamPool | None = None
+    value: QuantizedTensor | torch.Tensor, t: GGUFType, name: str, pool: StreamPool | None = None,
+    importance: np.ndarray | None = None,
 ) -> tuple[np.ndarray, tuple[float, float] | None]:
     """Bytes of one tensor (or one row-block of a stacked tensor) in GGUF type ``t``, plus, when values were
     re-rounded, (sum of squared change, sum of squared source values) for the report's relative error.
@@ -205,8 +213,13 @@ def encode(
     Q4_0/Q8_0, within ``q4_1_offset_bound`` for Q4_1 (tests check both), so no bytes are decoded.
     Row chunks go to ``pool``'s workers when given; each writes its own rows of the output, and the sums
     are added in row order, so neither the bytes nor the report depend on the thread count.
+    ``importance`` [in_features] (llama.cpp imatrix entries of this tensor) makes every re-rounding take ggml's
+    imatrix path, byte-equal to ``llama-quantize --imatrix`` (Q8_0 and float types ignore it, as ggml does).
     """
     if isinstance(value, QuantizedTensor) and is_exact(value, t):
+        if value.format in KSPEC:  # its grid and codes are the block's numbers: packed as they are
+            codes = value.codes.numpy().reshape(-1, KSPEC[value.format].block)
+            return pack(value.format, value.grid(), codes).reshape(-1), None
         return pack_exact(split_blocks(value, t.twin), t, pool), None
     if not t.quantized:
         w = value.dequantize() if isinstance(value, QuantizedTensor) else value
@@ -232,7 +245,10 @@ def encode(
         x = src.to(torch.float32)
         if t.kquant is not None:
             check_finite(x, name, (1, t.block))
-            data, held = t.kquant(x)
+            data, held = t.kquant(x, importance)
+        elif importance is not None and t.name == "q4_0":
+            check_finite(x, name, (1, t.block))
+            data, held = quantize_legacy(t.name, x, importance)
         else:
             qt = FORMATS[t.twin].quantize(x, name)  # also where NaN/Inf and fp16 overflow get their error
             data, held = pack_exact(qt, t), _block_values(qt)

@@ -1,7 +1,7 @@
 """Which GGUF tensors a checkpoint becomes: names, shapes, the HF tensors each is built from, and how.
 
 Names come from gguf-py (``gguf.TENSOR_NAMES``), keyed by dsq's roles in ``ROLE_TENSORS``; the
-rewrites llama.cpp expects are a per-architecture table of transforms (``TRANSFORMS``):
+rewrites llama.cpp expects are transforms (``TRANSFORMS``) each architecture record names by role:
 
 * ``llama`` q/k rows are permuted from HF's rotate-half RoPE layout to ggml's interleaved one
   (``LlamaModel.permute`` in llama.cpp's convert_hf_to_gguf). It moves whole rows, so a quantized
@@ -23,10 +23,10 @@ import torch
 from gguf import MODEL_TENSOR, TENSOR_NAMES
 
 from dsq.dsquant.archs import Role
+from dsq.dsquant.config import ModelConfig
 from dsq.dsquant.errors import UnsupportedError
 from dsq.dsquant.formats import QuantizedTensor
-
-from .gguf_source import GGUFSource, SourceEntry
+from dsq.dsquant.source import Source, SourceEntry
 
 # dsq role -> (gguf-py tensor, suffix). Roles absent here are not written (MTP).
 ROLE_TENSORS: dict[Role, tuple[MODEL_TENSOR, str]] = {
@@ -71,6 +71,8 @@ def gguf_name(t: MODEL_TENSOR, suffix: str, layer: int | None = None) -> str:
 # -- transforms: (value, config) -> value; row selections keep QuantizedTensors quantized ----------
 def select_rows(value: QuantizedTensor | torch.Tensor, idx: torch.Tensor) -> QuantizedTensor | torch.Tensor:
     if isinstance(value, QuantizedTensor):
+        if hasattr(value, "select_rows"):  # a GGUF-grid tensor (dsquant/kformats.py) carries more per-row parts
+            return value.select_rows(idx)
         if value.fmt.block_rows != 1:  # a block spans rows (FP8 128x128): only floats can be permuted
             return value.dequantize()[idx]
         zero = value.zero[idx] if value.zero is not None else None
@@ -88,8 +90,7 @@ def _permute_q(v, cfg: dict):
 
 
 def _permute_k(v, cfg: dict):
-    n_kv = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
-    return select_rows(v, permute_rows(v.shape[0], n_kv))
+    return select_rows(v, permute_rows(v.shape[0], ModelConfig.from_dict(cfg).n_kv_heads))
 
 
 def _mla_dims(cfg: dict) -> tuple[int, int, int]:
@@ -108,15 +109,8 @@ def _k_b(v, cfg: dict):
     return w.reshape(n_head, nope + vd, w.shape[-1])[:, :nope].transpose(1, 2).contiguous()
 
 
+# Transform kinds: a record's ``gguf_transforms`` names these (role -> kind) for its single-source tensors.
 TRANSFORMS: dict[str, Callable] = {"permute_q": _permute_q, "permute_k": _permute_k, "k_b": _k_b, "v_b": _v_b}
-
-# Per GGUF architecture: role -> transform applied to the (single) source tensor.
-ARCH_TRANSFORMS: dict[str, dict[Role, str]] = {
-    "llama": {Role.ATTN_Q: "permute_q", Role.ATTN_K: "permute_k"},
-    "qwen2": {},
-    "qwen3": {},
-    "deepseek2": {},
-}
 
 
 @dataclass
@@ -139,13 +133,11 @@ class OutTensor:
         return self.sources[0].float_dtype
 
 
-def plan_tensors(src: GGUFSource) -> tuple[list[OutTensor], list[str]]:
+def plan_tensors(src: Source) -> tuple[list[OutTensor], list[str]]:
     """The GGUF tensors for ``src`` in write order, plus notes on what was left out."""
     arch, cfg = src.arch, src.config
-    if arch.gguf_arch not in ARCH_TRANSFORMS:
-        raise UnsupportedError(f"{src.path}: no GGUF writer for architecture `{arch.model_type}`")
     n_layers = int(cfg["num_hidden_layers"])
-    transforms = ARCH_TRANSFORMS[arch.gguf_arch]
+    transforms = arch.transforms
     out: list[OutTensor] = []
     notes: list[str] = []
     experts: dict[tuple[int, Role], dict[int, SourceEntry]] = {}
@@ -174,7 +166,7 @@ def plan_tensors(src: GGUFSource) -> tuple[list[OutTensor], list[str]]:
             continue
         t, suffix = ROLE_TENSORS[ref.role]
         out.append(OutTensor(gguf_name(t, suffix, ref.layer), e.shape, ref.role, (e,), transforms.get(ref.role)))
-    n_expert = cfg.get("n_routed_experts")
+    n_expert = ModelConfig.from_dict(cfg).n_experts or None
     for (layer, role), by_id in sorted(experts.items(), key=lambda kv: (kv[0][0], kv[0][1].value)):
         if n_expert is None or sorted(by_id) != list(range(int(n_expert))):
             raise UnsupportedError(
@@ -201,7 +193,7 @@ def _order(t: OutTensor) -> tuple[int, str]:
     return (0 if t.name.startswith("token_embd") else 1 << 30), t.name
 
 
-def build_value(t: OutTensor, src: GGUFSource) -> list[QuantizedTensor | torch.Tensor]:
+def build_value(t: OutTensor, src: Source) -> list[QuantizedTensor | torch.Tensor]:
     """The values of ``t`` as a list of row-blocks (one per stacked expert), transforms applied."""
     values = []
     for s in t.sources:

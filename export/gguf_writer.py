@@ -5,9 +5,10 @@ Choosing a GGUF type per tensor (``choose_type``):
 * norms, biases, the MoE router and its bias: F32 (what llama.cpp's converter writes for them);
 * a dsq-quantized weight: its exact twin (int4_sym_g* -> Q4_0, int4_asym_g* -> Q4_1, int8_g*/channel ->
   Q8_0; blocks of 64/128 become 2/4 blocks of 32 that repeat the scale), codes and scales carried over;
-  FP8 goes to the nearest type (``NEAREST``) and is re-quantized, with the added error in the report;
-* a float weight: its own float type, or what ``recipe`` asks for (quantized straight into the
-  GGUF type, from the float values, with ggml's reference rounding);
+  FP8 goes to the nearest type (``nearest_type``) and is re-quantized, with the added error in the report;
+* a float weight: its own float type. ``recipe`` quantizes a float checkpoint first, through the plan and
+  quantizer ``dsq quantize`` uses (``dsquant/source.py``): the file is the one ``dsq quantize -r RECIPE``
+  followed by an export writes, its tensors chosen as for any dsq-quantized weight;
 * ``type`` (``--type``) names a llama.cpp file type (q4_0, q5_1, q4_k_m, q6_k, ...; ``q4_k`` is llama-quantize's
   alias for Q4_K_M): every tensor gets the type llama.cpp's ``llama_model_quantize`` gives it in that file
   (gguf_policy.py: output matrix Q6_K/Q8_0, attn_v/ffn_down bumps, fallbacks for rows that are not whole
@@ -38,21 +39,18 @@ from dsq.dsquant.archs import ROLE_INFO
 from dsq.dsquant.atomic import check_output, make_partial_dir
 from dsq.dsquant.errors import InputError, OutputError, UnsupportedError
 from dsq.dsquant.formats import QuantizedTensor, StreamPool
-from dsq.dsquant.recipes import KEEP, load_recipe
+from dsq.dsquant.source import Source
 
 from .gguf_meta import add_hparams
-from .gguf_policy import Mix, ModelFacts, get_mix, plan_types
-from .gguf_quants import FLOAT_OF, GGUF_TYPES, NEAREST, GGUFType, encode, get_type, is_exact, nbytes
-from .gguf_source import GGUFSource
+from .gguf_policy import TYPE_NAMES, Mix, ModelFacts, get_mix, plan_types
+from .gguf_quants import FLOAT_OF, GGUF_TYPES, GGUFType, encode, get_type, is_exact, nbytes, nearest_type
 from .gguf_tensors import OutTensor, build_value, plan_tensors
 from .gguf_tokenizer import add_tokenizer
 
 F32_KINDS = ("norm", "bias", "router")
-# Among mixed formats in one stacked tensor, the type that loses least.
-_PRECISION = ("q8_0", "q4_1", "q4_0")
 
 
-def choose_type(t: OutTensor, forced: GGUFType | None, recipe) -> tuple[GGUFType, list[str]]:
+def choose_type(t: OutTensor, forced: GGUFType | None) -> tuple[GGUFType, list[str]]:
     """The GGUF type of one output tensor, and notes on any fallback."""
     kind = ROLE_INFO[t.role].kind
     notes: list[str] = []
@@ -63,17 +61,13 @@ def choose_type(t: OutTensor, forced: GGUFType | None, recipe) -> tuple[GGUFType
     if forced is not None:
         chosen = forced
     elif None not in formats:
-        nearest = {NEAREST[f] for f in formats}
-        chosen = GGUF_TYPES[next(n for n in _PRECISION if n in nearest)]
+        # mixed formats in one stacked tensor (experts): the type that loses least, the most bits per weight
+        # (a tie: the larger block, i.e. the k-quant, whose sub-block scales fit the values more closely)
+        chosen = max({nearest_type(f).name: nearest_type(f) for f in formats}.values(),
+                     key=lambda g: (nbytes(g, (g.block,)) / g.block, g.block))
         if t.transform == "k_b" and chosen.name != "q8_0":
             chosen = GGUF_TYPES["q8_0"]
             notes.append("kv_b transposed into k_b: blocks run along a new axis, re-quantized to Q8_0")
-    elif recipe is not None and kind == "linear":
-        ref = t.sources[0].ref
-        fmt = recipe.format_for(ref)
-        chosen = own if fmt == KEEP else GGUF_TYPES[NEAREST[fmt]]
-        if fmt != KEEP and GGUF_TYPES[NEAREST[fmt]].twin != fmt:
-            notes.append(f"recipe format {fmt} has no GGUF twin: quantized directly to {chosen.name.upper()}")
     else:
         chosen = own
     if chosen.quantized and not chosen.fits(t.shape):
@@ -87,19 +81,41 @@ def choose_type(t: OutTensor, forced: GGUFType | None, recipe) -> tuple[GGUFType
 
 _BY_GGML = {t.gtype: t for t in GGUF_TYPES.values()}
 
-#: What ``--type`` accepts and the CLI lists: llama.cpp's file types (every mix in gguf_policy.MIXES, whose
-#: tensor types dsq all packs; q3_k/q4_k/q5_k are llama-quantize's aliases of the _M mixes), then floats.
-TYPE_NAMES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k", "q4_k_s",
-              "q4_k_m", "q5_k", "q5_k_s", "q5_k_m", "q6_k", "f16", "bf16", "f32")
 
 
-def policy_types(outs: list[OutTensor], mix: Mix, src: GGUFSource, pure: bool = False) -> dict:
+def _imatrix_entries(path: str | Path) -> dict:
+    from dsq.dsquant.calib.imatrix_file import read_imatrix
+
+    return read_imatrix(path).entries
+
+
+def _importances(entries: dict, name: str, values: list) -> list[np.ndarray | None]:
+    """Per row-block (expert) importance of GGUF tensor ``name`` from the imatrix entries (mean x^2 per column,
+    llama-quantize's reading), or Nones when the file has no entry for it (llama-quantize then quantizes it
+    without one too)."""
+    entry = entries.get(name)
+    if entry is None:
+        return [None] * len(values)
+    cols = int(values[0].shape[-1])
+    try:
+        imp = entry.importance(cols)
+    except InputError:
+        imp = None
+    if imp is None or imp.shape[1] != cols or imp.shape[0] not in (1, len(values)):
+        raise InputError(
+            f"--imatrix: entry `{name}` has {entry.sums.size} values over {entry.counts.size} matrices, which does not "
+            f"fit the tensor ({len(values)} x {cols} input columns); is the imatrix for another model?"
+        )
+    return [imp[min(i, imp.shape[0] - 1)] for i in range(len(values))]
+
+
+def policy_types(outs: list[OutTensor], mix: Mix, src: Source, pure: bool = False, imatrix: bool = False) -> dict:
     """{GGUF name: (GGUFType, notes, why)} under llama.cpp's ``mix`` (gguf_policy.plan_types).
 
     Raises UnsupportedError before anything is written when the policy needs a type dsq has no packer for.
     """
     facts = ModelFacts.from_config(src.arch.gguf_arch, src.config)
-    plan = plan_types(mix, [(t.name, tuple(t.shape)) for t in outs], facts, pure=pure)
+    plan = plan_types(mix, [(t.name, tuple(t.shape)) for t in outs], facts, pure=pure, imatrix=imatrix)
     missing = {n: c.type.name for n, c in plan.items() if c.type not in _BY_GGML}
     if missing:
         first = next(iter(missing))
@@ -141,6 +157,7 @@ def export_gguf(
     split_max_size: int | str | None = None,
     progress: Callable[[int, int, str], None] | None = None,
     pure: bool = False,
+    imatrix: str | Path | None = None,
     target_size: int | str | None = None,
     target_bpw: float | None = None,
     calib: str | None = None,
@@ -148,27 +165,40 @@ def export_gguf(
 ) -> dict:
     """Write ``src_dir`` as a GGUF file at ``out_path``; returns a report dict.
 
-    ``type``: "auto", a llama.cpp file type name (``TYPE_NAMES``; its per-tensor policy applies) or a float type.
+    ``src_dir``: a dsq (or other tool's) quantized checkpoint, or a float HF checkpoint; ``recipe`` quantizes
+    a float one first, exactly as ``dsq quantize -r recipe`` would (``dsquant.source.Source``).
+    ``type``: "auto", a llama.cpp file type name (``TYPE_NAMES``; its per-tensor policy applies) or a float type;
+    ``pure``: that type everywhere. ``split_max_size``: bytes (or "500M"/"2G", decimal units) per shard,
+    named as llama.cpp's gguf-split does. Tensors are in GGUF's order and shapes (ggml's ne reversed:
+    [experts, rows, cols]); the report lists per tensor its GGUF type, shape, status (exact: dsq's codes and
+    scales carried; requantized/quantized: re-rounded, with ``rel_error`` = relative RMS change; cast) and
+    bytes, plus totals, bits per weight (file bytes * 8 / parameters) and seconds.
+
+    Raises UnsupportedError for an unknown type, one whose policy needs a type dsq cannot pack, an architecture
+    or tensor with no GGUF name, rows a type cannot hold, or a tokenizer llama.cpp cannot take; InputError for
+    ``recipe`` on a quantized source, ``pure`` without a quantized type or a bad ``split_max_size``; OutputError when ``out_path``
+    exists (without ``overwrite``) or cannot be written (nothing is left behind).
+
+    ``imatrix``: a llama.cpp imatrix file (GGUF or legacy .dat); every tensor it has an entry for is re-rounded
+    on ggml's imatrix path (bytes as ``llama-quantize --imatrix`` writes them) and the policy's imatrix rule
+    applies. Raises InputError when an entry does not fit its tensor.
+
     ``target_size`` (bytes or "105MB") / ``target_bpw``: choose each weight's type so the file is at most that
     big with the least predicted KL divergence (gguf_budget.py; calibrated on ``calib``, default "mixed"); the
     report gets a "budget" section. ``types``: {GGUF tensor name: type name}, given per tensor (what the budget
-    search chose, or any caller's plan); tensors not named get the default choice.
-    Raises UnsupportedError for an unknown type or one whose policy needs a type dsq cannot pack, InputError for
-    a budget flag combined with --type/--recipe/--pure or a budget too small.
+    search chose, or any caller's plan); tensors not named get the default choice. Without ``type``, ``recipe``
+    and ``types``, a ``dsq-gguf-types.json`` that ``dsq quantize --target-size`` left in ``src_dir`` gives them.
+    InputError for a budget flag combined with --type/--recipe/--pure/--split-max-size or a budget too small.
     """
     t0 = time.perf_counter()
     out_path = Path(out_path)
-    src = GGUFSource(src_dir)
-    if recipe is not None and src.quantized:
-        raise InputError(
-            f"{src.path}: already quantized; --recipe applies to float checkpoints (use --type to force a GGUF type)"
-        )
-    rec = load_recipe(recipe) if recipe else None
+    src = Source(src_dir, recipe)  # a recipe: quantized as `dsq quantize` does, one tensor at a time
     mix = None if type in ("auto", *FLOAT_OF.values()) else get_mix(type)
     forced = None if type == "auto" or mix is not None else get_type(type)
     if pure and mix is None:
         raise InputError("--pure applies to a quantized --type (q4_0, q4_k_m, ...): it puts that type everywhere")
     outs, notes = plan_tensors(src)
+    entries = _imatrix_entries(imatrix) if imatrix is not None else None
     budget = None
     if target_size is not None or target_bpw is not None:
         from .gguf_budget import plan_budget, resolve_target
@@ -191,9 +221,9 @@ def export_gguf(
         if record is not None:
             types, budget = record["types"], {**record["budget"], "recorded": True}
     if mix is not None:
-        chosen = policy_types(outs, mix, src, pure)
+        chosen = policy_types(outs, mix, src, pure, imatrix=entries is not None)
     else:
-        chosen = {t.name: (*choose_type(t, forced, rec), None) for t in outs}
+        chosen = {t.name: (*choose_type(t, forced), None) for t in outs}
     if types is not None:
         known = {t.name: t for t in outs}
         for name, tname in types.items():
@@ -220,12 +250,13 @@ def export_gguf(
         for i, t in enumerate(outs):
             gt, tnotes, why = chosen[t.name]
             values = build_value(t, src)
-            encoded = [encode(v, gt, t.name, pool) for v in values]
+            imps = _importances(entries, t.name, values) if entries is not None and gt.quantized else [None] * len(values)
+            encoded = [encode(v, gt, t.name, pool, imp) for v, imp in zip(values, imps, strict=True)]
             data = np.concatenate([e[0] for e in encoded]) if len(encoded) > 1 else encoded[0][0]
             status = _status(values, gt)
             stats = [e[1] for e in encoded]
             # What the reader itself re-rounded (GPTQ act-order blocks, dsquant/foreign.py) counts as requantized.
-            read = [r for s in t.sources if (r := getattr(src.ckpt, "rerounded", {}).get(s.name.removesuffix(".weight")))]
+            read = [r for s in t.sources if (r := src.rerounded.get(s.name.removesuffix(".weight")))]
             if read:
                 status = "requantized"
                 stats += [(r["change"], r["norm"]) for r in read]
@@ -269,7 +300,7 @@ def export_gguf(
     return report
 
 
-def _write_header(path: Path, src: GGUFSource, outs: list[OutTensor], chosen: dict, mix: Mix | None,
+def _write_header(path: Path, src: Source, outs: list[OutTensor], chosen: dict, mix: Mix | None,
                   split: int = 0) -> tuple[GGUFWriter, list, dict]:
     """Open a GGUFWriter at ``path`` and write metadata and the tensor table; -> (writer, extra tensors, tokenizer
     report). The extra tensors (rope factors, ...) are written next, then ``outs`` in order."""
@@ -298,7 +329,7 @@ def padded(n: int) -> int:
     return -(-n // ALIGNMENT) * ALIGNMENT
 
 
-def file_overhead(src: GGUFSource, outs: list[OutTensor]) -> int:
+def file_overhead(src: Source, outs: list[OutTensor]) -> int:
     """Bytes of a single-file GGUF of ``src`` that are not ``outs``' data: header, metadata, tokenizer, tensor
     table, padding, and the extra tensors (rope factors). The table's size does not depend on the tensor types
     (fixed-width fields), so the file is exactly this plus ``padded(nbytes(type, shape))`` per tensor: what the
@@ -337,7 +368,7 @@ def _file_type(outs: list[OutTensor], chosen: dict) -> int:
     return int(GGUF_TYPES[max(weight, key=weight.get)].file_type) if weight else int(GGUF_TYPES["f32"].file_type)
 
 
-def _report(src: GGUFSource, files: list[Path], type_: str, recipe, rows, notes, tok, seconds: float,
+def _report(src: Source, files: list[Path], type_: str, recipe, rows, notes, tok, seconds: float,
             mix: Mix | None = None) -> dict:
     total = sum(f.stat().st_size for f in files)
     params = sum(int(np.prod(r["shape"])) for r in rows)

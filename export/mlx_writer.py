@@ -33,7 +33,10 @@ Refused, one line naming the tensor: ``int8_channel`` (one scale per row: MLX gr
 and ``fp8_b128`` (MLX's affine mode has no FP8 codes); re-quantize those with an int4/int8_g32 recipe.
 DeepSeek-V3: mlx_lm re-quantizes a quantized ``kv_b_proj`` at load (it splits it into per-head
 ``embed_q``/``unembed_out``), so that one matrix is written as float32 dsq-dequantized values (exact) and
-mlx_lm keeps it unquantized. Tensors stream one at a time into shards written header-first.
+mlx_lm keeps it unquantized. Qwen3-MoE: mlx_lm's ``sanitize`` stacks only the routed experts' ``.weight``, so
+for records with ``mlx_stack_experts`` the writer stacks each layer's quantized experts itself into
+``mlp.switch_mlp.{gate,up,down}_proj`` ``[n_expert, ...]`` (weight, scales, biases; the same values).
+Tensors stream one at a time (a layer's experts together when stacked) into shards written header-first.
 """
 
 from __future__ import annotations
@@ -45,20 +48,21 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from dsq import __version__
+from dsq.dsquant.archs import ARCHITECTURES
 from dsq.dsquant.atomic import atomic_dir
 from dsq.dsquant.errors import BadWeightsError, UnsupportedError
 from dsq.dsquant.formats import FORMATS, FP16_MAX, QuantizedTensor
 from dsq.dsquant.layouts import pack_int32
 from dsq.dsquant.safetensors_io import PlannedTensor, SafetensorsWriter
+from dsq.dsquant.source import Source
 
 from .gguf_quants import q4_1_offset, q4_1_offset_bound
-from .gguf_source import GGUFSource
 
 MLX_GROUPS = (32, 64, 128)
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -81,10 +85,11 @@ class MlxQuant:
 def mlx_quant(fmt_name: str, tensor: str) -> MlxQuant:
     """The MLX twin of a dsq format; UnsupportedError naming ``tensor`` when there is none."""
     fmt = FORMATS[fmt_name]
-    if fmt_name.startswith(("int4", "int8")) and fmt.block_rows == 1 and fmt.block_cols in MLX_GROUPS:
+    if fmt.packing == "int" and fmt.block_rows == 1 and fmt.block_cols in MLX_GROUPS:
         return MlxQuant(fmt.bits, fmt.block_cols, (1 << (fmt.bits - 1)) if fmt.symmetric else 0)
-    why = ("one scale per row; MLX groups are 32, 64 or 128 inputs wide" if fmt_name == "int8_channel"
-           else "MLX's affine quantization has no FP8 codes")
+    why = ("one scale per row; MLX groups are 32, 64 or 128 inputs wide" if fmt.packing == "int" and not fmt.block_cols
+           else "MLX's affine quantization has no FP8 codes" if fmt.float_codes
+           else f"MLX groups are {', '.join(map(str, MLX_GROUPS))} inputs wide")
     raise UnsupportedError(
         f"{tensor}: {fmt_name} has no exact MLX layout ({why}); re-quantize the source with an int4 or "
         "int8_g32 recipe (e.g. `dsq quantize MODEL -o OUT --recipe int4`)"
@@ -129,8 +134,9 @@ class _Out:
 
     source: str
     planned: list[PlannedTensor]
-    kind: str  # "quantized" | "float" | "dequantized"
+    kind: str  # "quantized" | "float" | "dequantized" | "stacked" (one layer's routed experts, quantized)
     quant: MlxQuant | None = None
+    sources: list[str] = field(default_factory=list)  # "stacked": the experts' weights, in expert order
 
 
 def _skip(name: str, cfg: dict) -> str | None:
@@ -146,8 +152,13 @@ def _skip(name: str, cfg: dict) -> str | None:
 
 
 def _requantized_at_load(name: str, cfg: dict) -> bool:
-    """DeepSeek-V3's kv_b_proj: mlx_lm splits it per head and re-runs mx.quantize on it when it is quantized."""
-    return cfg.get("model_type") == "deepseek_v3" and name.endswith("self_attn.kv_b_proj.weight")
+    """A role the record lists in ``mlx_requantized`` (DeepSeek-V3's kv_b_proj: mlx_lm splits it per head and
+    re-runs mx.quantize on it when it is quantized)."""
+    rec = ARCHITECTURES.get(cfg.get("model_type"))
+    if rec is None or not rec.mlx_requantized:
+        return False
+    ref = rec.match(name)
+    return ref is not None and ref.role in rec.mlx_requantized
 
 
 _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp)\.experts\.\d+\.((?:gate|up|down)_proj)$")
@@ -160,10 +171,13 @@ def mlx_module(module: str) -> str:
     return f"{m.group(1)}.switch_mlp.{m.group(2)}" if m else module
 
 
-def _plan(src: GGUFSource, cfg: dict, dtype: torch.dtype) -> tuple[list[_Out], list[str]]:
+def _plan(src: Source, cfg: dict, dtype: torch.dtype) -> tuple[list[_Out], list[str]]:
     outs: list[_Out] = []
     skipped: Counter[str] = Counter()
     stacked: dict[str, tuple[str, str | None]] = {}  # switch_mlp module -> (first expert weight, its format)
+    rec = ARCHITECTURES.get(cfg.get("model_type"))
+    pending: dict[str, list[tuple[int, str, tuple[int, ...]]]] = {}  # switch_mlp module -> (expert, name, shape)
+    slots: dict[str, _Out] = {}
     for name, e in src.entries.items():
         why = _skip(name, cfg)
         if why:
@@ -177,6 +191,15 @@ def _plan(src: GGUFSource, cfg: dict, dtype: torch.dtype) -> tuple[list[_Out], l
                     f"{name}: {e.format or 'float'} but {first} is {fmt or 'float'}; mlx_lm stacks a layer's experts "
                     "into one tensor, so they need one format: give them the same one in the recipe"
                 )
+            if e.format is not None and rec is not None and rec.mlx_stack_experts:
+                # mlx_lm's sanitize stacks only the experts' .weight here: write switch_mlp's tensors ourselves
+                if target not in pending:
+                    pending[target] = []
+                    outs.append(_Out(name, [], "stacked", mlx_quant(e.format, name)))
+                    slots[target] = outs[-1]
+                ref = rec.match(name)
+                pending[target].append((ref.expert if ref is not None else 0, name, e.shape))
+                continue
         if e.format is None:
             if not e.float_dtype.is_floating_point:
                 raise UnsupportedError(f"{name}: {e.float_dtype} tensor; MLX-LM models hold float tensors only")
@@ -193,6 +216,17 @@ def _plan(src: GGUFSource, cfg: dict, dtype: torch.dtype) -> tuple[list[_Out], l
             PlannedTensor(mod + ".scales", dtype, groups),
             PlannedTensor(mod + ".biases", dtype, groups),
         ], "quantized", mq))
+    for target, parts in pending.items():
+        parts.sort()
+        o, (rows, cols) = slots[target], parts[0][2]
+        mq = o.quant
+        n = len(parts)
+        o.sources = [name for _, name, _ in parts]
+        o.planned = [
+            PlannedTensor(target + ".weight", torch.uint32, (n, rows, cols * mq.bits // 32)),
+            PlannedTensor(target + ".scales", dtype, (n, rows, cols // mq.group_size)),
+            PlannedTensor(target + ".biases", dtype, (n, rows, cols // mq.group_size)),
+        ]
     notes = [f"{n} tensor(s) left out: {why}" for why, n in skipped.items()]
     return outs, notes
 
@@ -223,7 +257,11 @@ def mlx_config(cfg: dict, outs: list[_Out]) -> dict:
             out.setdefault("rope_theta", rope["rope_theta"])
         if rope.get("rope_type", "default") != "default":
             out.setdefault("rope_scaling", rope)
-    if cfg.get("model_type") == "deepseek_v2" and not out.get("rope_scaling"):
+    rec = ARCHITECTURES.get(cfg.get("model_type"))
+    for mlx_key, hf_key in rec.mlx_keys if rec is not None else ():
+        if mlx_key not in out and hf_key in cfg:
+            out[mlx_key] = cfg[hf_key]
+    if rec is not None and rec.mlx_yarn_rope and not out.get("rope_scaling"):
         # mlx_lm's deepseek_v2 always builds its YaRN rotary embedding from rope_scaling; with factor 1 and
         # no mscale that embedding is the plain rotary one the source uses.
         out["rope_scaling"] = {"type": "yarn", "factor": 1.0}
@@ -267,17 +305,20 @@ def export_mlx(
     value exact). Returns the report (also written as mlx-report.json): per format counts, notes, the
     largest asymmetric bias rounding and float cast change. Raises UnsupportedError for a format without an
     MLX twin (int8_channel, fp8_b128), BadWeightsError for values float16 cannot hold, OutputError for an
-    existing output without ``overwrite``."""
+    existing output without ``overwrite``.
+
+    Shapes: each quantized linear [out, in] becomes ``weight`` uint32 [out, in * bits / 32] and ``scales``/
+    ``biases`` [out, in / group_size] (see the module docstring); shards hold at most ``max_shard_bytes`` bytes."""
     t0 = time.perf_counter()
     if dtype not in DTYPES:
         raise UnsupportedError(
             f"dtype {dtype}: MLX export writes float16 or float32 (bfloat16 cannot hold dsq's fp16 scales exactly)"
         )
     tdt = DTYPES[dtype]
-    src = GGUFSource(src_dir)
+    src = Source(src_dir)
     cfg = src.config
     outs, notes = _plan(src, cfg, tdt)  # every refusal happens here, before anything is written
-    side_files = src.ckpt.side_files()  # tokenizer, template, generation settings: checked to lie inside the folder
+    side_files = src.side_files()  # tokenizer, template, generation settings: checked to lie inside the folder
     shards = _shards(outs, max_shard_bytes)
     names = ["model.safetensors"] if len(shards) == 1 else [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
@@ -290,6 +331,22 @@ def export_mlx(
         for shard_name, shard in zip(names, shards, strict=True):
             writer = SafetensorsWriter(tmp / shard_name, [p for o in shard for p in o.planned], METADATA)
             for o in shard:
+                if o.kind == "stacked":
+                    values = [src.load(name) for name in o.sources]
+                    packed = [to_mlx(v, name, tdt) for v, name in zip(values, o.sources, strict=True)]
+                    for i, p in enumerate(o.planned):
+                        writer.write(p.name, torch.stack([parts[i] for parts in packed]))
+                    for v, name in zip(values, o.sources, strict=True):
+                        bound = bias_bound(v, tdt)
+                        if bound.numel() and (b := float(bound.max())) > worst_bias[0]:
+                            worst_bias = (b, name)
+                        formats[v.format] += 1
+                    weight_map.update({p.name: shard_name for p in o.planned})
+                    done += 1
+                    if progress:
+                        progress(done, len(outs), o.source)
+                    del values, packed
+                    continue
                 value = src.load(o.source)
                 if o.kind == "quantized":
                     assert isinstance(value, QuantizedTensor)

@@ -7,7 +7,6 @@ never re-rounded: dsq's int4/int8 codes and scales go into ``MatMulNBits`` as th
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import time
@@ -18,11 +17,13 @@ from pathlib import Path
 import onnx
 
 from ..dsquant.atomic import atomic_dir
-from ..dsquant.checkpoint import SIDE_FILES, Checkpoint
+from ..dsquant.checkpoint import SIDE_FILES
 from ..dsquant.errors import InputError, UnsupportedError
 from ..dsquant.formats import FORMATS, QuantizedTensor
 from ..dsquant.paths import resolve_model_file
+from ..dsquant.recipes import load_recipe
 from ..dsquant.schema import load_config
+from ..dsquant.source import Source
 from .onnx_genai import genai_config
 from .onnx_graph import arch_spec, attention_kind, build_decoder
 from .onnx_guard import check_model_dir
@@ -30,7 +31,8 @@ from .onnx_weights import DATA_NAME, InitializerSink, WeightTable
 
 MODEL_NAME = "model.onnx"
 PROTOBUF_LIMIT = 2 * 1024**3
-INT4_BLOCKS = (32, 64, 128)
+# --int4-block: the blocks of dsq's 4-bit integer formats (each is a MatMulNBits block_size as it is)
+INT4_BLOCKS = tuple(sorted({f.block_cols for f in FORMATS.values() if f.packing == "int" and f.bits == 4 and f.block_cols}))
 
 # Execution provider -> the MatMulNBits bit widths it has kernels for (onnxruntime's contrib op registry:
 # CPU and CUDA register 4 and 8 bits; DirectML 4 bits; CoreML has no com.microsoft kernels, so a
@@ -44,57 +46,31 @@ DEFAULT_ACCURACY: dict[str, int] = {"cpu": 4, "cuda": 0, "dml": 0, "coreml": 0}
 
 def _source_weights(src: Path, cfg: dict, recipe: str | None, int4_block: int | None) -> Iterator[tuple]:
     """(name, QuantizedTensor | tensor, kind) from a quantized checkpoint as stored, or from an HF checkpoint
-    quantized in memory by ``recipe`` (float when no recipe)."""
-    from ..dsquant.quantized import QuantizedCheckpoint
+    quantized by ``recipe`` as ``dsq quantize`` does (``dsquant/source.py``; float when no recipe)."""
+    stored = bool(cfg.get("quantization_config")) and recipe is None  # values as stored, never re-rounded
+    rec = None
+    if not stored and (recipe is not None or int4_block is not None):
+        rec = load_recipe(recipe or "int4")
+        if int4_block is not None:
+            rec = _with_int4_block(rec, int4_block)
+    s = Source(src, rec)  # a recipe on a quantized checkpoint (block-FP8 aside) is refused here
+    for name, t in s.iter_weights():
+        stored_block = t.fmt.block_cols if stored and isinstance(t, QuantizedTensor) and _is_int4(t.fmt) else None
+        if int4_block and stored_block and stored_block != int4_block:
+            raise UnsupportedError(
+                f"{name}: stored as {t.format}; --int4-block {int4_block} would re-round dsq's values. "
+                f"Drop the flag, or re-quantize with a g{int4_block} recipe"
+            )
+        yield name, t, s.entries[name].kind
 
-    if cfg.get("quantization_config"):
-        if recipe:
-            raise InputError(f"{src}: already quantized; --recipe applies to unquantized checkpoints only")
-        q = QuantizedCheckpoint(src)
-        for name, t in q.iter_weights():
-            stored = t.fmt.block_cols if isinstance(t, QuantizedTensor) and t.format.startswith("int4") else None
-            if int4_block and stored and stored != int4_block:
-                raise UnsupportedError(
-                    f"{name}: stored as {t.format}; --int4-block {int4_block} would re-round dsq's values. "
-                    f"Drop the flag, or re-quantize with a g{int4_block} recipe"
-                )
-            yield name, t, _kind(q, name)
-        return
-    ckpt = Checkpoint(src)
-    if recipe is None and int4_block is not None:
-        recipe = "int4"
-    if recipe is None:
-        for t, data in ckpt.stream():
-            yield t.name, data, t.ref.info.kind if t.ref else "unmapped"
-        return
-    from ..dsquant.plan import make_plan
-    from ..dsquant.recipes import load_recipe
 
-    rec = load_recipe(recipe)
-    if int4_block is not None:
-        rec = _with_int4_block(rec, int4_block)
-    plan = make_plan(ckpt, rec)
-    for entry in plan.entries:
-        data = ckpt.load(entry.tensor)
-        kind = entry.tensor.ref.info.kind if entry.tensor.ref else "unmapped"
-        yield entry.name, (FORMATS[entry.format].quantize(data, entry.name) if entry.format else data), kind
+def _is_int4(fmt) -> bool:
+    return fmt.packing == "int" and fmt.bits == 4
 
 
 def _with_int4_block(rec, block: int):
-    def swap(fmt: str) -> str:
-        return fmt.rsplit("_g", 1)[0] + f"_g{block}" if fmt.startswith("int4") else fmt
-
-    return dataclasses.replace(
-        rec,
-        default=swap(rec.default),
-        roles={k: swap(v) for k, v in rec.roles.items()},
-        overrides=tuple((p, swap(f)) for p, f in rec.overrides),
-    )
-
-
-def _kind(ckpt: Checkpoint, name: str) -> str:
-    ref = ckpt.arch.match(name)
-    return ref.info.kind if ref else "unmapped"
+    """``rec`` with each 4-bit integer format it names in blocks of ``block`` (sym/asym kept)."""
+    return rec.map_formats(lambda name: FORMATS[name].regrouped(block).name if _is_int4(FORMATS[name]) else name)
 
 
 def _skip(name: str, cfg: dict) -> bool:
@@ -126,7 +102,22 @@ def export_onnx(
     external_threshold: int = PROTOBUF_LIMIT,
     progress=None,
 ) -> dict:
-    """Export ``src`` to an ONNX folder at ``out_dir``; returns the report (also written as onnx-report.json)."""
+    """Export ``src`` to an ONNX folder at ``out_dir``; returns the report (also written as onnx-report.json).
+
+    ``src``: a dsq quantized checkpoint (int formats go into ``com.microsoft::MatMulNBits`` unchanged, FP8 is
+    dequantized to float32) or a float HF checkpoint, optionally quantized first by ``recipe`` exactly as
+    ``dsq quantize -r recipe`` would; ``int4_block`` (``INT4_BLOCKS``) picks the group of a float source's int4
+    formats and must match a quantized source's. ``out_dir`` gets model.onnx (inputs ``input_ids``,
+    ``attention_mask``, ``position_ids`` [batch, seq] int64 and float32 ``past_key_values.{i}.key/value``
+    [batch, kv_heads, past, head_dim]; outputs ``logits`` [batch, seq, vocab] float32 and ``present.*``),
+    model.onnx.data when the model reaches ``external_threshold`` bytes (protobuf's 2 GiB), the tokenizer
+    files and genai_config.json. ``ep``: the execution provider to target (``EP_NBITS``);
+    ``accuracy_level``: MatMulNBits' 0-4 (None: the EP's default); ``attention``: plain or contrib.
+
+    Raises UnsupportedError for an unknown EP, accuracy level, int4 block, architecture or attention, a
+    MatMulNBits width the EP lacks, or an ``int4_block`` that would re-round stored values; InputError for a
+    missing config.json or ``recipe`` on a quantized source; OutputError when ``out_dir`` exists (without
+    ``overwrite``). Written atomically: on any error nothing is left."""
     t0 = time.time()
     if ep not in EP_NBITS:
         raise UnsupportedError(f"--ep {ep}: unknown execution provider; choose one of {', '.join(EP_NBITS)}")

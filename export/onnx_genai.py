@@ -10,19 +10,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..dsquant.archs import ARCHITECTURES
 from ..dsquant.tokenizer_facts import read_json, resolve_tokenizer
 from .onnx_graph import ATTENTION, arch_spec
 
-# dsq model_type -> onnxruntime-genai model type (its names are the HF class prefix, lower-cased).
-GENAI_TYPES: dict[str, str] = {
-    "llama": "llama",
-    "qwen2": "qwen2",
-    "qwen3": "qwen3",
-    # genai has no DeepSeek type; its generic decoder ("llama") drives our graph, whose MLA cache is laid out
-    # as one KV head (see onnx_mla), so genai allocates and feeds back exactly the compressed latent.
-    "deepseek_v2": "llama",
-    "deepseek_v3": "llama",
-}
 EP_OPTIONS: dict[str, list] = {"cpu": [], "cuda": [{"cuda": {}}], "dml": [{"dml": {}}], "coreml": [{"coreml": {}}]}
 
 
@@ -69,7 +60,7 @@ def genai_config(cfg: dict, src: Path, ep: str) -> dict:
             },
             "eos_token_id": eos,
             "pad_token_id": pad,
-            "type": GENAI_TYPES[cfg["model_type"]],
+            "type": ARCHITECTURES[cfg["model_type"]].genai_type,
             "vocab_size": cfg["vocab_size"],
         },
         "search": {

@@ -4,9 +4,9 @@ Inputs ``input_ids`` [batch, seq], ``attention_mask`` [batch, past + seq], ``pos
 ``past_key_values.{i}.key/value``; outputs ``logits`` [batch, seq, vocab] and ``present.{i}.key/value``.
 One graph serves prefill (past length 0) and decode (seq 1): every shape is dynamic.
 
-What varies per architecture is the row in ``ARCH_SPECS``: the attention block (GQA or DeepSeek's MLA),
-q/k/v biases (Qwen2), per-head q/k RMSNorm (Qwen3), the RoPE pair layout, and whether layers past
-``first_k_dense_replace`` are mixture-of-experts.
+What varies per architecture comes from its record (``dsquant.archs``) as an ``ArchSpec``: the attention
+block (GQA or DeepSeek's MLA), q/k/v biases (Qwen2), per-head q/k RMSNorm (Qwen3), the RoPE pair layout,
+and which layers are mixture-of-experts (``ModelConfig.is_moe_layer``).
 """
 
 from __future__ import annotations
@@ -14,12 +14,15 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper
 
+from ..dsquant.archs import ARCHITECTURES
+from ..dsquant.config import ModelConfig
 from ..dsquant.errors import UnsupportedError
 from .onnx_ops import (
     MS_DOMAIN,
@@ -51,18 +54,24 @@ class Ctx:
     eps: float
     shared: dict[str, object] = field(default_factory=dict)  # per-graph values built once, on first use
 
+    @cached_property
+    def conf(self) -> ModelConfig:
+        """``cfg`` resolved (head_dim, kv heads, experts, MoE layers)."""
+        return ModelConfig.from_dict(self.cfg)
+
 
 # An attention block: (graph, ctx, layer, hidden, past key, past value) -> (output, present key, present value).
 AttentionFn = Callable[[GraphBuilder, Ctx, int, str, str, str], tuple[str, str, str]]
 
 
 def head_dim(cfg: dict) -> int:
-    return cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    """Per-head width: ``ModelConfig.head_dim``."""
+    return ModelConfig.from_dict(cfg).head_dim
 
 
 def kv_heads(cfg: dict) -> int:
-    """Older Llama configs omit num_key_value_heads: plain multi-head attention."""
-    return cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    """Older Llama configs omit num_key_value_heads: plain multi-head attention (``ModelConfig.n_kv_heads``)."""
+    return ModelConfig.from_dict(cfg).n_kv_heads
 
 
 def qkv_projections(g: GraphBuilder, ctx: Ctx, p: str, x: str) -> list[str]:
@@ -145,24 +154,19 @@ def _mla():
 
 @dataclass(frozen=True)
 class ArchSpec:
+    """What the graph builder reads from an architecture record (``arch_spec`` derives it)."""
+
     attention: str  # key of ATTENTION
     rotary_class: str  # transformers' rotary embedding class (the reference for inv_freq and scaling)
     qkv_bias: bool = False
     qk_norm: bool = False
     moe: bool = False
+    module: str = ""  # transformers modeling module holding rotary_class
 
     def rope_interleaved(self, cfg: dict) -> bool:
         # DeepSeek-V2 always rotates interleaved pairs (complex form); V3 unless rope_interleave is false.
         return self.attention == "mla" and cfg.get("rope_interleave", True)
 
-
-ARCH_SPECS: dict[str, ArchSpec] = {
-    "llama": ArchSpec("gqa", "LlamaRotaryEmbedding"),
-    "qwen2": ArchSpec("gqa", "Qwen2RotaryEmbedding", qkv_bias=True),
-    "qwen3": ArchSpec("gqa", "Qwen3RotaryEmbedding", qk_norm=True),
-    "deepseek_v2": ArchSpec("mla", "DeepseekV2RotaryEmbedding", moe=True),
-    "deepseek_v3": ArchSpec("mla", "DeepseekV3RotaryEmbedding", moe=True),
-}
 
 # attention kind -> (block, cache shapes (key, value) for a config)
 ATTENTION: dict[str, tuple[Callable[[], AttentionFn], Callable[[dict], tuple[list, list]]]] = {
@@ -183,21 +187,24 @@ STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 def arch_spec(cfg: dict) -> ArchSpec:
+    """The graph facts of ``cfg``'s architecture record.
+
+    Raises UnsupportedError for a model_type without a record or an activation other than silu."""
     mt = cfg.get("model_type")
-    if mt not in ARCH_SPECS:
-        raise UnsupportedError(f"config.json: model_type `{mt}` has no ONNX graph; supported: {', '.join(ARCH_SPECS)}")
+    rec = ARCHITECTURES.get(mt)
+    if rec is None:
+        raise UnsupportedError(f"config.json: model_type `{mt}` has no ONNX graph; supported: {', '.join(ARCHITECTURES)}")
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
         raise UnsupportedError(f"config.json: hidden_act `{act}` is not supported by the ONNX export (silu only)")
-    return ARCH_SPECS[mt]
+    return ArchSpec(rec.attention, rec.rotary, rec.qkv_bias, rec.qk_norm, rec.moe, rec.hf_module)
 
 
 def rotary(cfg: dict, spec: ArchSpec) -> tuple[np.ndarray, float]:
     """inv_freq and attention_scaling from transformers' own rotary class for this config."""
     import transformers
 
-    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    rope_type = ModelConfig.from_dict(cfg).rope["rope_type"]
     if rope_type not in STATIC_ROPE_TYPES:
         raise UnsupportedError(
             f"config.json: rope_type `{rope_type}` depends on the sequence length; the ONNX export supports "
@@ -205,13 +212,13 @@ def rotary(cfg: dict, spec: ArchSpec) -> tuple[np.ndarray, float]:
         )
     mt = cfg["model_type"]
     config = transformers.AutoConfig.for_model(mt, **{k: v for k, v in cfg.items() if k != "model_type"})
-    module = importlib.import_module(f"transformers.models.{mt}.modeling_{mt}")
+    module = importlib.import_module(spec.module)
     emb = getattr(module, spec.rotary_class)(config)
     return emb.inv_freq.to(torch.float32).numpy(), float(emb.attention_scaling)
 
 
 def _dense_or_moe(g: GraphBuilder, ctx: Ctx, i: int, x: str) -> str:
-    if ctx.spec.moe and i >= ctx.cfg.get("first_k_dense_replace", 0):
+    if ctx.spec.moe and ctx.conf.is_moe_layer(i):
         from .onnx_moe import moe_ffn
 
         return moe_ffn(g, ctx, i, x)
@@ -227,6 +234,14 @@ def attention_kind(cfg: dict, impl: str) -> str:
 
 
 def build_decoder(cfg: dict, weights: WeightTable, attention: str = "plain") -> onnx.ModelProto:
+    """The decoder graph of ``cfg``'s architecture over the initializers already in ``weights`` (by HF name).
+
+    Inputs ``input_ids``/``position_ids`` [batch, sequence] and ``attention_mask`` [batch, total_sequence]
+    int64, ``past_key_values.{i}.key/value`` float32 (cache shapes of the attention kind: [batch, kv_heads,
+    past_sequence, head_dim] for GQA); outputs ``logits`` [batch, sequence, vocab] float32 and
+    ``present.{i}.key/value`` [.., total_sequence, ..]. ``attention``: plain (standard ops) or contrib
+    (GroupQueryAttention). Raises UnsupportedError for an architecture, activation, RoPE scaling or
+    attention choice the exporter has no graph for, and for a weight the graph needs that ``weights`` lacks."""
     spec = arch_spec(cfg)
     kind = attention_kind(cfg, attention)
     attn_fn, cache_shapes = ATTENTION[kind][0](), ATTENTION[kind][1]

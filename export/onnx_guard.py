@@ -78,4 +78,24 @@ def check_model_dir(model_dir: str | Path) -> Path:
     return check_onnx_file(model_dir / MODEL_NAME)
 
 
-__all__ = ["check_onnx_file", "check_model_dir"]
+def check_genai_dir(model_dir: str | Path) -> Path:
+    """``check_onnx_file`` on the decoder an onnxruntime-genai folder names (``genai_config.json``
+    ``model.decoder.filename``, default ``model.onnx``), which must itself lie inside the folder.
+    Raises InputError for a missing/unreadable config or a name that leaves the folder."""
+    import json
+
+    model_dir = Path(model_dir)
+    cfg_file = resolve_model_file(model_dir, "genai_config.json")
+    if cfg_file is None:
+        return check_model_dir(model_dir)
+    try:
+        decoder = json.loads(cfg_file.read_text(encoding="utf-8"))["model"]["decoder"]
+        name = decoder.get("filename", MODEL_NAME) if isinstance(decoder, dict) else MODEL_NAME
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise InputError(f"{cfg_file}: not a genai_config.json (no model.decoder)") from None
+    if not isinstance(name, str) or resolve_model_file(model_dir, name) is None:
+        raise InputError(f"{cfg_file}: model.decoder.filename {name!r} is not a file inside {model_dir}")
+    return check_onnx_file(model_dir / name)
+
+
+__all__ = ["check_onnx_file", "check_model_dir", "check_genai_dir"]

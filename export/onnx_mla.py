@@ -18,6 +18,7 @@ import math
 
 import numpy as np
 
+from ..dsquant.config import ModelConfig
 from .onnx_graph import Ctx
 from .onnx_ops import GraphBuilder, apply_rope, linear, rms_norm
 
@@ -35,8 +36,8 @@ def mla_cache(cfg: dict) -> tuple[list, list]:
 def mla_scale(cfg: dict) -> float:
     """Softmax scale: qk_head_dim^-0.5, times mscale^2 under YaRN (transformers' ``yarn_apply_mscale``)."""
     scale = (cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"]) ** -0.5
-    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default" and rope.get("mscale_all_dim"):
+    rope = ModelConfig.from_dict(cfg).rope
+    if rope["rope_type"] != "default" and rope.get("mscale_all_dim"):
         factor = rope["factor"]
         mscale = 1.0 if factor <= 1 else 0.1 * rope["mscale_all_dim"] * math.log(factor) + 1.0
         scale *= mscale * mscale

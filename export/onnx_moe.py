@@ -1,12 +1,14 @@
 """DeepSeek mixture-of-experts FFN from standard ops: the router, then a TopK/Gather dispatch per expert.
 
-Routers (transformers' ``DeepseekV3TopkRouter`` / ``DeepseekV2TopkRouter``), picked from ``ROUTERS``:
+Routers (transformers' ``DeepseekV3TopkRouter`` / ``DeepseekV2TopkRouter`` / ``Qwen3MoeTopKRouter``), picked
+from ``ROUTERS`` by the kind the architecture record names:
 
 * ``sigmoid_group`` (V3): s = sigmoid(logits); choice = s + e_score_correction_bias; group score = sum of the
   top-2 choices per group; keep the best ``topk_group`` groups; top-k experts by choice within them;
   weights = s at those experts, divided by their sum when ``norm_topk_prob``; times ``routed_scaling_factor``.
 * ``softmax_greedy`` (V2): s = softmax(logits); top-k; weights times ``routed_scaling_factor``.
 * ``softmax_group`` (V2 ``group_limited_greedy``): group score = max per group, others' scores set to 0.
+* ``softmax_topk`` (Qwen3-MoE): s = softmax(logits); top-k; divided by their sum when ``norm_topk_prob``.
 
 onnxruntime's ``com.microsoft::MoE`` only routes with softmax, so dispatch is explicit: for each expert e,
 the tokens that chose it are found with NonZero, gathered, run through its SwiGLU (MatMulNBits weights),
@@ -20,6 +22,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from ..dsquant.archs import ARCHITECTURES
 from ..dsquant.errors import UnsupportedError
 from .onnx_graph import Ctx
 from .onnx_ops import NEG_INF, GraphBuilder, linear, swiglu_mlp
@@ -73,36 +76,49 @@ def softmax_group(g: GraphBuilder, ctx: Ctx, logits: str, p: str) -> tuple[str, 
     return g.op("Mul", w, g.const(cfg.get("routed_scaling_factor", 1.0), np.float32)), idx
 
 
+def softmax_topk(g: GraphBuilder, ctx: Ctx, logits: str, p: str) -> tuple[str, str]:
+    """Qwen3-MoE (``Qwen3MoeTopKRouter``): softmax, top-k, divided by their sum when ``norm_topk_prob``."""
+    w, idx = g.op("TopK", g.op("Softmax", logits, axis=-1), g.const([ctx.cfg["num_experts_per_tok"]]), axis=-1,
+                  outputs=2)
+    if ctx.conf.norm_topk_prob:
+        w = g.op("Div", w, g.op("ReduceSum", w, g.const([-1]), keepdims=1))
+    return w, idx
+
+
+# Router kinds; an architecture record names one per config.json topk_method (``Architecture.routers``).
 ROUTERS: dict[str, RouterFn] = {
     "sigmoid_group": sigmoid_group,
     "softmax_greedy": softmax_greedy,
     "softmax_group": softmax_group,
-}
-# (model_type, topk_method) -> router; V3 configs route one way whatever topk_method says.
-ROUTER_FOR: dict[tuple[str, str | None], str] = {
-    ("deepseek_v3", None): "sigmoid_group",
-    ("deepseek_v2", "greedy"): "softmax_greedy",
-    ("deepseek_v2", "group_limited_greedy"): "softmax_group",
+    "softmax_topk": softmax_topk,
 }
 
 
 def router_for(cfg: dict) -> RouterFn:
-    mt = cfg["model_type"]
-    key = (mt, None) if (mt, None) in ROUTER_FOR else (mt, cfg.get("topk_method", "greedy"))
-    if key not in ROUTER_FOR:
-        raise UnsupportedError(f"config.json: MoE routing {key} has no ONNX graph; known: {list(ROUTER_FOR)}")
-    return ROUTERS[ROUTER_FOR[key]]
+    """The router of ``cfg``'s record for its ``topk_method``; UnsupportedError when it names none."""
+    rec = ARCHITECTURES.get(cfg["model_type"])
+    kind = rec.router_kind(cfg.get("topk_method")) if rec is not None else None
+    if kind is None:
+        known = dict(rec.routers) if rec is not None else {}
+        raise UnsupportedError(
+            f"config.json: MoE routing ({cfg['model_type']}, topk_method {cfg.get('topk_method')}) has no ONNX "
+            f"graph; known: {known}"
+        )
+    return ROUTERS[kind]
 
 
 def moe_ffn(g: GraphBuilder, ctx: Ctx, i: int, x: str) -> str:
+    """Layer ``i``'s MoE FFN on hidden states ``x`` [batch, seq, hidden] -> [batch, seq, hidden]: the record's
+    router, each routed expert on the tokens that chose it, plus shared experts when the config has them.
+    Raises UnsupportedError (router_for) when the record names no router for the config's topk_method."""
     cfg, p = ctx.cfg, f"model.layers.{i}.mlp"
     flat = g.reshape(x, [-1, cfg["hidden_size"]])  # [N, hidden]
     weights, idx = router_for(cfg)(g, ctx, linear(g, flat, f"{p}.gate.weight"), p)
 
-    acc = swiglu_mlp(g, flat, f"{p}.shared_experts") if cfg.get("n_shared_experts") else g.op(
+    acc = swiglu_mlp(g, flat, f"{p}.shared_experts") if ctx.conf.n_shared_experts else g.op(
         "Mul", flat, g.const(0.0, np.float32)
     )
-    for e in range(cfg["n_routed_experts"]):
+    for e in range(ctx.conf.n_experts):
         hit = g.op("Cast", g.op("Equal", idx, g.const(e)), to=1)  # [N, k] 0/1 (an expert appears once per token)
         w_e = g.op("ReduceSum", g.op("Mul", hit, weights), g.const([1]), keepdims=0)  # [N]
         tok = g.op("NonZero", g.op("ReduceSum", hit, g.const([1]), keepdims=0))  # [1, n_e]

@@ -18,7 +18,7 @@ numerically in tests/test_onnx_weights.py against ``QuantizedTensor.dequantize()
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,7 @@ import torch
 from onnx import TensorProto, numpy_helper
 
 from ..dsquant.errors import UnsupportedError
-from ..dsquant.formats import QuantizedTensor
+from ..dsquant.formats import FORMATS, QuantizedTensor
 
 DATA_NAME = "model.onnx.data"
 # Initializers at or above this size go to the external-data file while streaming.
@@ -43,21 +43,22 @@ class Packing:
     note: str = ""
 
 
-# Format name prefix -> packing. fp8 has no CPU kernel in onnxruntime (MatMulNBits is integer-only and
-# float8 DequantizeLinear needs opset 19 + an EP with float8 support), so it is dequantized at export.
+# A format's packing kind (formats.QuantFormat.packing) -> how it reaches ONNX. Integer codes with a scale (and
+# zero point) per block of a row are MatMulNBits' own layout, at the format's bits. fp8 has no CPU kernel in
+# onnxruntime (MatMulNBits is integer-only and float8 DequantizeLinear needs opset 19 + an EP with float8
+# support), so it is dequantized at export.
 PACKINGS: dict[str, Packing] = {
-    "int4_sym": Packing("MatMulNBits", 4),
-    "int4_asym": Packing("MatMulNBits", 4),
-    "int8": Packing("MatMulNBits", 8),
+    "int": Packing("MatMulNBits"),
     "fp8": Packing("float", note="fp8 blocks dequantized to float32 at export (no fp8 MatMul on ORT CPU)"),
 }
 
 
 def packing_for(fmt_name: str) -> Packing:
-    for prefix, p in PACKINGS.items():
-        if fmt_name.startswith(prefix):
-            return p
-    raise UnsupportedError(f"format {fmt_name}: no ONNX packing; known: {', '.join(PACKINGS)}")
+    fmt = FORMATS.get(fmt_name)
+    p = PACKINGS.get(fmt.packing) if fmt is not None else None
+    if p is None:
+        raise UnsupportedError(f"format {fmt_name}: no ONNX packing; known packings: {', '.join(PACKINGS)}")
+    return replace(p, bits=fmt.bits) if p.op == "MatMulNBits" else p
 
 
 def nbits_block_ok(qt: QuantizedTensor) -> bool:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dsq.dsquant.errors import BadWeightsError, UnsupportedError
+from dsq.dsquant.errors import BadWeightsError
 
 QK = 32
 Q5_0_BYTES = 22
@@ -99,37 +99,36 @@ def quantize_q5_1(rows: torch.Tensor, name: str = "tensor") -> tuple[np.ndarray,
     return out.reshape(-1).numpy(), values
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Q5_K (ggml-common.h ``block_q5_K``, 176 bytes per 256 weights): fp16 ``d``, fp16 ``dmin``, ``scales[12]``
-# (6-bit scale and min per sub-block of 32, packed as Q4_K's), ``qh[32]``, ``qs[128]``; w = d * ls_j * q - dmin
-# * lm_j with q in [0, 31]. Sub-block j's low nibbles are in qs[32 * (j // 2) + l] (low half for even j, high
-# half for odd j) and its fifth bits are bit j of qh[l]. The quantizer is ggml's ``quantize_row_q5_K_ref``:
-# Q4_K's (kquants.py) with ``make_qkx2_quants(nmax 31, rmin -0.5, rdelta 0.1, 15 steps)`` and codes up to 31.
-# ---------------------------------------------------------------------------------------------------------
+def quantize_q4_1(rows: torch.Tensor, name: str = "tensor") -> tuple[np.ndarray, torch.Tensor]:
+    """ggml's ``quantize_row_q4_1_ref``: [n, k] finite float rows (k a multiple of 32) -> (Q4_1 bytes, the float32
+    values gguf-py reads back). Q5_1's rule with 15 levels: m = the block minimum, d = (max - min) / 15, codes
+    trunc((x - min) / d + 0.5) clamped to 15; ``block_q4_1`` is fp16 d, fp16 m, then 16 bytes of nibble pairs
+    (byte j: weight j low, weight j+16 high). Raises BadWeightsError when d or m overflows fp16."""
+    n, k = rows.shape
+    x = _blocks(rows)
+    lo = x.min(dim=-1, keepdim=True).values
+    hi = x.max(dim=-1, keepdim=True).values
+    d = (hi - lo) / 15.0
+    inv = torch.where(d == 0, torch.zeros_like(d), torch.ones_like(d) / d)
+    q = torch.trunc((x - lo) * inv + 0.5).clamp(0, 15).to(torch.uint8)
+    dh = _fp16(d[:, 0], "step", name)
+    mh = _fp16(lo[:, 0], "minimum", name)
+    values = (dh.to(torch.float32)[:, None] * q.to(torch.float32) + mh.to(torch.float32)[:, None]).reshape(n, k)
+    out = torch.empty(x.shape[0], 20, dtype=torch.uint8)
+    out[:, 0:2] = dh.reshape(-1, 1).view(torch.uint8)
+    out[:, 2:4] = mh.reshape(-1, 1).view(torch.uint8)
+    out[:, 4:] = (q[:, :16] & 0x0F) | (q[:, 16:] << 4)
+    return out.reshape(-1).numpy(), values
 
+
+# Q5_K (ggml-common.h ``block_q5_K``, 176 bytes per 256 weights): fp16 ``d``, fp16 ``dmin``, ``scales[12]`` (6-bit
+# scale and min per sub-block of 32, packed as Q4_K's), ``qh[32]``, ``qs[128]``; w = d * ls_j * q - dmin * lm_j with
+# q in [0, 31]. The quantizer is ggml's, byte for byte (kq_types.py).
 Q5_K_BYTES = 176
 
 
-def quantize_q5_k(rows: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
+def quantize_q5_k(rows: torch.Tensor, importance: torch.Tensor | None = None) -> tuple[np.ndarray, torch.Tensor]:
     """[n, k] finite float rows (k a multiple of 256) -> (Q5_K bytes, the float32 values gguf-py reads back)."""
-    from .kquants import QK_K, _qkx2, _seqsum, six_bit_scales
+    from dsq.dsquant.kq_types import quantize_k
 
-    n, k = rows.shape
-    if k % QK_K:
-        raise UnsupportedError(f"Q5_K needs rows that are whole blocks of {QK_K}; got rows of {k}")
-    x = rows.to(torch.float32).reshape(-1, 8, 32)  # super-blocks x 8 sub-blocks x 32 weights
-    nb = x.shape[0]
-    w = (_seqsum(x * x) / 32.0).sqrt()[..., None] + x.abs()
-    scale, mins, codes = _qkx2(x.reshape(-1, 32), w.reshape(-1, 32), nmax=31, rmin=-0.5, rdelta=0.1, nstep=15)
-    scale, mins, codes = scale.reshape(nb, 8), mins.reshape(nb, 8), codes.reshape(nb, 8, 32)
-    d, dmin, sc, codes, values = six_bit_scales(x, scale, mins, codes, nmax=31)
-    high = (codes >> 4).to(torch.int64)  # [nb, 8, 32]: bit j of qh[l] is sub-block j's fifth bit
-    qh = (high << torch.arange(8, dtype=torch.int64)[None, :, None]).sum(1).to(torch.uint8)
-    low = (codes & 0x0F).reshape(nb, 4, 2, 32)
-    out = torch.empty(nb, Q5_K_BYTES, dtype=torch.uint8)
-    out[:, 0:2] = d.reshape(nb, 1).view(torch.uint8)
-    out[:, 2:4] = dmin.reshape(nb, 1).view(torch.uint8)
-    out[:, 4:16] = sc
-    out[:, 16:48] = qh
-    out[:, 48:] = (low[:, :, 0] | (low[:, :, 1] << 4)).reshape(nb, 128)
-    return out.reshape(-1).numpy(), values.reshape(n, k)
+    return quantize_k("q5_k", rows, importance)

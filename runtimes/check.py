@@ -165,8 +165,11 @@ class _GenaiSide:
     def __init__(self, path: Path):
         import onnxruntime_genai as og
 
+        from dsq.export.onnx_guard import check_genai_dir
+
         self.path = path
         self.og = og
+        check_genai_dir(path)  # genai loads the decoder and its external data: refuse reads outside the folder
         try:
             config = og.Config(str(path))
             config.clear_providers()  # the tokenizer is all the check needs: CPU, whatever EP the export targets

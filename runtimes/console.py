@@ -185,9 +185,9 @@ def eval_command(quants: list[Path], ref: Path, runtime: str, text: str | Path |
                  json_out: Path | None, html_out: Path | None) -> bool:
     from rich.markup import escape
 
-    from dsq.dsquant.eval_report import print_eval, write_eval_html, write_json
-    from dsq.dsquant.evaluate import evaluate
     from dsq.dsquant.texts import DEFAULT_EVAL_TEXT, resolve_text
+    from dsq.runtimes.eval.evaluate import evaluate
+    from dsq.runtimes.eval.report import print_eval, write_eval_html, write_json
 
     text = resolve_text(text if text is not None else DEFAULT_EVAL_TEXT)
     from dsq.dsquant.progress import progress
@@ -210,8 +210,8 @@ def bench_command(models: list[Path], runtime: str, device: str, threads: int | 
                   new_tokens: int, runs: int, warmup: int, json_out: Path | None, html_out: Path | None = None) -> None:
     from rich.table import Table
 
-    from dsq.dsquant.eval_report import write_bench_html, write_json
     from dsq.dsquant.progress import progress
+    from dsq.runtimes.eval.report import write_bench_html, write_json
 
     from .bench import BENCH_HEADER, bench_model, bench_rows
     from .registry import choose

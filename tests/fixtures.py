@@ -52,6 +52,15 @@ SPECS: dict[str, tuple[str, dict]] = {
             head_dim=32,
         ),
     ),
+    # Qwen3-MoE: q/k norms, every layer routed (softmax top-2 of 8, renormalised), no shared experts.
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        dict(
+            hidden_size=128, intermediate_size=256, moe_intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=8, num_experts_per_tok=2,
+            norm_topk_prob=True,
+        ),
+    ),
     "deepseek_v2": (
         "DeepseekV2Config",
         dict(_MLA_MOE, q_lora_rank=None, topk_method="greedy", n_group=1, topk_group=1),

@@ -18,11 +18,11 @@ import pytest
 import torch
 from gguf import GGUFReader
 
-from dsq.dsquant.budget import Option, choose, measure_kl, parse_target_size, reference
+from dsq.dsquant.budget import Option, choose, parse_target_size
 from dsq.dsquant.errors import InputError
-from dsq.export.gguf_budget import candidates, held, plan_budget
+from dsq.dsquant.source import Source
+from dsq.export.gguf_budget import candidates, held, measure_kl, plan_budget, reference
 from dsq.export.gguf_quants import GGUF_TYPES
-from dsq.export.gguf_source import GGUFSource
 from dsq.export.gguf_tensors import plan_tensors
 from dsq.export.gguf_writer import export_gguf
 
@@ -42,7 +42,7 @@ def own_cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def planned(model_dir):
     """plan_budget on the llama fixture at a few targets (one calibration each), with what it measured."""
-    src = GGUFSource(model_dir("llama"))
+    src = Source(model_dir("llama"))
     outs, _ = plan_tensors(src)
     cache: dict = {}
 
@@ -112,7 +112,7 @@ def test_file_fits_exactly_and_larger_budgets_predict_less(planned, model_dir, t
 
 def test_choice_is_deterministic(planned, model_dir):
     types, rep, _ = planned(900_000)
-    src = GGUFSource(model_dir("llama"))
+    src = Source(model_dir("llama"))
     outs, _ = plan_tensors(src)
     again, rep2 = plan_budget(src, outs, 900_000, "--target-size", keep={}, **SMALL)  # keep: measured afresh
     assert again == types and rep2["predicted_kl"] == rep["predicted_kl"]

@@ -21,6 +21,8 @@ from dsq.dsquant.formats import QuantizedTensor
 from dsq.dsquant.plan import make_plan
 from dsq.dsquant.recipes import load_recipe
 
+from fixtures import ARCHS
+
 SAMPLES, SEQLEN = 8, 32
 
 
@@ -54,7 +56,7 @@ def results(setup):
     return get
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "deepseek_v3"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_decoder_layers_reproduce_the_transformers_model(model_dir, arch):
     from transformers import AutoModelForCausalLM
 
@@ -72,7 +74,9 @@ def test_decoder_layers_reproduce_the_transformers_model(model_dir, arch):
 
 
 @pytest.mark.parametrize(
-    "arch, method", [("llama", "gptq"), ("llama", "awq"), ("llama", "imatrix"), ("deepseek_v3", "gptq"), ("deepseek_v3", "awq")]
+    "arch, method",
+    [("llama", "gptq"), ("llama", "awq"), ("llama", "imatrix"), ("deepseek_v3", "gptq"), ("deepseek_v3", "awq"),
+     ("qwen3_moe", "gptq")],
 )
 def test_per_layer_error_below_rtn_at_the_same_format(results, arch, method):
     rtn, calib = results(arch, "rtn"), results(arch, method)

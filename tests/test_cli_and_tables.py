@@ -45,6 +45,9 @@ def test_every_fixture_tensor_has_a_role(arch, model_dir):
         assert Role.ATTN_Q_BIAS in roles
     if arch == "qwen3":
         assert Role.ATTN_Q_NORM in roles
+    if arch == "qwen3_moe":
+        assert {Role.ATTN_Q_NORM, Role.ROUTER, Role.EXPERT_GATE, Role.EXPERT_DOWN} <= roles
+        assert not roles & {Role.SHARED_UP, Role.ROUTER_BIAS, Role.MLP_UP}  # every layer is routed
 
 
 def test_match_extracts_layer_and_expert():

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from dsq.cli import GGUF_TYPES_HELP, app
+from dsq.cli import _gguf_types_help, app
 
 runner = CliRunner()
 TEXT = Path(__file__).parent / "data" / "tiny_corpus.txt"
@@ -157,11 +157,14 @@ def test_inspect_reads_what_export_to_onnx_writes(quantized_dir, tmp_path):
 
 # -- help -----------------------------------------------------------------------------------------------
 def test_help_shows_no_bool_metavar_and_names_default_and_every_gguf_type():
+    from dsq.export.gguf_policy import MIXES
     from dsq.export.gguf_quants import GGUF_TYPES
     from dsq.export.gguf_writer import TYPE_NAMES
 
-    listed = [t.strip() for t in GGUF_TYPES_HELP.split("),", 1)[1].split(",")]
-    assert listed == list(TYPE_NAMES)
+    listed = [t.strip() for t in _gguf_types_help().split("),", 1)[1].split(",")]
+    assert listed == list(TYPE_NAMES) and set(MIXES) < set(listed)
+    assert listed[:6] == ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k"]  # llama-quantize's order
+    assert listed.index("q4_k") == listed.index("q4_k_s") - 1 and listed[-3:] == ["f16", "bf16", "f32"]
     assert set(GGUF_TYPES) <= set(listed)  # every tensor type dsq writes is also a --type
     for cmd in ("quantize", "plan", "export", "eval", "run", "chat", "bench", "inspect", "runtimes"):
         res = runner.invoke(app, [cmd, "--help"], env={"COLUMNS": "200"})
@@ -169,6 +172,31 @@ def test_help_shows_no_bool_metavar_and_names_default_and_every_gguf_type():
         assert "<bool>" not in res.output, cmd
     assert "`default`" in runner.invoke(app, ["quantize", "--help"], env={"COLUMNS": "200"}).output
     assert "`default`" in runner.invoke(app, ["eval", "--help"], env={"COLUMNS": "200"}).output
+
+
+def test_help_lists_are_the_registries():
+    """Help texts that name choices (written out so `dsq --help` imports neither torch nor onnx) list exactly
+    the registry's entries: adding a preset, method, EP, int4 format or attention choice fails here until
+    the help names it."""
+    import typer.main
+
+    from dsq.dsquant.calib.methods import METHODS
+    from dsq.dsquant.recipes import PRESETS
+    from dsq.export.onnx_export import EP_NBITS, INT4_BLOCKS
+    from dsq.export.onnx_graph import ATTENTION_IMPLS
+
+    cmd = typer.main.get_command(app)
+    helps = {(c, p.name): p.help for c in ("quantize", "export") for p in cmd.commands[c].params}
+    registries = {
+        ("quantize", "recipe"): PRESETS,
+        ("quantize", "method"): METHODS,
+        ("export", "ep"): EP_NBITS,
+        ("export", "int4_block"): [str(b) for b in INT4_BLOCKS],
+        ("export", "attention"): {choice for _, choice in ATTENTION_IMPLS},
+    }
+    for key, names in registries.items():
+        missing = [n for n in names if not re.search(rf"\b{n}\b", helps[key])]
+        assert not missing, f"dsq {key[0]} --{key[1]} help does not name {missing}"
 
 
 def test_every_option_has_help():

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dsq.cli import app
-from dsq.dsquant.kld import keep_most_likely, kld_bounds, log_softmax
+from dsq.runtimes.eval.kld import keep_most_likely, kld_bounds, log_softmax
 
 runner = CliRunner()
 TEXT = Path(__file__).parent / "data" / "tiny_corpus.txt"

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from dsq.dsquant.errors import BadWeightsError, UnsupportedError
-from dsq.dsquant.formats import FORMATS, get_format
+from dsq.dsquant.formats import FORMATS, find_format, get_format
 
-ALL = sorted(FORMATS)
+# codes * scale formats; the GGUF-grid ones (kformats.py: q2_k..q6_k, q5_0, q5_1) are tests/test_kquant_formats.py's
+ALL = sorted(f for f in FORMATS if not hasattr(FORMATS[f], "stored"))
 
 
 def weight(rows=256, cols=512, seed=0, scale=0.02) -> torch.Tensor:
@@ -58,6 +59,29 @@ def test_code_ranges(name):
     else:
         assert qt.codes.dtype == torch.float8_e4m3fn
         assert qt.codes.to(torch.float32).abs().max() <= 448
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_declared_facts_are_what_quantize_produces(name):
+    """qmin/qmax/code_dtype/symmetric/packing, which writers and calibration read instead of the name, hold
+    for the codes the format's own quantizer writes (the extremes reached on a weight with both signs);
+    find_format maps the facts back to the format."""
+    fmt = FORMATS[name]
+    if not fmt.packing:
+        pytest.skip(f"{name} has a layout of its own (packing ''): no shared code facts to check")
+    qt = fmt.quantize(weight(), "w")
+    codes = qt.codes.to(torch.float32)
+    assert qt.codes.dtype == fmt.code_dtype and fmt.float_codes == (fmt.packing == "fp8")
+    assert float(codes.min()) >= fmt.qmin and float(codes.max()) <= fmt.qmax
+    assert fmt.qmax in (float(codes.max()), -float(codes.min())) or not fmt.symmetric
+    assert (qt.zero is None) == fmt.symmetric
+    assert qt.scale.dtype == fmt.scale_dtype
+    assert find_format(packing=fmt.packing, bits=fmt.bits, symmetric=fmt.symmetric, block_rows=fmt.block_rows,
+                       block_cols=fmt.block_cols) is fmt
+    if fmt.block_rows == 1 and fmt.block_cols:
+        assert fmt.regrouped(fmt.block_cols) is fmt
+        with pytest.raises(UnsupportedError, match=f"{name}: no format like it with blocks of 48"):
+            fmt.regrouped(48)
 
 
 @pytest.mark.parametrize("name", ALL)

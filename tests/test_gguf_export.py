@@ -18,6 +18,8 @@ from dsq.dsquant.errors import DsqError, InputError, OutputError, UnsupportedErr
 from dsq.dsquant.quantized import QuantizedCheckpoint
 from dsq.export.gguf_writer import export_gguf
 
+from fixtures import ARCHS
+
 # HF name (per layer after "model.layers.N.") -> GGUF name (after "blk.N."), written out here
 # independently of the writer's table, from llama.cpp's tensor names.
 LAYER = {
@@ -100,7 +102,7 @@ def field(reader: GGUFReader, key: str):
 EXACT_TYPES = {GT.Q4_0, GT.Q8_0, GT.F32, GT.BF16}
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "deepseek_v2", "deepseek_v3"])
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("recipe", ["int4", "int8"])
 def test_every_tensor_carries_dsq_values(arch, recipe, quantized_dir, tmp_path):
     src = quantized_dir(arch, recipe)
@@ -160,6 +162,34 @@ def test_deepseek_metadata(quantized_dir, tmp_path):
     assert "blk.0.attn_q.weight" in {t.name for t in r2.tensors}
 
 
+def test_qwen3_moe_metadata_and_refusal(quantized_dir, tmp_path):
+    """Qwen3-MoE: GQA keys plus the expert counts llama.cpp's qwen3moe loader reads; a config that does not
+    renormalise the top-k weights is refused (llama.cpp's qwen3moe graph always does)."""
+    import shutil
+
+    src = quantized_dir("qwen3_moe", "int4")
+    out = tmp_path / "q3moe.gguf"
+    export_gguf(src, out)
+    r = GGUFReader(out)
+    cfg = json.loads((src / "config.json").read_text())
+    a = "qwen3moe"
+    assert field(r, "general.architecture") == a
+    assert field(r, f"{a}.expert_count") == cfg["num_local_experts"] == 8
+    assert field(r, f"{a}.expert_used_count") == cfg["num_experts_per_tok"]
+    assert field(r, f"{a}.expert_feed_forward_length") == cfg["moe_intermediate_size"]
+    assert field(r, f"{a}.attention.head_count_kv") == cfg["num_key_value_heads"]
+    assert field(r, f"{a}.attention.key_length") == cfg["head_dim"]
+    names = {t.name for t in r.tensors}
+    assert {"blk.1.ffn_gate_inp.weight", "blk.1.ffn_up_exps.weight", "blk.1.attn_k_norm.weight"} <= names
+    assert not any("shexp" in n or n.endswith("ffn_up.weight") for n in names)
+    bad = tmp_path / "nonorm"
+    shutil.copytree(src, bad)
+    (bad / "config.json").write_text(json.dumps(dict(cfg, norm_topk_prob=False)))
+    with pytest.raises(UnsupportedError, match="norm_topk_prob"):
+        export_gguf(bad, tmp_path / "bad.gguf")
+    assert not (tmp_path / "bad.gguf").exists()
+
+
 def test_dense_metadata_and_tokenizer(quantized_dir, tmp_path):
     out = tmp_path / "q3.gguf"
     report = export_gguf(quantized_dir("qwen3", "int4"), out)
@@ -210,11 +240,29 @@ def test_float_checkpoint_with_recipe_and_forced_type(model_dir, tmp_path):
     report = export_gguf(model_dir("llama"), out, recipe="int8")
     types = {r["name"]: r["type"] for r in report["tensors"]}
     assert types["blk.0.attn_q.weight"] == "q8_0" and types["output.weight"] == "bf16"  # recipe keeps lm_head
-    assert all(r["rel_error"] < 0.01 for r in report["tensors"] if r["status"] == "quantized")
+    status = {r["name"]: r["status"] for r in report["tensors"]}
+    assert status["blk.0.attn_q.weight"] == "exact" and status["output.weight"] == "cast"  # int8_g32 is Q8_0
+    assert not any("kept as floats" in n for n in report["notes"])
     forced = export_gguf(model_dir("llama"), tmp_path / "f16.gguf", type="f16")
     assert {r["type"] for r in forced["tensors"]} == {"f16", "f32"}
     plain = export_gguf(model_dir("llama"), tmp_path / "bf16.gguf")
     assert "bf16" in plain["types"] and any("kept as floats" in n for n in plain["notes"])
+
+
+@pytest.mark.parametrize("arch,recipe", [("deepseek_v3", "int4"), ("llama", "fp8"), ("deepseek_v3-fp8", "int4")])
+def test_export_recipe_is_quantize_then_export(arch, recipe, model_dir, quantized_dir, tmp_path):
+    """`export --recipe R` quantizes through dsq's plan and quantizer: every tensor (type and bytes) is what
+    `dsq quantize -r R` followed by an export writes, also where the GGUF type re-rounds (DeepSeek's
+    transposed k_b goes to Q8_0 from the int4 values; FP8 to Q8_0 from the FP8 values), and from a DeepSeek
+    block-FP8 source, which `dsq quantize` reads too."""
+    direct = export_gguf(model_dir(arch), tmp_path / "direct.gguf", recipe=recipe)
+    export_gguf(quantized_dir(arch, recipe), tmp_path / "via.gguf")
+    a = {t.name: (t.tensor_type, bytes(t.data)) for t in GGUFReader(tmp_path / "direct.gguf").tensors}
+    b = {t.name: (t.tensor_type, bytes(t.data)) for t in GGUFReader(tmp_path / "via.gguf").tensors}
+    assert a.keys() == b.keys() and all(a[n] == b[n] for n in a), [n for n in a if a[n] != b.get(n)][:3]
+    rerounded = {r["name"] for r in direct["tensors"] if r["status"] in ("requantized", "quantized")}
+    assert rerounded == ({n for n in a if "attn_k_b" in n} if recipe == "int4" else
+                         {r["name"] for r in direct["tensors"] if r["type"] == "q8_0"})
 
 
 def test_bad_inputs_fail_cleanly(model_dir, quantized_dir, tmp_path):

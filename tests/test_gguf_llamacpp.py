@@ -116,9 +116,10 @@ def test_quantized_gguf_matches_torch_reference(arch, quantized_dir, tmp_path):
     assert check_greedy(model, llm, ids, 4) >= 3
 
 
-@pytest.mark.parametrize("arch", ["llama", "deepseek_v2", "deepseek_v3"])
+@pytest.mark.parametrize("arch", ["llama", "deepseek_v2", "deepseek_v3", "qwen3_moe"])
 def test_f32_gguf_matches_torch_reference_tightly(arch, quantized_dir, tmp_path):
-    """Names, permutations, MLA split, expert stacking and MoE metadata, without quantization noise."""
+    """Names, permutations, MLA split, expert stacking and MoE metadata (DeepSeek's and Qwen3-MoE's routers),
+    without quantization noise."""
     src = quantized_dir(arch, "int8")
     out = tmp_path / "f32.gguf"
     export_gguf(src, out, type="f32")

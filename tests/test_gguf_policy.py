@@ -25,9 +25,9 @@ from gguf import GGUFReader
 from gguf.quants import dequantize, quantize
 
 from dsq.dsquant.errors import BadWeightsError, UnsupportedError
+from dsq.dsquant.source import Source
 from dsq.export.gguf_policy import MIXES, ModelFacts, get_mix, plan_types, use_more_bits
 from dsq.export.gguf_quants import GGUF_TYPES, encode
-from dsq.export.gguf_source import GGUFSource
 from dsq.export.gguf_tensors import plan_tensors
 from dsq.export.gguf_writer import export_gguf
 from dsq.export.q2quants import quantize_q2_k
@@ -107,7 +107,7 @@ def _llama_quantize(llama_cpp, f16, out, mix: str, imatrix: bool = False) -> dic
 
 def _dsq_plan(src, mix: str, imatrix: bool = False) -> dict[str, str]:
     """dsq's policy on its own tensor plan for ``src``: {GGUF name: type}; unquantized tensors are F32."""
-    s = GGUFSource(src)
+    s = Source(src)
     outs, _ = plan_tensors(s)
     plan = plan_types(MIXES[mix], [(t.name, tuple(t.shape)) for t in outs],
                       ModelFacts.from_config(s.arch.gguf_arch, s.config), imatrix=imatrix)
@@ -247,7 +247,7 @@ def test_every_mix_is_writable_and_a_type_dsq_cannot_pack_is_refused(model_dir):
     used |= {FALLBACK[t] for t in used if t in FALLBACK}
     assert used <= set(_BY_GGML), used - set(_BY_GGML)
     assert set(MIXES) <= set(TYPE_NAMES)
-    src = GGUFSource(model_dir("llama"))
+    src = Source(model_dir("llama"))
     outs, _ = plan_tensors(src)
     with pytest.raises(UnsupportedError, match=r"--type iq4_xs: .*IQ4_XS.*which dsq cannot write yet"):
         policy_types(outs, Mix("IQ4_XS", LlamaFileType.MOSTLY_IQ4_XS, GT.IQ4_XS), src)

@@ -199,10 +199,10 @@ def test_moe_experts_get_per_expert_entries_with_dsq_coverage(model_dir, tmp_pat
         assert f"blk.{i}.ffn_down_shexp.weight.in_sum2" in tensors
     assert not any("attn_k_b" in n or "attn_v_b" in n for n in tensors)  # kv_b: other inputs in llama.cpp
     # the names are the ones dsq's own GGUF export writes for this checkpoint
-    from dsq.export.gguf_source import GGUFSource
+    from dsq.dsquant.source import Source
     from dsq.export.gguf_tensors import plan_tensors
 
-    gguf_names = {t.name for t in plan_tensors(GGUFSource(ckpt.path))[0]}
+    gguf_names = {t.name for t in plan_tensors(Source(ckpt.path))[0]}
     assert {n.rsplit(".", 1)[0] for n in tensors} <= gguf_names
 
 

@@ -41,11 +41,13 @@ RECIPES = {
     "asym128": 'default = "int4_asym_g128"\n[roles]\nlm_head = "int8_g32"\n',
     "channel": 'default = "int8_channel"\n',
     "experts8": 'base = "int4"\n[roles]\nexperts = "int8_g32"\n',
+    "expertskeep": 'base = "int4"\n[roles]\nexperts = "keep"\n',
     "expert0": 'base = "int4"\n[[override]]\npattern = "model.layers.1.mlp.experts.0.*"\nformat = "int8_g32"\n',
 }
 DENSE = ("llama", "qwen2", "qwen3")
 CASES = [(a, r) for a in DENSE for r in ("int4", "int8", "asym64", "asym128")] + [
     ("deepseek_v2", "int4"), ("deepseek_v3", "int4"), ("deepseek_v3", "asym64"), ("deepseek_v3", "experts8"),
+    ("qwen3_moe", "int4"), ("qwen3_moe", "asym64"), ("qwen3_moe", "expertskeep"),
 ]
 
 
@@ -138,7 +140,7 @@ def test_mlx_lm_loads_the_export_and_matches_transformers(arch, name, exported, 
         assert q["bits"] == 4 and q["model.layers.1.mlp.switch_mlp.up_proj"] == {"group_size": 32, "bits": 8}
         assert not any(".experts." in k for k in q)
         return
-    group = {"int4": 32, "int8": 32, "asym64": 64, "asym128": 128}[name]
+    group = {"int4": 32, "int8": 32, "asym64": 64, "asym128": 128, "expertskeep": 32}[name]
     assert q["group_size"] == group and q["bits"] == (8 if name == "int8" else 4)
     if name == "asym128":  # the int8_g32 lm_head is named with its own packing
         assert q["lm_head"] == {"group_size": 32, "bits": 8}

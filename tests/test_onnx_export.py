@@ -17,21 +17,19 @@ import onnx
 import pytest
 import torch
 
+from dsq.dsquant.archs import ARCHITECTURES
 from dsq.export.onnx_export import export_onnx, load_session
 
-from fixtures import tied_copy
+from fixtures import ARCHS, tied_copy
 
 ATOL = 1e-4  # max |logit difference|; logits are O(1)
 EXACT = 0  # MatMulNBits accuracy_level 0: float math on dsq's exact weights (the CPU default 4 quantizes activations)
 PROMPT = [5, 17, 33, 2, 99, 150, 7, 8, 61, 240]
 NEW_TOKENS = 16
 
-CASES = [
-    ("llama", "int4"), ("llama", "int8"),
-    ("qwen2", "int4"), ("qwen2", "int8"),
-    ("qwen3", "int4"), ("qwen3", "int8"),
-    ("deepseek_v2", "int4"), ("deepseek_v3", "int4"), ("deepseek_v3", "int8"),
-]
+# Every fixture architecture at int4 and int8 (DeepSeek-V2 at int4 only: V3 covers MLA at int8).
+CASES = [(a, r) for a in ARCHS for r in ("int4", "int8") if (a, r) != ("deepseek_v2", "int8")]
+GQA = [a for a in ARCHS if ARCHITECTURES[a].attention == "gqa"]
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +205,7 @@ def test_folder_contents_and_external_data(quantized_dir, exported, tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "deepseek_v3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "deepseek_v3", "qwen3_moe"])
 def test_onnxruntime_genai_generates_the_reference_tokens(arch, exported, reference):
     og = pytest.importorskip("onnxruntime_genai")
     out, _ = exported(arch, "int4")
@@ -238,7 +236,7 @@ def test_tied_embeddings_share_one_matrix(quantized_dir, tmp_path):
     assert tokens == ref_tokens
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", GQA)
 def test_contrib_group_query_attention_matches_too(arch, quantized_dir, reference, tmp_path):
     """--attention contrib: the same model through onnxruntime's fused GroupQueryAttention kernel."""
     report = export_onnx(quantized_dir(arch, "int4"), tmp_path / "onnx", attention="contrib", accuracy_level=EXACT)

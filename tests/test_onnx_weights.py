@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 from dsq.dsquant.formats import FORMATS
 from dsq.export.onnx_weights import PackedNBits, pack_matmulnbits, packing_for, unpack_matmulnbits
 
-INT_FORMATS = [f for f in FORMATS if packing_for(f).op == "MatMulNBits"]
+INT_FORMATS = [f for f in FORMATS if not hasattr(FORMATS[f], "stored") and packing_for(f).op == "MatMulNBits"]  # not GGUF grids
 
 
 def _weight(shape=(48, 256), seed=0) -> torch.Tensor:

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from dsq.dsquant.archs import ARCHITECTURES
 from dsq.dsquant.checkpoint import Checkpoint
 from dsq.dsquant.formats import FORMATS
 from dsq.dsquant.quantized import QuantizedCheckpoint
@@ -18,7 +19,7 @@ PRESETS = ("int4", "int8", "fp8")
 PROMPT = torch.tensor([[5, 17, 33, 2, 101, 250, 64, 9, 300, 12, 77, 1]])
 
 
-MOE = ("deepseek_v2", "deepseek_v3")
+MOE = tuple(a for a in ARCHS if ARCHITECTURES[a].moe)  # experts fused into 3-D parameters by transformers
 
 
 def load_quantized_with_transformers(out):

@@ -10,7 +10,7 @@ gain, or linear rows and bias) and the linears' input columns multiplied by s; t
 rounded afterwards by the format's own RTN. The rescaled float tensors of ``prev`` are returned so
 the writer stores them instead of the originals.
 
-Groups are data (``AWQ_GROUPS``): a group is used only where every listed linear present in the
+Groups are data (each architecture record's ``awq_groups``, as roles): a group is used only where every listed linear present in the
 layer is quantized and nothing else reads ``prev``'s output. Routed experts: each expert's down_proj
 gets its own scale folded into its up_proj rows (moe_coverage.py). Not scaled: the routed experts'
 gate/up inputs (the post-attention norm also feeds the router and every expert), o_proj under GQA
@@ -27,12 +27,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..archs import ARCHITECTURES, module_path
 from ..formats import FORMATS
 from .methods import CalibOptions, InputStats
 
 
 def _mha(config) -> bool:
     return int(config.num_attention_heads) == int(getattr(config, "num_key_value_heads", config.num_attention_heads))
+
+
+# Conditions a record's AwqGroup may name (``when``), on transformers' config object.
+CONDITIONS: dict[str, Callable[[object], bool]] = {"": lambda config: True, "mha": _mha}
 
 
 @dataclass(frozen=True)
@@ -42,29 +47,15 @@ class ScaleGroup:
     when: Callable[[object], bool] = lambda config: True
 
 
-_DENSE = (
-    ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-    ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), _mha),
-    ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-    ScaleGroup("mlp.up_proj", ("mlp.down_proj",)),
-)
-_MLA = (
-    # q_a_proj + kv_a_proj (V3) or q_proj + kv_a_proj (V2-Lite, no q LoRA) read the input norm.
-    ScaleGroup("input_layernorm", ("self_attn.q_a_proj", "self_attn.q_proj", "self_attn.kv_a_proj_with_mqa")),
-    ScaleGroup("self_attn.q_a_layernorm", ("self_attn.q_b_proj",)),
-    # kv_b reads the normed latent (kv_a_layernorm's output), never the rope part of kv_a.
-    ScaleGroup("self_attn.kv_a_layernorm", ("self_attn.kv_b_proj",)),
-    ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),  # dense layers only
-    ScaleGroup("mlp.up_proj", ("mlp.down_proj",)),
-    ScaleGroup("mlp.shared_experts.up_proj", ("mlp.shared_experts.down_proj",)),
-)
-AWQ_GROUPS: dict[str, tuple[ScaleGroup, ...]] = {
-    "llama": _DENSE,
-    "qwen2": _DENSE,
-    "qwen3": _DENSE,
-    "deepseek_v2": _MLA,
-    "deepseek_v3": _MLA,
-}
+def scale_groups(model_type: str) -> tuple[ScaleGroup, ...]:
+    """The AWQ groups of ``model_type``'s record as module paths inside one decoder layer ((), unknown type)."""
+    arch = ARCHITECTURES.get(model_type)
+    if arch is None:
+        return ()
+    return tuple(
+        ScaleGroup(module_path(g.prev), tuple(module_path(r) for r in g.linears), CONDITIONS[g.when])
+        for g in arch.awq_groups
+    )
 
 
 def _get(layer: nn.Module, path: str) -> nn.Module | None:
@@ -109,7 +100,7 @@ def apply_awq(
     that are not themselves quantized (by HF name), rounded to their checkpoint dtype."""
     out: dict[str, torch.Tensor] = {}
     dtypes = dtypes or {}
-    for group in AWQ_GROUPS.get(config.model_type, ()):
+    for group in scale_groups(config.model_type):
         prev = _get(layer, group.prev)
         present = [n for n in group.linears if _get(layer, n) is not None]
         if prev is None or not present or not group.when(config):

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..formats import QuantFormat, QuantizedTensor
+from ..kformats import KQuantFormat, KQuantTensor, fit_blocks, from_grid
+from ..kq_types import KGrid
 from .grid import Codec, codec, expand
 
 
@@ -37,6 +40,8 @@ def gptq_quantize(
     fmt: QuantFormat, weight: torch.Tensor, hessian: torch.Tensor, options: GPTQOptions = GPTQOptions()
 ) -> QuantizedTensor:
     """GPTQ-quantize ``weight`` [out, in] against ``hessian`` [in, in] into ``fmt``."""
+    if isinstance(fmt, KQuantFormat):
+        return gptq_kquant(fmt, weight, hessian, options)
     w = weight.to(torch.float32).clone()
     rows, cols = w.shape
     _, group = fmt.block((rows, cols))
@@ -133,3 +138,79 @@ def _upper_inverse_cholesky(h: torch.Tensor) -> torch.Tensor:
         except torch.linalg.LinAlgError:
             extra = max(extra * 10, 1e-4 * mean_diag)
     raise torch.linalg.LinAlgError("Hessian not positive definite even with extra damping")
+
+
+def gptq_kquant(fmt: KQuantFormat, weight: torch.Tensor, hessian: torch.Tensor,
+                options: GPTQOptions = GPTQOptions()) -> KQuantTensor:
+    """GPTQ into a GGUF grid (Q2_K..Q6_K, Q5_0/Q5_1; kformats.py).
+
+    When the column loop reaches a block (256 columns, or 32), that block's grid (fp16 d/dmin and the
+    sub-blocks' integer scales/mins) is fitted on the *error-compensated* weights by ggml's own
+    importance-weighted search (kq_types.fit, llama.cpp's imatrix path) with importance diag(H) (the
+    layer's mean x^2 per column, up to a factor the search does not see); then the block's columns are
+    rounded one at a time on that fixed grid and their error spread over the columns not yet quantized.
+    With ``act_order`` every grid is fitted first from the original weights (static groups). The result's
+    grid and codes are the GGUF block's numbers, so the GGUF writer carries them without re-rounding.
+    """
+    sp = fmt.spec
+    blk = sp.block
+    w = weight.to(torch.float32).clone()
+    rows, cols = w.shape
+    h = hessian.to(torch.float32).clone()
+    importance = torch.diagonal(h).clamp(min=0).numpy().copy()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    sigma2 = (w * w).mean(1).numpy()  # Q5_0/Q5_1's whole-row mean x^2 in ggml's weights (a weighting only)
+
+    nbr = cols // blk
+    grids: list[KGrid | None] = [None] * nbr
+    steps: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def fit_block(g: int, x: torch.Tensor) -> None:
+        grid = fit_blocks(fmt.kind, x.numpy(), importance[g * blk:(g + 1) * blk], sigma2)
+        grids[g] = grid
+        step, off = grid.step_offset()  # [rows, nsub] float32: gguf-py's products
+        steps[g] = (torch.from_numpy(step), torch.from_numpy(off))
+
+    perm = torch.argsort(torch.diagonal(h), descending=True) if options.act_order else torch.arange(cols)
+    if options.act_order:
+        for g in range(nbr):
+            fit_block(g, w[:, g * blk:(g + 1) * blk])
+    w = w[:, perm]
+    h = h[perm][:, perm]
+    h += options.damp * torch.mean(torch.diagonal(h)) * torch.eye(cols)
+    hinv = _upper_inverse_cholesky(h)
+
+    codes = torch.empty(rows, cols, dtype=torch.uint8)
+    lo, hi = float(-sp.zp), float(sp.qmax - sp.zp)
+    batch = blk * max(1, options.block_size // blk)  # whole blocks per batch: a block's columns are all in it
+    for i1 in range(0, cols, batch):
+        i2 = min(i1 + batch, cols)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])
+            g = col // blk
+            if grids[g] is None:  # the block's first column: its grid from the compensated weights
+                fit_block(g, w1[:, i:i + blk])
+            step, off = steps[g]
+            j = (col % blk) // sp.sub
+            s, o = step[:, j], off[:, j]
+            x = w1[:, i]
+            q = torch.round((x + o) / torch.where(s == 0, torch.ones_like(s), s)).clamp_(lo, hi)
+            q = torch.where(s == 0, torch.zeros_like(q), q)  # a zero step holds -off whatever the code
+            dq = s * q - o
+            codes[:, col] = (q + sp.zp).to(torch.uint8)
+            e = (x - dq) / hinv1[i, i]
+            w1[:, i:].addr_(e, hinv1[i, i:], alpha=-1.0)
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+
+    full = KGrid(
+        np.stack([gr.d for gr in grids], 1).reshape(-1), np.stack([gr.dmin for gr in grids], 1).reshape(-1),
+        np.stack([gr.scale for gr in grids], 1).reshape(rows * nbr, sp.nsub),
+        np.stack([gr.mins for gr in grids], 1).reshape(rows * nbr, sp.nsub), np.zeros(0, np.uint8),
+    )
+    return from_grid(fmt.kind, (rows, cols), full, codes.numpy())

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..formats import FP8_E4M3_MAX, Fp8Block, Int4Asym, Int4Sym, Int8Sym, QuantFormat, QuantizedTensor
+from ..formats import QuantFormat, QuantizedTensor
 
 
 @dataclass(frozen=True)
@@ -28,17 +28,9 @@ class Codec:
     fp8: bool = False
 
 
-# Per format family: its code range. Same ranges as formats.py's quantize() produce.
-CODECS: dict[type, Codec] = {
-    Int4Sym: Codec(-8, 7, torch.int8),
-    Int8Sym: Codec(-127, 127, torch.int8),
-    Int4Asym: Codec(0, 15, torch.uint8, asymmetric=True),
-    Fp8Block: Codec(-FP8_E4M3_MAX, FP8_E4M3_MAX, torch.float8_e4m3fn, fp8=True),
-}
-
-
 def codec(fmt: QuantFormat) -> Codec:
-    return CODECS[type(fmt)]
+    """The format's code range and dtype, as the format states them (``QuantFormat.qmin/qmax/code_dtype``)."""
+    return Codec(fmt.qmin, fmt.qmax, fmt.code_dtype, asymmetric=not fmt.symmetric, fp8=fmt.float_codes)
 
 
 def encode(fmt: QuantFormat, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:

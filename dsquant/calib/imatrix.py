@@ -27,6 +27,8 @@ def search_scales(
     ``sum_j imp_j (w_j - deq_j)^2``; ``importance`` is per input column (llama.cpp's imatrix: mean
     squared activation), or None for plain MSE. f = 1 is always a candidate, so the result is never
     worse than RTN on that objective."""
+    if hasattr(fmt, "stored"):  # a GGUF-grid format (kformats.py): ggml's own importance-weighted search
+        return fmt.quantize(w, importance=None if importance is None else importance.to(torch.float32).clamp(min=0))
     w = w.to(torch.float32)
     base = fmt.quantize(w)
     imp = torch.ones(w.shape[1]) if importance is None else importance.to(torch.float32).clamp(min=0)

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import ModelConfig
 from ..errors import CorruptFileError, InputError, OutputError
 
 GGUF_MAGIC = b"GGUF"
@@ -260,7 +261,7 @@ def from_stats(
     by GGUF names. A stacked expert tensor gets one row per expert (``n_routed_experts``); an expert
     with no statistics keeps a zero row and count 0, which llama-quantize reads as all-ones importance."""
     targets = gguf_targets(ckpt)
-    n_expert = int(ckpt.config.get("n_routed_experts") or ckpt.config.get("num_experts") or 0)
+    n_expert = ModelConfig.from_dict(ckpt.config).n_experts
     dense: dict[str, ImatrixEntry] = {}
     stacked: dict[str, dict[int, tuple[np.ndarray, int]]] = {}
     for hf, (sums, count) in stats.items():

@@ -36,27 +36,6 @@ from .methods import CalibOptions, InputStats, Method, get_method, use_stats
 from .moe_coverage import ExpertCapture, fuse_experts
 from .resume import ResumeState, fingerprint
 
-
-@dataclass(frozen=True)
-class LayerClasses:
-    module: str  # transformers modeling module
-    decoder_layer: str
-    rotary: str
-
-
-# Per model_type: transformers' own classes that run one decoder layer (no re-implementation here).
-ARCH_LAYERS: dict[str, LayerClasses] = {
-    "llama": LayerClasses("transformers.models.llama.modeling_llama", "LlamaDecoderLayer", "LlamaRotaryEmbedding"),
-    "qwen2": LayerClasses("transformers.models.qwen2.modeling_qwen2", "Qwen2DecoderLayer", "Qwen2RotaryEmbedding"),
-    "qwen3": LayerClasses("transformers.models.qwen3.modeling_qwen3", "Qwen3DecoderLayer", "Qwen3RotaryEmbedding"),
-    "deepseek_v2": LayerClasses(
-        "transformers.models.deepseek_v2.modeling_deepseek_v2", "DeepseekV2DecoderLayer", "DeepseekV2RotaryEmbedding"
-    ),
-    "deepseek_v3": LayerClasses(
-        "transformers.models.deepseek_v3.modeling_deepseek_v3", "DeepseekV3DecoderLayer", "DeepseekV3RotaryEmbedding"
-    ),
-}
-
 Tensors = dict[str, QuantizedTensor | torch.Tensor]
 ProgressFn = Callable[[int, int, str], None]
 
@@ -109,16 +88,14 @@ class Decoder:
     def __init__(self, ckpt: Checkpoint) -> None:
         from transformers import AutoConfig
 
-        spec = ARCH_LAYERS.get(ckpt.arch.model_type)
-        if spec is None:
-            raise UnsupportedError(f"calibration does not support `{ckpt.arch.model_type}` yet")
+        arch = ckpt.arch  # its record names transformers' own classes (no re-implementation here)
         self.ckpt = ckpt
         self.config = AutoConfig.from_pretrained(str(ckpt.path))
         self.config._attn_implementation = "sdpa"
         self.config._experts_implementation = "eager"  # the loop that calls the experts module (hooked)
-        mod = importlib.import_module(spec.module)
-        self.layer_cls = getattr(mod, spec.decoder_layer)
-        self.rotary = getattr(mod, spec.rotary)(config=self.config)
+        mod = importlib.import_module(arch.hf_module)
+        self.layer_cls = getattr(mod, arch.decoder_layer)
+        self.rotary = getattr(mod, arch.rotary)(config=self.config)
         self.n_layers = int(self.config.num_hidden_layers)
         self.by_layer: dict[int, list[SourceTensor]] = {}
         self.others: dict[Role, SourceTensor] = {}
@@ -284,10 +261,23 @@ def calibrate(
 ) -> CalibResult:
     """Calibrate every quantized linear of ``plan`` layer by layer; see the module docstring.
 
+    ``samples`` sequences of ``seqlen`` tokens are drawn from ``calib`` (a shipped set or a .txt/.jsonl
+    file) with ``seed``, unless ``batch`` gives the token ids ([samples, seqlen] int64) directly; ``method``:
+    gptq, awq, imatrix or rtn (``calib.methods.METHODS``). Returns ``CalibResult``: HF weight name ->
+    QuantizedTensor in the plan's format (AWQ: also the rescaled float norms/linears), and per decoder layer
+    the relative error of its update to the residual stream and the drift from the float model.
+    ``work_dir``: per-layer results are kept there and a rerun with the same inputs resumes after the last
+    finished layer. ``progress(done, total, detail)`` per layer.
+
     ``collect``: keep every calibrated linear's input statistics in ``CalibResult.stats`` (for
     ``--imatrix-out``; refused on a resumed run, whose earlier layers' statistics are gone).
     ``given``: HF weight name -> per-column importance used instead of the collected statistics
-    (``--imatrix FILE``, method imatrix)."""
+    (``--imatrix FILE``, method imatrix).
+
+    Raises InputError (unknown method, bad calibration data or tokenizer, a stale or damaged ``work_dir``,
+    ``collect`` on a resumed run, experts seeing fewer tokens than ``options.fail_below_tokens``),
+    UnsupportedError (an architecture or checkpoint layout calibration does not handle) and the formats'
+    BadWeightsError."""
     opts = options or CalibOptions()
     m = get_method(method)
     formats = {e.name: e.format for e in plan.entries if e.format}

@@ -123,6 +123,28 @@ def test_onnx_external_data_outside_is_refused_by_run(tmp_path, location):
     refused(dsq("run", folder, "-p", "hi", "--runtime", "onnxruntime"), "model.onnx", "outside the folder")
 
 
+@pytest.mark.parametrize("location", ["../secret.bin", "link.bin"])
+def test_onnx_external_data_outside_is_refused_by_inspect_and_genai_check(tmp_path, location):
+    """The guard runs on every ONNX load, not only onnxruntime's: `dsq inspect` of the folder and of the file,
+    and the onnxruntime-genai side of `dsq check` (which loads the decoder genai_config.json names)."""
+    from dsq.dsquant.errors import CorruptFileError, InputError
+    from dsq.export.onnx_guard import check_genai_dir
+
+    folder = tmp_path / "onnx"
+    (tmp_path / "secret.bin").write_bytes(b"\0" * 16)
+    hostile.onnx_with_external_data(folder, location)
+    (folder / "link.bin").symlink_to(tmp_path / "secret.bin")
+    refused(dsq("inspect", folder), "model.onnx", "outside the folder")
+    refused(dsq("inspect", folder / "model.onnx"), "model.onnx", "outside the folder")
+    (folder / "genai_config.json").write_text(json.dumps({"model": {"decoder": {"filename": "model.onnx"}}}))
+    with pytest.raises(CorruptFileError, match="outside the folder"):
+        check_genai_dir(folder)
+    (tmp_path / "evil.onnx").write_bytes((folder / "model.onnx").read_bytes())
+    (folder / "genai_config.json").write_text(json.dumps({"model": {"decoder": {"filename": "../evil.onnx"}}}))
+    with pytest.raises(InputError, match="outside the model directory|not a file inside"):
+        check_genai_dir(folder)
+
+
 def test_hub_cache_snapshot_layout_is_accepted(model_dir, tmp_path):
     """Every file of a hub snapshot is a link to ../../blobs/HASH: valid, and the common case."""
     snap = hostile.hub_cache_layout(model_dir("llama"), tmp_path / "hub")
@@ -360,7 +382,7 @@ def test_unexpected_exception_is_one_line_and_debug_shows_it(m, monkeypatch):
 
 # -- kind 6: the eval reference cache sees every byte -------------------------------------------------------
 def test_reference_fingerprint_covers_the_whole_file(tmp_path):
-    from dsq.dsquant.evaluate import model_fingerprint
+    from dsq.runtimes.eval.evaluate import model_fingerprint
 
     ref = tmp_path / "ref"
     ref.mkdir()

@@ -9,7 +9,7 @@ contents, runtime, text and settings: per position the log-sum-exp of all its lo
 log-probability of the true next token, and its most likely tokens (indices and logits): as many as
 it takes to cover ``coverage`` (0.99) of the probability, at least ``kld.MIN_K`` and at most ``top_k``.
 
-KL(reference || candidate) is computed from those tokens and a merged tail: see ``dsquant.kld`` for
+KL(reference || candidate) is computed from those tokens and a merged tail: see ``runtimes.eval.kld`` for
 the bounds and their measured error.
 """
 
@@ -26,7 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
+from dsq.dsquant.errors import InputError
+
+from ..base import file_size
+from ..reasoning import Answer, answer_prompts, compare
+from ..registry import choose, model_path
 from .kld import keep_most_likely, kld_bounds, kld_histogram, log_softmax
 
 SCHEMA = "dsq.eval/1"
@@ -346,8 +350,6 @@ def score(rt, ref: RefData, s: EvalSettings, log: Callable[[str], None], label: 
 
 
 def summarize(model: Path, rt, stats: dict, ref_ppl: float, seconds: float, is_ref: bool = False) -> Result:
-    from dsq.runtimes.base import file_size
-
     kld = stats["kld"]
     ppl = float(math.exp(stats["nll"].mean()))
     return Result(
@@ -385,8 +387,6 @@ def evaluate(
     log: Callable[[str], None] = lambda m: None,
 ) -> Report:
     """Compare every (model, runtime spec) in ``candidates`` with the reference; thresholds fill ``failures``."""
-    from dsq.runtimes.registry import choose, model_path
-
     s = settings
     ref_path = model_path(ref_path)
     candidates = [(model_path(p), spec) for p, spec in candidates]
@@ -417,8 +417,6 @@ def evaluate(
         ref_rt = ref_cls.load(Path(ref_path), s.device, dtype=s.ref_dtype, **extra,
                               **{**load_kw, "n_ctx": max(s.ctx + 1, s.reasoning_tokens + 256 if s.reasoning_tokens else 0)})
     if s.reasoning_tokens and ref_answers is None:
-        from dsq.runtimes.reasoning import answer_prompts
-
         log("reference: math prompts")
         ref_answers = answer_prompts(ref_rt, s.reasoning_tokens)
         try:
@@ -443,8 +441,6 @@ def evaluate(
         kld_max=0.0, kld_upper_mean=0.0, top1=1.0, seconds=0.0, is_reference=True,
     )]
     if ref_answers is not None:
-        from dsq.runtimes.reasoning import compare
-
         for k, v in compare(ref_answers, ref_answers).items():
             setattr(results[0], k, v)
     if ref_rt is not None:
@@ -461,8 +457,6 @@ def evaluate(
                 stats = score(rt, ref, s, log, label)
                 res = summarize(Path(path), rt, stats, ref_ppl, time.perf_counter() - t0)
                 if ref_answers is not None:
-                    from dsq.runtimes.reasoning import answer_prompts, compare
-
                     log(f"{label}: math prompts")
                     for k, v in compare(ref_answers, answer_prompts(rt, s.reasoning_tokens)).items():
                         setattr(res, k, v)
@@ -474,8 +468,6 @@ def evaluate(
 
 
 def _load_answers(path: Path):
-    from dsq.runtimes.reasoning import Answer
-
     if not path.is_file():
         return None
     try:
@@ -485,6 +477,4 @@ def _load_answers(path: Path):
 
 
 def _size(path: Path) -> int:
-    from dsq.runtimes.base import file_size
-
     return file_size(path)

@@ -49,7 +49,7 @@ def print_eval(report: Report, console=None) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from .render import make_console
+    from dsq.dsquant.render import make_console
 
     console = console or make_console()
     t = Table(title=escape(f"dsq eval: {report.results[0].tokens} tokens of {Path(report.text).name}, "
@@ -63,7 +63,7 @@ def print_eval(report: Report, console=None) -> None:
     console.print(t)
     console.print(gate_line(report), style="dim", markup=False)
     console.print(f"KLD in nats: reference tokens covering {report.settings['coverage']:g} of the mass exactly, the rest "
-                  "as one bucket (a lower bound, ~2 % low; see dsq.dsquant.evaluate)", style="dim")
+                  "as one bucket (a lower bound, ~2 % low; see dsq.runtimes.eval.evaluate)", style="dim")
 
 
 def gate_line(report: Report) -> str:
@@ -82,7 +82,7 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def write_json(data: dict, path: Path) -> None:
-    from .atomic import atomic_file
+    from dsq.dsquant.atomic import atomic_file
 
     with atomic_file(Path(path), overwrite=True, mode="w") as f:
         f.write(json.dumps(data, indent=2) + "\n")
@@ -173,7 +173,7 @@ def html_page(title: str, header: list[str], rows: list[list[str]], figures: lis
 
 
 def write_eval_html(report: Report, path: Path) -> None:
-    from .atomic import atomic_file
+    from dsq.dsquant.atomic import atomic_file
 
     st = report.settings
     notes = [
@@ -199,7 +199,7 @@ def write_bench_html(results, header: list[str], rows: list[list[str]], path: Pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .atomic import atomic_file
+    from dsq.dsquant.atomic import atomic_file
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     labels = [f"{Path(r.model).name}\n{r.runtime}" for r in results]

@@ -1,6 +1,6 @@
 """KL divergence from a compact reference: its most likely tokens per position plus one merged tail.
 
-The reference keeps per position its most likely tokens (see ``dsquant.evaluate``); KL(reference ||
+The reference keeps per position its most likely tokens (see ``runtimes.eval.evaluate``); KL(reference ||
 candidate) is computed with those tokens exactly and the rest merged into one
 "tail" outcome on both sides. Merging outcomes never increases a KL divergence (log-sum inequality),
 so the reported value is a lower bound, equal to the true KLD when the kept tokens hold all the mass;
