@@ -17,7 +17,8 @@ Rows:
   labelled "imatrix by dsq");
 * dsq: ``export --type q4_0|q4_k_m`` straight from the float model (round to nearest, llama.cpp's type
   policy), and ``quantize -r int4 --method imatrix|gptq`` on the calibration text, then ``export --type ...``;
-* dsq's size-budget search (``export --target-size``) at each llama.cpp row's file size (``--rows budget``).
+* dsq's size-budget search (``export --target-size``) at each llama.cpp row's file size (``--rows budget``), and
+  the same with ``--imatrix`` (the llama.cpp rows' imatrix: K-quants rounded on ggml's importance path).
 
 Every GGUF is scored by ``dsq eval``'s machinery (runtimes/eval/evaluate.py) in llama.cpp (llama-cpp-python) against
 the bf16 checkpoint run in torch: KL(reference || GGUF) per token (mean, p99), top-1 agreement, perplexity;
@@ -169,6 +170,7 @@ def main() -> None:
     log = args.work / "steps.log"
     load0 = os.getloadavg()
     rows: list[dict] = []
+    imatrix: Path | None = None
 
     costs_file = args.work / "costs.json"  # what each file cost to build, so --reuse can skip rebuilding it
     costs = json.loads(costs_file.read_text()) if costs_file.is_file() else {}
@@ -264,6 +266,16 @@ def main() -> None:
             b = json_of(stdout)["budget"]
             row(f"dsq budget @ {peer['label'].removeprefix('llama.cpp ')}", out, w, c,
                 predicted_kl=b["predicted_kl"], types=b["types"])
+            if imatrix is not None and imatrix.is_file():  # the same choice, rounded on ggml's imatrix path
+                label = f"dsq budget+imatrix @ {peer['label'].removeprefix('llama.cpp ')}"
+                if reused(label):
+                    continue
+                out = args.work / f"dsq-budget-imat-{peer['bytes']}.gguf"
+                w, c, stdout = run(dsq("export", str(args.model), "--to", "gguf", "--target-size", str(peer["bytes"]),
+                                       "--calib", str(args.calib), "--imatrix", str(imatrix), "-o", str(out),
+                                       "--overwrite", "--no-check", "--json"), log)
+                b = json_of(stdout)["budget"]
+                row(label, out, w, c, predicted_kl=b["predicted_kl"], types=b["types"])
 
     from dsq.runtimes.eval.evaluate import EvalSettings, evaluate
 
