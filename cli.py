@@ -246,6 +246,11 @@ def quantize(
     imatrix: Annotated[Path | None, typer.Option(
         help="Use this llama.cpp imatrix file (GGUF or .dat) as the importance of --method imatrix."
     )] = None,
+    target_size: Annotated[str | None, typer.Option(
+        "--target-size", help="Choose per-tensor GGUF types for the least predicted KL with `dsq export OUT --to gguf` "
+                              "at most this big (105MB); quantizes the tensors whose type dsq holds exactly.")] = None,
+    target_bpw: Annotated[float | None, typer.Option(
+        "--target-bpw", help="As --target-size, in bits per weight of the GGUF (4.8).")] = None,
 ) -> None:
     """Quantize MODEL into a checkpoint transformers and vLLM load, plus dsq-report.json."""
     from dsq.dsquant.progress import progress
@@ -270,12 +275,33 @@ def quantize(
             calibration = CalibSpec(method, calib, samples, seqlen, seed, str(work_dir) if work_dir else None,
                                     CalibOptions(fail_below_tokens=min_expert_tokens),
                                     str(imatrix_out) if imatrix_out else None, str(imatrix) if imatrix else None)
+        record = None
+        if target_size is not None or target_bpw is not None:  # the size-budget search (export/gguf_budget.py)
+            import tempfile
+
+            from dsq.export.gguf_budget import budget_recipe
+
+            if recipe != "int4":
+                raise InputError("--target-size/--target-bpw choose every tensor's format: leave out --recipe")
+            if Path(output).exists() and not overwrite:
+                raise InputError(f"{output}: exists; pass --overwrite to replace it")
+            recipe = str(Path(tempfile.mkdtemp(prefix="dsq-budget-")) / "budget.toml")
+            record = budget_recipe(model, output, Path(recipe), target_size=target_size, target_bpw=target_bpw,
+                                   calib=calib)
         calib_bar = progress(f"calibrate ({method})", "layers") if calibration else contextlib.nullcontext()
         with calib_bar as calib_progress, progress(f"quantize → {output}", "tensors") as bar:
             report = quantize_checkpoint(
                 model, output, recipe, overwrite=overwrite, allow_unmapped=allow_unmapped, progress=bar,
                 calibration=calibration, calib_progress=calib_progress, executor=runner,
             )
+        if record is not None:
+            import shutil
+
+            from dsq.export.gguf_budget import write_record
+
+            shutil.rmtree(Path(recipe).parent, ignore_errors=True)
+            write_record(output, record)
+            report["budget"] = record["budget"]
     except Exception as e:
         raise _fail(e) from None
     print_summary(report, output)
@@ -499,6 +525,13 @@ def export(
     dtype: Annotated[str | None, typer.Option(
         "--dtype", help="MLX: float16 (default; asymmetric int4 biases rounded within half an fp16 ulp) or float32 "
                         "(every value exactly dsq's).")] = None,
+    target_size: Annotated[str | None, typer.Option(
+        "--target-size", help="GGUF from a float MODEL: choose each tensor's type for the least predicted KL "
+                              "with the file at most this big (105MB, 1.2GB, 100MiB or bytes).")] = None,
+    target_bpw: Annotated[float | None, typer.Option(
+        "--target-bpw", help="GGUF: as --target-size, in bits per weight of the whole file (4.8).")] = None,
+    calib: Annotated[str | None, typer.Option(
+        help="GGUF --target-size/--target-bpw: calibration set (`dsq calib list`) or file (default mixed).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the whole export report as JSON.")] = False,
     no_check: Annotated[bool, typer.Option("--no-check", help="Skip `dsq check` of the output against MODEL.")] = False,
 ) -> None:
@@ -511,7 +544,8 @@ def export(
 
     given = {"type": type_, "recipe": recipe, "split_max_size": split_max_size, "ep": ep, "int4_block": int4_block,
              "attention": attention, "accuracy_level": accuracy_level, "pure": pure or None, "dtype": dtype,
-             "imatrix": imatrix, "embed": embed, "lm_head": lm_head, "precision": precision}
+             "imatrix": imatrix, "embed": embed, "lm_head": lm_head, "precision": precision,
+             "target_size": target_size, "target_bpw": target_bpw, "calib": calib}
     try:
         with progress(f"export → {to}", "tensors") as bar:
             out, report = export_model(model, to, output, overwrite=overwrite, progress=bar, check=not no_check,

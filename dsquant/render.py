@@ -167,6 +167,11 @@ def print_export_summary(to: str, out: Path, report: dict) -> None:
             big = max(rows, key=lambda r: r["bytes"])
             console.print(f"  kept {t}: {len(rows)} tensors, {human_bytes(sum(r['bytes'] for r in rows))} "
                           f"(largest {big['name']}, {human_bytes(big['bytes'])})", markup=False)
+    if report.get("budget"):  # GGUF --target-size/--target-bpw (export/gguf_budget.py)
+        b = report["budget"]
+        console.print(f"  size budget {b['flag']} {b['target_bytes']:,} bytes: file {size:,} bytes, predicted KL "
+                      f"{b['predicted_kl']:.4g} nats/token over {b['searched']} searched tensors "
+                      f"({b['seconds']:.1f} s of calibration and search)", markup=False)
     for g in report.get("float32", []):  # ONNX
         console.print(f"  kept float32: {g['why']}: {g['tensors']} tensor(s), {human_bytes(g['bytes'])} "
                       f"(e.g. {g['example']})", markup=False)

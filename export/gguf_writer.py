@@ -27,6 +27,7 @@ import contextlib
 import errno
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -157,6 +158,10 @@ def export_gguf(
     progress: Callable[[int, int, str], None] | None = None,
     pure: bool = False,
     imatrix: str | Path | None = None,
+    target_size: int | str | None = None,
+    target_bpw: float | None = None,
+    calib: str | None = None,
+    types: dict[str, str] | None = None,
 ) -> dict:
     """Write ``src_dir`` as a GGUF file at ``out_path``; returns a report dict.
 
@@ -177,6 +182,13 @@ def export_gguf(
     ``imatrix``: a llama.cpp imatrix file (GGUF or legacy .dat); every tensor it has an entry for is re-rounded
     on ggml's imatrix path (bytes as ``llama-quantize --imatrix`` writes them) and the policy's imatrix rule
     applies. Raises InputError when an entry does not fit its tensor.
+
+    ``target_size`` (bytes or "105MB") / ``target_bpw``: choose each weight's type so the file is at most that
+    big with the least predicted KL divergence (gguf_budget.py; calibrated on ``calib``, default "mixed"); the
+    report gets a "budget" section. ``types``: {GGUF tensor name: type name}, given per tensor (what the budget
+    search chose, or any caller's plan); tensors not named get the default choice. Without ``type``, ``recipe``
+    and ``types``, a ``dsq-gguf-types.json`` that ``dsq quantize --target-size`` left in ``src_dir`` gives them.
+    InputError for a budget flag combined with --type/--recipe/--pure/--split-max-size or a budget too small.
     """
     t0 = time.perf_counter()
     out_path = Path(out_path)
@@ -187,10 +199,41 @@ def export_gguf(
         raise InputError("--pure applies to a quantized --type (q4_0, q4_k_m, ...): it puts that type everywhere")
     outs, notes = plan_tensors(src)
     entries = _imatrix_entries(imatrix) if imatrix is not None else None
+    budget = None
+    if target_size is not None or target_bpw is not None:
+        from .gguf_budget import plan_budget, resolve_target
+
+        flag = "--target-size" if target_size is not None else "--target-bpw"
+        if type != "auto" or recipe is not None or pure or types is not None:
+            raise InputError(f"{flag} chooses every tensor's type itself: leave out --type, --recipe and --pure")
+        if split_max_size:
+            raise InputError(f"{flag} sizes one file: leave out --split-max-size")
+        target, flag = resolve_target(target_size, target_bpw, outs)
+        check_output(out_path, overwrite)  # before the calibration, not after
+        types, budget = plan_budget(src, outs, target, flag, calib=calib or "mixed",
+                                    log=(lambda m: progress(0, len(outs), m)) if progress else None)
+    elif calib is not None:
+        raise InputError("--calib applies to --target-size/--target-bpw (the size-budget search)")
+    elif type == "auto" and recipe is None and not pure and types is None:
+        from .gguf_budget import read_record
+
+        record = read_record(src.path)  # what `dsq quantize --target-size` chose
+        if record is not None:
+            types, budget = record["types"], {**record["budget"], "recorded": True}
     if mix is not None:
         chosen = policy_types(outs, mix, src, pure, imatrix=entries is not None)
     else:
         chosen = {t.name: (*choose_type(t, forced), None) for t in outs}
+    if types is not None:
+        known = {t.name: t for t in outs}
+        for name, tname in types.items():
+            if name not in known:
+                raise InputError(f"types: {name} is not a tensor of this GGUF file")
+            gt = get_type(tname)
+            if not gt.fits(known[name].shape):
+                raise InputError(f"types: {name} has rows of {known[name].shape[-1]}, not whole blocks of "
+                                 f"{gt.block} that {tname.upper()} needs")
+            chosen[name] = (gt, [], "size budget" if budget else "given")
     split = parse_size(split_max_size) if split_max_size else 0
     check_output(out_path, overwrite)
 
@@ -200,20 +243,7 @@ def export_gguf(
     rows: list[dict] = []
     stack = contextlib.ExitStack()
     try:
-        w = GGUFWriter(tmp_dir / out_path.name, src.arch.gguf_arch, split_max_size=split)
-        w.add_name(src.path.name)
-        w.add_quantization_version(GGML_QUANT_VERSION)
-        extra = add_hparams(w, src.config, src.arch.gguf_arch)
-        tok = add_tokenizer(w, src.path, int(src.config["vocab_size"]))
-        w.add_file_type(int(mix.file_type) if mix is not None else _file_type(outs, chosen))
-        for name, arr in extra:
-            w.add_tensor_info(name, arr.shape, np.dtype(np.float32), arr.nbytes, raw_dtype=GGMLQuantizationType.F32)
-        for t in outs:
-            gt = chosen[t.name][0]
-            w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), nbytes(gt, t.shape), raw_dtype=gt.gtype)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
+        w, extra, tok = _write_header(tmp_dir / out_path.name, src, outs, chosen, mix, split)
         for _, arr in extra:
             w.write_tensor_data(arr)
         pool = stack.enter_context(StreamPool())  # chunk workers; torch single-threaded meanwhile
@@ -259,7 +289,58 @@ def export_gguf(
         stack.close()
         shutil.rmtree(tmp_dir, ignore_errors=True)
     report = _report(src, finals, type, recipe, rows, notes, tok, time.perf_counter() - t0, mix)
+    if budget is not None:
+        report["budget"] = budget
+        if budget.get("recorded"):
+            report["notes"].append(f"tensor types from {src.path.name}/dsq-gguf-types.json (dsq quantize "
+                                   f"{budget['flag']}): file {report['bytes']} bytes, target {budget['target_bytes']}")
+        elif report["bytes"] != budget["predicted_bytes"]:  # the layout is computed exactly; say so if it ever is not
+            report["notes"].append(f"size budget: the file has {report['bytes']} bytes, the search counted "
+                                   f"{budget['predicted_bytes']}")
     return report
+
+
+def _write_header(path: Path, src: Source, outs: list[OutTensor], chosen: dict, mix: Mix | None,
+                  split: int = 0) -> tuple[GGUFWriter, list, dict]:
+    """Open a GGUFWriter at ``path`` and write metadata and the tensor table; -> (writer, extra tensors, tokenizer
+    report). The extra tensors (rope factors, ...) are written next, then ``outs`` in order."""
+    w = GGUFWriter(path, src.arch.gguf_arch, split_max_size=split)
+    w.add_name(src.path.name)
+    w.add_quantization_version(GGML_QUANT_VERSION)
+    extra = add_hparams(w, src.config, src.arch.gguf_arch)
+    tok = add_tokenizer(w, src.path, int(src.config["vocab_size"]))
+    w.add_file_type(int(mix.file_type) if mix is not None else _file_type(outs, chosen))
+    for name, arr in extra:
+        w.add_tensor_info(name, arr.shape, np.dtype(np.float32), arr.nbytes, raw_dtype=GGMLQuantizationType.F32)
+    for t in outs:
+        gt = chosen[t.name][0]
+        w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), nbytes(gt, t.shape), raw_dtype=gt.gtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    return w, extra, tok
+
+
+ALIGNMENT = 32  # gguf-py's default data alignment: every tensor's data starts (and the file ends) on it
+
+
+def padded(n: int) -> int:
+    """Bytes a tensor of ``n`` data bytes takes in the file (gguf-py pads each to ``ALIGNMENT``)."""
+    return -(-n // ALIGNMENT) * ALIGNMENT
+
+
+def file_overhead(src: Source, outs: list[OutTensor]) -> int:
+    """Bytes of a single-file GGUF of ``src`` that are not ``outs``' data: header, metadata, tokenizer, tensor
+    table, padding, and the extra tensors (rope factors). The table's size does not depend on the tensor types
+    (fixed-width fields), so the file is exactly this plus ``padded(nbytes(type, shape))`` per tensor: what the
+    size-budget search (export/gguf_budget.py) spends its bytes against."""
+    placeholder = {t.name: (GGUF_TYPES["f32"], [], None) for t in outs}
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "header.gguf"
+        w, extra, _ = _write_header(path, src, outs, placeholder, None)
+        w.close()
+        size = padded(path.stat().st_size)
+    return size + sum(padded(arr.nbytes) for _, arr in extra)
 
 
 _UNITS = {"K": 1000, "M": 1000**2, "G": 1000**3}
