@@ -251,6 +251,10 @@ def quantize(
                               "at most this big (105MB); quantizes the tensors whose type dsq holds exactly.")] = None,
     target_bpw: Annotated[float | None, typer.Option(
         "--target-bpw", help="As --target-size, in bits per weight of the GGUF (4.8).")] = None,
+    gguf_type: Annotated[str | None, typer.Option(
+        "--gguf-type", help="Quantize each linear straight into the type llama.cpp's policy for this file type gives "
+                            "it (q4_k_m, q4_0, q5_k_m, ...), so --method gptq/awq/imatrix fit that very grid and "
+                            "`dsq export OUT --to gguf` carries it byte for byte.")] = None,
 ) -> None:
     """Quantize MODEL into a checkpoint transformers and vLLM load, plus dsq-report.json."""
     from dsq.dsquant.progress import progress
@@ -276,18 +280,22 @@ def quantize(
                                     CalibOptions(fail_below_tokens=min_expert_tokens),
                                     str(imatrix_out) if imatrix_out else None, str(imatrix) if imatrix else None)
         record = None
-        if target_size is not None or target_bpw is not None:  # the size-budget search (export/gguf_budget.py)
+        budgeted = target_size is not None or target_bpw is not None
+        if budgeted or gguf_type is not None:  # per-tensor GGUF types (export/gguf_budget.py) decide the formats
             import tempfile
 
-            from dsq.export.gguf_budget import budget_recipe
+            from dsq.export.gguf_budget import budget_recipe, policy_recipe
 
+            flags = "--target-size/--target-bpw" if budgeted else "--gguf-type"
+            if budgeted and gguf_type is not None:
+                raise InputError("--gguf-type follows llama.cpp's policy, --target-size/--target-bpw search: give one")
             if recipe != "int4":
-                raise InputError("--target-size/--target-bpw choose every tensor's format: leave out --recipe")
+                raise InputError(f"{flags} choose every tensor's format: leave out --recipe")
             if Path(output).exists() and not overwrite:
                 raise InputError(f"{output}: exists; pass --overwrite to replace it")
-            recipe = str(Path(tempfile.mkdtemp(prefix="dsq-budget-")) / "budget.toml")
-            record = budget_recipe(model, output, Path(recipe), target_size=target_size, target_bpw=target_bpw,
-                                   calib=calib)
+            recipe = str(Path(tempfile.mkdtemp(prefix="dsq-types-")) / "types.toml")
+            record = (budget_recipe(model, output, Path(recipe), target_size=target_size, target_bpw=target_bpw,
+                                    calib=calib) if budgeted else policy_recipe(model, Path(recipe), gguf_type))
         calib_bar = progress(f"calibrate ({method})", "layers") if calibration else contextlib.nullcontext()
         with calib_bar as calib_progress, progress(f"quantize → {output}", "tensors") as bar:
             report = quantize_checkpoint(
@@ -301,7 +309,8 @@ def quantize(
 
             shutil.rmtree(Path(recipe).parent, ignore_errors=True)
             write_record(output, record)
-            report["budget"] = record["budget"]
+            if "budget" in record:
+                report["budget"] = record["budget"]
     except Exception as e:
         raise _fail(e) from None
     print_summary(report, output)

@@ -38,7 +38,7 @@ from dsq.dsquant.budget import (
     sample_rows,
     target_from_bpw,
 )
-from dsq.dsquant.errors import InputError
+from dsq.dsquant.errors import InputError, UnsupportedError
 from dsq.dsquant.formats import FORMATS
 from dsq.dsquant.source import Source
 
@@ -285,13 +285,41 @@ def budget_recipe(src_dir: str | Path, out_dir: str | Path, recipe_path: Path, *
     slack = max(0, len(Path(out_dir).name.encode()) - len(src.path.name.encode())) + ALIGNMENT
     types, budget = plan_budget(src, outs, target - slack, flag, calib=calib, **search)
     budget["target_bytes"] = target
+    write_types_recipe(outs, types, recipe_path)
+    return {"types": types, "budget": budget}
+
+
+def write_types_recipe(outs: list, types: dict[str, str], recipe_path: Path) -> None:
+    """Write at ``recipe_path`` the recipe that gives every single-source GGUF tensor of ``types`` ({GGUF name: type
+    name}) the dsq format holding that type exactly (``twin_format``) and keeps every other tensor float."""
     lines = ['default = "keep"', 'fallback = "keep"', ""]
     for t in outs:
         fmt = twin_format(types.get(t.name, ""))
         if fmt is not None and len(t.sources) == 1:
             lines += ["[[override]]", f'pattern = "{t.sources[0].name}"', f'format = "{fmt}"', ""]
     recipe_path.write_text("\n".join(lines))
-    return {"types": types, "budget": budget}
+
+
+def policy_recipe(src_dir: str | Path, recipe_path: Path, gguf_type: str) -> dict:
+    """For ``dsq quantize SRC -o OUT --gguf-type q4_k_m``: llama.cpp's per-tensor types for that file type
+    (``gguf_policy``, as ``dsq export --type`` applies it) written as a recipe at ``recipe_path`` (``write_types_recipe``),
+    so a calibrated method (GPTQ, AWQ, imatrix) rounds each linear straight onto the grid of the type the file will
+    hold and ``dsq export OUT --to gguf`` carries it byte for byte. Returns the record to store in OUT (``RECORD``:
+    ``{"types": {GGUF name: type}, "policy": gguf_type}``). Raises UnsupportedError for an unknown type (naming
+    the ones there are) or a policy type dsq cannot pack."""
+    from .gguf_policy import TYPE_NAMES, get_mix
+    from .gguf_tensors import plan_tensors
+    from .gguf_writer import policy_types
+
+    mix = get_mix(gguf_type)
+    if mix is None:
+        raise UnsupportedError(f"--gguf-type {gguf_type}: not a llama.cpp file type dsq writes; choose one of "
+                               f"{', '.join(n for n in TYPE_NAMES if get_mix(n) is not None)}")
+    src = Source(src_dir)
+    outs, _ = plan_tensors(src)
+    types = {name: chosen[0].name for name, chosen in policy_types(outs, mix, src).items() if chosen[0].quantized}
+    write_types_recipe(outs, types, recipe_path)
+    return {"types": types, "policy": gguf_type}
 
 
 def write_record(out_dir: str | Path, record: dict) -> Path:

@@ -218,8 +218,9 @@ def export_gguf(
         from .gguf_budget import read_record
 
         record = read_record(src.path)  # what `dsq quantize --target-size` chose
-        if record is not None:
-            types, budget = record["types"], {**record["budget"], "recorded": True}
+        if record is not None:  # or --gguf-type: llama.cpp's policy types, no budget
+            types = record["types"]
+            budget = {**record["budget"], "recorded": True} if record.get("budget") else None
     if mix is not None:
         chosen = policy_types(outs, mix, src, pure, imatrix=entries is not None)
     else:

@@ -214,3 +214,32 @@ def test_quantize_records_the_choice_and_export_follows_it(model_dir, tmp_path):
     with pytest.raises(InputError, match=RECORD):
         (out / RECORD).write_text("{")
         export_gguf(out, tmp_path / "r.gguf")
+
+
+def test_quantize_gguf_type_follows_llama_cpp_policy_and_is_carried(model_dir, tmp_path):
+    """``dsq quantize --gguf-type q4_k_m --method gptq``: every linear is calibrated straight onto the grid of the type
+    llama.cpp's Q4_K_M policy gives it, and ``dsq export OUT --to gguf`` (no --type) writes exactly the policy's types,
+    carrying those tensors byte for byte (status exact); the embedding, which dsq never quantizes, is the export's."""
+    from typer.testing import CliRunner
+
+    from dsq.cli import app
+    from dsq.export.gguf_budget import RECORD, twin_format
+
+    src, out = model_dir("llama"), tmp_path / "q"
+    policy = export_gguf(src, tmp_path / "policy.gguf", type="q4_k_m")
+    want = {r["name"]: r["type"].lower() for r in policy["tensors"]}
+    r = CliRunner().invoke(app, ["quantize", str(src), "-o", str(out), "--gguf-type", "q4_k_m", "--method", "gptq",
+                                 "--samples", "4", "--seqlen", "32"])
+    assert r.exit_code == 0, r.output
+    record = json.loads((out / RECORD).read_text())
+    assert record["policy"] == "q4_k_m" and "budget" not in record
+    report = export_gguf(out, tmp_path / "q.gguf")
+    rows = {x["name"]: x for x in report["tensors"]}
+    assert {n: x["type"].lower() for n, x in rows.items()} == want
+    carried = {n for n, t in record["types"].items() if twin_format(t) and ".weight" in n and n != "token_embd.weight"}
+    assert len(carried) >= 7 and {"q4_k", "q6_k"} <= {record["types"][n] for n in carried}
+    for n in carried:
+        assert rows[n]["status"] == "exact", (n, rows[n])
+    assert policy["bytes"] == report["bytes"]
+    bad = CliRunner().invoke(app, ["quantize", str(src), "-o", str(tmp_path / "x"), "--gguf-type", "q9_k"])
+    assert bad.exit_code == 2 and "--gguf-type q9_k" in bad.output and "q4_k_m" in bad.output
