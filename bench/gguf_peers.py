@@ -16,7 +16,8 @@ Rows:
   imatrix written by ``dsq quantize --method imatrix --imatrix-out`` from the same calibration text (rows
   labelled "imatrix by dsq");
 * dsq: ``export --type q4_0|q4_k_m`` straight from the float model (round to nearest, llama.cpp's type
-  policy), and ``quantize -r int4 --method imatrix|gptq`` on the calibration text, then ``export --type ...``;
+  policy), and ``quantize --gguf-type q4_0|q4_k_m --method imatrix|gptq`` on the calibration text (each linear
+  calibrated onto the grid of its type under that policy), then ``export`` (the recorded types, carried exactly);
 * dsq's size-budget search (``export --target-size``) at each llama.cpp row's file size (``--rows budget``), and
   the same with ``--imatrix`` (the llama.cpp rows' imatrix: K-quants rounded on ggml's importance path).
 
@@ -146,6 +147,7 @@ def main() -> None:
     ap.add_argument("--eval", type=Path, default=BENCH / "eval_austen.txt")
     ap.add_argument("--work", type=Path, default=Path("/tmp/dsq-peers"))
     ap.add_argument("--rows", default="llama,dsq,budget", help="which groups: llama, dsq, calib (imatrix/GPTQ), budget")
+    ap.add_argument("--methods", default="imatrix,gptq", help="calib rows: dsq methods to run (each per file type)")
     ap.add_argument("--chunks", type=int, default=16, help="evaluation chunks of --ctx tokens")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--imatrix-chunks", type=int, default=64, help="llama-imatrix chunks of 512 calibration tokens")
@@ -237,22 +239,19 @@ def main() -> None:
             w, c, _ = run(dsq("export", str(args.model), "--to", "gguf", "--type", t, "-o", str(out), "--overwrite",
                               "--no-check"), log)
             row(f"dsq RTN {t}", out, w, c)
-    if "calib" in groups:
-        for method in ("imatrix", "gptq"):
-            labels = [f"dsq {method} {t}" for t in ("q4_0", "q4_k_m")]
-            if args.reuse and all(costs.get(x) and Path(costs[x]["path"]).is_file() for x in labels):
-                for x in labels:
-                    reused(x)
-                continue
-            q = args.work / f"dsq-int4-{method}"
-            wq, cq, _ = run(dsq("quantize", str(args.model), "-o", str(q), "-r", "int4", "--method", method,
-                                "--calib", str(args.calib), "--samples", str(args.samples), "--seqlen", "512",
-                                "--overwrite"), log)
+    if "calib" in groups:  # calibrated straight onto each tensor's type under llama.cpp's policy (--gguf-type)
+        for method in args.methods.split(","):
             for t in ("q4_0", "q4_k_m"):
+                label = f"dsq {method} {t}"
+                if reused(label):
+                    continue
+                q = args.work / f"dsq-{method}-{t}"
+                wq, cq, _ = run(dsq("quantize", str(args.model), "-o", str(q), "--gguf-type", t, "--method", method,
+                                    "--calib", str(args.calib), "--samples", str(args.samples), "--seqlen", "512",
+                                    "--overwrite"), log)
                 out = args.work / f"dsq-{method}-{t}.gguf"
-                w, c, _ = run(dsq("export", str(q), "--to", "gguf", "--type", t, "-o", str(out), "--overwrite",
-                                  "--no-check"), log)
-                row(f"dsq {method} {t}", out, w + wq, c + cq)
+                w, c, _ = run(dsq("export", str(q), "--to", "gguf", "-o", str(out), "--overwrite", "--no-check"), log)
+                row(label, out, w + wq, c + cq)
 
     if "budget" in groups:
         peers = [r for r in rows if r["label"].startswith("llama.cpp")]
