@@ -148,6 +148,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/dsq-peers"))
     ap.add_argument("--rows", default="llama,dsq,budget", help="which groups: llama, dsq, calib (imatrix/GPTQ), budget")
     ap.add_argument("--methods", default="imatrix,gptq", help="calib rows: dsq methods to run (each per file type)")
+    ap.add_argument("--extra", action="append", default=[], metavar="LABEL=PATH",
+                    help="also score a GGUF another tool made (e.g. auto-round's); its costs are that tool's to report")
     ap.add_argument("--chunks", type=int, default=16, help="evaluation chunks of --ctx tokens")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--imatrix-chunks", type=int, default=64, help="llama-imatrix chunks of 512 calibration tokens")
@@ -275,6 +277,13 @@ def main() -> None:
                                        "--overwrite", "--no-check", "--json"), log)
                 b = json_of(stdout)["budget"]
                 row(label, out, w, c, predicted_kl=b["predicted_kl"], types=b["types"])
+
+    for spec in args.extra:
+        label, _, path = spec.partition("=")
+        if not Path(path).is_file():
+            sys.exit(f"--extra {spec}: no such GGUF file")
+        if not reused(label):
+            row(label, Path(path), 0.0, 0.0)
 
     from dsq.runtimes.eval.evaluate import EvalSettings, evaluate
 

@@ -69,10 +69,10 @@ def nbits_block_ok(qt: QuantizedTensor) -> bool:
 
 @dataclass(frozen=True)
 class PackedNBits:
-    """MatMulNBits inputs for one weight."""
+    """MatMulNBits inputs for one weight (``B``/``scales`` None once written: ``WeightTable.ingest``)."""
 
-    B: np.ndarray
-    scales: np.ndarray
+    B: np.ndarray | None
+    scales: np.ndarray | None
     zero_points: np.ndarray | None
     K: int
     N: int
@@ -219,12 +219,15 @@ class WeightTable:
                 why = f"{t.format}: no MatMulNBits block"
             elif p.op == "MatMulNBits":
                 packed = pack_matmulnbits(t)
-                lin = Linear(name, t.format, packed)
+                # the graph keeps the shapes and the (small) zero points; codes and scales are on disk once the
+                # sink has them, so holding them here would keep the whole model in memory (8.6 GB peak at 7B)
+                lin = Linear(name, t.format, dataclasses.replace(packed, B=None, scales=None))
                 lin.B = self.sink.add(name + ".B", packed.B)
                 lin.scales = self.sink.add(name + ".scales", packed.scales)
                 if packed.zero_points is not None:
                     lin.zero_points = self.sink.add(name + ".zero_points", packed.zero_points)
                 self.linears[name] = lin
+                del packed
                 return
             else:
                 why = f"{t.format}: {p.note or 'no MatMulNBits packing'}"
