@@ -12,6 +12,7 @@ permuted columns would otherwise visit a group several times.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,30 +69,23 @@ def gptq_quantize(
     codes = torch.empty(rows, cols, dtype=_codes_dtype(fmt))
     row_params: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
     c = codec(fmt)
-    # Batches hold whole groups, so a group's columns are all in the batch when its scale is taken.
-    batch = group * max(1, options.block_size // group)
-    for i1 in range(0, cols, batch):
-        i2 = min(i1 + batch, cols)
-        w1 = w[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
-        hinv1 = hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = int(perm[i1 + i])
-            g = col // group
-            if scale_grid[g] is None:  # first column of the group (no act_order): take its params now
-                scale_grid[g], zero_grid[g] = _group_params(fmt, w1[:, i : i + min(group, cols - g * group)])
-            if g not in row_params:  # per-row float32 grid of this group, expanded once
-                zg = zero_grid[g]
-                sg = _rows(fmt, scale_grid[g], rows)
-                row_params[g] = (sg, torch.where(sg == 0, torch.ones_like(sg), sg), None if zg is None else _rows(fmt, zg, rows))
-            s, s_safe, z = row_params[g]
-            x = w1[:, i]
-            q, dq = _round_column(c, x, s, s_safe, z)
-            codes[:, i1 + i] = q
-            e = (x - dq) / hinv1[i, i]
-            w1[:, i:].addr_(e, hinv1[i, i:], alpha=-1.0)
-            err1[:, i] = e
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+
+    def ensure_grid(g: int, x: torch.Tensor) -> None:
+        if scale_grid[g] is None:  # first column of the group (no act_order): take its params now
+            scale_grid[g], zero_grid[g] = _group_params(fmt, x)
+
+    def round_column(i: int, col: int, x: torch.Tensor) -> torch.Tensor:
+        g = col // group
+        if g not in row_params:  # per-row float32 grid of this group, expanded once
+            zg = zero_grid[g]
+            sg = _rows(fmt, scale_grid[g], rows)
+            row_params[g] = (sg, torch.where(sg == 0, torch.ones_like(sg), sg), None if zg is None else _rows(fmt, zg, rows))
+        s, s_safe, z = row_params[g]
+        q, dq = _round_column(c, x, s, s_safe, z)
+        codes[:, i] = q
+        return dq
+
+    _sweep(w, hinv, perm, group, options.block_size, ensure_grid, round_column)
 
     inv = torch.argsort(perm)
     codes = codes[:, inv].contiguous()
@@ -123,6 +117,38 @@ def _round_column(
         return q, (q - z) * s
     q = q.clamp_(c.qmin, c.qmax)
     return q, q * s
+
+
+def _sweep(w: torch.Tensor, hinv: torch.Tensor, perm: torch.Tensor, group: int, block_size: int,
+           ensure_grid: Callable[[int, torch.Tensor], None],
+           round_column: Callable[[int, int, torch.Tensor], torch.Tensor]) -> None:
+    """GPTQ's column loop with lazy batch updates (Frantar et al. 2023, Algorithm 1), shared by every grid.
+
+    ``w`` [out, in] float32, columns already in ``perm`` order, updated in place; ``hinv``: upper Cholesky
+    factor of the damped inverse Hessian in the same order. Batches hold whole groups of ``group`` columns
+    (about ``block_size`` columns each), so a group's columns are all in the batch when its grid is taken:
+    ``ensure_grid(g, x)`` sees the error-compensated columns of group ``g`` starting at its first column
+    ([out, <= group]) before that column is rounded, and fits the grid if it has none yet.
+    ``round_column(i, col, x)`` rounds column ``x`` [out] (position ``i`` in ``perm`` order, ``col`` in the
+    original order), stores its codes and returns its dequantized values; the rounding error is spread over
+    the later columns of the batch at once and over the rest of the matrix once per batch."""
+    cols = w.shape[1]
+    batch = group * max(1, block_size // group)
+    for i1 in range(0, cols, batch):
+        i2 = min(i1 + batch, cols)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])
+            g = col // group
+            ensure_grid(g, w1[:, i : i + min(group, cols - g * group)])
+            x = w1[:, i]
+            dq = round_column(i1 + i, col, x)
+            e = (x - dq) / hinv1[i, i]
+            w1[:, i:].addr_(e, hinv1[i, i:], alpha=-1.0)
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
 
 
 def _upper_inverse_cholesky(h: torch.Tensor) -> torch.Tensor:
@@ -184,29 +210,21 @@ def gptq_kquant(fmt: KQuantFormat, weight: torch.Tensor, hessian: torch.Tensor,
 
     codes = torch.empty(rows, cols, dtype=torch.uint8)
     lo, hi = float(-sp.zp), float(sp.qmax - sp.zp)
-    batch = blk * max(1, options.block_size // blk)  # whole blocks per batch: a block's columns are all in it
-    for i1 in range(0, cols, batch):
-        i2 = min(i1 + batch, cols)
-        w1 = w[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
-        hinv1 = hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = int(perm[i1 + i])
-            g = col // blk
-            if grids[g] is None:  # the block's first column: its grid from the compensated weights
-                fit_block(g, w1[:, i:i + blk])
-            step, off = steps[g]
-            j = (col % blk) // sp.sub
-            s, o = step[:, j], off[:, j]
-            x = w1[:, i]
-            q = torch.round((x + o) / torch.where(s == 0, torch.ones_like(s), s)).clamp_(lo, hi)
-            q = torch.where(s == 0, torch.zeros_like(q), q)  # a zero step holds -off whatever the code
-            dq = s * q - o
-            codes[:, col] = (q + sp.zp).to(torch.uint8)
-            e = (x - dq) / hinv1[i, i]
-            w1[:, i:].addr_(e, hinv1[i, i:], alpha=-1.0)
-            err1[:, i] = e
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+
+    def ensure_grid(g: int, x: torch.Tensor) -> None:
+        if grids[g] is None:  # the block's first column: its grid from the compensated weights
+            fit_block(g, x)
+
+    def round_column(i: int, col: int, x: torch.Tensor) -> torch.Tensor:
+        step, off = steps[col // blk]
+        j = (col % blk) // sp.sub
+        s, o = step[:, j], off[:, j]
+        q = torch.round((x + o) / torch.where(s == 0, torch.ones_like(s), s)).clamp_(lo, hi)
+        q = torch.where(s == 0, torch.zeros_like(q), q)  # a zero step holds -off whatever the code
+        codes[:, col] = (q + sp.zp).to(torch.uint8)
+        return s * q - o
+
+    _sweep(w, hinv, perm, blk, options.block_size, ensure_grid, round_column)
 
     full = KGrid(
         np.stack([gr.d for gr in grids], 1).reshape(-1), np.stack([gr.dmin for gr in grids], 1).reshape(-1),
