@@ -133,13 +133,8 @@ def test_q4_k_bytes_match_llama_cpp_quantizer(llama_cpp, model_dir, tmp_path):
 def test_q4_k_export_runs_in_llama_cpp(llama_cpp, model_dir, tmp_path):
     """--type q4_k on the float llama fixture (hidden 256): llama.cpp's logits vs torch holding the GGUF's
     values (gguf-py's dequantization, q/k rows un-permuted back to HF order)."""
-    import transformers
-    from gguf import GGUFReader
-    from safetensors.torch import save_file
-    from test_gguf_export import GLOBAL, LAYER
-    from test_gguf_llamacpp import PROMPT, _check_logits, hf_ids, load
+    from test_gguf_llamacpp import PROMPT, _check_logits, hf_ids, load, torch_holding_gguf
 
-    from dsq.export.gguf_tensors import permute_rows
     from dsq.export.gguf_writer import export_gguf
 
     src = model_dir("llama")
@@ -147,27 +142,5 @@ def test_q4_k_export_runs_in_llama_cpp(llama_cpp, model_dir, tmp_path):
     out = tmp_path / "q4k.gguf"
     report = export_gguf(src, out, type="q4_k", pure=True)  # Q4_K everywhere, not the Q4_K_M mix
     assert report["types"]["q4_k"] >= 14
-    heads = {"attn_q.weight": cfg["num_attention_heads"],
-             "attn_k.weight": cfg.get("num_key_value_heads") or cfg["num_attention_heads"]}
-    back = {g: h for h, g in GLOBAL.items()}
-    sd = {}
-    for t in GGUFReader(out).tensors:
-        shape = tuple(reversed(t.shape.tolist()))
-        values = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape))
-        if t.name.startswith("blk."):
-            _, bid, rest = t.name.split(".", 2)
-            name = f"model.layers.{bid}." + next(h for h, g in LAYER.items() if g == rest)
-            if rest in heads:  # GGUF row i is HF row perm[i]
-                hf = torch.empty_like(values)
-                hf[permute_rows(values.shape[0], heads[rest])] = values
-                values = hf
-        else:
-            name = back[t.name]
-        sd[name] = values.contiguous()
-    ref_dir = tmp_path / "q4k-ref"
-    ref_dir.mkdir()
-    save_file(sd, ref_dir / "model.safetensors")
-    cfg.pop("quantization_config", None)
-    (ref_dir / "config.json").write_text(json.dumps(cfg))
-    model = transformers.AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32).eval()
+    model = torch_holding_gguf(out, cfg, tmp_path / "q4k-ref", unpermute_qk=True)
     _check_logits(model, load(out), hf_ids(src, PROMPT), 0.03)

@@ -94,6 +94,41 @@ def hf_ids(src: Path, text: str) -> list[int]:
     return Tokenizer.from_file(str(src / "tokenizer.json")).encode(text).ids
 
 
+def torch_holding_gguf(gguf_path: Path, cfg: dict, ref_dir: Path, unpermute_qk: bool):
+    """A transformers model (float32) holding exactly the values the GGUF at ``gguf_path`` holds: gguf-py's
+    dequantization mapped back to HF names, with llama.cpp's q/k row permutation undone when ``unpermute_qk``
+    (llama). Compared with llama.cpp on that GGUF, only the kernels differ. ``ref_dir`` is created."""
+    import transformers
+    from gguf.quants import dequantize
+    from safetensors.torch import save_file
+    from test_gguf_export import GLOBAL, LAYER
+
+    from dsq.export.gguf_tensors import permute_rows
+
+    kv_heads = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    heads = {"attn_q.weight": cfg["num_attention_heads"], "attn_k.weight": kv_heads} if unpermute_qk else {}
+    back = {g: h for h, g in GLOBAL.items()}
+    sd = {}
+    for t in GGUFReader(gguf_path).tensors:
+        shape = tuple(reversed(t.shape.tolist()))
+        values = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape))
+        if t.name.startswith("blk."):
+            _, bid, rest = t.name.split(".", 2)
+            name = f"model.layers.{bid}." + next(h for h, g in LAYER.items() if g == rest)
+            if rest in heads:  # GGUF row i is HF row perm[i]
+                hf = torch.empty_like(values)
+                hf[permute_rows(values.shape[0], heads[rest])] = values
+                values = hf
+        else:
+            name = back[t.name]
+        sd[name] = values.contiguous()
+    ref_dir.mkdir()
+    save_file(sd, ref_dir / "model.safetensors")
+    cfg = {k: v for k, v in cfg.items() if k != "quantization_config"}
+    (ref_dir / "config.json").write_text(json.dumps(cfg))
+    return transformers.AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32).eval()
+
+
 def _check_logits(model, llm, ids, tol: float) -> float:
     with torch.no_grad():
         ref = model(torch.tensor([ids])).logits[0].numpy()
@@ -186,30 +221,10 @@ def test_split_gguf_loads_and_equals_whole(quantized_dir, tmp_path):
 def test_q6_k_export_runs_in_llama_cpp(quantized_dir, tmp_path):
     """--type q6_k: dsq's own Q6_K packer, read by llama.cpp's kernels. The torch reference holds the values
     the GGUF holds (gguf-py's dequantization, mapped back to HF names), so only the kernels differ."""
-    import transformers
-    from gguf.quants import dequantize
-    from safetensors.torch import save_file
-    from test_gguf_export import GLOBAL, LAYER
-
     src = quantized_dir("qwen2", "int8")
     out = tmp_path / "q6k.gguf"
     report = export_gguf(src, out, type="q6_k")
     assert report["types"]["q6_k"] >= 14
-    back = {g: h for h, g in GLOBAL.items()}
-    sd = {}
-    for t in GGUFReader(out).tensors:
-        values = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(tuple(reversed(t.shape.tolist())))
-        if t.name.startswith("blk."):
-            _, bid, rest = t.name.split(".", 2)
-            name = f"model.layers.{bid}." + next(h for h, g in LAYER.items() if g == rest)
-        else:
-            name = back[t.name]
-        sd[name] = torch.from_numpy(values)
-    ref_dir = tmp_path / "q6k-ref"
-    ref_dir.mkdir()
-    save_file(sd, ref_dir / "model.safetensors")
     cfg = json.loads((src / "config.json").read_text())
-    cfg.pop("quantization_config")
-    (ref_dir / "config.json").write_text(json.dumps(cfg))
-    model = transformers.AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32).eval()
+    model = torch_holding_gguf(out, cfg, tmp_path / "q6k-ref", unpermute_qk=False)
     _check_logits(model, load(out), hf_ids(src, PROMPT), 0.03)

@@ -148,34 +148,9 @@ def test_gptq_recipe_quantize_then_export_q4_k_m_carries_exactly_and_runs(model_
 
     # llama.cpp runs it: its logits vs a torch model holding the GGUF's own values (gguf-py's dequantization)
     pytest.importorskip("llama_cpp")
-    import transformers
-    from safetensors.torch import save_file
-    from test_gguf_export import GLOBAL, LAYER
-    from test_gguf_llamacpp import PROMPT, _check_logits, hf_ids, load
+    from test_gguf_llamacpp import PROMPT, _check_logits, hf_ids, load, torch_holding_gguf
 
-    heads = {"attn_q.weight": cfg["num_attention_heads"],
-             "attn_k.weight": cfg.get("num_key_value_heads") or cfg["num_attention_heads"]}
-    back = {g: h for h, g in GLOBAL.items()}
-    sd = {}
-    for t in reader.values():
-        shape = tuple(reversed(t.shape.tolist()))
-        v = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape))
-        if t.name.startswith("blk."):
-            _, bid, rest = t.name.split(".", 2)
-            hf_name = f"model.layers.{bid}." + next(h for h, g in LAYER.items() if g == rest)
-            if rest in heads:
-                hf = torch.empty_like(v)
-                hf[permute_rows(v.shape[0], heads[rest])] = v
-                v = hf
-        else:
-            hf_name = back[t.name]
-        sd[hf_name] = v.contiguous()
-    ref_dir = tmp_path / "k-ref"
-    ref_dir.mkdir()
-    save_file(sd, ref_dir / "model.safetensors")
-    cfg.pop("quantization_config", None)
-    (ref_dir / "config.json").write_text(json.dumps(cfg))
-    model = transformers.AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32).eval()
+    model = torch_holding_gguf(gguf_path, cfg, tmp_path / "k-ref", unpermute_qk=True)
     _check_logits(model, load(gguf_path), hf_ids(src, PROMPT), 0.03)
 
 
