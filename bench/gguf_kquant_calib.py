@@ -24,7 +24,6 @@ Usage: nice .venv/bin/python bench/gguf_kquant_calib.py [--samples 32] [--seqlen
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 from pathlib import Path
@@ -90,22 +89,9 @@ def mean_kl(model, windows, ref) -> float:
 
 
 def llama_quantize(f32: Path, out: Path, importance: dict[str, np.ndarray] | None) -> None:
-    import llama_cpp
+    from llamacpp_tools import quantize_in_process  # bench/, this script's folder
 
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
-    params.nthread = 2
-    keep = []
-    if importance:
-        entries = []
-        for name, imp in importance.items():
-            data = (ctypes.c_float * imp.size)(*imp.astype(np.float32).tolist())
-            keep.append(data)
-            entries.append(llama_cpp.llama_model_imatrix_data(name.encode(), data, imp.size))
-        arr = (llama_cpp.llama_model_imatrix_data * (len(entries) + 1))(*entries)
-        keep.append(arr)
-        params.imatrix = arr
-    assert llama_cpp.llama_model_quantize(str(f32).encode(), str(out).encode(), params) == 0
+    quantize_in_process(f32, out, "LLAMA_FTYPE_MOSTLY_Q4_K_M", 2, importance)
 
 
 def main() -> None:
@@ -124,7 +110,6 @@ def main() -> None:
     from tokenizers import Tokenizer
 
     from dsq.dsquant.calib.hook import CalibSpec
-    from dsq.dsquant.calib.imatrix_file import read_imatrix
     from dsq.dsquant.quantize import quantize_checkpoint
     from dsq.export.gguf_writer import export_gguf
 
@@ -158,9 +143,9 @@ def main() -> None:
         "gptq", str(BENCH / "calib_mixed.txt"), args.samples, args.seqlen, imatrix_out=str(imatrix)))
     t_gptq = cpu() - t
 
-    importance = {}
-    for name, entry in read_imatrix(imatrix).entries.items():
-        importance[name] = entry.importance()[0]
+    from llamacpp_tools import imatrix_importance
+
+    importance = imatrix_importance(imatrix)
     t = cpu()
     theirs_im = work / "llamacpp-q4_k_m-imatrix.gguf"
     llama_quantize(f32, theirs_im, importance)

@@ -57,24 +57,6 @@ LLAMA_ROWS: dict[str, tuple[str, bool]] = {
 
 # llama-cpp-python's binding of the same quantizer, when the tools are not built; an imatrix file (argv[5]) is
 # passed as params.imatrix, the mean x^2 per column llama-quantize reads from the file (dsq's reader)
-QUANTIZE = """
-import ctypes, sys, llama_cpp, numpy as np
-p = llama_cpp.llama_model_quantize_default_params()
-p.ftype = getattr(llama_cpp, sys.argv[3]); p.nthread = int(sys.argv[4])
-keep = []
-if len(sys.argv) > 5:
-    from dsq.dsquant.calib.imatrix_file import read_imatrix
-    entries = []
-    for name, e in read_imatrix(sys.argv[5]).entries.items():
-        imp = e.importance().reshape(-1)
-        data = (ctypes.c_float * imp.size)(*imp.astype(np.float32).tolist())
-        keep.append(data)
-        entries.append(llama_cpp.llama_model_imatrix_data(name.encode(), data, imp.size))
-    arr = (llama_cpp.llama_model_imatrix_data * (len(entries) + 1))(*entries)
-    keep.append(arr)
-    p.imatrix = arr
-assert llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p) == 0
-"""
 
 
 def run(cmd: list[str], log: Path, env: dict | None = None) -> tuple[float, float, str]:
@@ -226,7 +208,7 @@ def main() -> None:
             if not built and with_im:
                 label += " (imatrix by dsq)"
             cmd = ([tools["llama-quantize"], *(["--imatrix", imatrix] if with_im else []), f32, out, qtype,
-                    str(args.threads)] if built else [PY, "-c", QUANTIZE, f32, out, f"LLAMA_FTYPE_MOSTLY_{qtype}",
+                    str(args.threads)] if built else [PY, str(HERE / "llamacpp_tools.py"), "quantize", f32, out, f"LLAMA_FTYPE_MOSTLY_{qtype}",
                                                       str(args.threads), *([imatrix] if with_im else [])])
             w, c, _ = run(cmd, log)
             if with_im:  # the imatrix is part of the price of this file

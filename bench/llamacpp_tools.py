@@ -74,6 +74,45 @@ def ensure_tools(jobs: int = 1, log: Path | None = None) -> dict[str, Path]:
     return paths
 
 
+def imatrix_importance(path: str | Path) -> dict:
+    """{GGUF tensor name: float32 importance, all of a tensor's matrices (experts) one after the other} from a
+    llama.cpp imatrix file (GGUF or .dat), as llama_model_quantize takes it."""
+    import numpy as np
+
+    from dsq.dsquant.calib.imatrix_file import read_imatrix
+
+    return {name: e.importance().reshape(-1).astype(np.float32) for name, e in read_imatrix(path).entries.items()}
+
+
+def quantize_in_process(src: Path, dst: Path, ftype: str, nthread: int = 2, importance: dict | None = None) -> None:
+    """llama.cpp's ``llama_model_quantize`` through llama-cpp-python (no CLI build needed): ``ftype`` is a
+    ``LLAMA_FTYPE_MOSTLY_*`` name; ``importance`` ({GGUF name: float32 values}) goes in as ``params.imatrix``,
+    the zero-terminated ``llama_model_imatrix_data`` array llama-quantize --imatrix builds."""
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, ftype)
+    params.nthread = nthread
+    keep = []  # the C arrays must outlive the call
+    if importance:
+        entries = []
+        for name, imp in importance.items():
+            data = (ctypes.c_float * imp.size)(*imp.tolist())
+            keep.append(data)
+            entries.append(llama_cpp.llama_model_imatrix_data(name.encode(), data, imp.size))
+        arr = (llama_cpp.llama_model_imatrix_data * (len(entries) + 1))(*entries)
+        keep.append(arr)
+        params.imatrix = arr
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params) != 0:
+        raise RuntimeError(f"llama_model_quantize {src} -> {dst} ({ftype}) failed")
+
+
 if __name__ == "__main__":
-    for name, path in ensure_tools().items():
-        print(f"{name}\t{path}")
+    if sys.argv[1:2] == ["quantize"]:  # quantize SRC DST FTYPE NTHREAD [IMATRIX]: one process per measured step
+        a = sys.argv[2:]
+        quantize_in_process(Path(a[0]), Path(a[1]), a[2], int(a[3]), imatrix_importance(a[4]) if len(a) > 4 else None)
+    else:
+        for name, path in ensure_tools().items():
+            print(f"{name}\t{path}")
