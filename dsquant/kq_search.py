@@ -564,10 +564,20 @@ def rowsum(a: np.ndarray) -> np.ndarray:
     return out.reshape(lead)
 
 
+def nearest_int(a: np.ndarray) -> np.ndarray:
+    """ggml's ``nearest_int`` on a float32 array, bit for bit (also beyond 4194303, inf and NaN): int32."""
+    with np.errstate(all="ignore"):
+        t = np.asarray(a, np.float32) + _MAGIC
+    return (t.view(np.int32) & np.int32(0x007FFFFF)) - np.int32(0x00400000)
+
+
 def signed_max(x: np.ndarray) -> np.ndarray:
-    """The element of largest magnitude of each row of x [M, n], sign kept, first on ties (ggml's scan)."""
-    i = np.abs(x).argmax(1)
-    return np.take_along_axis(x, i[:, None], 1)[:, 0]
+    """The element of largest magnitude of each row of x [M, n], sign kept, first on ties: ggml's scan
+    (``if (fabsf(v) > amax)`` from amax 0, so NaN never wins and an all-NaN/zero row gives 0)."""
+    a = np.nan_to_num(np.abs(x), nan=-1.0)
+    i = a.argmax(1)
+    out = np.take_along_axis(x, i[:, None], 1)[:, 0]
+    return np.where(np.take_along_axis(a, i[:, None], 1)[:, 0] > 0, out, f32(0)).astype(np.float32)
 
 
 def _c32(a: np.ndarray) -> np.ndarray:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .errors import UnsupportedError
-from .kq_search import f32, make_q3, make_qkx, make_qp, make_qx, rowsum, signed_max
+from .kq_search import f32, make_q3, make_qkx, make_qp, make_qx, nearest_int, rowsum, signed_max
 
 QK_K = 256
 
@@ -157,7 +157,7 @@ def fit(kind: str, x: np.ndarray, importance: np.ndarray | None = None, sigma2: 
                 top = signed_max(scale)
                 has = top != 0
                 iscale = (f32(-32) / np.where(has, top, f32(1))).astype(np.float32)
-                l8 = np.rint(iscale[:, None] * scale).astype(np.int64)
+                l8 = nearest_int(iscale[:, None] * scale).astype(np.int64)
                 l8 = ((l8 + 128) & 255) - 128  # C's int8_t
                 ls = np.where(has[:, None], np.clip(l8, -32, 31) + 32, 0)
                 d = np.where(has, f32(1) / iscale, f32(0)).astype(np.float16)
@@ -219,7 +219,7 @@ def requant(kind: str, x: np.ndarray, grid: KGrid) -> np.ndarray:
     with np.errstate(all="ignore"):
         t = (xs + off[..., None]) / np.where(step == 0, f32(1), step)[..., None]
         q = np.clip(np.rint(t), f32(-sp.zp), f32(sp.qmax - sp.zp)) + f32(sp.zp)
-    return np.where(step[..., None] == 0, grid.codes, q.astype(np.uint8))
+        return np.where(step[..., None] == 0, grid.codes, q.astype(np.uint8))
 
 
 def values(kind: str, grid: KGrid, codes: np.ndarray) -> np.ndarray:
@@ -227,7 +227,8 @@ def values(kind: str, grid: KGrid, codes: np.ndarray) -> np.ndarray:
     sp = KSPEC[kind]
     step, off = grid.step_offset()
     q = codes.astype(np.float32) - f32(sp.zp)
-    return (step[..., None] * q - off[..., None]).reshape(codes.shape[0], sp.block)
+    with np.errstate(all="ignore"):  # an fp16 d of inf (weights beyond fp16's range): inf/NaN, as ggml reads it
+        return (step[..., None] * q - off[..., None]).reshape(codes.shape[0], sp.block)
 
 
 def _pack_2bit(q: np.ndarray) -> np.ndarray:
