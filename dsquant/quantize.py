@@ -69,6 +69,22 @@ class ErrorStats:
         lo, hi = torch.aminmax(diff)
         return sq_err, sq_ref, max(float(-lo), float(hi))
 
+    @staticmethod
+    def measure_quantized(w: torch.Tensor, qt: QuantizedTensor) -> tuple[float, float, float]:
+        """``measure(w, qt.dequantize())`` for row-block formats (int4/int8 groups and channels) in one compiled
+        pass over w and the codes (rtn_kernels.block_error, float64 sums), without the dequantized copy;
+        other formats (FP8, GGUF grids) dequantize."""
+        fmt = qt.fmt
+        rows, cols = qt.shape
+        br, bc = fmt.block(qt.shape)
+        if (br != 1 or not bc or cols % bc or not cols or qt.codes.dtype not in (torch.int8, torch.uint8)
+                or hasattr(fmt, "stored")):
+            return ErrorStats.measure(w, qt.dequantize())
+        from .rtn_kernels import block_error
+
+        zero = None if qt.zero is None else qt.zero.to(torch.float32).numpy()
+        return block_error(w.to(torch.float32).numpy(), qt.codes.numpy(), qt.scale.to(torch.float32).numpy(), zero, bc)
+
     def merge(self, measured: tuple[float, float, float]) -> None:
         self.sq_err += measured[0]
         self.sq_ref += measured[1]
@@ -263,11 +279,13 @@ def _process(
         def work(chunk: tuple[int, int], data=data, start=start):
             c0, c1 = chunk
             part = data[c0:c1]
+            if not fp8_passthrough:
+                part = part.to(torch.float32)  # once per chunk, for the quantizer and the error sums
             if isinstance(calibrated, QuantizedTensor) and not fp8_passthrough:
                 qt = rows_of(calibrated, start + c0, start + c1)
             else:
                 qt = quantize_rows(ckpt, entry, part, start + c0)
-            return layout.encode(entry.name, qt, full_shape=entry.shape), ErrorStats.measure(part, qt.dequantize())
+            return layout.encode(entry.name, qt, full_shape=entry.shape), ErrorStats.measure_quantized(part, qt)
 
         chunks = [(0, stop - start)] if fp8_passthrough else row_chunks(stop - start, entry.shape[1], max(fmt.block_rows, 8))
         # in order, whatever thread computed them: the bytes and the summed statistics never depend on timing

@@ -1,0 +1,96 @@
+"""Round-to-nearest kernels of the streaming quantizer, compiled with numba (one pass over a row chunk each).
+
+* ``q4_sym_rows``: ggml's ``quantize_row_q4_0_ref`` for blocks of any width ``g`` (dsq's ``int4_sym_g*``):
+  per block the element of largest magnitude, sign kept, first on ties (gguf-py's argmax; C's scan differs
+  only on an all-zero block, where it keeps +0 and gguf-py the first zero's sign: d is then -0.0 or +0.0),
+  d = it / -8, id = d ? 1/d : 0, code = min(15, (int)(x * id + 8.5)) - 8 in float32, C's operations in C's
+  order. A subnormal d makes 1/d infinite; then x * id + 8.5 is +-inf or NaN and the code is what the
+  float-to-int8 conversion of ``clamp(trunc(t), 0, 15)`` gives on x86 (NaN: 0; +inf: 7; -inf: -8), as
+  dsq's torch formula always gave.
+* ``block_error``: the quantize report's error sums of a chunk, ((c - z) * s - x)^2 and x^2 summed, and
+  max |(c - z) * s - x|, without materialising the dequantized copy (float64 sums).
+
+Both release the GIL, so the chunk threads of ``formats.StreamPool`` run them on every core.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+_jit = njit(cache=True, nogil=True, error_model="numpy")
+
+
+@_jit
+def _q4_sym(x, g, codes, d_out):
+    n, cols = x.shape
+    nb = cols // g
+    bad = False
+    for r in range(n):
+        xr = x[r]
+        cr = codes[r]
+        for j in range(nb):
+            amax = np.float32(-1.0)  # the first element of largest |v|, as argmax (and gguf-py) pick it
+            mx = np.float32(0.0)
+            for i in range(j * g, j * g + g):
+                v = xr[i]
+                a = abs(v)
+                bad |= not a <= np.float32(3.4028234663852886e38)  # NaN or Inf
+                if a > amax:
+                    amax = a
+                    mx = v
+            d = mx / np.float32(-8.0)
+            inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
+            d_out[r, j] = d
+            for i in range(j * g, j * g + g):
+                t = xr[i] * inv + np.float32(8.5)
+                if t != t:
+                    cr[i] = 0
+                else:
+                    t = min(max(t, np.float32(0.0)), np.float32(15.0))
+                    cr[i] = np.int8(np.int32(t) - 8)
+    return bad
+
+
+def q4_sym_rows(x: np.ndarray, g: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """float32 rows [n, cols] (cols a multiple of ``g``) -> (int8 codes [n, cols] in [-8, 7], float32 d
+    [n, cols / g], whether a NaN/Inf was seen: then the caller locates it and refuses the tensor)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    codes = np.empty(x.shape, np.int8)
+    d = np.empty((x.shape[0], x.shape[1] // g), np.float32)
+    bad = bool(_q4_sym(x, g, codes, d)) if x.size else False
+    return codes, d, bad
+
+
+@_jit
+def _block_error(x, codes, scale, zero, has_zero, g):
+    n, cols = x.shape
+    sq_err = 0.0
+    sq_ref = 0.0
+    mx = 0.0
+    for r in range(n):
+        xr = x[r]
+        cr = codes[r]
+        for j in range(cols // g):
+            s = scale[r, j]
+            z = zero[r, j] if has_zero else np.float32(0.0)
+            for i in range(j * g, j * g + g):
+                c = np.float32(cr[i])
+                deq = (c - z) * s if has_zero else c * s
+                diff = np.float64(deq - xr[i])
+                sq_err += diff * diff
+                sq_ref += np.float64(xr[i]) * np.float64(xr[i])
+                mx = max(mx, abs(diff))
+    return sq_err, sq_ref, mx
+
+
+def block_error(x: np.ndarray, codes: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, g: int
+                ) -> tuple[float, float, float]:
+    """(sum of squared error, sum of squared weights, max |error|) of float32 rows x [n, cols] against codes
+    [n, cols] (int8 or uint8) dequantized as dsq does, (c - zero) * scale per block of ``g`` columns; scale
+    and zero float32 [n, cols / g]."""
+    if not x.size:
+        return 0.0, 0.0, 0.0
+    z = scale if zero is None else np.ascontiguousarray(zero, dtype=np.float32)
+    return _block_error(np.ascontiguousarray(x, dtype=np.float32), np.ascontiguousarray(codes),
+                        np.ascontiguousarray(scale, dtype=np.float32), z, zero is not None, g)
