@@ -44,11 +44,8 @@ def _q4_sym(x, g, codes, d_out):
             d_out[r, j] = d
             for i in range(j * g, j * g + g):
                 t = xr[i] * inv + np.float32(8.5)
-                if t != t:
-                    cr[i] = 0
-                else:
-                    t = min(max(t, np.float32(0.0)), np.float32(15.0))
-                    cr[i] = np.int8(np.int32(t) - 8)
+                t = min(max(t, np.float32(0.0)), np.float32(15.0))
+                cr[i] = np.int8(np.int32(t) - 8) if t == t else np.int8(0)
     return bad
 
 
@@ -62,26 +59,31 @@ def q4_sym_rows(x: np.ndarray, g: int) -> tuple[np.ndarray, np.ndarray, bool]:
     return codes, d, bad
 
 
-@_jit
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=True)  # sums may be reordered: a statistic
 def _block_error(x, codes, scale, zero, has_zero, g):
     n, cols = x.shape
     sq_err = 0.0
     sq_ref = 0.0
-    mx = 0.0
+    mx = np.float32(0.0)
     for r in range(n):
         xr = x[r]
         cr = codes[r]
         for j in range(cols // g):
             s = scale[r, j]
             z = zero[r, j] if has_zero else np.float32(0.0)
+            se = np.float32(0.0)  # per block in float32 (vectorised), the totals in float64
+            sr = np.float32(0.0)
+            mb = np.float32(0.0)
             for i in range(j * g, j * g + g):
-                c = np.float32(cr[i])
-                deq = (c - z) * s if has_zero else c * s
-                diff = np.float64(deq - xr[i])
-                sq_err += diff * diff
-                sq_ref += np.float64(xr[i]) * np.float64(xr[i])
-                mx = max(mx, abs(diff))
-    return sq_err, sq_ref, mx
+                deq = (np.float32(cr[i]) - z) * s
+                diff = deq - xr[i]
+                se += diff * diff
+                sr += xr[i] * xr[i]
+                mb = max(mb, abs(diff))
+            sq_err += np.float64(se)
+            sq_ref += np.float64(sr)
+            mx = max(mx, mb)
+    return sq_err, sq_ref, np.float64(mx)
 
 
 def block_error(x: np.ndarray, codes: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, g: int
