@@ -96,3 +96,48 @@ def block_error(x: np.ndarray, codes: np.ndarray, scale: np.ndarray, zero: np.nd
     z = scale if zero is None else np.ascontiguousarray(zero, dtype=np.float32)
     return _block_error(np.ascontiguousarray(x, dtype=np.float32), np.ascontiguousarray(codes),
                         np.ascontiguousarray(scale, dtype=np.float32), z, zero is not None, g)
+
+
+@_jit
+def _unpack_nibbles(b, out):
+    n, nbytes = b.shape
+    cols = out.shape[1]
+    for r in range(n):
+        br = b[r]
+        orow = out[r]
+        for i in range(cols // 2):
+            v = br[i]
+            orow[2 * i] = v & 15
+            orow[2 * i + 1] = v >> 4
+        if cols % 2:
+            orow[cols - 1] = br[cols // 2] & 15
+
+
+def unpack_nibbles(b: np.ndarray, cols: int) -> np.ndarray:
+    """Bytes [rows, nbytes] holding two 4-bit codes each (low nibble first) -> uint8 codes [rows, cols], in one
+    pass and one allocation (compressed-tensors' int32 words of 4-bit codes are such bytes, little-endian)."""
+    out = np.empty((b.shape[0], cols), np.uint8)
+    if out.size:
+        _unpack_nibbles(np.ascontiguousarray(b), out)
+    return out
+
+
+@_jit
+def _pack_nibbles(u, offset, out):
+    n, cols = u.shape
+    for r in range(n):
+        ur = u[r]
+        orow = out[r]
+        for i in range(cols // 2):
+            orow[i] = np.uint8((ur[2 * i] + offset) & 15) | np.uint8(((ur[2 * i + 1] + offset) & 15) << 4)
+        if cols % 2:
+            orow[cols // 2] = np.uint8((ur[cols - 1] + offset) & 15)
+
+
+def pack_nibbles(u: np.ndarray, offset: int, nbytes: int) -> np.ndarray:
+    """4-bit codes [rows, cols] (uint8, or int8 with ``offset`` 8 making them unsigned) -> bytes [rows, nbytes]
+    (two codes per byte, low nibble first, zero padded): one pass, no shifted copies."""
+    out = np.zeros((u.shape[0], nbytes), np.uint8)
+    if u.size:
+        _pack_nibbles(np.ascontiguousarray(u).view(np.uint8), np.uint8(offset), out)
+    return out
