@@ -19,6 +19,7 @@ Rounding rules are those of the reference implementations they must stay exact w
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -80,6 +81,9 @@ class StreamPool:
     def __enter__(self) -> StreamPool:
         self._torch_threads = torch.get_num_threads()
         torch.set_num_threads(1)
+        # the objects alive now (modules, configs, the plan) are moved out of the collector's generations:
+        # every chunk allocates a few arrays, and each full collection walked all of them (3-4% of CPU)
+        gc.freeze()
         # one worker: run chunks inline (measured ~5% fewer CPU seconds than handing them to a thread)
         self.workers = ThreadPoolExecutor(self.n_workers, thread_name_prefix="dsq-work") if self.n_workers > 1 \
             else _Inline()
@@ -90,6 +94,7 @@ class StreamPool:
         self.workers.shutdown(wait=True, cancel_futures=True)
         self.reader.shutdown(wait=True, cancel_futures=True)
         torch.set_num_threads(self._torch_threads)
+        gc.unfreeze()
 
 
 @dataclass(frozen=True)
@@ -304,7 +309,7 @@ class Int4Sym(QuantFormat):
         d_all = np.empty((rows, cols // g), dtype=np.float32)
         out = codes.numpy()
         for r0, r1 in row_chunks(rows, cols):
-            c, d, bad = q4_sym_rows(w[r0:r1].to(torch.float32).numpy(), g)
+            c, d, bad = q4_sym_rows(w[r0:r1], g)  # bf16 read as its bits: no float32 copy
             if bad:
                 check_finite(w.to(torch.float32), name, (1, g))
             out[r0:r1] = c

@@ -71,19 +71,11 @@ class ErrorStats:
 
     @staticmethod
     def measure_quantized(w: torch.Tensor, qt: QuantizedTensor) -> tuple[float, float, float]:
-        """``measure(w, qt.dequantize())`` for row-block formats (int4/int8 groups and channels) in one compiled
-        pass over w and the codes (rtn_kernels.block_error, float64 sums), without the dequantized copy;
-        other formats (FP8, GGUF grids) dequantize."""
-        fmt = qt.fmt
-        rows, cols = qt.shape
-        br, bc = fmt.block(qt.shape)
-        if (br != 1 or not bc or cols % bc or not cols or qt.codes.dtype not in (torch.int8, torch.uint8)
-                or hasattr(fmt, "stored")):
-            return ErrorStats.measure(w, qt.dequantize())
-        from .rtn_kernels import block_error
+        """``measure(w, qt.dequantize())``, for row-block formats in one compiled pass without the dequantized
+        copy (rtn_kernels.quantized_error)."""
+        from .rtn_kernels import quantized_error
 
-        zero = None if qt.zero is None else qt.zero.to(torch.float32).numpy()
-        return block_error(w.to(torch.float32).numpy(), qt.codes.numpy(), qt.scale.to(torch.float32).numpy(), zero, bc)
+        return quantized_error(w, qt)
 
     def merge(self, measured: tuple[float, float, float]) -> None:
         self.sq_err += measured[0]
@@ -279,8 +271,6 @@ def _process(
         def work(chunk: tuple[int, int], data=data, start=start):
             c0, c1 = chunk
             part = data[c0:c1]
-            if not fp8_passthrough:
-                part = part.to(torch.float32)  # once per chunk, for the quantizer and the error sums
             if isinstance(calibrated, QuantizedTensor) and not fp8_passthrough:
                 qt = rows_of(calibrated, start + c0, start + c1)
             else:

@@ -22,12 +22,27 @@ _jit = njit(cache=True, nogil=True, error_model="numpy")
 
 
 @_jit
-def _q4_sym(x, g, codes, d_out):
+def _row_f32(xr, bf16, buf, bufu):
+    """Row ``xr`` as float32 in ``buf`` (L1/L2-sized): bf16 bits (uint16) widened exactly through ``bufu``
+    (``buf``'s uint32 view), or float32 copied."""
+    if bf16:
+        for i in range(xr.shape[0]):
+            bufu[i] = np.uint32(xr[i]) << np.uint32(16)
+    else:
+        for i in range(xr.shape[0]):
+            buf[i] = xr[i]
+    return buf
+
+
+@_jit
+def _q4_sym(x, bf16, g, codes, d_out):
     n, cols = x.shape
     nb = cols // g
     bad = False
+    buf = np.empty(cols, np.float32)
+    bufu = buf.view(np.uint32)
     for r in range(n):
-        xr = x[r]
+        xr = _row_f32(x[r], bf16, buf, bufu)
         cr = codes[r]
         for j in range(nb):
             amax = np.float32(-1.0)  # the first element of largest |v|, as argmax (and gguf-py) pick it
@@ -49,24 +64,39 @@ def _q4_sym(x, g, codes, d_out):
     return bad
 
 
-def q4_sym_rows(x: np.ndarray, g: int) -> tuple[np.ndarray, np.ndarray, bool]:
-    """float32 rows [n, cols] (cols a multiple of ``g``) -> (int8 codes [n, cols] in [-8, 7], float32 d
-    [n, cols / g], whether a NaN/Inf was seen: then the caller locates it and refuses the tensor)."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    codes = np.empty(x.shape, np.int8)
-    d = np.empty((x.shape[0], x.shape[1] // g), np.float32)
-    bad = bool(_q4_sym(x, g, codes, d)) if x.size else False
+def _bits(x) -> tuple[np.ndarray, bool]:
+    """A torch/numpy float tensor as what the kernels read: bf16 as its uint16 bits (widened in the kernel,
+    exactly), float32 as is, anything else converted to float32."""
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        if x.dtype == torch.bfloat16:
+            return x.contiguous().view(torch.uint16).numpy(), True
+        x = x.to(torch.float32).contiguous().numpy()
+    return np.ascontiguousarray(x, dtype=np.float32), False
+
+
+def q4_sym_rows(x, g: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Rows [n, cols] (a bf16/float torch tensor or float32 array; cols a multiple of ``g``) -> (int8 codes
+    [n, cols] in [-8, 7], float32 d [n, cols / g], whether a NaN/Inf was seen: then the caller locates it
+    and refuses the tensor)."""
+    xb, bf16 = _bits(x)
+    codes = np.empty(xb.shape, np.int8)
+    d = np.empty((xb.shape[0], xb.shape[1] // g), np.float32)
+    bad = bool(_q4_sym(xb, bf16, g, codes, d)) if xb.size else False
     return codes, d, bad
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=True)  # sums may be reordered: a statistic
-def _block_error(x, codes, scale, zero, has_zero, g):
+def _block_error(x, bf16, codes, scale, zero, has_zero, g):
     n, cols = x.shape
     sq_err = 0.0
     sq_ref = 0.0
     mx = np.float32(0.0)
+    buf = np.empty(cols, np.float32)
+    bufu = buf.view(np.uint32)
     for r in range(n):
-        xr = x[r]
+        xr = _row_f32(x[r], bf16, buf, bufu)
         cr = codes[r]
         for j in range(cols // g):
             s = scale[r, j]
@@ -86,16 +116,17 @@ def _block_error(x, codes, scale, zero, has_zero, g):
     return sq_err, sq_ref, np.float64(mx)
 
 
-def block_error(x: np.ndarray, codes: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, g: int
-                ) -> tuple[float, float, float]:
-    """(sum of squared error, sum of squared weights, max |error|) of float32 rows x [n, cols] against codes
+def block_error(x, codes: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, g: int) -> tuple[float, float, float]:
+    """(sum of squared error, sum of squared weights, max |error|) of rows x [n, cols] (bf16/float tensor or
+    float32 array) against codes
     [n, cols] (int8 or uint8) dequantized as dsq does, (c - zero) * scale per block of ``g`` columns; scale
     and zero float32 [n, cols / g]."""
-    if not x.size:
+    xb, bf16 = _bits(x)
+    if not xb.size:
         return 0.0, 0.0, 0.0
     z = scale if zero is None else np.ascontiguousarray(zero, dtype=np.float32)
-    return _block_error(np.ascontiguousarray(x, dtype=np.float32), np.ascontiguousarray(codes),
-                        np.ascontiguousarray(scale, dtype=np.float32), z, zero is not None, g)
+    return _block_error(xb, bf16, np.ascontiguousarray(codes), np.ascontiguousarray(scale, dtype=np.float32), z,
+                        zero is not None, g)
 
 
 @_jit
@@ -141,3 +172,25 @@ def pack_nibbles(u: np.ndarray, offset: int, nbytes: int) -> np.ndarray:
     if u.size:
         _pack_nibbles(np.ascontiguousarray(u).view(np.uint8), np.uint8(offset), out)
     return out
+
+
+def quantized_error(w, qt) -> tuple[float, float, float]:
+    """(sum of squared error, sum of squared weights, max |error|) of rows ``w`` [n, cols] (bf16/float tensor)
+    against the QuantizedTensor ``qt`` of them: ``block_error`` for row-block formats (int4/int8 groups and
+    channels: codes int8/uint8, one scale (and zero) per block of one row), else from ``qt.dequantize()``
+    (FP8, GGUF grids) in float32 dot products."""
+    import torch
+
+    fmt = qt.fmt
+    rows, cols = qt.shape
+    br, bc = fmt.block(qt.shape)
+    if (br != 1 or not bc or cols % bc or not cols or qt.codes.dtype not in (torch.int8, torch.uint8)
+            or hasattr(fmt, "stored")):
+        x = w.to(torch.float32).reshape(-1)
+        diff = qt.dequantize().reshape(-1) - x
+        if not diff.numel():
+            return float(torch.dot(diff, diff)), float(torch.dot(x, x)), 0.0
+        lo, hi = torch.aminmax(diff)
+        return float(torch.dot(diff, diff)), float(torch.dot(x, x)), max(float(-lo), float(hi))
+    zero = None if qt.zero is None else qt.zero.to(torch.float32).numpy()
+    return block_error(w, qt.codes.numpy(), qt.scale.to(torch.float32).numpy(), zero, bc)

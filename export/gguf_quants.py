@@ -31,6 +31,7 @@ from gguf import LlamaFileType
 from dsq.dsquant.errors import UnsupportedError
 from dsq.dsquant.formats import FORMATS, QuantizedTensor, StreamPool, check_finite, row_chunks, split_blocks
 from dsq.dsquant.kq_types import KSPEC, pack, quantize_k, quantize_legacy
+from dsq.dsquant.rtn_kernels import quantized_error
 
 from .q5quants import quantize_q4_1, quantize_q5_0, quantize_q5_1
 
@@ -242,6 +243,11 @@ def encode(
     def work(chunk: tuple[int, int]) -> tuple[float, float]:
         r0, r1 = chunk
         src = rows.rows(r0, r1).dequantize() if isinstance(rows, QuantizedTensor) else rows[r0:r1]
+        if t.kquant is None and importance is None:  # dsq's twin format: bf16 read as is, sums without copies
+            qt = FORMATS[t.twin].quantize(src, name)  # also where NaN/Inf and fp16 overflow get their error
+            out[r0:r1] = pack_exact(qt, t).reshape(r1 - r0, row_bytes)
+            change, norm, _ = quantized_error(src, qt)
+            return change, norm
         x = src.to(torch.float32)
         if t.kquant is not None:
             check_finite(x, name, (1, t.block))
