@@ -582,3 +582,26 @@ def signed_max(x: np.ndarray) -> np.ndarray:
 
 def _c32(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float32)
+
+
+@_jit
+def _requant_rows(x, step, off, codes, lo, hi, zp, out):
+    for r in range(x.shape[0]):
+        s = step[r]
+        xr, cr, orow = x[r], codes[r], out[r]
+        if s == 0:  # ggml's `if (!d) continue;`: the search's codes stay
+            orow[:] = cr
+            continue
+        o = off[r]
+        for i in range(x.shape[1]):
+            orow[i] = max(lo, min(hi, _nearest_int((xr[i] + o) / s))) + zp
+
+
+def requant_rows(x: np.ndarray, step: np.ndarray, off: np.ndarray, codes: np.ndarray, lo: int, hi: int, zp: int
+                 ) -> np.ndarray:
+    """ggml's last loop of every K-quant: codes uint8 [M, n] = clamp(nearest_int((x + off) / step), lo, hi) + zp
+    per sub-block row of x [M, n] (step, off float32 [M]); rows whose step is 0 keep ``codes``."""
+    out = np.empty(x.shape, np.uint8)
+    if x.size:
+        _requant_rows(_c32(x), _c32(step), _c32(off), np.ascontiguousarray(codes, dtype=np.uint8), lo, hi, zp, out)
+    return out

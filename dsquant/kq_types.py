@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .errors import UnsupportedError
-from .kq_search import f32, make_q3, make_qkx, make_qp, make_qx, nearest_int, rowsum, signed_max
+from .kq_search import f32, make_q3, make_qkx, make_qp, make_qx, nearest_int, requant_rows, rowsum, signed_max
 
 QK_K = 256
 
@@ -215,11 +215,9 @@ def requant(kind: str, x: np.ndarray, grid: KGrid) -> np.ndarray:
     sp = KSPEC[kind]
     nb = x.shape[0]
     step, off = grid.step_offset()
-    xs = x.reshape(nb, sp.nsub, sp.sub)
-    with np.errstate(all="ignore"):
-        t = (xs + off[..., None]) / np.where(step == 0, f32(1), step)[..., None]
-        q = np.clip(np.rint(t), f32(-sp.zp), f32(sp.qmax - sp.zp)) + f32(sp.zp)
-        return np.where(step[..., None] == 0, grid.codes, q.astype(np.uint8))
+    q = requant_rows(np.ascontiguousarray(x, dtype=np.float32).reshape(-1, sp.sub), step.reshape(-1),
+                     off.reshape(-1), grid.codes.reshape(-1, sp.sub), -sp.zp, sp.qmax - sp.zp, sp.zp)
+    return q.reshape(nb, sp.nsub, sp.sub)
 
 
 def values(kind: str, grid: KGrid, codes: np.ndarray) -> np.ndarray:
