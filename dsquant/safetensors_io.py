@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .direct_io import DirectWriter
 from .errors import CorruptFileError, OutputError
 from .schema import check_safetensors_header, parse_json
 
@@ -50,7 +51,6 @@ DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 # A header larger than this is refused before it is read: real ones are a few MB at most
 # (safetensors' own reader uses the same 100 MB bound).
 MAX_HEADER_BYTES = 100 * 1024 * 1024
-WRITE_BUFFER = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -205,7 +205,8 @@ class SafetensorsWriter:
         self._written = 0  # bytes of order[_next] written so far (tensors may arrive in row slices)
         try:
             # a 1 MiB buffer: quantized tensors arrive in cache-sized chunks of tens of KB each
-            self._f = open(self.path, "wb", buffering=WRITE_BUFFER)  # noqa: SIM115 - closed in close()
+            # O_DIRECT through an aligned staging buffer (direct_io.py): no page-cache copy of the output
+            self._f = DirectWriter(self.path)
             self._f.write(struct.pack("<Q", len(blob)))
             self._f.write(blob)
         except OSError as e:
@@ -246,8 +247,6 @@ class SafetensorsWriter:
             self._f.close()
             raise AssertionError(f"{self.path}: closed before `{missing}` was written")
         try:
-            self._f.flush()
-            os.fsync(self._f.fileno())
-            self._f.close()
+            self._f.close()  # the tail, the length, one fsync
         except OSError as e:
             raise OutputError(f"{self.path}: cannot write ({e.strerror}); is the disk full?") from None

@@ -37,6 +37,7 @@ from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFWriter
 
 from dsq.dsquant.archs import ROLE_INFO
 from dsq.dsquant.atomic import check_output, make_partial_dir
+from dsq.dsquant.direct_io import DirectWriter
 from dsq.dsquant.errors import InputError, OutputError, UnsupportedError
 from dsq.dsquant.formats import QuantizedTensor, StreamPool
 from dsq.dsquant.source import Source
@@ -245,8 +246,11 @@ def export_gguf(
     stack = contextlib.ExitStack()
     try:
         w, extra, tok = _write_header(tmp_dir / out_path.name, src, outs, chosen, mix, split)
+        sink = _DirectSink(w, tmp_dir / out_path.name) if len(w.fout) == 1 else None
+        stack.callback(sink.abort if sink else lambda: None)
+        put = sink.write if sink else w.write_tensor_data
         for _, arr in extra:
-            w.write_tensor_data(arr)
+            put(arr)
         pool = stack.enter_context(StreamPool())  # chunk workers; torch single-threaded meanwhile
         for i, t in enumerate(outs):
             gt, tnotes, why = chosen[t.name]
@@ -264,7 +268,9 @@ def export_gguf(
                 tnotes = [*tnotes, f"GPTQ act-order: {sum(r['blocks'] for r in read)} of {sum(r['of'] for r in read)} "
                                    "column blocks of 32 mix groups and were re-rounded on reading"]
             err = _rel_error(stats)
-            w.write_tensor_data(data)
+            if data.nbytes != nbytes(gt, t.shape):
+                raise AssertionError(f"{t.name}: {data.nbytes} bytes encoded, the tensor table says {nbytes(gt, t.shape)}")
+            put(data)
             rows.append({"name": t.name, "type": gt.name, "shape": list(t.shape), "status": status,
                          "rel_error": err, "bytes": int(data.nbytes), "notes": tnotes,
                          **({"policy": why} if why else {}),
@@ -274,6 +280,8 @@ def export_gguf(
                 progress(i + 1, len(outs), t.name)
         shards = w.format_shard_names(tmp_dir / out_path.name)
         w.close()
+        if sink is not None:
+            sink.close()
         finals = [out_path.with_name(p.name) for p in shards]
         if len(finals) > 1:  # a split writes other names than out_path: check them too
             for final in finals:
@@ -299,6 +307,39 @@ def export_gguf(
             report["notes"].append(f"size budget: the file has {report['bytes']} bytes, the search counted "
                                    f"{budget['predicted_bytes']}")
     return report
+
+
+class _DirectSink:
+    """The tensor data of a single-file GGUF, written with O_DIRECT (dsquant/direct_io.py) after gguf-py has
+    written the header, metadata and tensor table: the same bytes and padding as ``GGUFWriter.write_tensor_data``
+    (each tensor starts on ``data_alignment`` and is padded to it), without the page-cache copy of every byte."""
+
+    def __init__(self, w: GGUFWriter, path: Path) -> None:
+        fout = w.fout[0]
+        fout.flush()
+        head = fout.tell()
+        fout.close()
+        w.fout = None  # gguf-py's close() has nothing left to do
+        with open(path, "rb") as f:
+            header = f.read(head)
+        self.align = w.data_alignment
+        self.f = DirectWriter(path)  # rewrites the file: header, then the data as it comes
+        self.f.write(header)
+
+    def _pad(self, n: int) -> None:
+        if n % self.align:
+            self.f.write(bytes(self.align - n % self.align))
+
+    def write(self, arr: np.ndarray) -> None:
+        self._pad(self.f.tell())
+        self.f.write(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
+        self._pad(arr.nbytes)
+
+    def close(self) -> None:
+        self.f.close()
+
+    def abort(self) -> None:
+        self.f.abort()
 
 
 def _write_header(path: Path, src: Source, outs: list[OutTensor], chosen: dict, mix: Mix | None,

@@ -4,6 +4,7 @@ compiled Q4_0 rounding and the error sums without a dequantized copy. Each must 
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -80,3 +81,42 @@ def test_q4_0_kernel_refuses_nan_by_block():
     w[5, 70] = float("inf")
     with pytest.raises(BadWeightsError, match=r"\[5, 70\]"):
         FORMATS["int4_sym_g32"].quantize(w, "w")
+
+
+def _pieces(seed: int = 0) -> list[bytes]:
+    rng = np.random.default_rng(seed)
+    sizes = [8, 3, 4096, 1, 8 << 20, 5000, (8 << 20) - 7, 12345, 0, 77]
+    return [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in sizes]
+
+
+@pytest.mark.parametrize("mode", ["direct", "off", "refused"])
+def test_direct_writer_writes_the_same_bytes(tmp_path, monkeypatch, mode):
+    """Any split of the data gives the file those bytes, with O_DIRECT, without it (DSQ_DIRECT_IO=0), and when
+    the filesystem refuses it at the first write (EINVAL: falls back to buffered writes)."""
+    import errno
+    import os
+
+    from dsq.dsquant import direct_io
+
+    if mode == "off":
+        monkeypatch.setenv("DSQ_DIRECT_IO", "0")
+    if mode == "refused":
+        real_write = os.write
+        state = {"refused": False}
+
+        def write(fd, data):
+            if os.get_blocking(fd) is not None and os.fstat(fd).st_size == 0 and not state["refused"]:
+                state["refused"] = True
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real_write(fd, data)
+
+        monkeypatch.setattr(direct_io.os, "write", write)
+    pieces = _pieces()
+    w = direct_io.DirectWriter(tmp_path / "f.bin")
+    for p in pieces:
+        w.write(p)
+    assert w.tell() == sum(map(len, pieces))
+    w.close()
+    assert (tmp_path / "f.bin").read_bytes() == b"".join(pieces)
+    if mode == "refused":
+        assert state["refused"]
