@@ -15,6 +15,7 @@ turns it off.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
@@ -118,7 +119,8 @@ class DirectWriter:
             self._fd = -1
             if self._buf is not None:
                 del self._view
-                self._buf.close()
+                with contextlib.suppress(BufferError):  # a failed write's traceback may still view it: GC frees it
+                    self._buf.close()
                 self._buf = None
 
     def abort(self) -> None:
