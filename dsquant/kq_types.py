@@ -302,8 +302,8 @@ def pack(kind: str, grid: KGrid, codes: np.ndarray) -> np.ndarray:
     raise UnsupportedError(f"no K-quant {kind!r}; known: {', '.join(KSPEC)}")
 
 
-# Row chunks for the packers: the search loops ~40 numpy ops over [sub, M] arrays per trial; 128 Ki weights
-# keep those arrays in L2 while amortising numpy's per-call overhead.
+# Row chunks for the packers: the searches are compiled (kq_search.py); the numpy steps around them (weights,
+# scale rounding, values, packing) make ~30 whole-chunk temporaries, which 128 Ki weights keep in L2.
 CHUNK = 1 << 17
 
 

@@ -263,8 +263,8 @@ def encode(
         xf = x.reshape(-1)
         return float(torch.dot(diff, diff)), float(torch.dot(xf, xf))
 
-    # k-quants' scale search runs ~400 small torch/numpy ops per chunk: per-op overhead, not cache misses,
-    # dominates it, so it takes chunks of KQUANT_ELEMENTS (measured 570 ns/weight at 64 Ki, ~60 at 4 Mi)
+    # k-quants go to the chunk threads in chunks of KQUANT_ELEMENTS (4 Mi weights: ~0.1 s of compiled search
+    # each, so the threads' hand-offs cost nothing); kq_types splits each further into L2-sized pieces
     chunks = row_chunks(n_rows, k) if t.kquant is None else _kquant_chunks(n_rows, k)
     results = map(work, chunks) if pool is None or len(chunks) == 1 else pool.workers.map(work, chunks)
     change = norm = 0.0

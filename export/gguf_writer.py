@@ -33,6 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
 from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFWriter
 
 from dsq.dsquant.archs import ROLE_INFO
@@ -248,18 +249,29 @@ def export_gguf(
         w, extra, tok = _write_header(tmp_dir / out_path.name, src, outs, chosen, mix, split)
         sink = _DirectSink(w, tmp_dir / out_path.name) if len(w.fout) == 1 else None
         stack.callback(sink.abort if sink else lambda: None)
-        put = sink.write if sink else w.write_tensor_data
         for _, arr in extra:
-            put(arr)
+            (sink.write if sink else w.write_tensor_data)(arr)
         pool = stack.enter_context(StreamPool())  # chunk workers; torch single-threaded meanwhile
         for i, t in enumerate(outs):
             gt, tnotes, why = chosen[t.name]
             values = build_value(t, src)
             imps = _importances(entries, t.name, values) if entries is not None and gt.quantized else [None] * len(values)
-            encoded = [encode(v, gt, t.name, pool, imp) for v, imp in zip(values, imps, strict=True)]
-            data = np.concatenate([e[0] for e in encoded]) if len(encoded) > 1 else encoded[0][0]
+            # Encoded a row block at a time: straight into the file when it is written here (the output of a
+            # 545M-weight output matrix is never held whole), else gathered for gguf-py's writer (splits).
             status = _status(values, gt)
-            stats = [e[1] for e in encoded]
+            stats, held, written = [], [], 0
+            if sink is not None:
+                sink.begin()
+            for v, imp in zip(values, imps, strict=True):
+                for piece in _row_blocks(v, sink is not None):
+                    data, st = encode(piece, gt, t.name, pool, imp)
+                    stats.append(st)
+                    written += data.nbytes
+                    if sink is not None:
+                        sink.piece(data)
+                    else:
+                        held.append(data)
+                    del data
             # What the reader itself re-rounded (GPTQ act-order blocks, dsquant/foreign.py) counts as requantized.
             read = [r for s in t.sources if (r := src.rerounded.get(s.name.removesuffix(".weight")))]
             if read:
@@ -268,14 +280,17 @@ def export_gguf(
                 tnotes = [*tnotes, f"GPTQ act-order: {sum(r['blocks'] for r in read)} of {sum(r['of'] for r in read)} "
                                    "column blocks of 32 mix groups and were re-rounded on reading"]
             err = _rel_error(stats)
-            if data.nbytes != nbytes(gt, t.shape):
-                raise AssertionError(f"{t.name}: {data.nbytes} bytes encoded, the tensor table says {nbytes(gt, t.shape)}")
-            put(data)
+            if written != nbytes(gt, t.shape):
+                raise AssertionError(f"{t.name}: {written} bytes encoded, the tensor table says {nbytes(gt, t.shape)}")
+            if sink is not None:
+                sink.end(written)
+            else:
+                w.write_tensor_data(np.concatenate(held) if len(held) > 1 else held[0])
             rows.append({"name": t.name, "type": gt.name, "shape": list(t.shape), "status": status,
-                         "rel_error": err, "bytes": int(data.nbytes), "notes": tnotes,
+                         "rel_error": err, "bytes": int(written), "notes": tnotes,
                          **({"policy": why} if why else {}),
                          "sources": [s.name for s in t.sources][:1] + ([f"+{len(t.sources) - 1}"] if len(t.sources) > 1 else [])})
-            del values, data, encoded
+            del values, held
             if progress:
                 progress(i + 1, len(outs), t.name)
         shards = w.format_shard_names(tmp_dir / out_path.name)
@@ -330,16 +345,43 @@ class _DirectSink:
         if n % self.align:
             self.f.write(bytes(self.align - n % self.align))
 
-    def write(self, arr: np.ndarray) -> None:
+    def begin(self) -> None:
+        """A tensor's data starts: on the alignment."""
         self._pad(self.f.tell())
+
+    def piece(self, arr: np.ndarray) -> None:
+        """The next bytes of the current tensor."""
         self.f.write(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
-        self._pad(arr.nbytes)
+
+    def end(self, nbytes: int) -> None:
+        """The tensor had ``nbytes``: padded to the alignment, as gguf-py pads it."""
+        self._pad(nbytes)
+
+    def write(self, arr: np.ndarray) -> None:
+        self.begin()
+        self.piece(arr)
+        self.end(arr.nbytes)
 
     def close(self) -> None:
         self.f.close()
 
     def abort(self) -> None:
         self.f.abort()
+
+
+STREAM_ELEMENTS = 1 << 25  # weights per encode call when the bytes go straight to the file
+
+
+def _row_blocks(v: QuantizedTensor | torch.Tensor, stream: bool) -> list:
+    """``v`` as row blocks of about ``STREAM_ELEMENTS`` weights (on 128-row boundaries, whole blocks of every
+    dsq format), or whole when not streaming or small. Quantizing is row-local, so the bytes are the same."""
+    shape = tuple(v.shape)
+    if not stream or len(shape) != 2 or shape[0] * shape[1] <= STREAM_ELEMENTS:
+        return [v]
+    step = max(128, STREAM_ELEMENTS // shape[1] // 128 * 128)
+    if isinstance(v, QuantizedTensor):
+        return [v.rows(r, min(r + step, shape[0])) for r in range(0, shape[0], step)]
+    return [v[r:r + step] for r in range(0, shape[0], step)]
 
 
 def _write_header(path: Path, src: Source, outs: list[OutTensor], chosen: dict, mix: Mix | None,

@@ -120,3 +120,24 @@ def test_direct_writer_writes_the_same_bytes(tmp_path, monkeypatch, mode):
     assert (tmp_path / "f.bin").read_bytes() == b"".join(pieces)
     if mode == "refused":
         assert state["refused"]
+
+
+@pytest.mark.parametrize("gtype", ["q4_0", "q4_k_m", "auto"])
+def test_gguf_written_in_row_blocks_is_the_same_file(model_dir, tmp_path, monkeypatch, gtype):
+    """Tensors encoded and written a row block at a time (as the 7B output matrix is) give the same file as
+    whole tensors: float sources (--type), and a dsq int4 checkpoint's QuantizedTensors (auto)."""
+    from dsq.dsquant.quantize import quantize_checkpoint
+    from dsq.export import gguf_writer
+
+    src = model_dir("llama")
+    if gtype == "auto":
+        quantize_checkpoint(src, tmp_path / "q", "int4")
+        src = tmp_path / "q"
+    gguf_writer.export_gguf(src, tmp_path / "whole.gguf", type=gtype)
+    monkeypatch.setattr(gguf_writer, "STREAM_ELEMENTS", 1000)  # every 2-D weight in several blocks of 128 rows
+    calls = []
+    real = gguf_writer._row_blocks
+    monkeypatch.setattr(gguf_writer, "_row_blocks", lambda v, stream: calls.append(len(r := real(v, stream))) or r)
+    gguf_writer.export_gguf(src, tmp_path / "blocks.gguf", type=gtype)
+    assert max(calls) > 1
+    assert (tmp_path / "blocks.gguf").read_bytes() == (tmp_path / "whole.gguf").read_bytes()
