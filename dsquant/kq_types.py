@@ -8,6 +8,8 @@ min per sub-block) and *codes* on that grid. This module keeps the two apart:
   importance its ``quantize_row_qX_K_ref``, with importance (llama.cpp imatrix: mean x^2 per input column)
   its ``quantize_row_qX_K_impl`` (``make_qkx3_quants`` sub-block search weighted by
   ``qw * sqrt(sigma2 + x^2)``, then ``make_qp_quants``/``make_qx_quants`` for the 6/4-bit scales);
+  The sub-block searches and the final rounding run in kq_search.py's compiled kernels (numba, ggml's float32
+  operation order), one sub-block per row of ``x.reshape(-1, sub)``; the steps between them are numpy;
 * ``requant(kind, x, grid)``: ggml's final rounding of every weight on the stored grid;
 * ``values`` / ``pack``: what gguf-py dequantizes (bit for bit) and the block bytes (ggml-common.h).
 
