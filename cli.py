@@ -240,6 +240,10 @@ def quantize(
         str | None, typer.Option(help="Ray cluster to use (`auto`: the one `ray start` made here; default: a new "
                                  "local one, or $RAY_ADDRESS).")
     ] = None,
+    task_cpus: Annotated[
+        int, typer.Option(help="With --executor ray: CPUs each task asks for and torch threads it runs. Calibrated "
+                          "output equals a local run with this many torch threads (OMP_NUM_THREADS).")
+    ] = 1,
     imatrix_out: Annotated[Path | None, typer.Option(
         help="Also write the calibration statistics as a llama.cpp imatrix (GGUF; legacy format if it ends in .dat)."
     )] = None,
@@ -271,7 +275,7 @@ def quantize(
         if executor == "ray":
             from dsq.dsquant.ray_executor import RayExecutor
 
-            runner = RayExecutor(ray_address, work_dir)
+            runner = RayExecutor(ray_address, work_dir, task_cpus=task_cpus)
         if method != "rtn" or imatrix_out or imatrix:  # rtn with an imatrix flag: the spec refuses it
             from dsq.dsquant.calib.hook import CalibSpec
             from dsq.dsquant.calib.methods import CalibOptions
