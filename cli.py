@@ -332,6 +332,12 @@ def plan(
                                  "e.g. '8x(cpus=32,mem=256GB)'.")
     ] = None,
     fs_gbps: Annotated[float, typer.Option(help="With --cluster: shared-filesystem GB/s per node.")] = 1.0,
+    method: Annotated[str, typer.Option(help="With --cluster: rtn, or a calibrated run (gptq, awq, imatrix) "
+                                        "with --samples x --seqlen tokens.")] = "rtn",
+    samples: Annotated[int, typer.Option(help="With --cluster --method: calibration sequences.")] = 128,
+    seqlen: Annotated[int, typer.Option(help="With --cluster --method: tokens per sequence.")] = 512,
+    task_cpus: Annotated[int, typer.Option(help="With --cluster --method: CPUs per Ray task.")] = 1,
+    net_gbps: Annotated[float, typer.Option(help="With --cluster --method: network GB/s per node.")] = 1.25,
 ) -> None:
     """Show what a recipe will do to every tensor (reads headers only, no weights)."""
     from dsq.dsquant.checkpoint import Checkpoint
@@ -346,7 +352,17 @@ def plan(
 
             from dsq.dsquant.cluster_plan import estimate, parse_cluster, render
 
-            est = estimate(p, parse_cluster(cluster), fs_gbps)
+            spec = parse_cluster(cluster)
+            if method != "rtn":  # calibrated: layers in sequence, each layer's work over the cluster
+                from dsq.dsquant.calib.methods import get_method
+                from dsq.dsquant.cluster_calib import CalibRun, estimate_calibrated, render_calibrated
+
+                get_method(method)
+                est = estimate_calibrated(p, spec, CalibRun(method, samples, seqlen, task_cpus=task_cpus), fs_gbps,
+                                          net_gbps)
+                typer.echo(json.dumps(est, indent=2) if json_out else render_calibrated(est))
+                return
+            est = estimate(p, spec, fs_gbps)
             typer.echo(json.dumps(est, indent=2) if json_out else render(est))
             return
     except Exception as e:
