@@ -467,12 +467,17 @@ def _unit_task(threads: int, fn: Callable, *args):
     return fn(*args)
 
 
-def _calib_task(threads: int, fn: Callable, *args):
+def _calib_task(threads: int, fn: Callable, *args) -> dict:
     """Worker side of :class:`RayCalibPool`: ``fn(*args)`` with torch on the task's ``threads`` (its
-    ``num_cpus``) in inference mode, as a local run with that many threads computes it."""
+    ``num_cpus``) in inference mode, as a local run with that many threads computes it. Returns
+    ``{"out": the result, "cpu_s": this task's CPU seconds, "node": host, "max_rss": the worker
+    process's peak RSS in bytes}``."""
     torch.set_num_threads(threads)
+    c0 = time.process_time()
     with torch.inference_mode():
-        return fn(*args)
+        out = fn(*args)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return {"out": out, "cpu_s": time.process_time() - c0, "node": socket.gethostname(), "max_rss": rss}
 
 
 def tensor_bytes(obj, shared: dict | None = None) -> int:
@@ -542,6 +547,7 @@ class RayCalibPool:
         self._shared: dict = {}  # object-store reference -> bytes of the object (for task_memory)
         self.tasks = 0  # submitted so far (for reports and tests)
         self.max_task_memory = 0  # the largest memory request so far, bytes
+        self.nodes: dict[str, dict[str, float]] = {}  # host -> tasks, CPU seconds in tasks, largest worker RSS
 
     def share(self, obj):
         """An object store reference to ``obj``: jobs that take it as an argument read it from there."""
@@ -564,7 +570,14 @@ class RayCalibPool:
                 done += len(ready)
                 if on_done:
                     on_done(done)
-            return self.ray.get(refs)
+            outs = []
+            for r in self.ray.get(refs):
+                node = self.nodes.setdefault(r["node"], {"tasks": 0, "cpu_s": 0.0, "max_rss": 0})
+                node["tasks"] += 1
+                node["cpu_s"] += r["cpu_s"]
+                node["max_rss"] = max(node["max_rss"], r["max_rss"])
+                outs.append(r["out"])
+            return outs
         except self.ray.exceptions.RayTaskError as e:
             cause = getattr(e, "cause", None)
             raise (cause if isinstance(cause, DsqError) else e) from None
