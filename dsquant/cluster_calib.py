@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 from .cluster_plan import MEM_RESERVE_BYTES, NS_PER_ELEMENT, ClusterSpec, _clock, tensor_seconds
 from .errors import InputError
-from .plan import BASE_RSS_BYTES, Plan, PlanEntry
+from .plan import BASE_RSS_BYTES, Plan, PlanEntry, human_bytes
 
 # bench/unit_costs.py --part calib, one torch thread; filled from its output (see COSTS_RUN).
 COSTS = {
@@ -347,26 +347,25 @@ def estimate_calibrated(plan: Plan, spec: ClusterSpec, run: CalibRun, fs_gbps: f
 
 def render_calibrated(est: dict) -> str:
     """A plain-text summary of ``estimate_calibrated``'s result."""
-    c, m = est["cluster"], est["memory"]
+    c, m, sl = est["cluster"], est["memory"], est["slots_per_node"]
     cal = est["calibration"]
-    gb = 1e9
+    hb = human_bytes
     lines = [
-        f"{c['nodes']} nodes x {c['cpus']} CPUs, {c['mem_bytes'] / gb:.0f} GB"
-        + (f", {c['gpus']} GPUs" if c["gpus"] else "")
+        f"{c['nodes']} nodes x {c['cpus']} CPUs, {hb(c['mem_bytes'])}" + (f", {c['gpus']} GPUs" if c["gpus"] else "")
         + f": {est['method']} on {cal['tokens']} tokens ({cal['batches']} batches), {est['layers']} layers in sequence",
-        f"task slots per node: {est['slots_per_node']['expert']} expert, {est['slots_per_node']['forward']} forward "
-        f"({cal['task_cpus']} CPU each)",
-        f"memory: forward task {m['forward_task'] / gb:.1f} GB, expert task {m['expert_task'] / gb:.1f} GB, "
-        f"linear task {m['linear_task'] / gb:.1f} GB, driver {m['driver'] / gb:.0f} GB"
-        + ("" if m["driver_fits"] else " (does not fit a node)"),
+        f"per node: up to {sl['expert']} expert tasks ({hb(m['expert_task'])} each) or {sl['forward']} forward tasks "
+        f"({hb(m['forward_task'])} each: the float32 layer), {cal['task_cpus']} CPU each; linear tasks "
+        f"{hb(m['linear_task'])}",
+        f"driver: {hb(m['driver'])} (one float32 layer and its object-store copy, the streams, every calibrated "
+        "tensor until the write)" + ("" if m["driver_fits"] else ": does NOT fit a node"),
         f"{'per layer':<10} " + " ".join(f"{p.replace('_forward', ' fwd'):>12}" for p in PHASES) + f" {'x layers':>9}",
     ]
     for kind, k in est["per_layer"].items():
         lines.append(f"{kind:<10} " + " ".join(f"{_clock(k[p]):>12}" for p in PHASES) + f" {k['layers']:>9}")
     t = est["total"]
     lines.append(f"lm_head {_clock(est['lm_head_s'])}, write {_clock(est['write_s'])}")
-    lines.append(f"total: {_clock(t['seconds'])} wall, {t['bytes_read'] / gb:.0f} GB read, {t['bytes_written'] / gb:.0f} GB "
-                 f"written, {t['network_bytes'] / gb:.0f} GB over the network")
+    lines.append(f"total: {_clock(t['seconds'])} wall, {hb(t['bytes_read'])} read, {hb(t['bytes_written'])} written, "
+                 f"{hb(t['network_bytes'])} over the network")
     if "gpu_hypothetical" in est:
         g = est["gpu_hypothetical"]
         lines.append(f"if on GPUs (hypothetical): {_clock(g['seconds'])} wall; {g['assumption']}")

@@ -480,10 +480,10 @@ def _calib_task(threads: int, fn: Callable, *args) -> dict:
     return {"out": out, "cpu_s": time.process_time() - c0, "node": socket.gethostname(), "max_rss": rss}
 
 
-def tensor_bytes(obj, shared: dict | None = None) -> int:
+def tensor_bytes(obj, shared: Callable[[object], int | None] | None = None) -> int:
     """Bytes of the tensors in ``obj``, searched through lists, tuples, dicts, modules' state and plain
-    objects' attributes (e.g. InputStats' sum), counting an object-store reference as ``shared``'s size
-    for it (what :meth:`RayCalibPool.share` recorded)."""
+    objects' attributes (e.g. InputStats' sum); ``shared(o)``, when not None, is the size of ``o`` (an
+    object-store reference: what :meth:`RayCalibPool.share` recorded for it)."""
     seen: set[int] = set()
 
     def size(o, depth: int) -> int:
@@ -498,12 +498,9 @@ def tensor_bytes(obj, shared: dict | None = None) -> int:
             return sum(size(x, depth + 1) for x in o)
         if isinstance(o, dict):
             return sum(size(x, depth + 1) for x in o.values())
-        if shared:
-            try:
-                if o in shared:  # an object-store reference: the object it names
-                    return shared[o]
-            except TypeError:  # unhashable
-                pass
+        known = shared(o) if shared else None
+        if known is not None:
+            return known
         if hasattr(o, "__dict__") and not isinstance(o, type):
             return sum(size(x, depth + 1) for x in vars(o).values())
         return 0
@@ -511,7 +508,7 @@ def tensor_bytes(obj, shared: dict | None = None) -> int:
     return size(obj, 0)
 
 
-def task_memory(args: tuple, shared: dict | None = None) -> int:
+def task_memory(args: tuple, shared: Callable[[object], int | None] | None = None) -> int:
     """Bytes a calibrated task is expected to hold: ``BASE_RSS_BYTES`` plus ``CALIB_WORK_FACTOR`` times
     its arguments' tensors (:func:`tensor_bytes`)."""
     return BASE_RSS_BYTES + CALIB_WORK_FACTOR * tensor_bytes(args, shared)
@@ -534,8 +531,8 @@ class RayCalibPool:
     """calib/pool.py's interface over Ray tasks: ``map`` submits one task per job and returns the
     results in job order; ``forward`` puts the layer in the object store once and runs the calibration
     batches in contiguous chunks, one task per ``task_cpus`` of the cluster at most. Each task asks for
-    ``task_cpus`` CPUs (torch runs that many threads) and :func:`task_memory` of its arguments, capped
-    at the largest node's memory. A task's DsqError is re-raised as itself; a dead worker's task is
+    ``task_cpus`` CPUs (torch runs that many threads) and :func:`task_memory` of its arguments (a
+    forward: the layer once, its batches several times), capped at the largest node's memory. A task's DsqError is re-raised as itself; a dead worker's task is
     retried (``max_retries``), which recomputes the same result."""
 
     def __init__(self, ray, max_retries: int = DEFAULT_MAX_RETRIES, task_cpus: int = 1):
@@ -544,7 +541,9 @@ class RayCalibPool:
         self.cpus = max(int(ray.cluster_resources().get("CPU", 1)), 1)
         self.memory_cap = _largest_node_memory(ray)
         self._task = ray.remote(max_retries=max_retries, retry_exceptions=False)(_calib_task)
-        self._shared: dict = {}  # object-store reference -> bytes of the object (for task_memory)
+        # object-store reference's hex id -> bytes of the object (for task_memory); ids, not references,
+        # so that a finished layer's objects are not pinned in the object store
+        self._shared: dict[str, int] = {}
         self.tasks = 0  # submitted so far (for reports and tests)
         self.max_task_memory = 0  # the largest memory request so far, bytes
         self.nodes: dict[str, dict[str, float]] = {}  # host -> tasks, CPU seconds in tasks, largest worker RSS
@@ -552,11 +551,14 @@ class RayCalibPool:
     def share(self, obj):
         """An object store reference to ``obj``: jobs that take it as an argument read it from there."""
         ref = self.ray.put(obj)
-        self._shared[ref] = tensor_bytes(obj)
+        self._shared[ref.hex()] = tensor_bytes(obj)
         return ref
 
-    def _submit(self, fn, *args):
-        mem = task_memory(args, self._shared)
+    def _shared_size(self, o) -> int | None:
+        return self._shared.get(o.hex()) if isinstance(o, self.ray.ObjectRef) else None
+
+    def _submit(self, fn, *args, memory: int | None = None):
+        mem = memory or task_memory(args, self._shared_size)
         self.max_task_memory = max(self.max_task_memory, mem)
         opts = {"num_cpus": self.task_cpus, "memory": min(mem, self.memory_cap) if self.memory_cap else mem}
         self.tasks += 1
@@ -597,7 +599,10 @@ class RayCalibPool:
             return []
         layer_ref, runner_ref = self.share(layer), self.ray.put(runner)
         step = math.ceil(len(xs) / min(max(self.cpus // self.task_cpus, 1), len(xs)))
-        refs = [self._submit(_forward_batches, runner_ref, layer_ref, xs[k : k + step]) for k in range(0, len(xs), step)]
+        # the layer once (a forward does not copy its weights), its batches and their activations several times
+        chunks = [xs[k : k + step] for k in range(0, len(xs), step)]
+        refs = [self._submit(_forward_batches, runner_ref, layer_ref, chunk,
+                             memory=self._shared[layer_ref.hex()] + task_memory(tuple(chunk))) for chunk in chunks]
         return [y for chunk in self._get(refs) for y in chunk]
 
 

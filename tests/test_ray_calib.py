@@ -154,6 +154,13 @@ def _threads_and_resources():
     return fn
 
 
+def _apply():
+    def run(layer, x):
+        return layer(x)
+
+    return run
+
+
 def test_calib_tasks_run_their_num_cpus_threads_and_ask_for_memory(ray_cluster):
     """Each task asks Ray for task_cpus CPUs and runs torch on that many threads (whatever the driver
     runs), and asks for memory: the worker's base plus a multiple of the tensors it is given (an
@@ -168,6 +175,13 @@ def test_calib_tasks_run_their_num_cpus_threads_and_ask_for_memory(ray_cluster):
         (threads, got, total), = pool.map(_threads_and_resources(), [(shared,)])
         assert threads == cpus and got["CPU"] == cpus and total == x.numel()
         assert got["memory"] == pool.max_task_memory == BASE_RSS_BYTES + CALIB_WORK_FACTOR * x.numel() * 4
+    # a forward task: the layer once (a forward does not copy its weights), its batches three times
+    pool = RayCalibPool(ray_cluster, task_cpus=1)
+    lin, xs = torch.nn.Linear(256, 256), [torch.ones(4, 256), torch.ones(4, 256)]
+    ys = pool.forward(_apply(), lin, xs)
+    assert [y.shape for y in ys] == [(4, 256)] * 2 and torch.equal(ys[0], lin(xs[0]).detach())
+    layer_bytes = sum(p.numel() * 4 for p in lin.parameters())
+    assert pool.max_task_memory == BASE_RSS_BYTES + layer_bytes + CALIB_WORK_FACTOR * 4 * 256 * 4
     with pytest.raises(Exception, match="--task-cpus 0"):
         from dsq.dsquant.ray_executor import RayExecutor
 
