@@ -8,8 +8,8 @@ down [7168, 2048], block-FP8 with scales, 44 MB) with each preset, and a tiny V3
 overhead.
 
 ``--part calib``: the rates the calibrated estimate divides FLOPs by --
-* the float64 ``X^T X`` accumulation (calib.methods.InputStats) and GPTQ (calib.gptq) on a routed
-  expert's shapes, at the real widths (7168 x 2048, 2048 tokens: the mean an expert sees with 128 x
+* the float64 ``X^T X`` accumulation (calib.methods.InputStats), GPTQ (calib.gptq) and the imatrix
+  scale search (calib.imatrix.search_scales, also AWQ's clip) on a routed expert's shapes, at the real widths (7168 x 2048, 2048 tokens: the mean an expert sees with 128 x
   512 calibration tokens, top-8 of 256) and at the bed's (``--scale``);
 * a whole routed expert's task (moe_coverage.quantize_expert: statistics, GPTQ of gate/up/down, the
   expert's forward) at both widths, measured against what the rates predict for it;
@@ -85,6 +85,7 @@ def expert_costs(hidden: int, inter: int, tokens: int, gen: torch.Generator) -> 
     """Rates of the float64 statistics and of GPTQ on one routed expert's shapes, and the whole expert
     task measured against the rates' prediction."""
     from dsq.dsquant.calib.gptq import GPTQOptions, gptq_quantize
+    from dsq.dsquant.calib.imatrix import search_scales
     from dsq.dsquant.calib.methods import METHODS, CalibOptions, InputStats
     from dsq.dsquant.calib.moe_coverage import quantize_expert
     from dsq.dsquant.cluster_calib import gptq_flops, stats_flops
@@ -95,8 +96,10 @@ def expert_costs(hidden: int, inter: int, tokens: int, gen: torch.Generator) -> 
     st, t_stats = _cpu(lambda: (s := InputStats(hidden, True, 0), s.add(x))[0], repeat=2)
     w = torch.randn(inter, hidden, generator=gen) * 0.02
     _, t_gptq = _cpu(gptq_quantize, fmt, w, st.hessian, GPTQOptions())
+    _, t_search = _cpu(search_scales, fmt, w, st.importance)  # imatrix's (and AWQ clip's) scale search
     rates = {"stats_flops_per_s": stats_flops(tokens, hidden) / t_stats,
-             "gptq_flops_per_s": gptq_flops(inter, hidden) / t_gptq}
+             "gptq_flops_per_s": gptq_flops(inter, hidden) / t_gptq,
+             "search_s_per_element": t_search / w.numel()}
     # the whole task, as RayCalibPool runs it: every row routed to this expert
     names = {p: f"model.layers.3.mlp.experts.0.{p}_proj.weight" for p in ("gate", "up", "down")}
     formats = dict.fromkeys(names.values(), "int4_sym_g32")

@@ -44,6 +44,7 @@ COSTS = {
     "forward_flops_per_s": 5.0e9,  # decoder-layer forward, FLOPs per second per thread
     "gptq_flops_per_s": 20.0e9,  # GPTQ (rows*cols^2 + cols^3 model FLOPs) per second per thread
     "stats_flops_per_s": 5.0e9,  # float64 X^T X accumulation per second per thread
+    "search_s_per_element": 1e-6,  # imatrix scale search (and AWQ's clip), seconds per weight per thread
 }
 COSTS_RUN = "placeholder"
 # The driver's serial phases run torch with all of its node's threads; threads scale sublinearly.
@@ -55,7 +56,10 @@ GPU_ASSUMED = {
     "forward_flops_per_s": 989e12 * 0.3,
     "gptq_flops_per_s": 67e12 * 0.3,
     "stats_flops_per_s": 67e12 * 0.3,
-    "label": "H100 SXM: 989 TFLOP/s bf16 forwards, 67 TFLOP/s fp32 GPTQ and fp64 statistics, all at 30% utilisation",
+    # the scale searches are elementwise, so memory-bound: 3.35 TB/s HBM3, ~20 candidate scales x 4 bytes per weight
+    "search_elements_per_s": 3.35e12 * 0.3 / 80,
+    "label": "H100 SXM: 989 TFLOP/s bf16 forwards, 67 TFLOP/s fp32 GPTQ and fp64 statistics, 3.35 TB/s for the "
+             "scale searches, all at 30% utilisation",
 }
 PHASES = ("load", "reference_forward", "statistics_forward", "linears", "experts", "quantized_forward", "save")
 
@@ -175,10 +179,11 @@ def _phases(lay: _Layer, cfg: dict, run: CalibRun, st: _Setup, top_k: int) -> tu
     batches = math.ceil(run.samples / bsz)
     stream = tokens * cfg["hidden_size"] * 4
     full = run.method == "gptq"
-    search_s_per_el = NS_PER_ELEMENT["int4"] * 1e-9 * 20  # imatrix/AWQ clip: ~20 candidate scales per block
 
     def quantize_s(rows: int, cols: int) -> float:
-        return gptq_flops(rows, cols) / st.task["gptq_flops_per_s"] if full else rows * cols * search_s_per_el
+        if full:
+            return gptq_flops(rows, cols) / st.task["gptq_flops_per_s"]
+        return rows * cols / st.task["search_elements_per_s"]
 
     ph = dict.fromkeys(PHASES, 0.0)
     net = 0
@@ -251,6 +256,7 @@ def estimate_calibrated(plan: Plan, spec: ClusterSpec, run: CalibRun, fs_gbps: f
     quantizes no decoder-layer linear."""
     cfg = plan.checkpoint.config
     rates = dict(COSTS if costs is None else costs)
+    rates["search_elements_per_s"] = 1.0 / rates.pop("search_s_per_element")  # a rate, like the others
     n_layers = int(cfg.get("num_hidden_layers", 0))
     layers = _layers(plan, n_layers)
     if not layers:
@@ -299,8 +305,8 @@ def estimate_calibrated(plan: Plan, spec: ClusterSpec, run: CalibRun, fs_gbps: f
             for p, v in ph.items():
                 totals[p] += v
         head_s = sum(stats_flops(run.tokens, e.shape[1]) / st.driver["stats_flops_per_s"] * full
-                     + (gptq_flops(*e.shape) / st.task["gptq_flops_per_s"] if full else e.tensor.numel * 20
-                        * NS_PER_ELEMENT["int4"] * 1e-9) for e in head)
+                     + (gptq_flops(*e.shape) / st.task["gptq_flops_per_s"] if full
+                        else e.tensor.numel / st.task["search_elements_per_s"]) for e in head)
         return {"seconds": sum(totals.values()) + head_s + write_s, "phases": totals, "per_layer": per_kind,
                 "lm_head_s": head_s, "write_s": write_s, "network_bytes": net}
 
@@ -328,7 +334,7 @@ def estimate_calibrated(plan: Plan, spec: ClusterSpec, run: CalibRun, fs_gbps: f
             "uniform expert routing (the mean tokens per expert); a skewed router makes the busiest expert the tail",
             f"{fs_gbps} GB/s shared filesystem and {net_gbps} GB/s network per node; each node pulls a layer "
             "from the driver's node (no broadcast tree)",
-            "imatrix/AWQ clip searches cost ~20 RTN passes per weight",
+            f"imatrix/AWQ clip search {rates['search_elements_per_s'] / 1e6:.2f} M weights/s per thread",
         ],
     }
     if not result["memory"]["driver_fits"]:
