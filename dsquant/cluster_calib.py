@@ -39,21 +39,29 @@ from .cluster_plan import MEM_RESERVE_BYTES, NS_PER_ELEMENT, ClusterSpec, _clock
 from .errors import InputError
 from .plan import BASE_RSS_BYTES, Plan, PlanEntry, human_bytes
 
-# bench/unit_costs.py --part calib, one torch thread; filled from its output (see COSTS_RUN).
+# bench/unit_costs.py --part calib --scale 32, 2026-11-30, one torch thread, CPU seconds, on the 2-core
+# x86-64 machine (load average 3.2-5.7 from other jobs). GPTQ, statistics and the search on a routed
+# expert at V3's real widths (7168 x 2048, 2048 tokens); forwards on the V3-shaped bed at scale 32
+# (hidden 224, one batch of 8 x 512 tokens; small matrices, so likely below the real widths' rate).
+# The whole expert task measured 41.1 s against 34.9 s from the rates (its forward, copies and
+# selection): ``expert_task_factor``.
 COSTS = {
-    "forward_flops_per_s": 5.0e9,  # decoder-layer forward, FLOPs per second per thread
-    "gptq_flops_per_s": 20.0e9,  # GPTQ (rows*cols^2 + cols^3 model FLOPs) per second per thread
-    "stats_flops_per_s": 5.0e9,  # float64 X^T X accumulation per second per thread
-    "search_s_per_element": 1e-6,  # imatrix scale search (and AWQ's clip), seconds per weight per thread
+    "forward_dense_flops_per_s": 30.9e9,  # a dense decoder layer's forward, FLOPs per second per thread
+    "forward_moe_flops_per_s": 15.8e9,  # a MoE layer's (transformers' eager loop over the experts)
+    "gptq_flops_per_s": 32.6e9,  # GPTQ, in gptq_flops' model FLOPs
+    "stats_flops_per_s": 48.5e9,  # float64 X^T X accumulation
+    "search_s_per_element": 0.549e-6,  # imatrix scale search (and AWQ's clip), seconds per weight
+    "expert_task_factor": 41.1 / 34.9,
 }
-COSTS_RUN = "placeholder"
+COSTS_RUN = "2026-11-30, 1 thread, real-width expert, scale-32 forwards"
 # The driver's serial phases run torch with all of its node's threads; threads scale sublinearly.
 DRIVER_THREAD_EFFICIENCY = 0.6
 DEFAULT_NET_GBPS = 1.25  # per-node network for Ray's object transfers, GB/s (10 GbE): an assumption, --net-gbps
 GPU_ASSUMED = {
     # NVIDIA H100 SXM datasheet: 989 TFLOP/s dense bf16 (forwards), 67 TFLOP/s fp64 tensor core (statistics),
     # 67 TFLOP/s fp32 (GPTQ); the utilisations are assumptions, not measurements.
-    "forward_flops_per_s": 989e12 * 0.3,
+    "forward_dense_flops_per_s": 989e12 * 0.3,
+    "forward_moe_flops_per_s": 989e12 * 0.3,
     "gptq_flops_per_s": 67e12 * 0.3,
     "stats_flops_per_s": 67e12 * 0.3,
     # the scale searches are elementwise, so memory-bound: 3.35 TB/s HBM3, ~20 candidate scales x 4 bytes per weight
@@ -171,6 +179,8 @@ class _Setup:
     nodes: int
     fs: float  # bytes/s
     net: float  # bytes/s
+    expert_factor: float = 1.0  # measured expert task / the rates' prediction
+    load_threads: float = 1.0  # the driver's effective threads for dequantizing a layer (on its CPUs)
 
 
 def _phases(lay: _Layer, cfg: dict, run: CalibRun, st: _Setup, top_k: int) -> tuple[dict, int]:
@@ -187,23 +197,23 @@ def _phases(lay: _Layer, cfg: dict, run: CalibRun, st: _Setup, top_k: int) -> tu
 
     ph = dict.fromkeys(PHASES, 0.0)
     net = 0
-    # read, then dequantize to float32 in the driver (torch's threads: the driver's rate over one thread's)
-    threads = st.driver["forward_flops_per_s"] / st.task["forward_flops_per_s"]
-    ph["load"] = lay.src_bytes / st.fs + lay.fp32_bytes / 4 * NS_PER_ELEMENT["keep"] * 1e-9 / max(threads, 1.0)
+    # read, then dequantize to float32 in the driver, on its CPUs
+    ph["load"] = lay.src_bytes / st.fs + lay.fp32_bytes / 4 * NS_PER_ELEMENT["keep"] * 1e-9 / st.load_threads
     fpt = forward_flops_per_token(cfg, lay.moe, seqlen)
     chunks = min(batches, st.slots["forward"] * st.nodes)
     nodes_used = min(st.nodes, math.ceil(chunks / st.slots["forward"]))
-    per_chunk = math.ceil(batches / chunks) * bsz * seqlen * fpt / st.task["forward_flops_per_s"]
+    fwd = "forward_moe_flops_per_s" if lay.moe else "forward_dense_flops_per_s"
+    per_chunk = math.ceil(batches / chunks) * bsz * seqlen * fpt / st.task[fwd]
     # the layer to each other node; the batches of the chunks there out and back (a node's own are local)
     shipped = (nodes_used - 1) * (lay.fp32_bytes + 2 * stream / nodes_used)
     ph["quantized_forward"] = per_chunk + shipped / st.net
     ph["reference_forward"] = ph["quantized_forward"] if run.track_drift else 0.0
     net += (1 + run.track_drift) * shipped
     hooked = sum(stats_flops(tokens, c) for _, c in lay.linears) if full else 0.0
-    ph["statistics_forward"] = tokens * fpt / st.driver["forward_flops_per_s"] + hooked / st.driver["stats_flops_per_s"]
+    ph["statistics_forward"] = tokens * fpt / st.driver[fwd] + hooked / st.driver["stats_flops_per_s"]
     if run.method == "awq":  # the per-group scale search over the kept rows, in the driver
         params = sum(r * c for r, c in lay.linears)
-        ph["statistics_forward"] += run.awq_grid * 2 * run.awq_tokens * params / st.driver["forward_flops_per_s"]
+        ph["statistics_forward"] += run.awq_grid * 2 * run.awq_tokens * params / st.driver[fwd]
     # each linear's statistics, shipped to the node its task runs on (the driver's own for 1 in nodes)
     stats = sum(c * c * 8 if full else c * 8 for _, c in lay.linears) * (st.nodes - 1) / st.nodes
     ph["linears"] = _lpt([quantize_s(r, c) for r, c in lay.linears], st.slots["linear"] * st.nodes) + stats / st.net
@@ -213,7 +223,8 @@ def _phases(lay: _Layer, cfg: dict, run: CalibRun, st: _Setup, top_k: int) -> tu
         t_e = sum(quantize_s(r, c) for r, c in lay.expert_shapes)
         if full:
             t_e += sum(stats_flops(n_e, c) for c in {c for _, c in lay.expert_shapes}) / st.task["stats_flops_per_s"]
-        t_e += 2 * n_e * sum(r * c for r, c in lay.expert_shapes) / st.task["forward_flops_per_s"]
+        t_e += 2 * n_e * sum(r * c for r, c in lay.expert_shapes) / st.task[fwd]
+        t_e *= st.expert_factor
         ph["experts"] = math.ceil(lay.experts / (st.slots["expert"] * st.nodes)) * t_e + (st.nodes - 1) * stream / st.net
         net += (st.nodes - 1) * stream
     if run.work_dir:
@@ -257,6 +268,7 @@ def estimate_calibrated(plan: Plan, spec: ClusterSpec, run: CalibRun, fs_gbps: f
     cfg = plan.checkpoint.config
     rates = dict(COSTS if costs is None else costs)
     rates["search_elements_per_s"] = 1.0 / rates.pop("search_s_per_element")  # a rate, like the others
+    expert_factor = rates.pop("expert_task_factor", 1.0)
     n_layers = int(cfg.get("num_hidden_layers", 0))
     layers = _layers(plan, n_layers)
     if not layers:
@@ -283,7 +295,7 @@ def estimate_calibrated(plan: Plan, spec: ClusterSpec, run: CalibRun, fs_gbps: f
             raise InputError(f"--cluster: a calibration {kind} task needs about {need / 1e9:.0f} GB with its "
                              f"object-store copy and a node has {spec.mem_bytes / 1e9:.0f} GB; give the nodes more memory")
     cpu = _Setup({k: v * spec.cpus * eff for k, v in rates.items()}, {k: v * task_scale for k, v in rates.items()},
-                 slots, spec.nodes, fs_gbps * 1e9, net_gbps * 1e9)
+                 slots, spec.nodes, fs_gbps * 1e9, net_gbps * 1e9, expert_factor, spec.cpus * eff)
     head = [e for e in plan.entries if e.format and e.tensor.ref is not None and e.tensor.ref.layer is None
             and e.tensor.ref.role.value == "lm_head"]
     rest = [e for e in plan.entries if e not in head and (
@@ -328,8 +340,10 @@ def estimate_calibrated(plan: Plan, spec: ClusterSpec, run: CalibRun, fs_gbps: f
         "total": {"seconds": result_cpu["seconds"], "bytes_read": sum(_src_bytes(e) for e in plan.entries),
                   "bytes_written": total_out, "network_bytes": result_cpu["network_bytes"]},
         "assumptions": [
-            f"per-thread rates from bench/unit_costs.py ({COSTS_RUN}): forward {rates['forward_flops_per_s'] / 1e9:.1f}, "
-            f"GPTQ {rates['gptq_flops_per_s'] / 1e9:.1f}, float64 statistics {rates['stats_flops_per_s'] / 1e9:.1f} GFLOP/s",
+            f"per-thread rates from bench/unit_costs.py ({COSTS_RUN}): forward {rates['forward_dense_flops_per_s'] / 1e9:.1f} "
+            f"(dense) / {rates['forward_moe_flops_per_s'] / 1e9:.1f} (MoE), GPTQ {rates['gptq_flops_per_s'] / 1e9:.1f}, "
+            f"float64 statistics {rates['stats_flops_per_s'] / 1e9:.1f} GFLOP/s; expert tasks x{expert_factor:.2f} "
+            "(measured over predicted)",
             f"the driver's serial phases run on its node's {spec.cpus} threads at {eff:.0%} efficiency",
             "uniform expert routing (the mean tokens per expert); a skewed router makes the busiest expert the tail",
             f"{fs_gbps} GB/s shared filesystem and {net_gbps} GB/s network per node; each node pulls a layer "
@@ -343,7 +357,8 @@ def estimate_calibrated(plan: Plan, spec: ClusterSpec, run: CalibRun, fs_gbps: f
             "not fit one node, so the run fails as dsq is today; the time is what it would take if it fit")
     if spec.gpus:
         gpu_rates = {k: GPU_ASSUMED[k] for k in rates}
-        gpu = _Setup(dict(gpu_rates), dict(gpu_rates), dict.fromkeys(slots, spec.gpus), spec.nodes, cpu.fs, cpu.net)
+        gpu = _Setup(dict(gpu_rates), dict(gpu_rates), dict.fromkeys(slots, spec.gpus), spec.nodes, cpu.fs, cpu.net,
+                     load_threads=cpu.load_threads)
         g = run_on(gpu)
         result["gpu_hypothetical"] = {"seconds": g["seconds"], "phases": g["phases"], "per_layer": g["per_layer"],
                                       "assumption": f"dsq calibrates on CPUs; hypothetically on the GPUs: "
@@ -375,5 +390,7 @@ def render_calibrated(est: dict) -> str:
     if "gpu_hypothetical" in est:
         g = est["gpu_hypothetical"]
         lines.append(f"if on GPUs (hypothetical): {_clock(g['seconds'])} wall; {g['assumption']}")
+        for kind, k in g["per_layer"].items():
+            lines.append(f"{kind + ' GPU':<10} " + " ".join(f"{_clock(k[p]):>12}" for p in PHASES) + f" {k['layers']:>9}")
     lines += [f"assumes: {a}" for a in est["assumptions"]]
     return "\n".join(lines)

@@ -45,8 +45,8 @@ def test_calibrated_estimate_phases_nodes_memory_and_gpus(v3):
 
     plan = _plan(v3)
     run = CalibRun("gptq", samples=128, seqlen=512)
-    one = estimate_calibrated(plan, ClusterSpec(1, 2, 16 * 10**9), run)
-    eight = estimate_calibrated(plan, ClusterSpec(8, 2, 16 * 10**9), run)
+    one = estimate_calibrated(plan, ClusterSpec(1, 2, 16 * 10**9), run, net_gbps=1e6)  # compute, not shipping
+    eight = estimate_calibrated(plan, ClusterSpec(8, 2, 16 * 10**9), run, net_gbps=1e6)
     for est in (one, eight):
         assert est["layers"] == 5 and set(est["per_layer"]) == {"dense", "moe"}
         assert est["per_layer"]["dense"]["layers"] == 3 and est["per_layer"]["dense"]["experts"] == 0
@@ -57,6 +57,9 @@ def test_calibrated_estimate_phases_nodes_memory_and_gpus(v3):
     assert eight["phases"]["experts"] < one["phases"]["experts"] / 4
     assert eight["phases"]["statistics_forward"] == one["phases"]["statistics_forward"]
     assert one["total"]["network_bytes"] == 0 < eight["total"]["network_bytes"]  # one node ships nothing
+    slow = estimate_calibrated(plan, ClusterSpec(8, 2, 16 * 10**9), run, net_gbps=0.01)
+    assert slow["total"]["seconds"] - eight["total"]["seconds"] == pytest.approx(
+        eight["total"]["network_bytes"] / 0.01e9 - eight["total"]["network_bytes"] / 1e15, rel=1e-6)
     # imatrix keeps only diagonals: no float64 X^T X, far less than GPTQ's statistics
     imx = estimate_calibrated(plan, ClusterSpec(8, 2, 16 * 10**9), CalibRun("imatrix"))
     assert imx["phases"]["statistics_forward"] < eight["phases"]["statistics_forward"]
