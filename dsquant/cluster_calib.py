@@ -278,7 +278,9 @@ def estimate_calibrated(plan: Plan, spec: ClusterSpec, run: CalibRun, fs_gbps: f
     usable = spec.mem_bytes - MEM_RESERVE_BYTES
     full = run.method == "gptq"
     eff = DRIVER_THREAD_EFFICIENCY
-    task_scale = run.task_cpus * (1 if run.task_cpus == 1 else eff)
+    # n threads do the work of 1 + (n - 1) * eff threads
+    task_scale = 1 + (run.task_cpus - 1) * eff
+    driver_scale = 1 + (spec.cpus - 1) * eff
     mem = {"forward": 0, "expert": 0, "linear": 0}
     for lay in layers.values():
         for k, v in _memory(lay, cfg, run, spec.nodes).items():
@@ -294,8 +296,8 @@ def estimate_calibrated(plan: Plan, spec: ClusterSpec, run: CalibRun, fs_gbps: f
             need = mem[kind] + (biggest if kind == "forward" else stream if kind == "expert" else 0)
             raise InputError(f"--cluster: a calibration {kind} task needs about {need / 1e9:.0f} GB with its "
                              f"object-store copy and a node has {spec.mem_bytes / 1e9:.0f} GB; give the nodes more memory")
-    cpu = _Setup({k: v * spec.cpus * eff for k, v in rates.items()}, {k: v * task_scale for k, v in rates.items()},
-                 slots, spec.nodes, fs_gbps * 1e9, net_gbps * 1e9, expert_factor, spec.cpus * eff)
+    cpu = _Setup({k: v * driver_scale for k, v in rates.items()}, {k: v * task_scale for k, v in rates.items()},
+                 slots, spec.nodes, fs_gbps * 1e9, net_gbps * 1e9, expert_factor, driver_scale)
     head = [e for e in plan.entries if e.format and e.tensor.ref is not None and e.tensor.ref.layer is None
             and e.tensor.ref.role.value == "lm_head"]
     rest = [e for e in plan.entries if e not in head and (
@@ -344,7 +346,7 @@ def estimate_calibrated(plan: Plan, spec: ClusterSpec, run: CalibRun, fs_gbps: f
             f"(dense) / {rates['forward_moe_flops_per_s'] / 1e9:.1f} (MoE), GPTQ {rates['gptq_flops_per_s'] / 1e9:.1f}, "
             f"float64 statistics {rates['stats_flops_per_s'] / 1e9:.1f} GFLOP/s; expert tasks x{expert_factor:.2f} "
             "(measured over predicted)",
-            f"the driver's serial phases run on its node's {spec.cpus} threads at {eff:.0%} efficiency",
+            f"the driver's serial phases run on its node's {spec.cpus} threads, each beyond the first at {eff:.0%}",
             "uniform expert routing (the mean tokens per expert); a skewed router makes the busiest expert the tail",
             f"{fs_gbps} GB/s shared filesystem and {net_gbps} GB/s network per node; each node pulls a layer "
             "from the driver's node (no broadcast tree)",
