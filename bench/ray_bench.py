@@ -1,13 +1,12 @@
 """Local vs Ray (1 and 2 worker CPUs) on a DeepSeek-V3-shaped checkpoint (issue 15).
 
 Builds the checkpoint with make_v3_shaped.py (real counts: 61 layers, 256+1 experts, 163 shards) at
-``--scale`` (32: ~0.7 GB of FP8), quantizes it once per mode (local; local1: local with one torch thread; ray1/ray2: a Ray cluster
-of 1 or 2 CPUs), each in a fresh process, and prints a
-table: wall seconds, CPU seconds (local: the process; Ray: the workers' seconds inside tasks, which
-on a machine this busy include waiting for a core), peak RSS (local: the process; Ray: the largest
-worker), and the load average around each run. It checks every output shard is the same bytes as
-the local run's, and writes the measured per-unit costs (worker seconds per input byte, by unit
-kind) that ``dsq plan --cluster`` extrapolates from, as JSON (``--json``).
+``--scale`` (32: ~0.7 GB of FP8 at 61 layers), quantizes it once per mode (local; local1: local with one
+torch thread; ray1/ray2: a Ray cluster of 1 or 2 CPUs), each in a fresh process, and prints a table:
+wall seconds, the driver process's CPU seconds, the CPU seconds measured inside the Ray tasks, the
+driver's and the largest worker's peak RSS, the number of tasks, and the load average around each
+run. It checks every output shard is the same bytes as the first mode's, and writes the measured
+per-unit costs (worker seconds per input byte, by unit kind) as JSON (``--json``).
 
     python bench/ray_bench.py /tmp/v3-s32 --scale 32 --recipe int4 --json bench-ray.json
 
@@ -94,7 +93,7 @@ def run_mode(mode: str, src: str, out: str, recipe: str, calib: dict | None = No
     else:
         import ray
 
-        res["worker_s"] = sum(v["seconds"] for v in ex.nodes.values())
+        res["worker_s"] = sum(v["cpu_s"] for v in ex.nodes.values())
         res["peak_rss"] = max(v["max_rss"] for v in ex.nodes.values())
         res["units"] = ex.units_total
         # per-unit cost by kind: worker seconds per GB of input, from the units this run measured

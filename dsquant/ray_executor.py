@@ -204,14 +204,14 @@ def run_units(source: str, layout, jobs: list[tuple[str, list[tuple[int, PlanEnt
     """Worker side: quantize and write each job's tensors; returns their results by item index.
 
     ``jobs`` is ``[(unit key, [(item index, entry, outputs, {output name: Slot}), ...]), ...]``; returns
-    ``{"units": [(key, [(item index, TensorResult as a dict)], seconds)], "node", "seconds", "bytes",
-    "max_rss"}`` (input bytes read, this worker process's peak RSS in bytes). The
+    ``{"units": [(key, [(item index, TensorResult as a dict)], seconds)], "node", "seconds", "cpu_s",
+    "bytes", "max_rss"}`` (wall and CPU seconds, input bytes read, this worker process's peak RSS in bytes). The
     same per-tensor function as ``--executor local`` (``quantize._process``) produces the bytes.
     Raises what ``_process`` raises (DsqError subclasses for bad weights, OutputError for the disk).
     """
     from .quantize import _process  # here: quantize imports this module's caller, not the other way
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     ckpt = _CHECKPOINTS.get(source)
     if ckpt is None:
         ckpt = _CHECKPOINTS[source] = Checkpoint(source)
@@ -228,8 +228,8 @@ def run_units(source: str, layout, jobs: list[tuple[str, list[tuple[int, PlanEnt
         done.append((key, results, time.perf_counter() - t_unit))
     writer.close()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    return {"units": done, "node": socket.gethostname(), "seconds": time.perf_counter() - t0, "bytes": in_bytes,
-            "max_rss": rss}
+    return {"units": done, "node": socket.gethostname(), "seconds": time.perf_counter() - t0,
+            "cpu_s": time.process_time() - c0, "bytes": in_bytes, "max_rss": rss}
 
 
 def _sha(obj: object) -> str:
@@ -384,9 +384,10 @@ class RayExecutor:
                             results[idx] = TensorResult(**r)
                         if log:
                             log.write(json.dumps({"unit": key, "results": res}) + "\n")
-                    node = self.nodes.setdefault(out["node"], {"bytes": 0, "seconds": 0.0, "max_rss": 0})
+                    node = self.nodes.setdefault(out["node"], {"bytes": 0, "seconds": 0.0, "cpu_s": 0.0, "max_rss": 0})
                     node["bytes"] += out["bytes"]
                     node["seconds"] += out["seconds"]
+                    node["cpu_s"] += out.get("cpu_s", 0.0)
                     node["max_rss"] = max(node["max_rss"], out["max_rss"])
                     done_bytes += sum(u.in_bytes for u in batch)
                     n_done_tensors += sum(len(u.items) for u in batch)
