@@ -346,6 +346,10 @@ def plan(
     from dsq.dsquant.render import print_plan
 
     try:
+        if method != "rtn" and cluster is None:
+            from dsq.dsquant.errors import InputError
+
+            raise InputError(f"--method {method}: estimates a calibrated Ray run; give --cluster too")
         p = make_plan(Checkpoint(model), load_recipe(recipe), allow_unmapped)
         if cluster is not None:
             import json

@@ -101,3 +101,5 @@ def test_cli_plan_cluster_method(v3):
     assert r.exit_code == 0 and "in sequence" in r.output and "statistics" in r.output
     r = CliRunner().invoke(app, ["plan", str(v3), "--cluster", "2x(cpus=8,mem=32GB)", "--method", "magic"])
     assert r.exit_code == 2 and "--method 'magic'" in r.output
+    r = CliRunner().invoke(app, ["plan", str(v3), "--method", "gptq"])
+    assert r.exit_code == 2 and "give --cluster" in r.output
