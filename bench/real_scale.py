@@ -15,7 +15,7 @@
    peak RSS from the child's own ``VmHWM`` (a wrapper reads /proc/self/status at exit; a child's
    ``ru_maxrss`` can start from its parent's RSS), output size from the files written:
 
-   dsq:        plan -r int4 | quantize -r int4 | export QUANTIZED --to gguf | export HF --type q4_0 | --type q4_k
+   dsq:        plan -r int4 | quantize -r int4 | export QUANTIZED --to gguf | export HF --type q4_0 | --type q4_k_m
    llama.cpp:  convert_hf_to_gguf.py --outtype f16 | llama_model_quantize Q4_0 | Q4_K_M  (from llama-cpp-python's
                sdist and binding, as bench/gguf_vs_llamacpp.py gets them; ``nthread`` 2)
 
@@ -154,7 +154,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=0, help="measure only the first N decoder layers (0: all)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/dsq-real-scale"), help="outputs (outside the repo)")
     ap.add_argument("--llama-cpp-src", type=Path, default=None, help="llama.cpp tree with convert_hf_to_gguf.py")
-    ap.add_argument("--skip", nargs="*", default=[], help="step names to skip, e.g. q4_k Q4_K_M")
+    ap.add_argument("--skip", nargs="*", default=[], help="step names to skip: q4_0 q4_k_m (dsq direct exports), "
+                    "Q4_0 Q4_K_M (llama.cpp quantize)")
     ap.add_argument("--keep", action="store_true", help="keep the outputs")
     ap.add_argument("--json", type=Path, help="also write the results here")
     a = ap.parse_args()
@@ -187,7 +188,7 @@ def main() -> None:
     out = w / "dsq-int4.gguf"
     steps.append(dsq("export int4 --to gguf", ["export", str(q_dir), "--to", "gguf", "-o", str(out), "--overwrite"], out))
     gone(q_dir, out)
-    for t in ("q4_0", "q4_k"):
+    for t in ("q4_0", "q4_k_m"):
         if t in a.skip:
             continue
         out = w / f"dsq-direct-{t}.gguf"
@@ -231,8 +232,10 @@ def report(steps: list[Step], src: Path, cfg: dict, in_bytes: int, load_start: s
             cpu(conv, ("llama.cpp", "quantize Q4_0"))),
         "export HF --type q4_0        vs  convert + quantize Q4_0 (target <= 0.5)": (
             cpu(("dsq", "export HF --type q4_0")), cpu(conv, ("llama.cpp", "quantize Q4_0"))),
-        "export HF --type q4_k        vs  convert + quantize Q4_K_M (target <= 1.5)": (
-            cpu(("dsq", "export HF --type q4_k")), cpu(conv, ("llama.cpp", "quantize Q4_K_M"))),
+        "export HF --type q4_k_m      vs  convert + quantize Q4_K_M (target <= 1.5)": (
+            cpu(("dsq", "export HF --type q4_k_m")), cpu(conv, ("llama.cpp", "quantize Q4_K_M"))),
+        "export HF --type q4_k_m      vs  quantize Q4_K_M alone": (
+            cpu(("dsq", "export HF --type q4_k_m")), cpu(("llama.cpp", "quantize Q4_K_M"))),
     }
     print("\nCPU-second ratios, dsq / llama.cpp:")
     results = {}

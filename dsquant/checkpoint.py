@@ -19,6 +19,7 @@ import torch
 from .archs import Architecture, Role, TensorRef, get_architecture
 from .config import ModelConfig
 from .errors import BadWeightsError, CorruptFileError, InputError, UnsupportedError
+from .finite import has_nonfinite
 from .formats import QuantizedTensor, find_format
 from .paths import resolve_model_file
 from .safetensors_io import TensorInfo, read_header, read_rows, read_tensor
@@ -368,7 +369,7 @@ def _check_experts(experts: dict[int, dict[int, set[Role]]], config: dict, cfg_p
 
 def check_finite_tensor(x: torch.Tensor, name: str, file: Path, row0: int = 0) -> None:
     """BadWeightsError naming the file, tensor and first NaN/Inf element (``row0``: the rows' offset)."""
-    if not x.is_floating_point() or x.numel() == 0:
+    if not x.is_floating_point() or x.numel() == 0 or not has_nonfinite(x):  # one pass over the bits, no copies
         return
     bad = ~torch.isfinite(x)
     if bool(bad.any()):

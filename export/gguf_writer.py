@@ -33,10 +33,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
 from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFWriter
 
 from dsq.dsquant.archs import ROLE_INFO
 from dsq.dsquant.atomic import check_output, make_partial_dir
+from dsq.dsquant.direct_io import DirectWriter
 from dsq.dsquant.errors import InputError, OutputError, UnsupportedError
 from dsq.dsquant.formats import QuantizedTensor, StreamPool
 from dsq.dsquant.source import Source
@@ -245,17 +247,31 @@ def export_gguf(
     stack = contextlib.ExitStack()
     try:
         w, extra, tok = _write_header(tmp_dir / out_path.name, src, outs, chosen, mix, split)
+        sink = _DirectSink(w, tmp_dir / out_path.name) if len(w.fout) == 1 else None
+        stack.callback(sink.abort if sink else lambda: None)
         for _, arr in extra:
-            w.write_tensor_data(arr)
+            (sink.write if sink else w.write_tensor_data)(arr)
         pool = stack.enter_context(StreamPool())  # chunk workers; torch single-threaded meanwhile
         for i, t in enumerate(outs):
             gt, tnotes, why = chosen[t.name]
             values = build_value(t, src)
             imps = _importances(entries, t.name, values) if entries is not None and gt.quantized else [None] * len(values)
-            encoded = [encode(v, gt, t.name, pool, imp) for v, imp in zip(values, imps, strict=True)]
-            data = np.concatenate([e[0] for e in encoded]) if len(encoded) > 1 else encoded[0][0]
+            # Encoded a row block at a time: straight into the file when it is written here (the output of a
+            # 545M-weight output matrix is never held whole), else gathered for gguf-py's writer (splits).
             status = _status(values, gt)
-            stats = [e[1] for e in encoded]
+            stats, held, written = [], [], 0
+            if sink is not None:
+                sink.begin()
+            for v, imp in zip(values, imps, strict=True):
+                for piece in _row_blocks(v, sink is not None):
+                    data, st = encode(piece, gt, t.name, pool, imp)
+                    stats.append(st)
+                    written += data.nbytes
+                    if sink is not None:
+                        sink.piece(data)
+                    else:
+                        held.append(data)
+                    del data
             # What the reader itself re-rounded (GPTQ act-order blocks, dsquant/foreign.py) counts as requantized.
             read = [r for s in t.sources if (r := src.rerounded.get(s.name.removesuffix(".weight")))]
             if read:
@@ -264,16 +280,23 @@ def export_gguf(
                 tnotes = [*tnotes, f"GPTQ act-order: {sum(r['blocks'] for r in read)} of {sum(r['of'] for r in read)} "
                                    "column blocks of 32 mix groups and were re-rounded on reading"]
             err = _rel_error(stats)
-            w.write_tensor_data(data)
+            if written != nbytes(gt, t.shape):
+                raise AssertionError(f"{t.name}: {written} bytes encoded, the tensor table says {nbytes(gt, t.shape)}")
+            if sink is not None:
+                sink.end(written)
+            else:
+                w.write_tensor_data(np.concatenate(held) if len(held) > 1 else held[0])
             rows.append({"name": t.name, "type": gt.name, "shape": list(t.shape), "status": status,
-                         "rel_error": err, "bytes": int(data.nbytes), "notes": tnotes,
+                         "rel_error": err, "bytes": int(written), "notes": tnotes,
                          **({"policy": why} if why else {}),
                          "sources": [s.name for s in t.sources][:1] + ([f"+{len(t.sources) - 1}"] if len(t.sources) > 1 else [])})
-            del values, data, encoded
+            del values, held
             if progress:
                 progress(i + 1, len(outs), t.name)
         shards = w.format_shard_names(tmp_dir / out_path.name)
         w.close()
+        if sink is not None:
+            sink.close()
         finals = [out_path.with_name(p.name) for p in shards]
         if len(finals) > 1:  # a split writes other names than out_path: check them too
             for final in finals:
@@ -299,6 +322,66 @@ def export_gguf(
             report["notes"].append(f"size budget: the file has {report['bytes']} bytes, the search counted "
                                    f"{budget['predicted_bytes']}")
     return report
+
+
+class _DirectSink:
+    """The tensor data of a single-file GGUF, written with O_DIRECT (dsquant/direct_io.py) after gguf-py has
+    written the header, metadata and tensor table: the same bytes and padding as ``GGUFWriter.write_tensor_data``
+    (each tensor starts on ``data_alignment`` and is padded to it), without the page-cache copy of every byte."""
+
+    def __init__(self, w: GGUFWriter, path: Path) -> None:
+        fout = w.fout[0]
+        fout.flush()
+        head = fout.tell()
+        fout.close()
+        w.fout = None  # gguf-py's close() has nothing left to do
+        with open(path, "rb") as f:
+            header = f.read(head)
+        self.align = w.data_alignment
+        self.f = DirectWriter(path)  # rewrites the file: header, then the data as it comes
+        self.f.write(header)
+
+    def _pad(self, n: int) -> None:
+        if n % self.align:
+            self.f.write(bytes(self.align - n % self.align))
+
+    def begin(self) -> None:
+        """A tensor's data starts: on the alignment."""
+        self._pad(self.f.tell())
+
+    def piece(self, arr: np.ndarray) -> None:
+        """The next bytes of the current tensor."""
+        self.f.write(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
+
+    def end(self, nbytes: int) -> None:
+        """The tensor had ``nbytes``: padded to the alignment, as gguf-py pads it."""
+        self._pad(nbytes)
+
+    def write(self, arr: np.ndarray) -> None:
+        self.begin()
+        self.piece(arr)
+        self.end(arr.nbytes)
+
+    def close(self) -> None:
+        self.f.close()
+
+    def abort(self) -> None:
+        self.f.abort()
+
+
+STREAM_ELEMENTS = 1 << 25  # weights per encode call when the bytes go straight to the file
+
+
+def _row_blocks(v: QuantizedTensor | torch.Tensor, stream: bool) -> list:
+    """``v`` as row blocks of about ``STREAM_ELEMENTS`` weights (on 128-row boundaries, whole blocks of every
+    dsq format), or whole when not streaming or small. Quantizing is row-local, so the bytes are the same."""
+    shape = tuple(v.shape)
+    if not stream or len(shape) != 2 or shape[0] * shape[1] <= STREAM_ELEMENTS:
+        return [v]
+    step = max(128, STREAM_ELEMENTS // shape[1] // 128 * 128)
+    if isinstance(v, QuantizedTensor):
+        return [v.rows(r, min(r + step, shape[0])) for r in range(0, shape[0], step)]
+    return [v[r:r + step] for r in range(0, shape[0], step)]
 
 
 def _write_header(path: Path, src: Source, outs: list[OutTensor], chosen: dict, mix: Mix | None,
