@@ -5,11 +5,18 @@ from the checkpoint, run transformers' ``<Arch>DecoderLayer`` on the current hid
 hooks that collect each linear's input statistics (routed experts: through the router's top-k, see
 moe_coverage.py), quantize the layer's linears with the chosen method, and run the *quantized*
 layer to produce the next layer's inputs (as GPTQ's reference driver does). Peak memory is one
-layer in float32 plus the hidden states of the calibration batch, whatever the model size.
+layer plus the hidden states of the calibration batch (twice: the layer's input and its float output,
+for the error metric) plus the layer's largest Hessian, whatever the model size.
+
+At scale (``CalibOptions.resolve``) the forwards and the hidden states are bfloat16 (the checkpoint's own
+dtype; about twice float32's matmul speed on CPUs with bf16 units) and the float-model stream for the
+drift metric (a third forward) is skipped; linears that read the same input share one float32
+``X^T X`` (methods.SharedInputs). Measured at 7B widths: bench/calib_scale.py.
 
 The result maps HF tensor names to a :class:`QuantizedTensor` (in the plan's format) or, for AWQ,
 to float tensors it rescaled (norms, unquantized linears); everything else is untouched and goes
-through the ordinary round-to-nearest path of ``quantize_checkpoint``.
+through the ordinary round-to-nearest path of ``quantize_checkpoint``. Each layer's result is written to
+disk as soon as the layer is done (resume.LayerStore) and the writer reads it back one tensor at a time.
 """
 
 from __future__ import annotations

@@ -87,10 +87,6 @@ def _unpack_one(d: dict) -> QuantizedTensor | torch.Tensor:
     return QuantizedTensor(d["format"], tuple(d["shape"]), d["codes"], d["scale"], d["zero"])
 
 
-def _unpack(packed: dict) -> dict:
-    return {name: _unpack_one(d) for name, d in packed.items()}
-
-
 class LayerStore(Mapping):
     """Calibrated tensors by HF name, kept on disk one file per layer and read back on access.
 
