@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import time
+from itertools import pairwise
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -82,8 +83,8 @@ def main() -> None:
             sys.exit(f"{method}: exit {proc.returncode}")
         r = json.loads(res.read_text())
         prog = [p for p in r["progress"] if p["done"] > 0]
-        per_wall = [b["wall"] - a_["wall"] for a_, b in zip(r["progress"], r["progress"][1:])]
-        per_cpu = [b["cpu"] - a_["cpu"] for a_, b in zip(r["progress"], r["progress"][1:])]
+        per_wall = [b["wall"] - a_["wall"] for a_, b in pairwise(r["progress"])]
+        per_cpu = [b["cpu"] - a_["cpu"] for a_, b in pairwise(r["progress"])]
         fixed_wall, fixed_cpu = r["wall"] - sum(per_wall), r["cpu"] - sum(per_cpu)
         row = {
             "method": method, "layers": a.layers, "tokens": a.samples * a.seqlen, "threads": r["threads"],

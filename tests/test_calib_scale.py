@@ -158,14 +158,20 @@ def test_calibrate_holds_one_layer_of_tensors_at_a_time(llama):
     assert isinstance(qt, QuantizedTensor) and qt.format == "int4_sym_g32"
 
 
-def test_bfloat16_forward_keeps_gptq_quality(llama):
-    ckpt, plan, batch = llama
-    f32 = calibrate(ckpt, plan, "gptq", batch=batch, options=CalibOptions(compute_dtype="float32"))
-    bf16 = calibrate(ckpt, plan, "gptq", batch=batch, options=CalibOptions(compute_dtype="bfloat16"))
+@pytest.mark.parametrize("arch, method, gain", [("llama", "gptq", 0.8), ("llama", "awq", 1.0), ("llama", "imatrix", 1.0),
+                                                ("qwen3_moe", "gptq", 0.8), ("qwen3_moe", "awq", 1.0)])
+def test_bfloat16_forward_keeps_quality(model_dir, arch, method, gain):
+    ckpt = Checkpoint(model_dir(arch))
+    plan = make_plan(ckpt, load_recipe("int4"))
+    batch = calibration_batch("mixed", load_tokenizer(ckpt.path), SAMPLES, SEQLEN, seed=0)
+    f32 = calibrate(ckpt, plan, method, batch=batch, options=CalibOptions(compute_dtype="float32"))
+    bf16 = calibrate(ckpt, plan, method, batch=batch, options=CalibOptions(compute_dtype="bfloat16"))
     rtn = calibrate(ckpt, plan, "rtn", batch=batch, options=CalibOptions(compute_dtype="bfloat16"))
     assert set(f32.tensors) == set(bf16.tensors)
-    for a, b, r in zip(f32.layers, bf16.layers, rtn.layers, strict=True):
-        assert b.rel_err < 0.8 * r.rel_err and b.rel_err < 1.2 * a.rel_err, (a, b, r)
+    # layer 0 sees the same inputs in both runs (later ones each run's own quantized stream)
+    assert bf16.layers[0].rel_err < gain * rtn.layers[0].rel_err
+    for a, b in zip(f32.layers, bf16.layers, strict=True):
+        assert b.rel_err < 1.25 * a.rel_err, (a, b)
 
 
 def _digests(d) -> dict[str, str]:

@@ -109,8 +109,9 @@ def apply_awq(
             continue  # a reader is kept unquantized or was not captured: leave the group unscaled
         x = stats[present[0]].samples
         mods = [layer.get_submodule(n) for n in present]
-        s, _, _ = search_scale(
-            x, [m.weight.data for m in mods], [formats[f"{prefix}{n}.weight"] for n in present], opts.awq_grid
+        s, _, _ = search_scale(  # float32 weights: the captured rows are float32 whatever the forward's dtype
+            x, [m.weight.data.to(torch.float32) for m in mods], [formats[f"{prefix}{n}.weight"] for n in present],
+            opts.awq_grid,
         )
         for m in mods:  # float32 (a bfloat16 forward's weights too): the quantizer rounds these values
             m.weight.data = m.weight.data.to(torch.float32) * s
