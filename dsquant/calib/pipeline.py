@@ -160,7 +160,12 @@ class Decoder:
         return layer.eval()
 
     def embed(self, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.ckpt.load(self.others[Role.EMBED])[ids].to(dtype)
+        return self.embed_batches([ids], dtype)[0]
+
+    def embed_batches(self, batches: list[torch.Tensor], dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+        """The embedding rows of each batch of token ids, in ``dtype``; the matrix (1 GB at 7B) is read once."""
+        w = self.ckpt.load(self.others[Role.EMBED])
+        return [w[ids].to(dtype) for ids in batches]
 
     def forward_flop(self, tokens: int) -> float:
         """2 x decoder-layer weights x ``tokens``: the matmul work of one forward over them (attention aside)."""
@@ -383,7 +388,7 @@ def calibrate(
     tokens = int(batch.ids.numel())
     dtype, drift = opts.resolve(dec.forward_flop(tokens), dec.bf16_layers())
     if xs is None:
-        xs = [dec.embed(ids, dtype) for ids in batch.ids.split(opts.batch_size)]
+        xs = dec.embed_batches(list(batch.ids.split(opts.batch_size)), dtype)
         ref = [x.clone() for x in xs] if drift else None
     if progress:  # the ETA's baseline: layers already done (a resumed run) do not count as this run's speed
         progress(start, dec.n_layers, f"{method} on {tokens} tokens" + (f", resumed at layer {start}" if start else ""))
