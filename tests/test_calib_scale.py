@@ -196,13 +196,23 @@ def test_streamed_tensors_write_the_same_checkpoint_as_held_ones(model_dir, tmp_
     assert a == b and any(n.endswith(".safetensors") for n in a)
 
 
-def test_store_without_work_dir_is_removed_with_it(tmp_path):
+def test_store_keeps_every_part_and_is_removed_with_it(tmp_path):
+    from dsq.dsquant.kformats import KQuantTensor
+
     store = LayerStore()
-    qt = FORMATS["int4_sym_g32"].quantize(torch.randn(8, 64))
-    store.put("layer-00000", {"w": qt, "norm": torch.ones(3, dtype=torch.bfloat16)})
+    w = torch.randn(8, 256, generator=torch.Generator().manual_seed(0))
+    held = {"w": FORMATS["int4_asym_g32"].quantize(w), "k": FORMATS["q4_k"].quantize(w),
+            "norm": torch.ones(3, dtype=torch.bfloat16)}
+    assert type(held["k"]) is KQuantTensor
+    store.put("layer-00000", held)
     path = store.dir
-    got = store["w"]
-    assert torch.equal(got.codes, qt.codes) and torch.equal(got.scale, qt.scale) and store["norm"].dtype == torch.bfloat16
+    for name in ("w", "k"):
+        got, ref = store[name], held[name]
+        assert type(got) is type(ref) and got.shape == ref.shape
+        for f in ("codes", "scale", "zero", "dmin", "sub_scale", "sub_min"):
+            a, b = getattr(got, f, None), getattr(ref, f, None)
+            assert (a is None and b is None) or torch.equal(a, b), (name, f)
+    assert store["norm"].dtype == torch.bfloat16
     del got, store
     gc.collect()
     assert not path.exists()

@@ -26,7 +26,7 @@ import shutil
 import tempfile
 import weakref
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
 
 import torch
@@ -35,6 +35,7 @@ from ... import __version__
 from ..checkpoint import Checkpoint
 from ..errors import InputError
 from ..formats import QuantizedTensor
+from ..kformats import KQuantTensor
 
 
 def _sha(obj: object) -> str:
@@ -71,11 +72,17 @@ def _atomic_text(text: str, path: Path) -> None:
     os.replace(tmp, path)
 
 
+# the QuantizedTensor classes a layer file holds, by the name stored with each (every dataclass field is kept:
+# a GGUF K-quant tensor's dmin and sub-block scales/mins as well as codes, scale and zero)
+_CLASSES: dict[str, type[QuantizedTensor]] = {"quantized": QuantizedTensor, "kquant": KQuantTensor}
+
+
 def _pack(tensors: dict) -> dict:
     out = {}
     for name, v in tensors.items():
         if isinstance(v, QuantizedTensor):
-            out[name] = {"format": v.format, "shape": list(v.shape), "codes": v.codes, "scale": v.scale, "zero": v.zero}
+            kind = next(k for k, cls in _CLASSES.items() if type(v) is cls)
+            out[name] = {f.name: getattr(v, f.name) for f in fields(v)} | {"shape": list(v.shape), "class": kind}
         else:
             out[name] = {"tensor": v}
     return out
@@ -84,7 +91,8 @@ def _pack(tensors: dict) -> dict:
 def _unpack_one(d: dict) -> QuantizedTensor | torch.Tensor:
     if "tensor" in d:
         return d["tensor"]
-    return QuantizedTensor(d["format"], tuple(d["shape"]), d["codes"], d["scale"], d["zero"])
+    cls = _CLASSES[d.get("class", "quantized")]
+    return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d} | {"shape": tuple(d["shape"])})
 
 
 class LayerStore(Mapping):
