@@ -11,6 +11,19 @@ calibrated tensors back from disk) in its own child process, which reports per l
 seconds (process time, all threads) and the ETA the progress bar showed after each layer; the parent adds
 the child's peak RSS (VmHWM). Extrapolation to the full depth: the fixed part (everything outside the
 layers) plus the full model's layer count times the *last* layer's time (layer 0 includes warm-up).
+
+Measured 2026-11-30 (calib7b branch; 2-core Zen4 shared with other jobs, 1-min load 3-4; 128x512 tokens;
+bfloat16 forwards, drift off, as ``CalibOptions()`` resolves at this size):
+
+| method | layers | s/layer wall | CPU s/layer | peak RSS | 28 layers, extrapolated |
+|---|---|---|---|---|---|
+| gptq | 2 | 502, 555 | 682, 671 | 5.60 GiB | 4.3 h wall at that load (5.2 CPU-h; ~2.6 h if both cores were ours) |
+| imatrix | 1 | 491 | 499 | 4.54 GiB | 3.8 h wall (3.9 CPU-h) |
+
+The two forwards (2 x 30 TFLOP in bfloat16, ~175 GFLOP/s on this loaded box) are most of every method's
+layer; GPTQ adds the float32 X^T X sums (~33 TFLOP over 4 distinct inputs, down_proj's 18944 columns
+dominating) and ~1 min of inverse factor + column sweep. ETA shown after layer 0: 502 s for layer 1, which
+took 555 s (-5 % on the finish).
 """
 
 from __future__ import annotations
