@@ -19,6 +19,7 @@ bfloat16 forwards, drift off, as ``CalibOptions()`` resolves at this size):
 |---|---|---|---|---|---|
 | gptq | 2 | 502, 555 | 682, 671 | 5.60 GiB | 4.3 h wall at that load (5.2 CPU-h; ~2.6 h if both cores were ours) |
 | imatrix | 1 | 491 | 499 | 4.54 GiB | 3.8 h wall (3.9 CPU-h) |
+| awq | 1 | 497 | 963 | 6.66 GiB | 3.9 h wall (7.5 CPU-h; the scale search's float32 products over 4096 rows) |
 
 The two forwards (2 x 30 TFLOP in bfloat16, ~175 GFLOP/s on this loaded box) are most of every method's
 layer; GPTQ adds the float32 X^T X sums (~33 TFLOP over 4 distinct inputs, down_proj's 18944 columns
