@@ -79,7 +79,8 @@ def child(args) -> None:
     t0 = time.perf_counter()
     batch = calibration_batch(str(args.calib), load_tokenizer(ckpt.path), args.samples, args.seqlen, seed=0)
     t_data = time.perf_counter() - t0
-    res = calibrate(ckpt, plan, args.method, batch=batch, options=CalibOptions(track_drift=False))
+    res = calibrate(ckpt, plan, args.method, batch=batch,
+                    options=CalibOptions(track_drift=False, compute_dtype=args.compute_dtype))
     seconds = time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -110,6 +111,7 @@ def child(args) -> None:
         "peak_rss_mb": round(rss / 1024**2),
         "layer_rel_err_mean": sum(r.rel_err for r in res.layers) / len(res.layers),
         "threads": args.threads,
+        "compute_dtype": args.compute_dtype,
     }
     Path(args.out).write_text(json.dumps(out))
 
@@ -127,6 +129,8 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--formats", default=",".join(FORMATS))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compute-dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                    help="calibration forwards / hidden states / X^T X products (CalibOptions.compute_dtype)")
     ap.add_argument("--json", type=Path)
     # child mode
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -158,6 +162,7 @@ def main() -> None:
                     sys.executable, __file__, "--child", "--method", method, "--format", fmt, "--ref", str(ref_path),
                     "--out", str(out), "--tmp", tmp, "--model", str(args.model), "--calib", str(args.calib),
                     "--samples", str(args.samples), "--seqlen", str(args.seqlen), "--threads", str(args.threads),
+                    "--compute-dtype", args.compute_dtype,
                 ]
                 subprocess.run(cmd, check=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
                 row = json.loads(out.read_text())

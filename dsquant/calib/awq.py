@@ -109,14 +109,17 @@ def apply_awq(
             continue  # a reader is kept unquantized or was not captured: leave the group unscaled
         x = stats[present[0]].samples
         mods = [layer.get_submodule(n) for n in present]
-        s, _, _ = search_scale(
-            x, [m.weight.data for m in mods], [formats[f"{prefix}{n}.weight"] for n in present], opts.awq_grid
+        s, _, _ = search_scale(  # float32 weights: the captured rows are float32 whatever the forward's dtype
+            x, [m.weight.data.to(torch.float32) for m in mods], [formats[f"{prefix}{n}.weight"] for n in present],
+            opts.awq_grid,
         )
-        for m in mods:
-            m.weight.data = m.weight.data * s
-        for n in present:  # later groups' searches see the scaled inputs
-            if stats[n].rows:
-                stats[n].rows = [r / s for r in stats[n].rows]
+        for m in mods:  # float32 (a bfloat16 forward's weights too): the quantizer rounds these values
+            m.weight.data = m.weight.data.to(torch.float32) * s
+        # later groups' searches see the scaled inputs; linears reading one input share one statistics
+        # object (methods.SharedInputs): scale its rows once
+        for st in {id(stats[n]): stats[n] for n in present}.values():
+            if st.rows:
+                st.rows = [r / s for r in st.rows]
         for pname, p in prev.named_parameters(recurse=False):
             if pname not in ("weight", "bias"):
                 continue
@@ -126,7 +129,7 @@ def apply_awq(
                 p.data = scaled
                 continue
             dtype = dtypes.get(hf, torch.bfloat16)
-            p.data = scaled.to(dtype).to(torch.float32)  # what the writer will store
+            p.data = scaled.to(dtype).to(p.dtype)  # what the writer will store, in the forward's dtype
             out[hf] = scaled.to(dtype)
         # the prev linear's own input statistics are unaffected (its input is not rescaled)
     return out

@@ -8,6 +8,7 @@ tensors instead of the originals. ``method="rtn"`` needs no data and skips all o
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -56,8 +57,10 @@ def check_calib_sizes(config: dict, samples: int, seqlen: int) -> None:
 
 def run_calibration(
     ckpt: Checkpoint, plan: Plan, spec: CalibSpec, progress=None, pool=None
-) -> tuple[dict[str, QuantizedTensor | torch.Tensor], dict | None]:
-    """(HF name -> calibrated tensor, the report's ``calibration`` section); empty for RTN. ``pool``:
+) -> tuple[Mapping[str, QuantizedTensor | torch.Tensor], dict | None]:
+    """(HF name -> calibrated tensor, the report's ``calibration`` section); empty for RTN. The mapping is
+    a ``resume.LayerStore``: the tensors stay in per-layer files (``spec.work_dir`` or a temporary directory
+    removed with the mapping) and each is read, memory-mapped, when the writer asks for it. ``pool``:
     where each layer's independent work runs (calib/pool.py; None: in this process)."""
     if not spec.needs_data:
         if spec.imatrix_out or spec.imatrix_in:

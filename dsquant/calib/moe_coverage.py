@@ -130,8 +130,9 @@ class ExpertCapture:
                 names = {p: expert_name(self.prefix, e, p) for p in PROJS}
                 sub = None if given is None else {n: given[n] for n in names.values() if n in given}
                 # clones: a job gets this expert's rows, not a view that would carry the fused tensor along
-                w = (mod.gate_up_proj.data[e, :inter].clone(), mod.gate_up_proj.data[e, inter:].clone(),
-                     mod.down_proj.data[e].clone())
+                f32 = {"dtype": torch.float32, "copy": True}  # a bfloat16 forward's experts are quantized from float32
+                w = (mod.gate_up_proj.data[e, :inter].to(**f32), mod.gate_up_proj.data[e, inter:].to(**f32),
+                     mod.down_proj.data[e].to(**f32))
                 yield (e, x_ref, routes_ref, int(counts[e]), *w, mod.act_fn, method, formats, names, opts, sub,
                        collect is not None)
 
@@ -197,6 +198,8 @@ def quantize_expert(
         s, _, _ = search_scale(h[keep], [w_down], [formats[names["down"]]], opts.awq_grid)
         w["up"], w_down = w["up"] / s.unsqueeze(1), w_down * s
     st_in = ExpertCapture._stats(used, x, opts)
+    if st_in is not None:  # gate and up read the same rows: one X^T X, taken by each quantized one
+        st_in.users = max(1, sum(names[p] in formats for p in ("gate", "up")))
     deq = {}
     out: dict[str, QuantizedTensor] = {}
     for proj in ("gate", "up"):

@@ -5,11 +5,18 @@ from the checkpoint, run transformers' ``<Arch>DecoderLayer`` on the current hid
 hooks that collect each linear's input statistics (routed experts: through the router's top-k, see
 moe_coverage.py), quantize the layer's linears with the chosen method, and run the *quantized*
 layer to produce the next layer's inputs (as GPTQ's reference driver does). Peak memory is one
-layer in float32 plus the hidden states of the calibration batch, whatever the model size.
+layer plus the hidden states of the calibration batch (twice: the layer's input and its float output,
+for the error metric) plus the layer's largest Hessian, whatever the model size.
+
+At scale (``CalibOptions.resolve``) the forwards and the hidden states are bfloat16 (the checkpoint's own
+dtype; about twice float32's matmul speed on CPUs with bf16 units) and the float-model stream for the
+drift metric (a third forward) is skipped; linears that read the same input share one float32
+``X^T X`` (methods.SharedInputs). Measured at 7B widths: bench/calib_scale.py.
 
 The result maps HF tensor names to a :class:`QuantizedTensor` (in the plan's format) or, for AWQ,
 to float tensors it rescaled (norms, unquantized linears); everything else is untouched and goes
-through the ordinary round-to-nearest path of ``quantize_checkpoint``.
+through the ordinary round-to-nearest path of ``quantize_checkpoint``. Each layer's result is written to
+disk as soon as the layer is done (resume.LayerStore) and the writer reads it back one tensor at a time.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import importlib
 import inspect
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -32,12 +39,13 @@ from ..formats import FORMATS, QuantizedTensor
 from ..plan import Plan
 from .awq import apply_awq
 from .data import CalibBatch, calibration_batch, load_tokenizer
-from .methods import CalibOptions, InputStats, Method, get_method, use_stats
+from .methods import CalibOptions, InputStats, Method, SharedInputs, get_method, use_stats
 from .moe_coverage import ExpertCapture, fuse_experts
 from .pool import LOCAL, CalibPool
-from .resume import ResumeState, fingerprint
+from .resume import LayerStore, ResumeState, fingerprint
 
 Tensors = dict[str, QuantizedTensor | torch.Tensor]
+TensorMap = Mapping[str, QuantizedTensor | torch.Tensor]  # a LayerStore: on disk, read one tensor at a time
 ProgressFn = Callable[[int, int, str], None]
 
 
@@ -53,7 +61,7 @@ class LayerReport:
 
 @dataclass
 class CalibResult:
-    tensors: Tensors
+    tensors: TensorMap
     layers: list[LayerReport]
     method: str
     batch: dict
@@ -130,15 +138,15 @@ class Decoder:
     def prefix(self, i: int) -> str:
         return f"model.layers.{i}."
 
-    def load_layer(self, i: int) -> nn.Module:
-        """Decoder layer ``i`` in float32 with the checkpoint's weights (only this layer's are read)."""
+    def load_layer(self, i: int, dtype: torch.dtype = torch.float32) -> nn.Module:
+        """Decoder layer ``i`` in ``dtype`` with the checkpoint's weights (only this layer's are read)."""
         with torch.device("meta"):
             layer = self.layer_cls(self.config, i)
         prefix = self.prefix(i)
         state: dict[str, torch.Tensor] = {}
         experts: dict[str, torch.Tensor] = {}
         for t in self.by_layer.get(i, []):
-            data = self.ckpt.load(t).to(torch.float32)
+            data = self.ckpt.load(t).to(dtype)
             local = t.name[len(prefix) :]
             if t.ref is not None and t.ref.expert is not None:
                 experts[local] = data
@@ -151,15 +159,28 @@ class Decoder:
         layer.load_state_dict(state, strict=True, assign=True)
         return layer.eval()
 
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        w = self.ckpt.load(self.others[Role.EMBED]).to(torch.float32)
-        return w[ids]
+    def embed(self, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.embed_batches([ids], dtype)[0]
+
+    def embed_batches(self, batches: list[torch.Tensor], dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+        """The embedding rows of each batch of token ids, in ``dtype``; the matrix (1 GB at 7B) is read once."""
+        w = self.ckpt.load(self.others[Role.EMBED])
+        return [w[ids].to(dtype) for ids in batches]
+
+    def forward_flop(self, tokens: int) -> float:
+        """2 x decoder-layer weights x ``tokens``: the matmul work of one forward over them (attention aside)."""
+        return 2.0 * sum(math.prod(t.shape) for ts in self.by_layer.values() for t in ts) * tokens
+
+    def bf16_layers(self) -> bool:
+        """Whether every decoder-layer tensor is stored as bfloat16 (so a bfloat16 forward reads them exactly)."""
+        return all(t.float_dtype == torch.bfloat16 for ts in self.by_layer.values() for t in ts)
 
     def forward(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return self.runner(layer, x)
 
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
-        """model.norm (RMSNorm in every supported architecture)."""
+        """model.norm (RMSNorm in every supported architecture), in float32."""
+        x = x.to(torch.float32)
         w = self.ckpt.load(self.others[Role.OUTPUT_NORM]).to(torch.float32)
         eps = float(getattr(self.config, "rms_norm_eps", 1e-6))
         return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps) * w
@@ -190,35 +211,43 @@ def calibrate_layer(
     given: dict[str, torch.Tensor] | None = None,
     pool: CalibPool = LOCAL,
     on_unit: Callable[[int, int], None] | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[Tensors, list[torch.Tensor], list[torch.Tensor] | None, LayerReport]:
     """Calibrate layer ``i`` on the quantized stream ``xs``; ``ref`` is the float model's stream (for the
     drift metric). ``collect`` (if a dict) receives each linear's statistics by HF weight name;
     ``given`` (HF weight name -> importance) replaces them (``--imatrix``). Returns (tensors, next xs,
-    next ref, report).
+    next ref, report). ``dtype``: the layer's forward and the hidden states (``xs`` come in it; float32 or
+    bfloat16, see ``CalibOptions.compute_dtype``); weights are always quantized from float32 values.
 
-    ``pool`` runs the independent parts (pool.py): the float reference forward and the quantized
-    forward, per batch, and each linear's and each routed expert's quantization. The statistics
-    forward stays here, in batch order (its float64 sums are order-dependent), and so does AWQ's scale
-    search over the layer's groups. Every pool gives the same tensors, bit for bit. ``on_unit(done,
-    total)``: after each linear or expert of this layer."""
+    Linears that read the same input (q/k/v, gate/up) share one ``X^T X`` (methods.SharedInputs), summed
+    in float32 from products in ``dtype``, batch by batch, so no layer-wide activation is ever held but
+    the hidden states themselves. ``pool`` runs the independent parts (pool.py): the float reference
+    forward and the quantized forward, per batch, and each linear's and each routed expert's
+    quantization. The statistics forward stays here, in batch order (its sums are order-dependent), and
+    so does AWQ's scale search over the layer's groups. Every pool gives the same tensors, bit for bit.
+    ``on_unit(done, total)``: after each linear or expert of this layer."""
     t0 = time.perf_counter()
-    layer = dec.load_layer(i)
+    layer = dec.load_layer(i, dtype)
     ref_out = pool.forward(dec.runner, layer, ref) if ref is not None else None
     prefix = dec.prefix(i)
     linears = linear_modules(layer, prefix, formats)
-    stats: dict[str, InputStats] = {}
-    hooks = []
     quota = math.ceil(opts.awq_tokens / max(len(xs), 1))
-    if method.needs_stats:
-        for name, lin in linears.items():
-            st = stats[name] = InputStats(lin.in_features, method.full_hessian, opts.awq_tokens if method.awq else 0)
-            hooks.append(lin.register_forward_pre_hook(lambda _m, args, st=st: st.add(args[0], quota)))
+    shared = SharedInputs(
+        lambda cols: InputStats(cols, method.full_hessian, opts.awq_tokens if method.awq else 0, dtype),
+        quota if method.awq else 0,
+    )
+    hooks = [lin.register_forward_pre_hook(shared.hook(name, lin.in_features))
+             for name, lin in linears.items()] if method.needs_stats else []
     capture = ExpertCapture.attach(layer, prefix, formats)
-    ys_fp = [dec.forward(layer, x) for x in xs]
+    ys_fp = []
+    for x in xs:
+        ys_fp.append(dec.forward(layer, x))
+        shared.end_batch()
     for h in hooks:
         h.remove()
     if capture:
         capture.detach()
+    stats = shared.stats
 
     out: Tensors = {}
     if method.awq:
@@ -230,12 +259,13 @@ def calibrate_layer(
          use_stats(f"{prefix}{name}.weight", stats.get(name), collect, given), opts)
         for name, lin in linears.items()
     ]
-    qts = pool.map(method.linear, jobs, on_unit and (lambda k: on_unit(k, n_units)))
+    del stats
+    shared.stats = {}  # the jobs hold the statistics now: each is freed as soon as its last linear is done
+    qts = pool.map(method.linear, _drain(jobs), on_unit and (lambda k: on_unit(k, n_units)))
     for (name, lin), qt in zip(linears.items(), qts, strict=True):
         out[f"{prefix}{name}.weight"] = qt
-        lin.weight.data = qt.dequantize()
-    del jobs, qts
-    stats.clear()
+        lin.weight.data = qt.dequantize().to(dtype)
+    del qts
     coverage: list[dict] = []
     if capture:
         done = len(linears)
@@ -246,6 +276,7 @@ def calibrate_layer(
     ys_q = pool.forward(dec.runner, layer, xs)
     num = sum(float((yq - yf).double().square().sum()) for yq, yf in zip(ys_q, ys_fp, strict=True))
     den = sum(float((yf - x).double().square().sum()) for yf, x in zip(ys_fp, xs, strict=True))
+    del ys_fp
     drift = None
     if ref_out is not None:
         d_num = sum(float((yq - yr).double().square().sum()) for yq, yr in zip(ys_q, ref_out, strict=True))
@@ -255,6 +286,15 @@ def calibrate_layer(
     return out, ys_q, ref_out, rep
 
 
+def _drain(jobs: list) -> Iterator:
+    """The jobs in order, each dropped from the list as it is handed out, so a job's statistics (a 1.4 GB
+    down_proj Hessian at 7B) are freed when it finishes rather than when the whole layer does."""
+    for k in range(len(jobs)):
+        job, jobs[k] = jobs[k], None
+        yield job
+        del job
+
+
 def _lm_head(dec: Decoder, xs: list[torch.Tensor], method: Method, formats: dict[str, str], opts: CalibOptions,
              collect: dict | None = None, given: dict[str, torch.Tensor] | None = None, pool: CalibPool = LOCAL):
     t = dec.others.get(Role.LM_HEAD)
@@ -262,16 +302,27 @@ def _lm_head(dec: Decoder, xs: list[torch.Tensor], method: Method, formats: dict
         return None, None
     w = dec.ckpt.load(t).to(torch.float32)
     stats = InputStats(w.shape[1], method.full_hessian, 0) if method.needs_stats else None
-    normed = [dec.final_norm(x) for x in xs]
     if stats is not None:
-        for x in normed:
-            stats.add(x)
+        for x in xs:
+            stats.add(dec.final_norm(x))
     # AWQ has no op before lm_head to fold a scale into; it rounds lm_head by RTN.
     qt = pool.map(method.linear, [(FORMATS[formats[t.name]], w, use_stats(t.name, stats, collect, given), opts)])[0]
     deq = qt.dequantize()
-    num = sum(float((x @ (deq - w).T).double().square().sum()) for x in normed)
-    den = sum(float((x @ w.T).double().square().sum()) for x in normed)
+    # the error on the first HEAD_ERR_TOKENS tokens: over all of them it would cost two more full lm_head
+    # products (at 7B x 128x512 tokens, 140 TFLOP: longer than calibrating lm_head itself)
+    num = den = 0.0
+    seen = 0
+    for x in xs:
+        if seen >= HEAD_ERR_TOKENS:
+            break
+        x = dec.final_norm(x).reshape(-1, w.shape[1])[: HEAD_ERR_TOKENS - seen]
+        seen += x.shape[0]
+        num += float((x @ (deq - w).T).double().square().sum())
+        den += float((x @ w.T).double().square().sum())
     return {t.name: qt}, _rel(num, den)
+
+
+HEAD_ERR_TOKENS = 8192
 
 
 def calibrate(
@@ -318,7 +369,8 @@ def calibrate(
         batch = calibration_batch(calib, load_tokenizer(ckpt.path), samples, seqlen, seed)
     dec = Decoder(ckpt)
     state = ResumeState(work_dir, fingerprint(ckpt, formats, method, opts, batch)) if work_dir else None
-    tensors: Tensors = {}
+    # each finished layer's tensors go to disk at once (the work dir, or a temporary one): never all in memory
+    tensors = state.store if state is not None else LayerStore()
     reports: list[LayerReport] = []
     stats: dict | None = {} if collect else None
     start = 0
@@ -333,10 +385,11 @@ def calibrate(
                 f"--imatrix-out: --work-dir {work_dir} resumes at layer {start}, and the statistics of layers "
                 f"0..{start - 1} are not kept there; rerun without --work-dir (or with an empty one)"
             )
-    if xs is None:
-        xs = [dec.embed(ids) for ids in batch.ids.split(opts.batch_size)]
-        ref = [x.clone() for x in xs] if opts.track_drift else None
     tokens = int(batch.ids.numel())
+    dtype, drift = opts.resolve(dec.forward_flop(tokens), dec.bf16_layers())
+    if xs is None:
+        xs = dec.embed_batches(list(batch.ids.split(opts.batch_size)), dtype)
+        ref = [x.clone() for x in xs] if drift else None
     if progress:  # the ETA's baseline: layers already done (a resumed run) do not count as this run's speed
         progress(start, dec.n_layers, f"{method} on {tokens} tokens" + (f", resumed at layer {start}" if start else ""))
     with torch.inference_mode():
@@ -345,15 +398,18 @@ def calibrate(
             if pool is not None and progress:
                 def on_unit(k: int, n: int, i: int = i) -> None:
                     progress(i, dec.n_layers, f"{method}, layer {i}: {k}/{n} units (linears, experts) done")
-            out, xs, ref, rep = calibrate_layer(dec, i, xs, m, formats, opts, ref, stats, given, pool or LOCAL, on_unit)
-            tensors.update(out)
+            out, xs, ref, rep = calibrate_layer(dec, i, xs, m, formats, opts, ref, stats, given, pool or LOCAL, on_unit,
+                                                dtype)
             reports.append(rep)
             if state is not None:
                 state.save(i, out, rep, xs, ref)
+            else:
+                tensors.put(f"layer-{i:05d}", out)
+            del out
             if progress:
                 progress(i + 1, dec.n_layers, f"{method}, {tokens} tokens; layer {i} output rel. err {rep.rel_err:.4f}")
         head, head_err = _lm_head(dec, xs, m, formats, opts, stats, given, pool or LOCAL) if opts.quantize_lm_head else (None, None)
     if head:
-        tensors.update(head)
+        tensors.put("lm_head", head)
     return CalibResult(tensors, reports, method, batch.describe(), start, head_err, stats or {})
 

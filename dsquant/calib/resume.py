@@ -10,6 +10,11 @@ Layout of ``work_dir``::
 Files are written to a temporary name and renamed, so a run killed mid-write resumes from the last
 layer whose ``state.json`` update landed. Tensors are saved as plain dicts of tensors and loaded
 with ``weights_only=True`` (no pickled code runs).
+
+The layer files are also where a run's results live until the writer takes them (:class:`LayerStore`,
+in a temporary directory when there is no ``work_dir``): calibration never holds more than one layer's
+quantized tensors (~1 byte per weight, ~7 GB for a 7B model), and the writer reads each tensor back
+memory-mapped, one at a time.
 """
 
 from __future__ import annotations
@@ -17,7 +22,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, is_dataclass
+import shutil
+import tempfile
+import weakref
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
 
 import torch
@@ -26,6 +35,7 @@ from ... import __version__
 from ..checkpoint import Checkpoint
 from ..errors import InputError
 from ..formats import QuantizedTensor
+from ..kformats import KQuantTensor
 
 
 def _sha(obj: object) -> str:
@@ -62,30 +72,78 @@ def _atomic_text(text: str, path: Path) -> None:
     os.replace(tmp, path)
 
 
+# the QuantizedTensor classes a layer file holds, by the name stored with each (every dataclass field is kept:
+# a GGUF K-quant tensor's dmin and sub-block scales/mins as well as codes, scale and zero)
+_CLASSES: dict[str, type[QuantizedTensor]] = {"quantized": QuantizedTensor, "kquant": KQuantTensor}
+
+
 def _pack(tensors: dict) -> dict:
     out = {}
     for name, v in tensors.items():
         if isinstance(v, QuantizedTensor):
-            out[name] = {"format": v.format, "shape": list(v.shape), "codes": v.codes, "scale": v.scale, "zero": v.zero}
+            kind = next(k for k, cls in _CLASSES.items() if type(v) is cls)
+            out[name] = {f.name: getattr(v, f.name) for f in fields(v)} | {"shape": list(v.shape), "class": kind}
         else:
             out[name] = {"tensor": v}
     return out
 
 
-def _unpack(packed: dict) -> dict:
-    out: dict = {}
-    for name, d in packed.items():
-        if "tensor" in d:
-            out[name] = d["tensor"]
+def _unpack_one(d: dict) -> QuantizedTensor | torch.Tensor:
+    if "tensor" in d:
+        return d["tensor"]
+    cls = _CLASSES[d.get("class", "quantized")]
+    return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d} | {"shape": tuple(d["shape"])})
+
+
+class LayerStore(Mapping):
+    """Calibrated tensors by HF name, kept on disk one file per layer and read back on access.
+
+    :meth:`put` writes one layer's tensors (``layer-NNNNN.pt``, atomically) and keeps only their names;
+    ``store[name]`` memory-maps that file and returns the tensor (QuantizedTensor or float tensor), so a
+    reader that takes the tensors one at a time (``quantize_checkpoint``'s writer) holds one at a time.
+    ``directory`` None: a new temporary directory, removed when the store is garbage-collected (or at
+    exit). Raises InputError when a file it indexed is gone."""
+
+    def __init__(self, directory: str | Path | None = None) -> None:
+        if directory is None:
+            self.dir = Path(tempfile.mkdtemp(prefix="dsq-calib-"))
+            self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.dir), True)
         else:
-            out[name] = QuantizedTensor(d["format"], tuple(d["shape"]), d["codes"], d["scale"], d["zero"])
-    return out
+            self.dir = Path(directory)
+            self.dir.mkdir(parents=True, exist_ok=True)
+        self._where: dict[str, Path] = {}
+
+    def put(self, stem: str, tensors: dict, extra: dict | None = None) -> Path:
+        """Write ``tensors`` (HF name -> QuantizedTensor | tensor) as ``{stem}.pt`` with ``extra`` entries."""
+        path = self.dir / f"{stem}.pt"
+        _atomic_save({"tensors": _pack(tensors), **(extra or {})}, path)
+        self.index(path, tensors)
+        return path
+
+    def index(self, path: Path, names) -> None:
+        for name in names:
+            self._where[name] = path
+
+    def __getitem__(self, name: str) -> QuantizedTensor | torch.Tensor:
+        path = self._where[name]
+        try:
+            packed = torch.load(path, weights_only=True, mmap=True)["tensors"]
+        except FileNotFoundError:
+            raise InputError(f"{path}: calibrated tensors of `{name}` are gone (deleted during the run?)") from None
+        return _unpack_one(packed[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
 
 
 class ResumeState:
     def __init__(self, work_dir: str | Path, fp: dict) -> None:
         self.dir = Path(work_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.store = LayerStore(self.dir)
         fp_path = self.dir / "fingerprint.json"
         if fp_path.is_file():
             try:
@@ -107,20 +165,21 @@ class ResumeState:
         self, layer: int, tensors: dict, report: object, hidden: list[torch.Tensor], ref: list[torch.Tensor] | None
     ) -> None:
         rep = asdict(report) if is_dataclass(report) else dict(report)  # type: ignore[arg-type]
-        _atomic_save({"tensors": _pack(tensors), "report": json.dumps(rep)}, self.dir / f"layer-{layer:05d}.pt")
+        self.store.put(f"layer-{layer:05d}", tensors, {"report": json.dumps(rep)})
         _atomic_save({"hidden": list(hidden), "reference": None if ref is None else list(ref)}, self.dir / "hidden.pt")
         _atomic_text(json.dumps({"next_layer": layer + 1}), self.dir / "state.json")
         self.next_layer = layer + 1
 
-    def load(self) -> tuple[dict, list[dict], list[torch.Tensor], list[torch.Tensor] | None]:
-        tensors: dict = {}
+    def load(self) -> tuple[LayerStore, list[dict], list[torch.Tensor], list[torch.Tensor] | None]:
+        """(the finished layers' tensors, indexed in ``self.store``, not read; their reports; the hidden
+        states after the last one: quantized stream, float reference or None)."""
         reports: list[dict] = []
         for i in range(self.next_layer):
             path = self.dir / f"layer-{i:05d}.pt"
             if not path.is_file():
                 raise InputError(f"{self.dir}: {path.name} is missing; delete the directory to start over")
-            d = torch.load(path, weights_only=True)
-            tensors.update(_unpack(d["tensors"]))
+            d = torch.load(path, weights_only=True, mmap=True)  # names and report only: no tensor is read
+            self.store.index(path, d["tensors"])
             reports.append(json.loads(d["report"]))
         saved = torch.load(self.dir / "hidden.pt", weights_only=True)
-        return tensors, reports, saved["hidden"], saved["reference"]
+        return self.store, reports, saved["hidden"], saved["reference"]
