@@ -519,7 +519,7 @@ def export(
     ] = None,
     ep: Annotated[str | None, typer.Option("--ep", help="ONNX: execution provider to target: cpu, cuda, dml, coreml.")] = None,
     int4_block: Annotated[int | None, typer.Option("--int4-block", help="ONNX: int4 block of a float source: 32, 64, 128.")] = None,
-    attention: Annotated[str | None, typer.Option(help="ONNX: auto (default: contrib where onnxruntime has it), plain (standard ops; left padding) or contrib (GroupQueryAttention, SkipSimplifiedLayerNormalization).")] = None,
+    attention: Annotated[str | None, typer.Option(help="ONNX: auto (default: contrib where onnxruntime has it), plain (standard ops; custom position_ids) or contrib (GroupQueryAttention, SkipSimplifiedLayerNormalization).")] = None,
     accuracy_level: Annotated[
         int | None, typer.Option(help="ONNX: MatMulNBits accuracy_level (0 exact float math; CPU default 4).")
     ] = None,
