@@ -196,7 +196,9 @@ def export_onnx(
     ``accuracy_level``: MatMulNBits' 0-4 (None: the EP's default); ``attention``: plain, contrib or auto.
 
     ``embed`` / ``lm_head``: dsq formats for the embedding and output matrix (see :func:`head_formats`);
-    by default the recipe's roles decide, and without any they stay float32. ``precision``: fp32, or fp16
+    by default the recipe's roles decide, and without any they stay float32. The presets keep lm_head 16-bit, so
+    the default ONNX holds the values the default GGUF export writes (token_embd / output in 16 bits): the two
+    default exports are one model. A quantized head is a choice: int4_sym_g32 / int8_g32 are GGUF Q4_0 / Q8_0. ``precision``: fp32, or fp16
     activations and cache for GPU EPs (:func:`to_fp16`; it runs on CPU too, slower).
 
     Raises UnsupportedError for an unknown EP, precision, accuracy level, int4 block, architecture or attention, a

@@ -383,6 +383,31 @@ def test_quantized_head_refusals(quantized_dir, model_dir, tmp_path):
     assert not any((tmp_path / n).exists() for n in "abcd")
 
 
+def test_default_head_is_the_default_gguf_twin(quantized_dir, tmp_path):
+    """Without --embed/--lm-head the export follows the recipe's roles; the int4 preset keeps lm_head (and the
+    embedding) 16-bit, so the ONNX holds them in float32 with exactly the values the default GGUF export writes as
+    token_embd / output: the default exports of one checkpoint are one model."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    from dsq.export.gguf_writer import export_gguf
+
+    src = quantized_dir("llama", "int4")  # untied: a separate embedding and lm_head
+    report = export_onnx(src, tmp_path / "onnx")
+    assert report["heads"] == {}
+    export_gguf(src, tmp_path / "m.gguf")
+    gguf = {t.name: t for t in GGUFReader(tmp_path / "m.gguf").tensors}
+    arr = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph.initializer}
+    for onnx_name, gguf_name, transposed in (("model.embed_tokens.weight", "token_embd.weight", False),
+                                             ("lm_head.weight.T", "output.weight", True)):
+        t = gguf[gguf_name]
+        assert t.tensor_type.name in ("F16", "BF16", "F32")
+        ggml = dequantize(t.data, t.tensor_type).reshape(320, 256).astype(np.float32)
+        ours = arr[onnx_name].T if transposed else arr[onnx_name]
+        assert ours.dtype == np.float32
+        np.testing.assert_array_equal(ours, ggml)
+
+
 @pytest.mark.parametrize("fmt,gguf_type", [("int4_sym_g32", "q4_0"), ("int8_g32", "q8_0")])
 def test_quantized_head_has_the_gguf_twin_values(fmt, gguf_type, quantized_dir, tmp_path):
     """The tied matrix an ONNX export quantizes to FMT holds the very values a GGUF export of the same checkpoint
