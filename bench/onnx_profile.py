@@ -11,7 +11,9 @@ graphs without it get the usual present -> past feed), and reports:
   decode steps only (the prefill run is left out), as % of the summed kernel time and µs/token;
 * ``--variants``: session-option variants, e.g. ``spin0`` (``session.intra_op.allow_spinning=0``), ``basic``
   (ORT_ENABLE_BASIC), ``noprepack`` (``session.disable_prepacking=1``), ``run`` (plain ``InferenceSession.run``
-  feeding present back as past instead of IOBinding on a shared buffer).
+  feeding present back as past instead of IOBinding on a shared buffer), ``genai`` (onnxruntime-genai's own
+  generator loop on the folder), ``dsq`` (dsq's onnxruntime runtime: ``OnnxRuntime.prefill`` / ``decode``),
+  ``dsq-installed`` (the same with PYTHONPATH unset: the installed dsq, e.g. main, for a before/after).
 
 Variants and folders are interleaved over ``--rounds`` rounds; the load average is printed per round.
 
@@ -31,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-VARIANTS = ("base", "spin0", "spin1", "basic", "noprepack", "run")
+VARIANTS = ("base", "spin0", "spin1", "basic", "noprepack", "run", "genai", "dsq", "dsq-installed")
 
 
 def session(folder: Path, threads: int, variant: str, profile: str | None = None):
@@ -141,11 +143,43 @@ def llama_worker(gguf: Path, prompt: list[int], n: int, threads: int) -> dict:
     return {"decode_cpu_ms": 1e3 * cpu / n, "decode_wall_ms": 1e3 * wall / n}
 
 
+def genai_worker(folder: Path, prompt: list[int], n: int, threads: int) -> dict:
+    """onnxruntime-genai's generator on the folder: prompt appended, one warm-up step, then ``n`` greedy steps."""
+    import onnxruntime_genai as og
+
+    config = og.Config(str(folder))
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+    model = og.Model(config)
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + n + 1, min_length=len(prompt) + n + 1, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.array([prompt], np.int32))
+    gen.generate_next_token()
+    t, c = time.perf_counter(), time.process_time()
+    for _ in range(n):
+        gen.generate_next_token()
+    wall, cpu = time.perf_counter() - t, time.process_time() - c
+    return {"decode_cpu_ms": 1e3 * cpu / n, "decode_wall_ms": 1e3 * wall / n}
+
+
 def worker(spec: dict) -> dict:
     folder, variant, threads = Path(spec["folder"]), spec["variant"], spec["threads"]
     prompt, n = spec["prompt"], spec["decode"]
     if folder.suffix == ".gguf":
         return llama_worker(folder, prompt, n, threads)
+    if variant == "genai":
+        return genai_worker(folder, prompt, n, threads)
+    if variant in ("dsq", "dsq-installed"):
+        from dsq.runtimes.onnxruntime_runtime import OnnxRuntime
+
+        rt = OnnxRuntime.load(folder, threads=threads, n_ctx=len(prompt) + n + 2)
+        tok = int(rt.prefill(prompt).argmax())
+        tok = int(rt.decode(tok).argmax())
+        t, c = time.perf_counter(), time.process_time()
+        for _ in range(n):
+            tok = int(rt.decode(tok).argmax())
+        wall, cpu = time.perf_counter() - t, time.process_time() - c
+        return {"decode_cpu_ms": 1e3 * cpu / n, "decode_wall_ms": 1e3 * wall / n}
     prof = spec.get("profile")
     sess = session(folder, threads, variant, prof)
     st = Stepper(sess, folder, len(prompt) + n + 1, _shares(folder) and variant != "run")
@@ -191,13 +225,21 @@ def main() -> None:
     def run(folder: Path, variant: str, profile: str | None = None) -> dict:
         spec = {"folder": str(folder), "variant": variant, "threads": args.threads, "prompt": prompt,
                 "decode": args.decode, "profile": profile}
-        r = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True)
+        env = {k: v for k, v in os.environ.items() if not (variant == "dsq-installed" and k == "PYTHONPATH")}
+        r = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
+                           env=env)
         lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
         if r.returncode or not lines:
             raise RuntimeError(f"{folder} {variant}: {r.stderr.strip().splitlines()[-3:]}")
         return json.loads(lines[-1][7:])
 
-    keys = [(f, v) for f in args.folders for v in (["llama.cpp"] if f.suffix == ".gguf" else variants)]
+    def variants_of(f: Path) -> list[str]:
+        if f.suffix == ".gguf":
+            return ["llama.cpp"]
+        # the dsq runtime reads only folders with fixed cache head sizes (dsq's own exports)
+        return [v for v in variants if not v.startswith("dsq") or (f / "onnx-report.json").is_file()]
+
+    keys = [(f, v) for f in args.folders for v in variants_of(f)]
     res: dict[tuple, list[dict]] = defaultdict(list)
     for r in range(args.rounds):
         load = os.getloadavg()
