@@ -28,7 +28,7 @@ import torch
 from onnx import TensorProto, numpy_helper
 
 from ..dsquant.errors import UnsupportedError
-from ..dsquant.formats import FORMATS, QuantizedTensor
+from ..dsquant.formats import FORMATS, QuantizedTensor, StreamPool
 
 DATA_NAME = "model.onnx.data"
 # Initializers at or above this size go to the external-data file while streaming.
@@ -148,18 +148,22 @@ def quantize_packed(fmt_name: str, w: torch.Tensor, name: str = "<tensor>", rows
         raise UnsupportedError(f"{name}: {fmt_name} has blocks of {fmt.block_rows} rows; no row-sliced packing")
     n, k = w.shape
     bits, block = packing_for(fmt_name).bits, fmt.block_cols or k
-    B = np.empty((n, k // block, block * bits // 8), np.uint8)
-    scales = np.empty(n * (k // block), np.float32)
-    zp = None
-    for r0, r1 in _row_slices(n, k, rows):
+    nb = k // block
+    B = np.empty((n, nb, block * bits // 8), np.uint8)
+    scales = np.empty(n * nb, np.float32)
+
+    def one(span: tuple[int, int]) -> np.ndarray | None:
+        r0, r1 = span
         pt = pack_matmulnbits(fmt.quantize(w[r0:r1], name))
-        B[r0:r1] = pt.B
-        scales[r0 * (k // block):r1 * (k // block)] = pt.scales
-        if pt.zero_points is not None:
-            per_row = pt.zero_points.size // (r1 - r0)
-            if zp is None:
-                zp = np.empty(n * per_row, np.uint8)
-            zp[r0 * per_row:r1 * per_row] = pt.zero_points
+        B[r0:r1] = pt.B  # disjoint rows per slice: the workers never write the same bytes
+        scales[r0 * nb:r1 * nb] = pt.scales
+        return pt.zero_points
+
+    # dsq's stream pool: slices on its worker threads with torch's own intra-op threads at 1 (its OpenMP threads
+    # spin between the many small ops and multiplied the CPU seconds on a loaded machine)
+    with StreamPool() as pool:
+        zps = list(pool.workers.map(one, list(_row_slices(n, k, rows))))
+    zp = None if zps[0] is None else np.concatenate(zps)
     return PackedWeight(fmt_name, (n, k), PackedNBits(B, scales, zp, k, n, bits, block))
 
 
