@@ -240,6 +240,10 @@ def quantize(
         str | None, typer.Option(help="Ray cluster to use (`auto`: the one `ray start` made here; default: a new "
                                  "local one, or $RAY_ADDRESS).")
     ] = None,
+    task_cpus: Annotated[
+        int, typer.Option(help="With --executor ray: CPUs each task asks for and torch threads it runs. Calibrated "
+                          "output equals a local run with this many torch threads (OMP_NUM_THREADS).")
+    ] = 1,
     imatrix_out: Annotated[Path | None, typer.Option(
         help="Also write the calibration statistics as a llama.cpp imatrix (GGUF; legacy format if it ends in .dat)."
     )] = None,
@@ -271,7 +275,7 @@ def quantize(
         if executor == "ray":
             from dsq.dsquant.ray_executor import RayExecutor
 
-            runner = RayExecutor(ray_address, work_dir)
+            runner = RayExecutor(ray_address, work_dir, task_cpus=task_cpus)
         if method != "rtn" or imatrix_out or imatrix:  # rtn with an imatrix flag: the spec refuses it
             from dsq.dsquant.calib.hook import CalibSpec
             from dsq.dsquant.calib.methods import CalibOptions
@@ -328,6 +332,12 @@ def plan(
                                  "e.g. '8x(cpus=32,mem=256GB)'.")
     ] = None,
     fs_gbps: Annotated[float, typer.Option(help="With --cluster: shared-filesystem GB/s per node.")] = 1.0,
+    method: Annotated[str, typer.Option(help="With --cluster: rtn, or a calibrated run (gptq, awq, imatrix) "
+                                        "with --samples x --seqlen tokens.")] = "rtn",
+    samples: Annotated[int, typer.Option(help="With --cluster --method: calibration sequences.")] = 128,
+    seqlen: Annotated[int, typer.Option(help="With --cluster --method: tokens per sequence.")] = 512,
+    task_cpus: Annotated[int, typer.Option(help="With --cluster --method: CPUs per Ray task.")] = 1,
+    net_gbps: Annotated[float, typer.Option(help="With --cluster --method: network GB/s per node.")] = 1.25,
 ) -> None:
     """Show what a recipe will do to every tensor (reads headers only, no weights)."""
     from dsq.dsquant.checkpoint import Checkpoint
@@ -336,13 +346,27 @@ def plan(
     from dsq.dsquant.render import print_plan
 
     try:
+        if method != "rtn" and cluster is None:
+            from dsq.dsquant.errors import InputError
+
+            raise InputError(f"--method {method}: estimates a calibrated Ray run; give --cluster too")
         p = make_plan(Checkpoint(model), load_recipe(recipe), allow_unmapped)
         if cluster is not None:
             import json
 
             from dsq.dsquant.cluster_plan import estimate, parse_cluster, render
 
-            est = estimate(p, parse_cluster(cluster), fs_gbps)
+            spec = parse_cluster(cluster)
+            if method != "rtn":  # calibrated: layers in sequence, each layer's work over the cluster
+                from dsq.dsquant.calib.methods import get_method
+                from dsq.dsquant.cluster_calib import CalibRun, estimate_calibrated, render_calibrated
+
+                get_method(method)
+                est = estimate_calibrated(p, spec, CalibRun(method, samples, seqlen, task_cpus=task_cpus), fs_gbps,
+                                          net_gbps)
+                typer.echo(json.dumps(est, indent=2) if json_out else render_calibrated(est))
+                return
+            est = estimate(p, spec, fs_gbps)
             typer.echo(json.dumps(est, indent=2) if json_out else render(est))
             return
     except Exception as e:

@@ -233,10 +233,31 @@ def _write_shard(path: Path, specs: list[Spec], gen: torch.Generator | None) -> 
             f.write(_data(s, gen).contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
+def write_tokenizer(out: Path, vocab: int) -> None:
+    """A small BPE (tokenizer.json + tokenizer_config.json) with at most ``vocab`` ids, trained on the
+    shipped calib_data/prose.txt, so calibrated runs (``--method gptq``) can tokenize text for a
+    checkpoint whose vocabulary is scaled down (256 ids at ``--scale`` 512). Characters it never saw
+    map to ``<unk>``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    text = (Path(__file__).resolve().parents[1] / "calib_data" / "prose.txt").read_text()
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(text.splitlines(), trainers.BpeTrainer(
+        vocab_size=vocab, special_tokens=["<unk>", "<|endoftext|>"], show_progress=False))
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "eos_token": "<|endoftext|>",
+        "unk_token": "<unk>", "pad_token": "<|endoftext|>", "model_max_length": 4096,
+    }))
+
+
 def make_v3_shaped(out: str | Path, scale: int = 512, layers: int | None = None, shards: int = V3_SHARDS,
                    sparse: bool = False, seed: int = 0) -> Path:
     """Write the checkpoint into ``out`` (created); returns ``out``. ``sparse``: headers and file sizes
-    only (see the module docstring). Deterministic for a given (scale, layers, shards, seed)."""
+    only (see the module docstring). Deterministic for a given (scale, layers, shards, seed). A small
+    tokenizer (``write_tokenizer``) comes with it, for calibrated runs."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = v3_config(scale, layers)
@@ -253,6 +274,7 @@ def make_v3_shaped(out: str | Path, scale: int = 512, layers: int | None = None,
     )
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 1}))
+    write_tokenizer(out, cfg["vocab_size"])
     return out
 
 

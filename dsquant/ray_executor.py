@@ -20,10 +20,17 @@ layer's independent work to a :class:`RayCalibPool`: each quantized linear's and
 quantization is one task (a MoE layer's captured inputs go to the object store once, shared by all
 its experts' tasks), and the layer forward that makes the next layer's inputs (and the float
 reference stream) is split over the calibration batches. The statistics forward (an ordered float64
-sum) and AWQ's per-layer scale search stay in the driver. Tasks run with the driver's torch thread
-count, so every float operation is the one ``--executor local`` performs and the output is the same
-bytes. ``--work-dir`` resumes a calibrated run by finished layer (calib/resume.py), whichever executor
-wrote it; the calibrated tensors are then written by the driver.
+sum) and AWQ's per-layer scale search stay in the driver. ``--work-dir`` resumes a calibrated run by
+finished layer (calib/resume.py), whichever executor wrote it; the calibrated tensors are then written
+by the driver.
+
+Threads and memory: every task asks Ray for ``task_cpus`` CPUs (default 1) and runs torch with that
+many threads, and asks for a ``memory`` amount estimated from what it holds (:func:`task_memory`,
+capped at the largest node's), so Ray packs as many tasks on a node as its cores and memory allow.
+RTN/FP8 bytes do not depend on the thread count. Calibrated bytes do (float32 matmuls split their
+sums by thread), so a calibrated Ray run is the same bytes as a local run whose torch thread count
+equals ``task_cpus`` *and* the driver's (``OMP_NUM_THREADS=1`` for the default); tests/test_ray_calib.py
+checks exactly that.
 
 Assumptions: the source checkpoint and the output's parent (and ``--work-dir``) are on a filesystem
 every node sees at the same path (NFS, Lustre, a FUSE-mounted bucket), and dsq is installed on every
@@ -54,8 +61,8 @@ import torch
 
 from .. import __version__
 from .checkpoint import Checkpoint
-from .errors import DsqError, OutputError, UnsupportedError
-from .plan import PlanEntry, human_bytes
+from .errors import DsqError, InputError, OutputError, UnsupportedError
+from .plan import BASE_RSS_BYTES, PlanEntry, human_bytes
 from .safetensors_io import DTYPE_NAMES, PlannedTensor, read_header
 
 # A task runs consecutive units up to about this many input bytes: big enough that Ray's per-task
@@ -63,6 +70,10 @@ from .safetensors_io import DTYPE_NAMES, PlannedTensor, read_header
 DEFAULT_TASK_BYTES = 256 * 1024**2
 DEFAULT_MAX_RETRIES = 3
 DONE_LOG = "done.jsonl"
+# What a task's process holds besides its data (Python, torch, Ray's worker): plan.BASE_RSS_BYTES.
+# A calibrated task's data is its arguments (weights, statistics, captured inputs) plus working copies
+# of about as much again (GPTQ's Hessian inverse and error block, a forward's intermediate activations).
+CALIB_WORK_FACTOR = 3
 
 
 def unit_key(entry: PlanEntry) -> str:
@@ -193,14 +204,14 @@ def run_units(source: str, layout, jobs: list[tuple[str, list[tuple[int, PlanEnt
     """Worker side: quantize and write each job's tensors; returns their results by item index.
 
     ``jobs`` is ``[(unit key, [(item index, entry, outputs, {output name: Slot}), ...]), ...]``; returns
-    ``{"units": [(key, [(item index, TensorResult as a dict)], seconds)], "node", "seconds", "bytes",
-    "max_rss"}`` (input bytes read, this worker process's peak RSS in bytes). The
+    ``{"units": [(key, [(item index, TensorResult as a dict)], seconds)], "node", "seconds", "cpu_s",
+    "bytes", "max_rss"}`` (wall and CPU seconds, input bytes read, this worker process's peak RSS in bytes). The
     same per-tensor function as ``--executor local`` (``quantize._process``) produces the bytes.
     Raises what ``_process`` raises (DsqError subclasses for bad weights, OutputError for the disk).
     """
     from .quantize import _process  # here: quantize imports this module's caller, not the other way
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     ckpt = _CHECKPOINTS.get(source)
     if ckpt is None:
         ckpt = _CHECKPOINTS[source] = Checkpoint(source)
@@ -217,8 +228,8 @@ def run_units(source: str, layout, jobs: list[tuple[str, list[tuple[int, PlanEnt
         done.append((key, results, time.perf_counter() - t_unit))
     writer.close()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    return {"units": done, "node": socket.gethostname(), "seconds": time.perf_counter() - t0, "bytes": in_bytes,
-            "max_rss": rss}
+    return {"units": done, "node": socket.gethostname(), "seconds": time.perf_counter() - t0,
+            "cpu_s": time.process_time() - c0, "bytes": in_bytes, "max_rss": rss}
 
 
 def _sha(obj: object) -> str:
@@ -246,19 +257,24 @@ class RayExecutor:
     ``address``: ``ray.init``'s (None: the running Ray session if there is one, else a new local
     cluster; ``auto``: the cluster ``ray start`` made on this machine). ``work_dir``: resumable state
     (None: not resumable). ``task_bytes``: input bytes per task (0: one unit per task). ``unit_fn``:
-    the worker function (tests wrap ``run_units`` to kill a worker). After ``run``: ``units_total``,
+    the worker function (tests wrap ``run_units`` to kill a worker). ``task_cpus``: CPUs each task asks
+    Ray for and torch threads it runs (raises InputError below 1). After ``run``: ``units_total``,
     ``units_skipped`` (finished by an earlier run), ``nodes`` (input bytes, worker seconds and the
     largest worker peak RSS per node), ``unit_seconds`` (worker seconds per unit run here).
     """
 
     def __init__(self, address: str | None = None, work_dir: str | Path | None = None, *,
                  task_bytes: int = DEFAULT_TASK_BYTES, max_retries: int = DEFAULT_MAX_RETRIES,
-                 unit_fn: Callable = run_units):
+                 unit_fn: Callable = run_units, task_cpus: int = 1):
+        if task_cpus < 1:
+            raise InputError(f"--task-cpus {task_cpus}: a task needs at least one CPU")
         self.address = address
         self.work_dir = Path(work_dir) if work_dir else None
         self.task_bytes = task_bytes
         self.max_retries = max_retries
         self.unit_fn = unit_fn
+        self.task_cpus = task_cpus
+        self.task_memory = 0  # the largest memory request of a task so far, bytes
         self.state_dir: Path | None = None
         self.units_total = self.units_skipped = 0
         self.nodes: dict[str, dict[str, float]] = {}
@@ -285,7 +301,7 @@ class RayExecutor:
 
     def calib_pool(self) -> RayCalibPool:
         """The pool a calibrated run's layers use (starts or joins Ray as ``run`` does); kept as ``self.calib``."""
-        self.calib = RayCalibPool(self._ray(), max_retries=self.max_retries)
+        self.calib = RayCalibPool(self._ray(), max_retries=self.max_retries, task_cpus=self.task_cpus)
         return self.calib
 
     def run(self, ckpt: Checkpoint, items: list[tuple[PlanEntry, list[PlannedTensor]]], shards: list[list[int]],
@@ -331,14 +347,19 @@ class RayExecutor:
         total_bytes = sum(u.in_bytes for u in units)
         done_bytes = sum(u.in_bytes for u in units if u.key in finished)
         tasks = self._batches(todo, ray)
-        remote = ray.remote(max_retries=self.max_retries, retry_exceptions=False, num_cpus=1)(self.unit_fn)
+        remote = ray.remote(max_retries=self.max_retries, retry_exceptions=False)(_unit_task)
         source = str(ckpt.path.resolve())
-        layout_ref = ray.put(layout)
+        layout_ref, fn_ref = ray.put(layout), ray.put(self.unit_fn)
+        cap = _largest_node_memory(ray)
         pending = {}
         for batch in tasks:
             jobs = [(u.key, [(i, items[i][0], items[i][1], {p.name: slots[p.name] for p in items[i][1]}) for i in u.items])
                     for u in batch]
-            pending[remote.remote(source, layout_ref, jobs)] = batch
+            # one tensor's row slice at a time (plan.PlanEntry.work_bytes), whichever is largest in the task
+            mem = BASE_RSS_BYTES + max(items[i][0].work_bytes for u in batch for i in u.items)
+            self.task_memory = max(self.task_memory, mem)
+            opts = {"num_cpus": self.task_cpus, "memory": min(mem, cap) if cap else mem}
+            pending[remote.options(**opts).remote(self.task_cpus, fn_ref, source, layout_ref, jobs)] = batch
         n_done_tensors = sum(1 for r in results if r is not None)
         log = open(self.state_dir / DONE_LOG, "a+") if self.state_dir else None  # noqa: SIM115 - closed below
         if log and log.tell():  # a killed run's torn last line must not swallow the next record
@@ -363,9 +384,10 @@ class RayExecutor:
                             results[idx] = TensorResult(**r)
                         if log:
                             log.write(json.dumps({"unit": key, "results": res}) + "\n")
-                    node = self.nodes.setdefault(out["node"], {"bytes": 0, "seconds": 0.0, "max_rss": 0})
+                    node = self.nodes.setdefault(out["node"], {"bytes": 0, "seconds": 0.0, "cpu_s": 0.0, "max_rss": 0})
                     node["bytes"] += out["bytes"]
                     node["seconds"] += out["seconds"]
+                    node["cpu_s"] += out.get("cpu_s", 0.0)
                     node["max_rss"] = max(node["max_rss"], out["max_rss"])
                     done_bytes += sum(u.in_bytes for u in batch)
                     n_done_tensors += sum(len(u.items) for u in batch)
@@ -438,12 +460,68 @@ class RayExecutor:
             self._started_ray = False
 
 
-def _calib_task(threads: int, fn: Callable, *args):
-    """Worker side of :class:`RayCalibPool`: ``fn(*args)`` as the driver would run it (its torch thread
-    count, inference mode), so the floats and therefore the quantized bytes are the same."""
+def _unit_task(threads: int, fn: Callable, *args):
+    """Worker side of an RTN/FP8 task: ``fn(*args)`` (``run_units``) with torch on the task's ``threads``
+    (a reused worker keeps whatever thread count its previous task set, and torch read
+    ``OMP_NUM_THREADS`` only once, at import)."""
     torch.set_num_threads(threads)
+    return fn(*args)
+
+
+def _calib_task(threads: int, fn: Callable, *args) -> dict:
+    """Worker side of :class:`RayCalibPool`: ``fn(*args)`` with torch on the task's ``threads`` (its
+    ``num_cpus``) in inference mode, as a local run with that many threads computes it. Returns
+    ``{"out": the result, "cpu_s": this task's CPU seconds, "node": host, "max_rss": the worker
+    process's peak RSS in bytes}``."""
+    torch.set_num_threads(threads)
+    c0 = time.process_time()
     with torch.inference_mode():
-        return fn(*args)
+        out = fn(*args)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return {"out": out, "cpu_s": time.process_time() - c0, "node": socket.gethostname(), "max_rss": rss}
+
+
+def tensor_bytes(obj, shared: Callable[[object], int | None] | None = None) -> int:
+    """Bytes of the tensors in ``obj``, searched through lists, tuples, dicts, modules' state and plain
+    objects' attributes (e.g. InputStats' sum); ``shared(o)``, when not None, is the size of ``o`` (an
+    object-store reference: what :meth:`RayCalibPool.share` recorded for it)."""
+    seen: set[int] = set()
+
+    def size(o, depth: int) -> int:
+        if depth > 4 or id(o) in seen:
+            return 0
+        seen.add(id(o))
+        if isinstance(o, torch.Tensor):
+            return o.numel() * o.element_size()
+        if isinstance(o, torch.nn.Module):
+            return sum(t.numel() * t.element_size() for t in o.state_dict().values())
+        if isinstance(o, (list, tuple)):
+            return sum(size(x, depth + 1) for x in o)
+        if isinstance(o, dict):
+            return sum(size(x, depth + 1) for x in o.values())
+        known = shared(o) if shared else None
+        if known is not None:
+            return known
+        if hasattr(o, "__dict__") and not isinstance(o, type):
+            return sum(size(x, depth + 1) for x in vars(o).values())
+        return 0
+
+    return size(obj, 0)
+
+
+def task_memory(args: tuple, shared: Callable[[object], int | None] | None = None) -> int:
+    """Bytes a calibrated task is expected to hold: ``BASE_RSS_BYTES`` plus ``CALIB_WORK_FACTOR`` times
+    its arguments' tensors (:func:`tensor_bytes`)."""
+    return BASE_RSS_BYTES + CALIB_WORK_FACTOR * tensor_bytes(args, shared)
+
+
+def _largest_node_memory(ray) -> int:
+    """The largest ``memory`` resource of a live node (bytes; 0 if Ray reports none): a task asking for
+    more could never be scheduled, so requests are capped at it."""
+    try:
+        return int(max((n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")), default=0))
+    except Exception:  # noqa: BLE001 - an older or remote Ray without node listings: ask for no memory cap
+        return 0
 
 
 def _forward_batches(runner: Callable, layer, xs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -453,19 +531,39 @@ def _forward_batches(runner: Callable, layer, xs: list[torch.Tensor]) -> list[to
 class RayCalibPool:
     """calib/pool.py's interface over Ray tasks: ``map`` submits one task per job and returns the
     results in job order; ``forward`` puts the layer in the object store once and runs the calibration
-    batches in contiguous chunks, one task per cluster CPU at most. A task's DsqError is re-raised as
-    itself; a dead worker's task is retried (``max_retries``), which recomputes the same result."""
+    batches in contiguous chunks, one task per ``task_cpus`` of the cluster at most. Each task asks for
+    ``task_cpus`` CPUs (torch runs that many threads) and :func:`task_memory` of its arguments (a
+    forward: the layer once, its batches several times), capped at the largest node's memory. A task's DsqError is re-raised as itself; a dead worker's task is
+    retried (``max_retries``), which recomputes the same result."""
 
-    def __init__(self, ray, max_retries: int = DEFAULT_MAX_RETRIES, threads: int | None = None):
+    def __init__(self, ray, max_retries: int = DEFAULT_MAX_RETRIES, task_cpus: int = 1):
         self.ray = ray
-        self.threads = threads or torch.get_num_threads()
+        self.task_cpus = task_cpus
         self.cpus = max(int(ray.cluster_resources().get("CPU", 1)), 1)
-        self._task = ray.remote(max_retries=max_retries, retry_exceptions=False, num_cpus=1)(_calib_task)
+        self.memory_cap = _largest_node_memory(ray)
+        self._task = ray.remote(max_retries=max_retries, retry_exceptions=False)(_calib_task)
+        # object-store reference's hex id -> bytes of the object (for task_memory); ids, not references,
+        # so that a finished layer's objects are not pinned in the object store
+        self._shared: dict[str, int] = {}
         self.tasks = 0  # submitted so far (for reports and tests)
+        self.max_task_memory = 0  # the largest memory request so far, bytes
+        self.nodes: dict[str, dict[str, float]] = {}  # host -> tasks, CPU seconds in tasks, largest worker RSS
 
     def share(self, obj):
         """An object store reference to ``obj``: jobs that take it as an argument read it from there."""
-        return self.ray.put(obj)
+        ref = self.ray.put(obj)
+        self._shared[ref.hex()] = tensor_bytes(obj)
+        return ref
+
+    def _shared_size(self, o) -> int | None:
+        return self._shared.get(o.hex()) if isinstance(o, self.ray.ObjectRef) else None
+
+    def _submit(self, fn, *args, memory: int | None = None):
+        mem = memory or task_memory(args, self._shared_size)
+        self.max_task_memory = max(self.max_task_memory, mem)
+        opts = {"num_cpus": self.task_cpus, "memory": min(mem, self.memory_cap) if self.memory_cap else mem}
+        self.tasks += 1
+        return self._task.options(**opts).remote(self.task_cpus, fn, *args)
 
     def _get(self, refs: list, on_done=None) -> list:
         pending, done = list(refs), 0
@@ -475,7 +573,14 @@ class RayCalibPool:
                 done += len(ready)
                 if on_done:
                     on_done(done)
-            return self.ray.get(refs)
+            outs = []
+            for r in self.ray.get(refs):
+                node = self.nodes.setdefault(r["node"], {"tasks": 0, "cpu_s": 0.0, "max_rss": 0})
+                node["tasks"] += 1
+                node["cpu_s"] += r["cpu_s"]
+                node["max_rss"] = max(node["max_rss"], r["max_rss"])
+                outs.append(r["out"])
+            return outs
         except self.ray.exceptions.RayTaskError as e:
             cause = getattr(e, "cause", None)
             raise (cause if isinstance(cause, DsqError) else e) from None
@@ -486,19 +591,19 @@ class RayCalibPool:
 
     def map(self, fn: Callable, jobs, on_done=None) -> list:
         """``[fn(*args) for args in jobs]``, each as a Ray task; ``on_done(k)`` as the k-th finishes."""
-        refs = [self._task.remote(self.threads, fn, *args) for args in jobs]
-        self.tasks += len(refs)
-        return self._get(refs, on_done)
+        return self._get([self._submit(fn, *args) for args in jobs], on_done)
 
     def forward(self, runner: Callable, layer, xs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """``runner(layer, x)`` for every batch ``x`` of ``xs``, in order, split over at most ``cpus`` tasks."""
+        """``runner(layer, x)`` for every batch ``x`` of ``xs``, in order, split over at most
+        ``cpus // task_cpus`` tasks."""
         if not xs:
             return []
-        layer_ref, runner_ref = self.ray.put(layer), self.ray.put(runner)
-        step = math.ceil(len(xs) / min(self.cpus, len(xs)))
-        refs = [self._task.remote(self.threads, _forward_batches, runner_ref, layer_ref, xs[k : k + step])
-                for k in range(0, len(xs), step)]
-        self.tasks += len(refs)
+        layer_ref, runner_ref = self.share(layer), self.ray.put(runner)
+        step = math.ceil(len(xs) / min(max(self.cpus // self.task_cpus, 1), len(xs)))
+        # the layer once (a forward does not copy its weights), its batches and their activations several times
+        chunks = [xs[k : k + step] for k in range(0, len(xs), step)]
+        refs = [self._submit(_forward_batches, runner_ref, layer_ref, chunk,
+                             memory=self._shared[layer_ref.hex()] + task_memory(tuple(chunk))) for chunk in chunks]
         return [y for chunk in self._get(refs) for y in chunk]
 
 

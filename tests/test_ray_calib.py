@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 pytestmark = pytest.mark.slow
@@ -131,10 +132,114 @@ def test_calib_pool_retries_a_dead_worker_and_reraises_dsq_errors(ray_cluster, t
     from dsq.dsquant.errors import InputError
     from dsq.dsquant.ray_executor import RayCalibPool
 
-    pool = RayCalibPool(ray_cluster, threads=1)
+    pool = RayCalibPool(ray_cluster, task_cpus=1)
     marker = tmp_path / "killed-once"
     done: list[int] = []
     assert pool.map(_dies_once(str(marker)), [(x,) for x in range(5)], done.append) == [0, 2, 4, 6, 8]
     assert marker.exists() and done == [1, 2, 3, 4, 5]
     with pytest.raises(InputError, match="job 0: refused"):
         pool.map(_refusing(), [(0,)])
+
+
+def _threads_and_resources():
+    """A job reporting what its task got: torch's thread count and the Ray resources assigned to it
+    (made here so Ray pickles it by value)."""
+
+    def fn(x):
+        import ray
+        import torch
+
+        return torch.get_num_threads(), ray.get_runtime_context().get_assigned_resources(), float(x.sum())
+
+    return fn
+
+
+def _apply():
+    def run(layer, x):
+        return layer(x)
+
+    return run
+
+
+def test_calib_tasks_run_their_num_cpus_threads_and_ask_for_memory(ray_cluster):
+    """Each task asks Ray for task_cpus CPUs and runs torch on that many threads (whatever the driver
+    runs), and asks for memory: the worker's base plus a multiple of the tensors it is given (an
+    object-store reference counts as the tensor it names)."""
+    from dsq.dsquant.plan import BASE_RSS_BYTES
+    from dsq.dsquant.ray_executor import CALIB_WORK_FACTOR, RayCalibPool
+
+    x = torch.ones(1024, 1024)  # 4 MiB
+    for cpus in (1, 2):
+        pool = RayCalibPool(ray_cluster, task_cpus=cpus)
+        shared = pool.share(x)
+        (threads, got, total), = pool.map(_threads_and_resources(), [(shared,)])
+        assert threads == cpus and got["CPU"] == cpus and total == x.numel()
+        assert got["memory"] == pool.max_task_memory == BASE_RSS_BYTES + CALIB_WORK_FACTOR * x.numel() * 4
+    # a forward task: the layer once (a forward does not copy its weights), its batches three times
+    pool = RayCalibPool(ray_cluster, task_cpus=1)
+    lin, xs = torch.nn.Linear(256, 256), [torch.ones(4, 256), torch.ones(4, 256)]
+    ys = pool.forward(_apply(), lin, xs)
+    assert [y.shape for y in ys] == [(4, 256)] * 2 and torch.equal(ys[0], lin(xs[0]).detach())
+    layer_bytes = sum(p.numel() * 4 for p in lin.parameters())
+    assert pool.max_task_memory == BASE_RSS_BYTES + layer_bytes + CALIB_WORK_FACTOR * 4 * 256 * 4
+    with pytest.raises(Exception, match="--task-cpus 0"):
+        from dsq.dsquant.ray_executor import RayExecutor
+
+        RayExecutor(task_cpus=0)
+
+
+def _v3_tiny(root: Path) -> Path:
+    """The V3-shaped bed at scale 512 (real expert counts), 3 dense layers + 1 MoE layer of 256 experts."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from make_v3_shaped import make_v3_shaped
+
+    return make_v3_shaped(root / "DeepSeek-V3-tiny", scale=512, layers=4)
+
+
+PROSE = str(Path(__file__).resolve().parents[1] / "calib_data" / "prose.txt")
+V3_CALIB = ["--recipe", "int4", "--method", "gptq", *CALIB, "--calib", PROSE]
+
+
+def test_killed_calibrated_driver_resumes_from_work_dir(ray_cluster, one_torch_thread, tmp_path):
+    """`dsq quantize --method gptq --executor ray --work-dir W` SIGKILLed once layer 1 is saved in W
+    leaves nothing at -o; the same command again resumes after the saved layers and ends with the
+    same bytes as a local run (one torch thread, as each task has)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from dsq.cli import app
+
+    src, work, out = _v3_tiny(tmp_path), tmp_path / "work", tmp_path / "ray"
+    r = CliRunner().invoke(app, ["quantize", str(src), "-o", str(tmp_path / "local"), *V3_CALIB])
+    assert r.exit_code == 0, r.output
+    address = ray_cluster.get_runtime_context().gcs_address
+    cmd = [sys.executable, "-m", "dsq.cli", "quantize", str(src), "-o", str(out), *V3_CALIB, "--executor", "ray",
+           "--ray-address", address, "--work-dir", str(work)]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    saved = 0
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            state = work / "state.json"
+            saved = json.loads(state.read_text())["next_layer"] if state.is_file() else 0
+            if saved >= 2:  # layers 0 and 1 are in the work dir
+                break
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert 2 <= saved < 4, proc.stderr.read().decode()[-2000:]
+    assert not out.exists() and not list(tmp_path.glob(".*ray*"))  # nothing half-written at or beside -o
+    r = CliRunner().invoke(app, ["quantize", str(src), "-o", str(out), *V3_CALIB, "--executor", "ray",
+                                 "--work-dir", str(work)])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "dsq-report.json").read_text())["calibration"]["resumed_from_layer"] == saved
+    da, db = _digests(tmp_path / "local"), _digests(out)
+    assert sorted(da) == sorted(db)
+    assert [n for n in da if da[n] != db[n]] in ([], ["dsq-report.json"])

@@ -125,6 +125,12 @@ def test_ray_matches_local(ray_cluster, v3, local_int4, tmp_path):
     assert ex.units_total == 2 * (cfg["num_hidden_layers"] + 1) + moe * 257 + 9
     assert sum(v["bytes"] for v in ex.nodes.values()) > 0
     assert not list(tmp_path.glob(".*partial"))
+    # each task asked Ray for the memory of its largest tensor's row slice (the plan's per-worker peak)
+    from dsq.dsquant.checkpoint import Checkpoint
+    from dsq.dsquant.plan import make_plan
+    from dsq.dsquant.recipes import load_recipe
+
+    assert ex.task_memory == make_plan(Checkpoint(v3), load_recipe("int4")).peak_rss_estimate
 
 
 def test_cli_ray_fp8_matches_local(ray_cluster, v3, tmp_path):

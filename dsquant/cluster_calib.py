@@ -1,0 +1,398 @@
+"""``dsq plan --cluster … --method gptq|awq|imatrix``: what a calibrated ``--executor ray`` run would take.
+
+A calibrated run (calib/pipeline.py with ray_executor.RayCalibPool) is sequential over decoder layers,
+and inside each layer these phases follow one another (wall time adds up):
+
+1. *load*: the driver reads the layer from the shared filesystem and holds it in float32;
+2. *reference forward*: the float layer over the float stream (``track_drift``), split over the
+   calibration batches as Ray tasks (at most ``samples / batch_size`` of them); the layer goes to each
+   node's object store once;
+3. *statistics forward*: in the driver, in batch order (its float64 sums depend on the order), with
+   every hooked linear's ``X^T X`` (GPTQ) or diagonal (imatrix, AWQ) and the MoE inputs captured;
+4. *linears*: each non-expert linear's GPTQ / search as its own task (their statistics shipped);
+5. *experts*: each routed expert's statistics + GPTQ as its own task, on the layer's captured inputs
+   (in each node's object store once);
+6. *quantized forward*: as 2, on the quantized stream;
+7. *save*: with ``--work-dir``, the layer's tensors and both streams to the shared filesystem.
+
+Then the lm_head (statistics in the driver, GPTQ as a task) and the write: the driver itself rounds
+what calibration did not cover (the MTP layer, embeddings) and writes every output byte.
+
+Costs are FLOPs divided by rates measured with one torch thread by bench/unit_costs.py (``COSTS``):
+forward FLOPs per token from the config (MLA projections, attention over a mean context of
+``seqlen/2``, the dense MLP or router + top-k and shared experts), GPTQ as ``rows*cols^2 + cols^3``
+(the column loop's updates and the inverse), statistics as ``2*tokens*cols^2`` float64 FLOPs. Rates
+measured at reduced widths run slower than large matrices do, so CPU figures lean high.
+
+GPUs: dsq's calibration runs on CPUs; it has no GPU path. With ``gpus=`` the estimate adds a second,
+*hypothetical* total in which the forwards, statistics and GPTQ run on the GPUs at an assumed rate
+(``GPU_ASSUMED``: H100 SXM datasheet figures at a stated utilisation), not a measurement.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass
+
+from .cluster_plan import MEM_RESERVE_BYTES, NS_PER_ELEMENT, ClusterSpec, _clock, tensor_seconds
+from .errors import InputError
+from .plan import BASE_RSS_BYTES, Plan, PlanEntry, human_bytes
+
+# bench/unit_costs.py --part calib --scale 32, 2026-11-30, one torch thread, CPU seconds, on the 2-core
+# x86-64 machine (load average 3.2-5.7 from other jobs). GPTQ, statistics and the search on a routed
+# expert at V3's real widths (7168 x 2048, 2048 tokens); forwards on the V3-shaped bed at scale 32
+# (hidden 224, one batch of 8 x 512 tokens; small matrices, so likely below the real widths' rate).
+# The whole expert task measured 41.1 s against 34.9 s from the rates (its forward, copies and
+# selection): ``expert_task_factor``.
+COSTS = {
+    "forward_dense_flops_per_s": 30.9e9,  # a dense decoder layer's forward, FLOPs per second per thread
+    "forward_moe_flops_per_s": 15.8e9,  # a MoE layer's (transformers' eager loop over the experts)
+    "gptq_flops_per_s": 32.6e9,  # GPTQ, in gptq_flops' model FLOPs
+    "stats_flops_per_s": 48.5e9,  # float64 X^T X accumulation
+    "search_s_per_element": 0.549e-6,  # imatrix scale search (and AWQ's clip), seconds per weight
+    "expert_task_factor": 41.1 / 34.9,
+}
+COSTS_RUN = "2026-11-30, 1 thread, real-width expert, scale-32 forwards"
+# The driver's serial phases run torch with all of its node's threads; threads scale sublinearly.
+DRIVER_THREAD_EFFICIENCY = 0.6
+DEFAULT_NET_GBPS = 1.25  # per-node network for Ray's object transfers, GB/s (10 GbE): an assumption, --net-gbps
+GPU_ASSUMED = {
+    # NVIDIA H100 SXM datasheet: 989 TFLOP/s dense bf16 (forwards), 67 TFLOP/s fp64 tensor core (statistics),
+    # 67 TFLOP/s fp32 (GPTQ); the utilisations are assumptions, not measurements.
+    "forward_dense_flops_per_s": 989e12 * 0.3,
+    "forward_moe_flops_per_s": 989e12 * 0.3,
+    "gptq_flops_per_s": 67e12 * 0.3,
+    "stats_flops_per_s": 67e12 * 0.3,
+    # the scale searches are elementwise, so memory-bound: 3.35 TB/s HBM3, ~20 candidate scales x 4 bytes per weight
+    "search_elements_per_s": 3.35e12 * 0.3 / 80,
+    "label": "H100 SXM: 989 TFLOP/s bf16 forwards, 67 TFLOP/s fp32 GPTQ and fp64 statistics, 3.35 TB/s for the "
+             "scale searches, all at 30% utilisation",
+}
+PHASES = ("load", "reference_forward", "statistics_forward", "linears", "experts", "quantized_forward", "save")
+
+
+@dataclass(frozen=True)
+class CalibRun:
+    method: str = "gptq"
+    samples: int = 128
+    seqlen: int = 512
+    batch_size: int = 8
+    task_cpus: int = 1
+    work_dir: bool = True
+    track_drift: bool = True
+    awq_tokens: int = 4096
+    awq_grid: int = 20
+
+    @property
+    def tokens(self) -> int:
+        return self.samples * self.seqlen
+
+
+def forward_flops_per_token(cfg: dict, moe: bool, seqlen: int) -> float:
+    """FLOPs of one decoder layer per token: the attention projections (MLA when ``kv_lora_rank`` is set,
+    else q/k/v/o), scores and weighted sum over a mean causal context of ``seqlen/2``, and the dense MLP
+    or the router + ``num_experts_per_tok`` routed + ``n_shared_experts`` shared experts."""
+    h = cfg["hidden_size"]
+    heads = cfg["num_attention_heads"]
+    if cfg.get("kv_lora_rank"):
+        qk = cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"]
+        v = cfg["v_head_dim"]
+        q = h * cfg["q_lora_rank"] + cfg["q_lora_rank"] * heads * qk if cfg.get("q_lora_rank") else h * heads * qk
+        proj = q + h * (cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]) + cfg["kv_lora_rank"] * heads * (
+            cfg["qk_nope_head_dim"] + v) + heads * v * h
+    else:
+        qk = v = cfg.get("head_dim") or h // heads
+        kv = cfg.get("num_key_value_heads", heads)
+        proj = h * heads * qk + 2 * h * kv * qk + heads * v * h
+    attn = 2 * proj + 2 * heads * (qk + v) * seqlen / 2
+    if moe:
+        inter = cfg["moe_intermediate_size"]
+        experts = cfg.get("n_routed_experts") or cfg.get("num_experts") or 0
+        mlp = 2 * h * experts + 6 * h * inter * (cfg["num_experts_per_tok"] + cfg.get("n_shared_experts", 0))
+    else:
+        mlp = 6 * h * cfg["intermediate_size"]
+    return attn + mlp
+
+
+def gptq_flops(rows: int, cols: int) -> float:
+    """Model FLOPs of GPTQ on a [rows, cols] weight: the column loop's updates and the Hessian inverse."""
+    return float(rows) * cols * cols + float(cols) ** 3
+
+
+def stats_flops(tokens: int, cols: int) -> float:
+    """FLOPs of accumulating ``X^T X`` over ``tokens`` rows of ``cols`` columns."""
+    return 2.0 * tokens * cols * cols
+
+
+def _src_bytes(e: PlanEntry) -> int:
+    return e.tensor.info.nbytes + (e.tensor.scale_info.nbytes if e.tensor.scale_info else 0)
+
+
+@dataclass
+class _Layer:
+    moe: bool
+    linears: list[tuple[int, int]]  # non-expert quantized linears, (rows, cols)
+    experts: int
+    expert_shapes: list[tuple[int, int]]  # one routed expert's quantized linears
+    src_bytes: int
+    fp32_bytes: int
+    out_bytes: int
+
+
+def _layers(plan: Plan, n_layers: int) -> dict[int, _Layer]:
+    out: dict[int, _Layer] = {}
+    for e in plan.entries:
+        ref = e.tensor.ref
+        if ref is None or ref.layer is None or ref.layer >= n_layers:
+            continue
+        lay = out.setdefault(ref.layer, _Layer(False, [], 0, [], 0, 0, 0))
+        lay.src_bytes += _src_bytes(e)
+        lay.fp32_bytes += e.tensor.numel * 4
+        lay.out_bytes += e.out_bytes
+        if ref.expert is not None:
+            lay.moe = True
+            lay.experts = max(lay.experts, ref.expert + 1)
+            if ref.expert == 0 and e.format:
+                lay.expert_shapes.append(tuple(e.shape))
+        elif e.format and len(e.shape) == 2:
+            lay.linears.append(tuple(e.shape))
+    return out
+
+
+def _lpt(times: list[float], slots: int) -> float:
+    """Makespan of ``times`` over ``slots`` (longest first, each to the freest slot): Ray's queue."""
+    heap = [0.0] * max(min(slots, len(times)), 1)
+    for t in sorted(times, reverse=True):
+        heapq.heapreplace(heap, heap[0] + t)
+    return max(heap)
+
+
+@dataclass
+class _Setup:
+    """What the phase costs depend on besides the layer: rates (FLOP/s) of the driver and of one task,
+    task slots per node for each kind of task, and the bandwidths."""
+
+    driver: dict
+    task: dict
+    slots: dict  # "forward", "expert", "linear" -> tasks a node runs at once
+    nodes: int
+    fs: float  # bytes/s
+    net: float  # bytes/s
+    expert_factor: float = 1.0  # measured expert task / the rates' prediction
+    load_threads: float = 1.0  # the driver's effective threads for dequantizing a layer (on its CPUs)
+
+
+def _phases(lay: _Layer, cfg: dict, run: CalibRun, st: _Setup, top_k: int) -> tuple[dict, int]:
+    """Seconds of each phase of one layer (PHASES) and the bytes it sends over the network."""
+    tokens, seqlen, bsz = run.tokens, run.seqlen, run.batch_size
+    batches = math.ceil(run.samples / bsz)
+    stream = tokens * cfg["hidden_size"] * 4
+    full = run.method == "gptq"
+
+    def quantize_s(rows: int, cols: int) -> float:
+        if full:
+            return gptq_flops(rows, cols) / st.task["gptq_flops_per_s"]
+        return rows * cols / st.task["search_elements_per_s"]
+
+    ph = dict.fromkeys(PHASES, 0.0)
+    net = 0
+    # read, then dequantize to float32 in the driver, on its CPUs
+    ph["load"] = lay.src_bytes / st.fs + lay.fp32_bytes / 4 * NS_PER_ELEMENT["keep"] * 1e-9 / st.load_threads
+    fpt = forward_flops_per_token(cfg, lay.moe, seqlen)
+    chunks = min(batches, st.slots["forward"] * st.nodes)
+    nodes_used = min(st.nodes, math.ceil(chunks / st.slots["forward"]))
+    fwd = "forward_moe_flops_per_s" if lay.moe else "forward_dense_flops_per_s"
+    per_chunk = math.ceil(batches / chunks) * bsz * seqlen * fpt / st.task[fwd]
+    # the layer to each other node; the batches of the chunks there out and back (a node's own are local)
+    shipped = (nodes_used - 1) * (lay.fp32_bytes + 2 * stream / nodes_used)
+    ph["quantized_forward"] = per_chunk + shipped / st.net
+    ph["reference_forward"] = ph["quantized_forward"] if run.track_drift else 0.0
+    net += (1 + run.track_drift) * shipped
+    hooked = sum(stats_flops(tokens, c) for _, c in lay.linears) if full else 0.0
+    ph["statistics_forward"] = tokens * fpt / st.driver[fwd] + hooked / st.driver["stats_flops_per_s"]
+    if run.method == "awq":  # the per-group scale search over the kept rows, in the driver
+        params = sum(r * c for r, c in lay.linears)
+        ph["statistics_forward"] += run.awq_grid * 2 * run.awq_tokens * params / st.driver[fwd]
+    # each linear's statistics, shipped to the node its task runs on (the driver's own for 1 in nodes)
+    stats = sum(c * c * 8 if full else c * 8 for _, c in lay.linears) * (st.nodes - 1) / st.nodes
+    ph["linears"] = _lpt([quantize_s(r, c) for r, c in lay.linears], st.slots["linear"] * st.nodes) + stats / st.net
+    net += stats
+    if lay.experts:
+        n_e = math.ceil(tokens * top_k / lay.experts)  # uniform routing: the mean tokens per expert
+        t_e = sum(quantize_s(r, c) for r, c in lay.expert_shapes)
+        if full:
+            t_e += sum(stats_flops(n_e, c) for c in {c for _, c in lay.expert_shapes}) / st.task["stats_flops_per_s"]
+        t_e += 2 * n_e * sum(r * c for r, c in lay.expert_shapes) / st.task[fwd]
+        t_e *= st.expert_factor
+        ph["experts"] = math.ceil(lay.experts / (st.slots["expert"] * st.nodes)) * t_e + (st.nodes - 1) * stream / st.net
+        net += (st.nodes - 1) * stream
+    if run.work_dir:
+        ph["save"] = (lay.out_bytes + 2 * stream) / st.fs
+    return ph, net
+
+
+def _memory(lay: _Layer, cfg: dict, run: CalibRun, nodes: int) -> dict:
+    """Peak bytes of one forward task, one expert task and one linear task of this layer."""
+    h, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    tokens, seqlen, bsz = run.tokens, run.seqlen, run.batch_size
+    stream = tokens * h * 4
+    batches = math.ceil(run.samples / bsz)
+    top_k = int(cfg.get("num_experts_per_tok") or 1)
+    out = {
+        # the float32 layer, its share of the batches in and out (x4: inputs, outputs, residual, MLP),
+        # one batch's attention scores
+        "forward": (BASE_RSS_BYTES + lay.fp32_bytes + 4 * math.ceil(batches / nodes) * bsz * seqlen * h * 4
+                    + bsz * heads * seqlen * seqlen * 4),
+        "linear": 0, "expert": 0,
+    }
+    if lay.linears:
+        c, r = max(c for _, c in lay.linears), max(r for r, _ in lay.linears)
+        out["linear"] = BASE_RSS_BYTES + c * c * (8 + 3 * 4) + 3 * r * c * 4  # float64 sum, H/inverse copies
+    if lay.experts:
+        n_e = math.ceil(tokens * top_k / lay.experts)
+        cols = max((c for _, c in lay.expert_shapes), default=h)
+        # the captured inputs (deserialised from the object store), routes, this expert's rows, its
+        # weights and their dequantized copies, its statistics
+        out["expert"] = (BASE_RSS_BYTES + stream + tokens * top_k * 8 + n_e * cols * 4
+                         + 2 * sum(r * c * 4 for r, c in lay.expert_shapes) + cols * cols * (8 + 3 * 4))
+    return out
+
+
+def estimate_calibrated(plan: Plan, spec: ClusterSpec, run: CalibRun, fs_gbps: float = 1.0,
+                        net_gbps: float = DEFAULT_NET_GBPS, costs: dict | None = None) -> dict:
+    """Wall time, per-phase time, memory and traffic of a calibrated ``--executor ray`` run (see the module
+    docstring). Returns a JSON-able dict; with ``spec.gpus`` also ``gpu_hypothetical`` (assumed GPU rates,
+    not a dsq feature). Raises InputError when a task does not fit a node's memory, or when the plan
+    quantizes no decoder-layer linear."""
+    cfg = plan.checkpoint.config
+    rates = dict(COSTS if costs is None else costs)
+    rates["search_elements_per_s"] = 1.0 / rates.pop("search_s_per_element")  # a rate, like the others
+    expert_factor = rates.pop("expert_task_factor", 1.0)
+    n_layers = int(cfg.get("num_hidden_layers", 0))
+    layers = _layers(plan, n_layers)
+    if not layers:
+        raise InputError("--method: the plan quantizes no decoder-layer linear; nothing to calibrate")
+    top_k = int(cfg.get("num_experts_per_tok") or 1)
+    stream = run.tokens * cfg["hidden_size"] * 4
+    usable = spec.mem_bytes - MEM_RESERVE_BYTES
+    full = run.method == "gptq"
+    eff = DRIVER_THREAD_EFFICIENCY
+    # n threads do the work of 1 + (n - 1) * eff threads
+    task_scale = 1 + (run.task_cpus - 1) * eff
+    driver_scale = 1 + (spec.cpus - 1) * eff
+    mem = {"forward": 0, "expert": 0, "linear": 0}
+    for lay in layers.values():
+        for k, v in _memory(lay, cfg, run, spec.nodes).items():
+            mem[k] = max(mem[k], v)
+    cpu_slots = spec.cpus // run.task_cpus
+    # a node also holds the object-store copy of what its tasks read: the float32 layer, the captured inputs
+    biggest = max(lay.fp32_bytes for lay in layers.values())
+    slots = {"forward": min(cpu_slots, int((usable - biggest) // mem["forward"])),
+             "expert": min(cpu_slots, int((usable - stream) // max(mem["expert"], 1))),
+             "linear": min(cpu_slots, int(usable // max(mem["linear"], 1)))}
+    for kind, n in slots.items():
+        if n < 1:
+            need = mem[kind] + (biggest if kind == "forward" else stream if kind == "expert" else 0)
+            raise InputError(f"--cluster: a calibration {kind} task needs about {need / 1e9:.0f} GB with its "
+                             f"object-store copy and a node has {spec.mem_bytes / 1e9:.0f} GB; give the nodes more memory")
+    cpu = _Setup({k: v * driver_scale for k, v in rates.items()}, {k: v * task_scale for k, v in rates.items()},
+                 slots, spec.nodes, fs_gbps * 1e9, net_gbps * 1e9, expert_factor, driver_scale)
+    head = [e for e in plan.entries if e.format and e.tensor.ref is not None and e.tensor.ref.layer is None
+            and e.tensor.ref.role.value == "lm_head"]
+    rest = [e for e in plan.entries if e not in head and (
+        e.tensor.ref is None or e.tensor.ref.layer is None or e.tensor.ref.layer >= n_layers)]
+    total_out = sum(e.out_bytes for e in plan.entries)
+    # the write: the driver rounds what calibration did not cover (MTP layer, embeddings) and writes every byte
+    write_s = (sum(tensor_seconds(e) for e in rest) + (sum(_src_bytes(e) for e in rest) + total_out) / cpu.fs)
+
+    def run_on(st: _Setup) -> dict:
+        per_kind: dict[str, dict] = {}
+        totals = dict.fromkeys(PHASES, 0.0)
+        net = 0
+        for lay in layers.values():
+            ph, sent = _phases(lay, cfg, run, st, top_k)
+            net += sent
+            k = per_kind.setdefault("moe" if lay.moe else "dense", {"layers": 0})
+            k["layers"] += 1
+            k.update(ph)  # layers of a kind cost the same
+            for p, v in ph.items():
+                totals[p] += v
+        head_s = sum(stats_flops(run.tokens, e.shape[1]) / st.driver["stats_flops_per_s"] * full
+                     + (gptq_flops(*e.shape) / st.task["gptq_flops_per_s"] if full
+                        else e.tensor.numel / st.task["search_elements_per_s"]) for e in head)
+        return {"seconds": sum(totals.values()) + head_s + write_s, "phases": totals, "per_layer": per_kind,
+                "lm_head_s": head_s, "write_s": write_s, "network_bytes": net}
+
+    result_cpu = run_on(cpu)
+    calibrated = sum(lay.out_bytes for lay in layers.values()) + sum(e.out_bytes for e in head)
+    biggest_layer = max(layers.values(), key=lambda lay: lay.fp32_bytes)
+    driver = (BASE_RSS_BYTES + 2 * biggest_layer.fp32_bytes + 5 * stream
+              + sum(c * c * 8 for _, c in biggest_layer.linears) * full + calibrated)
+    result = {
+        "cluster": {"nodes": spec.nodes, "cpus": spec.cpus, "mem_bytes": spec.mem_bytes, "gpus": spec.gpus},
+        "method": run.method,
+        "calibration": {"samples": run.samples, "seqlen": run.seqlen, "tokens": run.tokens,
+                        "batches": math.ceil(run.samples / run.batch_size), "task_cpus": run.task_cpus},
+        "layers": len(layers),
+        **result_cpu,
+        "slots_per_node": slots,
+        "memory": {"forward_task": mem["forward"], "expert_task": mem["expert"], "linear_task": mem["linear"],
+                   "driver": driver, "driver_fits": driver <= usable},
+        "total": {"seconds": result_cpu["seconds"], "bytes_read": sum(_src_bytes(e) for e in plan.entries),
+                  "bytes_written": total_out, "network_bytes": result_cpu["network_bytes"]},
+        "assumptions": [
+            f"per-thread rates from bench/unit_costs.py ({COSTS_RUN}): forward {rates['forward_dense_flops_per_s'] / 1e9:.1f} "
+            f"(dense) / {rates['forward_moe_flops_per_s'] / 1e9:.1f} (MoE), GPTQ {rates['gptq_flops_per_s'] / 1e9:.1f}, "
+            f"float64 statistics {rates['stats_flops_per_s'] / 1e9:.1f} GFLOP/s; expert tasks x{expert_factor:.2f} "
+            "(measured over predicted)",
+            f"the driver's serial phases run on its node's {spec.cpus} threads, each beyond the first at {eff:.0%}",
+            "uniform expert routing (the mean tokens per expert); a skewed router makes the busiest expert the tail",
+            f"{fs_gbps} GB/s shared filesystem and {net_gbps} GB/s network per node; each node pulls a layer "
+            "from the driver's node (no broadcast tree)",
+            f"imatrix/AWQ clip search {rates['search_elements_per_s'] / 1e6:.2f} M weights/s per thread",
+        ],
+    }
+    if not result["memory"]["driver_fits"]:
+        result["assumptions"].append(
+            "the driver holds every calibrated tensor until the write (calib/pipeline.py): at this size it does "
+            "not fit one node, so the run fails as dsq is today; the time is what it would take if it fit")
+    if spec.gpus:
+        gpu_rates = {k: GPU_ASSUMED[k] for k in rates}
+        gpu = _Setup(dict(gpu_rates), dict(gpu_rates), dict.fromkeys(slots, spec.gpus), spec.nodes, cpu.fs, cpu.net,
+                     load_threads=cpu.load_threads)
+        g = run_on(gpu)
+        result["gpu_hypothetical"] = {"seconds": g["seconds"], "phases": g["phases"], "per_layer": g["per_layer"],
+                                      "assumption": f"dsq calibrates on CPUs; hypothetically on the GPUs: "
+                                                    f"{GPU_ASSUMED['label']}, one task per GPU"}
+    return result
+
+
+def render_calibrated(est: dict) -> str:
+    """A plain-text summary of ``estimate_calibrated``'s result."""
+    c, m, sl = est["cluster"], est["memory"], est["slots_per_node"]
+    cal = est["calibration"]
+    hb = human_bytes
+    lines = [
+        f"{c['nodes']} nodes x {c['cpus']} CPUs, {hb(c['mem_bytes'])}" + (f", {c['gpus']} GPUs" if c["gpus"] else "")
+        + f": {est['method']} on {cal['tokens']} tokens ({cal['batches']} batches), {est['layers']} layers in sequence",
+        f"per node: up to {sl['expert']} expert tasks ({hb(m['expert_task'])} each) or {sl['forward']} forward tasks "
+        f"({hb(m['forward_task'])} each: the float32 layer), {cal['task_cpus']} CPU each; linear tasks "
+        f"{hb(m['linear_task'])}",
+        f"driver: {hb(m['driver'])} (one float32 layer and its object-store copy, the streams, every calibrated "
+        "tensor until the write)" + ("" if m["driver_fits"] else ": does NOT fit a node"),
+        f"{'per layer':<10} " + " ".join(f"{p.replace('_forward', ' fwd'):>12}" for p in PHASES) + f" {'x layers':>9}",
+    ]
+    for kind, k in est["per_layer"].items():
+        lines.append(f"{kind:<10} " + " ".join(f"{_clock(k[p]):>12}" for p in PHASES) + f" {k['layers']:>9}")
+    t = est["total"]
+    lines.append(f"lm_head {_clock(est['lm_head_s'])}, write {_clock(est['write_s'])}")
+    lines.append(f"total: {_clock(t['seconds'])} wall, {hb(t['bytes_read'])} read, {hb(t['bytes_written'])} written, "
+                 f"{hb(t['network_bytes'])} over the network")
+    if "gpu_hypothetical" in est:
+        g = est["gpu_hypothetical"]
+        lines.append(f"if on GPUs (hypothetical): {_clock(g['seconds'])} wall; {g['assumption']}")
+        for kind, k in g["per_layer"].items():
+            lines.append(f"{kind + ' GPU':<10} " + " ".join(f"{_clock(k[p]):>12}" for p in PHASES) + f" {k['layers']:>9}")
+    lines += [f"assumes: {a}" for a in est["assumptions"]]
+    return "\n".join(lines)
