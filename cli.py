@@ -543,16 +543,20 @@ def export(
     ] = None,
     ep: Annotated[str | None, typer.Option("--ep", help="ONNX: execution provider to target: cpu, cuda, dml, coreml.")] = None,
     int4_block: Annotated[int | None, typer.Option("--int4-block", help="ONNX: int4 block of a float source: 32, 64, 128.")] = None,
-    attention: Annotated[str | None, typer.Option(help="ONNX: auto (default: contrib where onnxruntime has it), plain (standard ops; left padding) or contrib (GroupQueryAttention, SkipSimplifiedLayerNormalization).")] = None,
+    attention: Annotated[str | None, typer.Option(help="ONNX: auto (default: contrib where onnxruntime has it), plain (standard ops; custom position_ids) or contrib (GroupQueryAttention, SkipSimplifiedLayerNormalization).")] = None,
     accuracy_level: Annotated[
         int | None, typer.Option(help="ONNX: MatMulNBits accuracy_level (0 exact float math; CPU default 4).")
     ] = None,
     embed: Annotated[str | None, typer.Option(
         "--embed", help="ONNX: quantize the embedding to this dsq format (int8_g32, int4_sym_g32, ...; "
-                        "GatherBlockQuantized); default: the recipe's embed role, else float.")] = None,
+                        "GatherBlockQuantized); default: the recipe's embed role, else float32 (the 16-bit values "
+                        "the default GGUF export writes as token_embd).")] = None,
     lm_head: Annotated[str | None, typer.Option(
         "--lm-head", help="ONNX: the lm_head's dsq format (a tied model's one shared matrix); default: the "
-                          "recipe's lm_head role.")] = None,
+                          "recipe's lm_head role: the int4/int8 presets keep it 16-bit, so the ONNX holds it in "
+                          "float32 with the default GGUF's output values. int4_sym_g32 / int8_g32 carry GGUF "
+                          "Q4_0 / Q8_0 values (`--type q4_0 --pure`; llama.cpp's Q4_0 policy gives a tied "
+                          "matrix Q8_0) at about onnxruntime-genai's file size.")] = None,
     precision: Annotated[str | None, typer.Option(
         "--precision", help="ONNX: fp32 (default) or fp16 activations and KV cache (for CUDA/DirectML).")] = None,
     dtype: Annotated[str | None, typer.Option(

@@ -27,7 +27,7 @@ from ..dsquant.source import Source
 from .onnx_genai import genai_config
 from .onnx_graph import arch_spec, attention_kind, build_decoder
 from .onnx_guard import check_model_dir
-from .onnx_weights import DATA_NAME, InitializerSink, WeightTable
+from .onnx_weights import DATA_NAME, InitializerSink, PackedWeight, WeightTable
 
 MODEL_NAME = "model.onnx"
 PROTOBUF_LIMIT = 2 * 1024**3
@@ -140,19 +140,21 @@ def head_formats(src: Path, cfg: dict, recipe: str | None, embed: str | None, lm
 
 def _quantize_head(name: str, t, fmt: str):
     """The embedding / lm_head in ``fmt``: quantized here from a float tensor (dsq's own rounding, as
-    ``dsq quantize`` would), or kept when the checkpoint already stores it in ``fmt``."""
-    from .onnx_weights import nbits_block_ok
+    ``dsq quantize`` would) straight into MatMulNBits bytes, in row slices (``quantize_packed``: the 7B
+    152064x3584 matrices are never held as float32 or unpacked codes), or kept when the checkpoint already
+    stores it in ``fmt``."""
+    from .onnx_weights import quantize_packed
 
     if isinstance(t, QuantizedTensor):
         if t.format != fmt:
             raise UnsupportedError(f"{name}: stored as {t.format}; {HEAD_ROLES[name]} = {fmt} would re-round "
                                    "dsq's values. Ask for its stored format, or re-quantize")
         return t
-    q = FORMATS[fmt].quantize(t, name)
-    if not nbits_block_ok(q):
+    block = FORMATS[fmt].block_cols or t.shape[1]
+    if block < 16 or block & (block - 1) or t.shape[1] % block:
         raise UnsupportedError(f"{name}: {fmt} on rows of {t.shape[1]} has no GatherBlockQuantized/MatMulNBits block "
                                "(a power of two >= 16 dividing the row); pick int4_*_g32 or int8_g32")
-    return q
+    return quantize_packed(fmt, t, name)
 
 
 def check_ep(ep: str, lin) -> None:
@@ -194,7 +196,9 @@ def export_onnx(
     ``accuracy_level``: MatMulNBits' 0-4 (None: the EP's default); ``attention``: plain, contrib or auto.
 
     ``embed`` / ``lm_head``: dsq formats for the embedding and output matrix (see :func:`head_formats`);
-    by default the recipe's roles decide, and without any they stay float32. ``precision``: fp32, or fp16
+    by default the recipe's roles decide, and without any they stay float32. The presets keep lm_head 16-bit, so
+    the default ONNX holds the values the default GGUF export writes (token_embd / output in 16 bits): the two
+    default exports are one model. A quantized head is a choice: int4_sym_g32 / int8_g32 are GGUF Q4_0 / Q8_0. ``precision``: fp32, or fp16
     activations and cache for GPU EPs (:func:`to_fp16`; it runs on CPU too, slower).
 
     Raises UnsupportedError for an unknown EP, precision, accuracy level, int4 block, architecture or attention, a
@@ -237,7 +241,7 @@ def export_onnx(
                     continue
                 if name in HEAD_ROLES and HEAD_ROLES[name] in heads:
                     t = _quantize_head(name, t, heads[HEAD_ROLES[name]])
-                formats[t.format if isinstance(t, QuantizedTensor) else "float:" + str(t.dtype).removeprefix("torch.")] += 1
+                formats[t.format if isinstance(t, QuantizedTensor | PackedWeight) else "float:" + str(t.dtype).removeprefix("torch.")] += 1
                 weights.ingest(name, t, kind)
                 check_ep(ep, weights.linears.get(name))
                 if name == "model.embed_tokens.weight" and cfg.get("tie_word_embeddings"):

@@ -130,9 +130,10 @@ def gqa_contrib_attention(
     buffer (onnxruntime-genai's past_present_share_buffer). Qwen3's per-head q/k norms come before RoPE, so
     there q/k are normed and rotated here and the op gets them unrotated-off (do_rotary=0).
 
-    The op masks causally from ``seqlens_k`` and takes positions from it too: it assumes right-padded (or
-    unpadded) batches, as onnxruntime-genai feeds it, not left padding; ``position_ids`` must be the usual
-    0..T-1 (export with ``attention="plain"`` for left padding or custom positions)."""
+    The op masks causally from ``seqlens_k`` and takes positions from it too: it reads right-padded (or
+    unpadded) batches, as onnxruntime-genai feeds it; :func:`left_padding_to_right` rotates left-padded rows into
+    that form first. Positions are each row's token count (``position_ids`` is read only by Qwen3's RoPE outside
+    the op): export with ``attention="plain"`` for custom positions."""
     cfg, p = ctx.cfg, f"model.layers.{i}.self_attn"
     n_heads, n_kv, d = cfg["num_attention_heads"], kv_heads(cfg), head_dim(cfg)
     sh = _gqa_shared(g, ctx)
@@ -169,6 +170,35 @@ def gqa_contrib_attention(
         sh["seqlens_k"], sh["total_len"], **attrs,
     )
     return linear(g, out, f"{p}.o_proj.weight"), present_k, present_v
+
+
+def left_padding_to_right(g: GraphBuilder) -> tuple[str, str, Callable[[str], str]]:
+    """Left-padded rows turned into right-padded ones for GroupQueryAttention, which reads each row's valid keys
+    as cache positions [0, seqlens_k] (right padding) and rotates query s of a first prompt at position s.
+
+    Each row of this step's ``input_ids`` / ``position_ids`` is rotated left by its count of leading zeros in the
+    step's columns of ``attention_mask`` (ArgMax: the first 1; 0 for a right-padded, unpadded or decode row, where
+    the rotation is the identity), so a left-padded prompt's tokens sit at 0..len-1 and its pads after them, as a
+    right-padded prompt's do. Later steps need nothing: the op appends at seqlens_k = row sum - 1 either way, so
+    the cache stays in that layout. Returns (ids, positions, unroll), ``unroll`` rotating a [B, S, H] hidden state
+    back, so logits come out at the caller's positions (a pad position's logits are unspecified, as in
+    transformers). A mask with holes (zeros after a 1 and before the last 1) is neither left nor right padding
+    and is not supported."""
+    seq = g.dim("input_ids", 1)  # [1]
+    step_mask = g.op("Slice", "attention_mask", g.op("Neg", seq), g.const([np.iinfo(np.int64).max]), g.const([1]))
+    lead = g.op("ArgMax", g.op("Cast", step_mask, to=6), axis=1, keepdims=1)  # [B, 1]: leading zeros (INT32 in)
+    s = g.reshape(seq, g.const([], np.int64))
+    cols = g.unsqueeze(g.op("Range", g.const(0), s, g.const(1)), [0])  # [1, S]
+    fwd = g.op("Mod", g.op("Add", cols, lead), seq)  # [B, S]: source column of each rotated column
+    back = g.op("Mod", g.op("Add", g.op("Sub", cols, lead), seq), seq)
+    ids = g.op("GatherElements", "input_ids", fwd, axis=1)
+    positions = g.op("GatherElements", "position_ids", fwd, axis=1)
+
+    def unroll(h: str) -> str:
+        idx = g.op("Expand", g.unsqueeze(back, [2]), g.op("Shape", h))
+        return g.op("GatherElements", h, idx, axis=1)
+
+    return ids, positions, unroll
 
 
 def gqa_cache(cfg: dict) -> tuple[list, list]:
@@ -278,8 +308,8 @@ def build_decoder(cfg: dict, weights: WeightTable, attention: str = "auto") -> o
     SkipSimplifiedLayerNormalization), or auto (contrib where available). Raises UnsupportedError for an architecture, activation, RoPE scaling or
     attention choice the exporter has no graph for, and for a weight the graph needs that ``weights`` lacks."""
     spec = arch_spec(cfg)
-    kind = attention_kind(cfg, attention)
-    attn_fn, cache_shapes = ATTENTION[kind][0](), ATTENTION[kind][1]
+    impl = attention_kind(cfg, attention)
+    attn_fn, cache_shapes = ATTENTION[impl][0](), ATTENTION[impl][1]
     g = GraphBuilder(weights)
     n_layers, eps = cfg["num_hidden_layers"], cfg.get("rms_norm_eps", 1e-6)
     key_shape, value_shape = cache_shapes(cfg)
@@ -297,8 +327,11 @@ def build_decoder(cfg: dict, weights: WeightTable, attention: str = "auto") -> o
             inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT, shape))
             outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT, pshape))
 
+    ids, positions, unroll = "input_ids", "position_ids", None
+    if impl == "gqa_contrib":
+        ids, positions, unroll = left_padding_to_right(g)
     inv_freq, scaling = rotary(cfg, spec)
-    rope = rope_tables(g, "position_ids", inv_freq, scaling, spec.rope_interleaved(cfg))
+    rope = rope_tables(g, positions, inv_freq, scaling, spec.rope_interleaved(cfg))
     bias = attention_bias(g, "attention_mask", g.dim("past_key_values.0.key", 2), g.dim("input_ids", 1))
     ctx = Ctx(cfg, spec, rope, bias, eps, {"inv_freq": inv_freq, "rope_scaling": scaling,
                                            "mla_absorbed": attention != "plain"})
@@ -311,7 +344,7 @@ def build_decoder(cfg: dict, weights: WeightTable, attention: str = "auto") -> o
         x = g.op("Add", x, y)
         return rms_norm(g, x, weight, eps), x
 
-    x = embedding_lookup(g, "model.embed_tokens.weight", "input_ids")
+    x = embedding_lookup(g, "model.embed_tokens.weight", ids)
     h = rms_norm(g, x, "model.layers.0.input_layernorm.weight", eps)
     for i in range(n_layers):
         p = f"model.layers.{i}"
@@ -321,6 +354,8 @@ def build_decoder(cfg: dict, weights: WeightTable, attention: str = "auto") -> o
         h, x = add_norm(x, attn, f"{p}.post_attention_layernorm.weight")
         nxt = f"model.layers.{i + 1}.input_layernorm.weight" if i + 1 < n_layers else "model.norm.weight"
         h, x = add_norm(x, _dense_or_moe(g, ctx, i, h), nxt)
+    if unroll is not None:
+        h = unroll(h)
     g.rename(linear(g, h, "lm_head.weight"), "logits")
 
     nodes = g.live_nodes([o.name for o in outputs])

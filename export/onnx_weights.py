@@ -28,7 +28,7 @@ import torch
 from onnx import TensorProto, numpy_helper
 
 from ..dsquant.errors import UnsupportedError
-from ..dsquant.formats import FORMATS, QuantizedTensor
+from ..dsquant.formats import FORMATS, QuantizedTensor, StreamPool
 
 DATA_NAME = "model.onnx.data"
 # Initializers at or above this size go to the external-data file while streaming.
@@ -85,8 +85,22 @@ def _pack_nibbles(v: np.ndarray) -> np.ndarray:
     return (v[..., 0::2] | (v[..., 1::2] << 4)).astype(np.uint8)
 
 
-def pack_matmulnbits(qt: QuantizedTensor) -> PackedNBits:
-    """dsq codes/scales/zeros -> MatMulNBits B/scales/zero_points, unchanged in value."""
+# Rows per slice when packing / quantizing at export: ~4M weights, so the int16/float32 temporaries of a slice stay
+# a few MB whatever the matrix (the 7B head, 152064x3584, was packed whole: 3.8 GB of int16 temporaries).
+_SLICE_WEIGHTS = 1 << 22
+
+
+def _row_slices(n: int, k: int, rows: int | None = None):
+    step = rows or max(1, _SLICE_WEIGHTS // max(k, 1))
+    for r0 in range(0, n, step):
+        yield r0, min(n, r0 + step)
+
+
+def pack_matmulnbits(qt: QuantizedTensor, rows: int | None = None) -> PackedNBits:
+    """dsq codes/scales/zeros -> MatMulNBits B/scales/zero_points, unchanged in value.
+
+    Packed in slices of ``rows`` rows (default: ~4M weights) straight into the output arrays, so memory beyond
+    ``qt`` itself is the packed result plus one slice."""
     fmt = qt.fmt
     p = packing_for(qt.format)
     if p.op != "MatMulNBits":
@@ -97,8 +111,11 @@ def pack_matmulnbits(qt: QuantizedTensor) -> PackedNBits:
         raise UnsupportedError(f"{qt.format}: K={k} is not a multiple of the block {block}")
     nb = k // block
     offset = 0 if qt.zero is not None else 1 << (p.bits - 1)
-    q = (qt.codes.to(torch.int16) + offset).numpy().astype(np.uint8).reshape(n, nb, block)
-    B = _pack_nibbles(q) if p.bits == 4 else q
+    B = np.empty((n, nb, block * p.bits // 8), np.uint8)
+    for r0, r1 in _row_slices(n, k, rows):
+        # int8 + offset wraps in uint8 exactly as (int16 + offset) -> uint8 did: codes lie in [-2^(b-1), 2^(b-1))
+        q = qt.codes[r0:r1].numpy().view(np.uint8).reshape(r1 - r0, nb, block) + np.uint8(offset)
+        B[r0:r1] = _pack_nibbles(q) if p.bits == 4 else q
     scales = qt.scale.to(torch.float32).numpy().reshape(-1)
     zp = None
     if qt.zero is not None:
@@ -108,7 +125,46 @@ def pack_matmulnbits(qt: QuantizedTensor) -> PackedNBits:
                 z = np.pad(z, ((0, 0), (0, 1)))
             z = _pack_nibbles(z)
         zp = np.ascontiguousarray(z).reshape(-1)
-    return PackedNBits(np.ascontiguousarray(B), np.ascontiguousarray(scales), zp, k, n, p.bits, block)
+    return PackedNBits(B, np.ascontiguousarray(scales), zp, k, n, p.bits, block)
+
+
+@dataclass(frozen=True)
+class PackedWeight:
+    """A float matrix quantized to ``format`` at export and already MatMulNBits-packed (the embedding / lm_head):
+    its dsq codes never exist whole. :func:`quantize_packed` makes one; ``WeightTable.ingest`` takes it."""
+
+    format: str
+    shape: tuple[int, int]
+    packed: PackedNBits
+
+
+def quantize_packed(fmt_name: str, w: torch.Tensor, name: str = "<tensor>", rows: int | None = None) -> PackedWeight:
+    """``pack_matmulnbits(FORMATS[fmt_name].quantize(w))``, the same bytes, computed in slices of ``rows`` rows
+    (default ~4M weights): memory beyond ``w`` is the packed result plus one slice's float32 copy and codes
+    (the whole 7B head at once peaked at 4.1 GB; dsq's formats quantize each row on its own, so slicing by rows
+    changes no value). Raises what the format's ``quantize`` raises (shape, NaN/Inf, naming ``name``)."""
+    fmt = FORMATS[fmt_name]
+    if fmt.block_rows != 1:
+        raise UnsupportedError(f"{name}: {fmt_name} has blocks of {fmt.block_rows} rows; no row-sliced packing")
+    n, k = w.shape
+    bits, block = packing_for(fmt_name).bits, fmt.block_cols or k
+    nb = k // block
+    B = np.empty((n, nb, block * bits // 8), np.uint8)
+    scales = np.empty(n * nb, np.float32)
+
+    def one(span: tuple[int, int]) -> np.ndarray | None:
+        r0, r1 = span
+        pt = pack_matmulnbits(fmt.quantize(w[r0:r1], name))
+        B[r0:r1] = pt.B  # disjoint rows per slice: the workers never write the same bytes
+        scales[r0 * nb:r1 * nb] = pt.scales
+        return pt.zero_points
+
+    # dsq's stream pool: slices on its worker threads with torch's own intra-op threads at 1 (its OpenMP threads
+    # spin between the many small ops and multiplied the CPU seconds on a loaded machine)
+    with StreamPool() as pool:
+        zps = list(pool.workers.map(one, list(_row_slices(n, k, rows))))
+    zp = None if zps[0] is None else np.concatenate(zps)
+    return PackedWeight(fmt_name, (n, k), PackedNBits(B, scales, zp, k, n, bits, block))
 
 
 def unpack_matmulnbits(p: PackedNBits) -> torch.Tensor:
@@ -152,7 +208,7 @@ class InitializerSink:
             pad = (-self.offset) % 64  # 64-byte alignment lets onnxruntime mmap the data
             self._fh.write(b"\0" * pad)
             self.offset += pad
-            self._fh.write(array.tobytes())
+            self._fh.write(memoryview(array.reshape(-1)).cast("B"))  # the array's own bytes: no tobytes() copy
             proto = onnx.TensorProto()
             proto.name = name
             proto.data_type = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
@@ -208,7 +264,10 @@ class WeightTable:
     # initializers stored as float32: name -> (why, bytes), for the export summary
     float_bytes: dict[str, tuple[str, int]] = field(default_factory=dict)
 
-    def ingest(self, name: str, t: QuantizedTensor | torch.Tensor, kind: str) -> None:
+    def ingest(self, name: str, t: QuantizedTensor | PackedWeight | torch.Tensor, kind: str) -> None:
+        if isinstance(t, PackedWeight):
+            self._add_packed(name, t.format, t.packed)
+            return
         if isinstance(t, QuantizedTensor):
             p = packing_for(t.format)
             if p.note:
@@ -218,16 +277,7 @@ class WeightTable:
                 self.notes.add(f"{t.format} with K={t.shape[1]}: no MatMulNBits block; dequantized to float32")
                 why = f"{t.format}: no MatMulNBits block"
             elif p.op == "MatMulNBits":
-                packed = pack_matmulnbits(t)
-                # the graph keeps the shapes and the (small) zero points; codes and scales are on disk once the
-                # sink has them, so holding them here would keep the whole model in memory (8.6 GB peak at 7B)
-                lin = Linear(name, t.format, dataclasses.replace(packed, B=None, scales=None))
-                lin.B = self.sink.add(name + ".B", packed.B)
-                lin.scales = self.sink.add(name + ".scales", packed.scales)
-                if packed.zero_points is not None:
-                    lin.zero_points = self.sink.add(name + ".zero_points", packed.zero_points)
-                self.linears[name] = lin
-                del packed
+                self._add_packed(name, t.format, pack_matmulnbits(t))
                 return
             else:
                 why = f"{t.format}: {p.note or 'no MatMulNBits packing'}"
@@ -240,6 +290,16 @@ class WeightTable:
             self.sink.add(name, arr)
             self.floats[name] = tuple(t.shape)
             self.float_bytes[name] = (kind, arr.nbytes)
+
+    def _add_packed(self, name: str, fmt: str, packed: PackedNBits) -> None:
+        # the graph keeps the shapes and the (small) zero points; codes and scales are on disk once the
+        # sink has them, so holding them here would keep the whole model in memory (8.6 GB peak at 7B)
+        lin = Linear(name, fmt, dataclasses.replace(packed, B=None, scales=None))
+        lin.B = self.sink.add(name + ".B", packed.B)
+        lin.scales = self.sink.add(name + ".scales", packed.scales)
+        if packed.zero_points is not None:
+            lin.zero_points = self.sink.add(name + ".zero_points", packed.zero_points)
+        self.linears[name] = lin
 
     def _add_float_linear(self, name: str, w: torch.Tensor, fmt: str, why: str) -> None:
         wt = w.to(torch.float32).t().contiguous().numpy()

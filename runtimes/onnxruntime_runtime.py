@@ -111,6 +111,9 @@ class OnnxRuntime(Runtime):
         self._out_names = ["logits"] + [p[1] for p in self._past]
         self._cache: dict[str, np.ndarray] | None = None
         self._kv: dict[str, np.ndarray] | None = None  # the shared past/present buffers (GroupQueryAttention graphs)
+        self._bind = None  # the IOBinding holding them
+        self._logits1 = self._logits1_value = None  # a decode step's logits buffer
+        self._logits_type = _ORT_TYPES.get(outs["logits"].type, np.float32)
         self._kv_cap = 0
         self._shared = False
         self._pos = 0
@@ -137,19 +140,31 @@ class OnnxRuntime(Runtime):
                 for name in new:
                     new[name][:, :, :start] = self._kv[name][:, :, :start]
             self._kv, self._kv_cap = new, cap
-        bind = self.sess.io_binding()
+            # One binding per buffer generation: the cache tensors (2 per layer) are bound once here, not re-wrapped
+            # and re-bound every step (which cost Python time per token); each step rebinds only its inputs.
+            bind = self.sess.io_binding()
+            bind.bind_output("logits")  # first: get_outputs() lists outputs in binding order
+            for name, out, _, _ in self._past:
+                value = ort.OrtValue.ortvalue_from_numpy(self._kv[name])  # shares the numpy buffer
+                bind.bind_ortvalue_input(name, value)
+                bind.bind_ortvalue_output(out, value)
+            self._bind = bind
+        bind = self._bind
+        if n == 1:  # a decode step: logits into one preallocated [1, 1, vocab] buffer
+            if self._logits1 is None:
+                self._logits1 = np.empty((1, 1, self.vocab_size), self._logits_type)
+                self._logits1_value = ort.OrtValue.ortvalue_from_numpy(self._logits1)
+            bind.bind_ortvalue_output("logits", self._logits1_value)
+        else:
+            bind.bind_output("logits")  # (rebinding keeps its place: get_outputs()[0])
         bind.bind_cpu_input("input_ids", np.asarray([ids], dtype=np.int64))
         bind.bind_cpu_input("attention_mask", np.ones((1, total), dtype=np.int64))
         if self._has_pos:
             bind.bind_cpu_input("position_ids", np.arange(start, total, dtype=np.int64)[None])
-        bind.bind_output("logits")  # first: get_outputs() lists outputs in binding order
-        for name, out, _, _ in self._past:
-            value = ort.OrtValue.ortvalue_from_numpy(self._kv[name])  # shares the numpy buffer
-            bind.bind_ortvalue_input(name, value)
-            bind.bind_ortvalue_output(out, value)
         self.sess.run_with_iobinding(bind)
         self._cache = self._kv  # decode() may follow
-        logits = bind.get_outputs()[0].numpy()[0].astype(np.float32, copy=False)
+        raw = self._logits1 if n == 1 else bind.get_outputs()[0].numpy()
+        logits = raw[0].astype(np.float32)  # a copy: the decode buffer is overwritten by the next step
         self.vocab_size = logits.shape[-1]
         return logits
 
@@ -189,7 +204,7 @@ class OnnxRuntime(Runtime):
 
     def close(self) -> None:
         self.sess = None
-        self._cache = self._kv = None
+        self._cache = self._kv = self._bind = None
 
 
 def _shares_buffer(folder: Path) -> bool:

@@ -159,8 +159,8 @@ def test_v3_routing_uses_the_correction_bias(quantized_dir, reference, tmp_path)
 
 
 def test_batch_with_left_padding(quantized_dir, reference, tmp_path):
-    """Two prompts of different lengths in one batch (left-padded): the attention mask hides the pads. Left padding
-    needs the plain graph (GroupQueryAttention takes positions and the causal limit from the row lengths)."""
+    """Two prompts of different lengths in one batch (left-padded) on the plain graph: the attention mask hides
+    the pads (the default graph: test_batch_with_left_padding_on_the_default_graph)."""
     out = tmp_path / "plain"
     export_onnx(quantized_dir("qwen2", "int4"), out, attention="plain", accuracy_level=EXACT)
     session = load_session(out)
@@ -383,6 +383,31 @@ def test_quantized_head_refusals(quantized_dir, model_dir, tmp_path):
     assert not any((tmp_path / n).exists() for n in "abcd")
 
 
+def test_default_head_is_the_default_gguf_twin(quantized_dir, tmp_path):
+    """Without --embed/--lm-head the export follows the recipe's roles; the int4 preset keeps lm_head (and the
+    embedding) 16-bit, so the ONNX holds them in float32 with exactly the values the default GGUF export writes as
+    token_embd / output: the default exports of one checkpoint are one model."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    from dsq.export.gguf_writer import export_gguf
+
+    src = quantized_dir("llama", "int4")  # untied: a separate embedding and lm_head
+    report = export_onnx(src, tmp_path / "onnx")
+    assert report["heads"] == {}
+    export_gguf(src, tmp_path / "m.gguf")
+    gguf = {t.name: t for t in GGUFReader(tmp_path / "m.gguf").tensors}
+    arr = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph.initializer}
+    for onnx_name, gguf_name, transposed in (("model.embed_tokens.weight", "token_embd.weight", False),
+                                             ("lm_head.weight.T", "output.weight", True)):
+        t = gguf[gguf_name]
+        assert t.tensor_type.name in ("F16", "BF16", "F32")
+        ggml = dequantize(t.data, t.tensor_type).reshape(320, 256).astype(np.float32)
+        ours = arr[onnx_name].T if transposed else arr[onnx_name]
+        assert ours.dtype == np.float32
+        np.testing.assert_array_equal(ours, ggml)
+
+
 @pytest.mark.parametrize("fmt,gguf_type", [("int4_sym_g32", "q4_0"), ("int8_g32", "q8_0")])
 def test_quantized_head_has_the_gguf_twin_values(fmt, gguf_type, quantized_dir, tmp_path):
     """The tied matrix an ONNX export quantizes to FMT holds the very values a GGUF export of the same checkpoint
@@ -428,6 +453,42 @@ def test_batch_with_right_padding_on_the_default_graph(exported, reference):
     assert float(np.abs(logits[1, : len(b)] - ref_b).max()) <= ATOL
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_batch_with_left_padding_on_the_default_graph(arch, exported, reference):
+    """The default (GroupQueryAttention) graph on a left-padded batch, as transformers' generate feeds one
+    (positions = cumsum(mask) - 1, pads at 1): the graph rotates each row to right padding for the op and back, so
+    every row's logits at its real positions and its greedy continuation (present fed back as past, the mask growing
+    by a 1 per step) equal transformers on that prompt alone. Qwen3 covers RoPE outside the op (position_ids)."""
+    out, report = exported(arch, "int4")
+    assert report["attention_impl"] == "gqa_contrib"
+    session = load_session(out)
+    rows = [PROMPT, PROMPT[3:], PROMPT[6:]]
+    width = max(map(len, rows))
+    ids = np.array([[0] * (width - len(r)) + r for r in rows], np.int64)
+    mask = np.array([[0] * (width - len(r)) + [1] * len(r) for r in rows], np.int64)
+    pos = np.where(mask == 1, np.cumsum(mask, axis=1) - 1, 1)
+    names = [o.name for o in session.get_outputs()]
+    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **empty_past(session, len(rows))}
+    model = reference(arch, "int4")
+    tokens: list[list[int]] = [[] for _ in rows]
+    for step in range(6):
+        out_ = dict(zip(names, session.run(names, feeds), strict=True))
+        if step == 0:
+            with torch.no_grad():
+                for r, prompt in enumerate(rows):
+                    ref = model(torch.tensor([prompt])).logits.numpy()[0]
+                    assert float(np.abs(out_["logits"][r, width - len(prompt):] - ref).max()) <= ATOL
+        nxt = out_["logits"][:, -1].argmax(-1)
+        for r in range(len(rows)):
+            tokens[r].append(int(nxt[r]))
+        mask = np.concatenate([mask, np.ones((len(rows), 1), np.int64)], axis=1)
+        pos = pos[:, -1:] + 1
+        feeds = {"input_ids": nxt[:, None].astype(np.int64), "attention_mask": mask, "position_ids": pos}
+        feeds.update({n.replace("present.", "past_key_values."): v for n, v in out_.items() if n.startswith("present.")})
+    for r, prompt in enumerate(rows):
+        assert tokens[r] == torch_greedy(model, prompt, 6)[0]
+
+
 @pytest.mark.parametrize("arch,rotary", [("llama", 1), ("qwen2", 1), ("qwen3", 0)])
 def test_default_graph_is_the_fused_form(arch, rotary, exported):
     """What the default export hands onnxruntime per layer: one packed q|k|v MatMulNBits straight into
@@ -442,7 +503,7 @@ def test_default_graph_is_the_fused_form(arch, rotary, exported):
     assert {o for n in gqa for o in n.output[1:]} == {f"present.{i}.{k}" for i in range(2) for k in ("key", "value")}
     if rotary:
         assert all(n.input[1] == n.input[2] == "" for n in gqa)  # packed q|k|v, no Split
-        assert not {"Cos", "Sin", "Range"} & set(ops)  # the plain path's RoPE tables and mask are not built
+        assert not {"Cos", "Sin", "LessOrEqual"} & set(ops)  # the plain path's RoPE tables and mask are not built
     genai = json.loads((out / "genai_config.json").read_text())
     assert genai["search"]["past_present_share_buffer"] is True
 

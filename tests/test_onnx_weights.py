@@ -10,7 +10,13 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from dsq.dsquant.formats import FORMATS
-from dsq.export.onnx_weights import PackedNBits, pack_matmulnbits, packing_for, unpack_matmulnbits
+from dsq.export.onnx_weights import (
+    PackedNBits,
+    pack_matmulnbits,
+    packing_for,
+    quantize_packed,
+    unpack_matmulnbits,
+)
 
 INT_FORMATS = [f for f in FORMATS if not hasattr(FORMATS[f], "stored") and packing_for(f).op == "MatMulNBits"]  # not GGUF grids
 
@@ -29,6 +35,27 @@ def test_packing_is_lossless(fmt):
     assert p.B.dtype == np.uint8 and p.B.shape == (48, 256 // p.block_size, p.block_size * p.bits // 8)
     assert (p.zero_points is not None) == (qt.zero is not None)  # symmetric: the op's default zero point
     assert torch.equal(unpack_matmulnbits(p), qt.dequantize())
+
+
+@pytest.mark.parametrize("fmt", INT_FORMATS)
+def test_row_sliced_packing_gives_the_same_bytes(fmt):
+    """Packing (and, for the export's own embedding / lm_head, quantizing) in slices of rows, as the export does to
+    bound its memory at 7B, gives byte for byte what packing the whole matrix does: slices of 5 rows (uneven:
+    the last is short) against the whole 48, and the default slice size."""
+    w = _weight()
+    whole = pack_matmulnbits(FORMATS[fmt].quantize(w, "w"))
+    for rows in (5, None):
+        sliced = pack_matmulnbits(FORMATS[fmt].quantize(w, "w"), rows=rows)
+        direct = quantize_packed(fmt, w, "w", rows=rows)
+        assert direct.format == fmt and direct.shape == (48, 256)
+        for p in (sliced, direct.packed):
+            np.testing.assert_array_equal(p.B, whole.B)
+            np.testing.assert_array_equal(p.scales, whole.scales)
+            if whole.zero_points is None:
+                assert p.zero_points is None
+            else:
+                np.testing.assert_array_equal(p.zero_points, whole.zero_points)
+            assert (p.K, p.N, p.bits, p.block_size) == (whole.K, whole.N, whole.bits, whole.block_size)
 
 
 def _matmulnbits_model(p: PackedNBits) -> bytes:
