@@ -55,9 +55,9 @@ from .plan import BASE_RSS_BYTES, Plan, PlanEntry, human_bytes
 GRAM_BLOCK = 4096  # calib.methods.add_gram's column block
 
 # Measured 2026-11-30 after calib7b's merge, one torch thread, CPU seconds, on the 2-core x86-64 machine
-# (load average 1.2-1.6): the statistics and GPTQ on a routed expert's shapes at V3's real widths
-# (7168 x 2048, 2048 tokens), as bench/unit_costs.py --part calib's expert_costs does, for both product
-# dtypes; forwards on the V3-shaped bed at scale 32 (hidden 224, one batch of 8 x 512 tokens; small
+# (load average 1.2-2.7): the statistics, GPTQ, the search and the whole expert task on a routed expert's
+# shapes at V3's real widths (7168 x 2048, 2048 tokens) with bench/unit_costs.py's expert_costs, both
+# product dtypes; forwards on the V3-shaped bed at scale 32 (hidden 224, one batch of 8 x 512 tokens; small
 # matrices, so likely below the real widths' rate: MoE layers there run no faster in bfloat16). The
 # whole expert task against the rates' prediction: ``expert_task_factor``.
 COSTS = {
@@ -65,11 +65,11 @@ COSTS = {
     "forward_dense_bf16_flops_per_s": 39.4e9,  # the same in bfloat16
     "forward_moe_flops_per_s": 14.5e9,  # a MoE layer's (transformers' eager loop over the experts), float32
     "forward_moe_bf16_flops_per_s": 13.0e9,
-    "gptq_flops_per_s": 51.9e9,  # GPTQ, in gptq_flops' model FLOPs
-    "stats_flops_per_s": 90.4e9,  # X^T X from float32 products into the float32 sum (stats_flops' FLOPs)
-    "stats_bf16_flops_per_s": 149.7e9,  # from bfloat16 products
-    "search_s_per_element": 0.549e-6,  # imatrix scale search (and AWQ's clip), seconds per weight
-    "expert_task_factor": 41.1 / 34.9,
+    "gptq_flops_per_s": 63.0e9,  # GPTQ, in gptq_flops' model FLOPs
+    "stats_flops_per_s": 92.5e9,  # X^T X from float32 products into the float32 sum (stats_flops' FLOPs)
+    "stats_bf16_flops_per_s": 149.5e9,  # from bfloat16 products
+    "search_s_per_element": 0.518e-6,  # imatrix scale search (and AWQ's clip), seconds per weight
+    "expert_task_factor": 18.64 / 17.55,
 }
 COSTS_RUN = "2026-11-30, 1 thread, real-width expert, scale-32 forwards"
 AUTO_FLOP = 1e12  # calib.methods.AUTO_FLOP: a forward over the calibration tokens at least this runs in bfloat16
