@@ -8,14 +8,14 @@ down [7168, 2048], block-FP8 with scales, 44 MB) with each preset, and a tiny V3
 overhead.
 
 ``--part calib``: the rates the calibrated estimate divides FLOPs by --
-* the float64 ``X^T X`` accumulation (calib.methods.InputStats), GPTQ (calib.gptq) and the imatrix
+* the float32 ``X^T X`` accumulation (calib.methods.InputStats, from float32 and from bfloat16 products), GPTQ (calib.gptq) and the imatrix
   scale search (calib.imatrix.search_scales, also AWQ's clip) on a routed expert's shapes, at the real widths (7168 x 2048, 2048 tokens: the mean an expert sees with 128 x
   512 calibration tokens, top-8 of 256) and at the bed's (``--scale``);
 * a whole routed expert's task (moe_coverage.quantize_expert: statistics, GPTQ of gate/up/down, the
   expert's forward) at both widths, measured against what the rates predict for it;
 * the decoder-layer forward per token (pipeline.LayerRunner on a dense and a MoE layer of the
   V3-shaped bed at ``--scale``, one batch of 8 x ``--seqlen`` tokens), as FLOPs per second with
-  cluster_calib.forward_flops_per_token.
+  cluster_calib.forward_flops_per_token, in float32 and in bfloat16.
 
     python bench/unit_costs.py /tmp/unit-costs [--part rtn|calib|all] [--scale 32]
 """
@@ -82,7 +82,7 @@ def _cpu(fn, *args, repeat: int = 1):
 
 
 def expert_costs(hidden: int, inter: int, tokens: int, gen: torch.Generator) -> dict:
-    """Rates of the float64 statistics and of GPTQ on one routed expert's shapes, and the whole expert
+    """Rates of the statistics (float32 and bfloat16 products) and of GPTQ on one routed expert's shapes, and the whole expert
     task measured against the rates' prediction."""
     from dsq.dsquant.calib.gptq import GPTQOptions, gptq_quantize
     from dsq.dsquant.calib.imatrix import search_scales
@@ -94,10 +94,12 @@ def expert_costs(hidden: int, inter: int, tokens: int, gen: torch.Generator) -> 
     fmt = FORMATS["int4_sym_g32"]
     x = torch.randn(tokens, hidden, generator=gen)
     st, t_stats = _cpu(lambda: (s := InputStats(hidden, True, 0), s.add(x))[0], repeat=2)
+    _, t_bf16 = _cpu(lambda: (s := InputStats(hidden, True, 0, torch.bfloat16), s.add(x))[0], repeat=2)
     w = torch.randn(inter, hidden, generator=gen) * 0.02
     _, t_gptq = _cpu(gptq_quantize, fmt, w, st.hessian, GPTQOptions())
     _, t_search = _cpu(search_scales, fmt, w, st.importance)  # imatrix's (and AWQ clip's) scale search
     rates = {"stats_flops_per_s": stats_flops(tokens, hidden) / t_stats,
+             "stats_bf16_flops_per_s": stats_flops(tokens, hidden) / t_bf16,
              "gptq_flops_per_s": gptq_flops(inter, hidden) / t_gptq,
              "search_s_per_element": t_search / w.numel()}
     # the whole task, as RayCalibPool runs it: every row routed to this expert
@@ -130,13 +132,14 @@ def forward_costs(work: Path, scale: int, seqlen: int) -> dict:
     x = torch.randn(8, seqlen, cfg["hidden_size"], generator=torch.Generator().manual_seed(1))
     out = {"scale": scale, "hidden": cfg["hidden_size"], "tokens": 8 * seqlen}
     for kind, i in (("dense", 0), ("moe", 3)):
-        layer = dec.load_layer(i)
-        with torch.inference_mode():
-            dec.forward(layer, x[:1, :32])  # warm-up (mask and rotary caches)
-            _, t = _cpu(dec.forward, layer, x)
-        flops = forward_flops_per_token(cfg, kind == "moe", seqlen) * x.shape[0] * seqlen
-        out[kind] = {"s_per_token": t / (8 * seqlen), "flops_per_s": flops / t}
-        del layer
+        for dtype, key in ((torch.float32, kind), (torch.bfloat16, f"{kind}_bf16")):
+            layer, xd = dec.load_layer(i, dtype), x.to(dtype)
+            with torch.inference_mode():
+                dec.forward(layer, xd[:1, :32])  # warm-up (mask and rotary caches)
+                _, t = _cpu(dec.forward, layer, xd)
+            flops = forward_flops_per_token(cfg, kind == "moe", seqlen) * x.shape[0] * seqlen
+            out[key] = {"s_per_token": t / (8 * seqlen), "flops_per_s": flops / t}
+            del layer
     return out
 
 

@@ -60,11 +60,19 @@ def test_calibrated_estimate_phases_nodes_memory_and_gpus(v3):
     slow = estimate_calibrated(plan, ClusterSpec(8, 2, 16 * 10**9), run, net_gbps=0.01)
     assert slow["total"]["seconds"] - eight["total"]["seconds"] == pytest.approx(
         eight["total"]["network_bytes"] / 0.01e9 - eight["total"]["network_bytes"] / 1e15, rel=1e-6)
-    # imatrix keeps only diagonals: no float64 X^T X, far less than GPTQ's statistics
+    # imatrix keeps only diagonals: no X^T X, far less than GPTQ's statistics
     imx = estimate_calibrated(plan, ClusterSpec(8, 2, 16 * 10**9), CalibRun("imatrix"))
     assert imx["phases"]["statistics_forward"] < eight["phases"]["statistics_forward"]
-    # without --work-dir nothing is saved per layer
-    assert estimate_calibrated(plan, ClusterSpec(8, 2, 16 * 10**9), CalibRun(work_dir=False))["phases"]["save"] == 0
+    # a small run: float32, drift tracked (a reference forward), as CalibOptions.resolve decides
+    assert eight["calibration"]["compute_dtype"] == "float32" and eight["calibration"]["track_drift"] is True
+    assert eight["phases"]["reference_forward"] == eight["phases"]["quantized_forward"] > 0
+    nodrift = estimate_calibrated(plan, ClusterSpec(8, 2, 16 * 10**9), CalibRun(track_drift=False), net_gbps=1e6)
+    assert nodrift["phases"]["reference_forward"] == 0 and nodrift["total"]["seconds"] < eight["total"]["seconds"]
+    # without --work-dir the layer files still go to a temporary directory, but not the streams
+    tmp = estimate_calibrated(plan, ClusterSpec(8, 2, 16 * 10**9), CalibRun(work_dir=False))
+    assert 0 < tmp["phases"]["save"] < eight["phases"]["save"] and tmp["disk"]["where"] == "$TMPDIR"
+    hidden = plan.checkpoint.config["hidden_size"]  # hidden.pt: both float32 streams
+    assert eight["disk"]["layer_files_bytes"] - tmp["disk"]["layer_files_bytes"] == 2 * 128 * 512 * hidden * 4
     # GPUs: a hypothetical total on assumed rates, said to be one
     gpu = estimate_calibrated(plan, ClusterSpec(8, 2, 16 * 10**9, gpus=1), run)
     assert gpu["gpu_hypothetical"]["seconds"] > 0 and "hypothetical" in gpu["gpu_hypothetical"]["assumption"]
@@ -72,19 +80,52 @@ def test_calibrated_estimate_phases_nodes_memory_and_gpus(v3):
         estimate_calibrated(plan, ClusterSpec(1, 2, 4 * 2**30 + 10**6), run)
 
 
-def test_real_width_v3_driver_memory_counts_every_calibrated_tensor(tmp_path):
-    """At DeepSeek-V3's widths the driver holds every calibrated tensor until the write: more than a
-    256 GB node, and the estimate says so; a MoE layer's float32 copy is ~45 GB per forward task."""
+def test_real_width_v3_runs_without_drift_and_the_driver_holds_one_layer(tmp_path):
+    """At DeepSeek-V3's widths the run is large: no reference forward; the driver holds one layer (not every
+    calibrated tensor), so GPTQ fits a 256 GB node and the driver's memory does not grow with the number
+    of layers; the calibrated tensors go to per-layer files instead. The forwards stay float32 under
+    ``compute_dtype="auto"``: the router's ``e_score_correction_bias`` is float32 (as shipped), and
+    CalibOptions.resolve wants every decoder tensor bfloat16; forced bfloat16 halves a forward task."""
     from dsq.dsquant.cluster_calib import CalibRun, estimate_calibrated
     from dsq.dsquant.cluster_plan import ClusterSpec
 
     plan = _plan(make_v3_shaped(tmp_path / "v3", scale=1, sparse=True))
     est = estimate_calibrated(plan, ClusterSpec(8, 32, 256 * 10**9), CalibRun())
     assert est["layers"] == 61 and est["per_layer"]["moe"]["layers"] == 58
+    assert est["calibration"]["compute_dtype"] == "float32" and est["calibration"]["track_drift"] is False
+    assert any("e_score_correction_bias (float32)" in a for a in est["assumptions"])
+    assert est["phases"]["reference_forward"] == 0 < est["phases"]["quantized_forward"]
+    # a MoE layer's float32 copy is ~45 GB per forward task
     assert 40e9 < est["memory"]["forward_task"] - 48 * 8 * 512 * 7168 * 4 < 60e9
-    assert not est["memory"]["driver_fits"] and any("does not fit" in a for a in est["assumptions"])
-    big = estimate_calibrated(plan, ClusterSpec(8, 32, 2 * 10**12), CalibRun())
-    assert big["memory"]["driver_fits"] and big["slots_per_node"]["forward"] > est["slots_per_node"]["forward"]
+    assert est["memory"]["driver_fits"] and est["memory"]["driver"] < 128e9
+    assert not any("do not fit" in a for a in est["assumptions"])
+    # ~0.56 byte per calibrated weight of int4 layer files, held on disk until the write
+    layer_weights = sum(e.tensor.numel for e in plan.entries if e.tensor.ref and e.tensor.ref.layer is not None
+                        and e.tensor.ref.layer < 61)
+    assert 0.5 < est["disk"]["layer_files_bytes"] / layer_weights < 0.7 and est["disk"]["where"] == "--work-dir"
+    few = estimate_calibrated(_plan(make_v3_shaped(tmp_path / "v3-5", scale=1, layers=5, sparse=True)),
+                              ClusterSpec(8, 32, 256 * 10**9), CalibRun())
+    assert few["memory"]["driver"] == est["memory"]["driver"]
+    assert few["disk"]["layer_files_bytes"] < est["disk"]["layer_files_bytes"] / 8
+    # forcing the drift back on adds the reference forward (as long as the quantized one) and its streams
+    drift = estimate_calibrated(plan, ClusterSpec(8, 32, 256 * 10**9), CalibRun(track_drift=True))
+    assert drift["phases"]["reference_forward"] == drift["phases"]["quantized_forward"]
+    assert drift["memory"]["driver"] - est["memory"]["driver"] == 2 * 128 * 512 * 7168 * 4
+    bf16 = estimate_calibrated(plan, ClusterSpec(8, 32, 256 * 10**9), CalibRun(compute_dtype="bfloat16"))
+    assert 20e9 < bf16["memory"]["forward_task"] - 48 * 8 * 512 * 7168 * 2 < 30e9
+    assert bf16["memory"]["driver"] < est["memory"]["driver"] / 1.5
+
+
+def test_statistics_one_gram_per_distinct_input(tmp_path):
+    """MLA's q_a/kv_a and the MLP's gate/up read one input each: a dense V3 layer's 8 linears have 6
+    distinct inputs, and a routed expert's 3 have 2; the X^T X counts only the upper column blocks."""
+    from dsq.dsquant.cluster_calib import _layers, stats_flops
+
+    lays = _layers(_plan(make_v3_shaped(tmp_path / "v3", scale=1, layers=4, sparse=True)), 4)
+    assert len(lays[0].linears) == 8 and sorted(lays[0].inputs.values()) == [512, 1536, 7168, 7168, 16384, 18432]
+    assert len(lays[3].expert_shapes) == 3 and sorted(lays[3].expert_inputs.values()) == [2048, 7168]
+    assert stats_flops(10, 4096) == 2 * 10 * 4096**2
+    assert stats_flops(10, 18432) == pytest.approx(0.605 * 2 * 10 * 18432**2, rel=1e-3)
 
 
 def test_cli_plan_cluster_method(v3):
