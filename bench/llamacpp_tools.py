@@ -116,3 +116,18 @@ if __name__ == "__main__":
     else:
         for name, path in ensure_tools().items():
             print(f"{name}\t{path}")
+
+
+def greedy_decode(llm, n: int) -> tuple[float, float]:
+    """``n`` greedy llama.cpp decode steps after what ``llm`` (a llama_cpp.Llama built with ``logits_all``) has
+    evaluated, one token per ``eval``: the loop onnx_bench.py and onnx_profile.py time. Returns (wall s, CPU s)."""
+    import time
+
+    import numpy as np
+
+    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))  # scores[n_tokens - 1] is the last evaluated row
+    t, c = time.perf_counter(), time.process_time()
+    for _ in range(n):
+        llm.eval([tok])
+        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    return time.perf_counter() - t, time.process_time() - c

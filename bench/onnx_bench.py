@@ -247,6 +247,7 @@ def genai_speed(folder: Path, prompt: list[int], n: int, threads: int) -> dict:
 
 def llama_speed(gguf: Path, prompt: list[int], n: int, threads: int) -> dict:
     from llama_cpp import Llama
+    from llamacpp_tools import greedy_decode
 
     llm = Llama(str(gguf), n_ctx=len(prompt) + n + 8, n_threads=threads, n_threads_batch=threads,
                 n_batch=len(prompt), logits_all=True, verbose=False)
@@ -256,12 +257,7 @@ def llama_speed(gguf: Path, prompt: list[int], n: int, threads: int) -> dict:
         t = time.perf_counter()
         llm.eval(prompt)
         best = min(best, time.perf_counter() - t)
-    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-    t, c = time.perf_counter(), time.process_time()
-    for _ in range(n):
-        llm.eval([tok])
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-    wall, cpu = time.perf_counter() - t, time.process_time() - c
+    wall, cpu = greedy_decode(llm, n)
     return {"prefill_tok_s": len(prompt) / best, "decode_tok_s": n / wall, "decode_cpu_ms": 1e3 * cpu / n}
 
 

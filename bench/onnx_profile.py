@@ -128,18 +128,14 @@ def op_table(profile_file: str) -> dict[str, float]:
 def llama_worker(gguf: Path, prompt: list[int], n: int, threads: int) -> dict:
     """llama.cpp (llama-cpp-python) on a GGUF: the same prompt, one warm-up step, then ``n`` greedy steps."""
     from llama_cpp import Llama
+    from llamacpp_tools import greedy_decode
 
     llm = Llama(str(gguf), n_ctx=len(prompt) + n + 8, n_threads=threads, n_threads_batch=threads,
                 n_batch=len(prompt), logits_all=True, verbose=False)  # scores[n_tokens - 1] is the last row
     llm.eval(prompt)
     tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-    llm.eval([tok])
-    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-    t, c = time.perf_counter(), time.process_time()
-    for _ in range(n):
-        llm.eval([tok])
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-    wall, cpu = time.perf_counter() - t, time.process_time() - c
+    llm.eval([tok])  # the warm-up step
+    wall, cpu = greedy_decode(llm, n)
     return {"decode_cpu_ms": 1e3 * cpu / n, "decode_wall_ms": 1e3 * wall / n}
 
 
