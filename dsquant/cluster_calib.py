@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .calib.methods import CalibOptions
 from .cluster_plan import MEM_RESERVE_BYTES, NS_PER_ELEMENT, ClusterSpec, _clock, tensor_seconds
 from .errors import InputError
 from .plan import BASE_RSS_BYTES, Plan, PlanEntry, human_bytes
@@ -72,7 +73,6 @@ COSTS = {
     "expert_task_factor": 18.64 / 17.55,
 }
 COSTS_RUN = "2026-11-30, 1 thread, real-width expert, scale-32 forwards"
-AUTO_FLOP = 1e12  # calib.methods.AUTO_FLOP: a forward over the calibration tokens at least this runs in bfloat16
 # The driver's serial phases run torch with all of its node's threads; threads scale sublinearly.
 DRIVER_THREAD_EFFICIENCY = 0.6
 DEFAULT_NET_GBPS = 1.25  # per-node network for Ray's object transfers, GB/s (10 GbE): an assumption, --net-gbps
@@ -210,14 +210,11 @@ def resolve_dtype(layers: dict[int, _Layer], run: CalibRun) -> tuple[str, bool]:
     them for this run: one forward over the calibration tokens (2 x decoder weights x tokens) against
     ``AUTO_FLOP``, and whether the decoder's tensors are all bfloat16. Raises InputError for an unknown
     ``run.compute_dtype``."""
-    large = 2.0 * sum(lay.fp32_bytes / 4 for lay in layers.values()) * run.tokens >= AUTO_FLOP
-    if run.compute_dtype == "auto":
-        dtype = "bfloat16" if large and not any(lay.not_bf16 for lay in layers.values()) else "float32"
-    elif run.compute_dtype in ("float32", "bfloat16"):
-        dtype = run.compute_dtype
-    else:
-        raise InputError(f"compute_dtype {run.compute_dtype!r}: choose auto, float32 or bfloat16")
-    return dtype, (not large) if run.track_drift is None else bool(run.track_drift)
+    flop = 2.0 * sum(lay.fp32_bytes / 4 for lay in layers.values()) * run.tokens
+    bf16 = not any(lay.not_bf16 for lay in layers.values())
+    opts = CalibOptions(compute_dtype=run.compute_dtype, track_drift=run.track_drift)
+    dtype, drift = opts.resolve(flop, bf16)
+    return str(dtype).removeprefix("torch."), drift
 
 
 def _lpt(times: list[float], slots: int) -> float:
